@@ -1,0 +1,50 @@
+//! aiq-agent: the API service. Streams events to clients with keepalives so
+//! idle connections survive proxies and load balancers.
+
+use std::{convert::Infallible, time::Duration};
+
+use axum::{
+    response::sse::{Event, KeepAlive, Sse},
+    routing::get,
+    Router,
+};
+use backend::{health_routes, serve, Shutdown, Version};
+use futures_util::{stream, Stream, StreamExt};
+
+const SERVICE: &str = "aiq-agent";
+
+#[tokio::main]
+async fn main() {
+    let shutdown = Shutdown::install();
+    let keepalive = Duration::from_secs(
+        std::env::var("KEEPALIVE_SECS")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(15),
+    );
+    let events_shutdown = shutdown.clone();
+    let app = Router::new()
+        .route(
+            "/api/events",
+            get(move || async move {
+                Sse::new(events(events_shutdown)).keep_alive(
+                    KeepAlive::new()
+                        .interval(keepalive)
+                        .text("keepalive"),
+                )
+            }),
+        )
+        .merge(health_routes(Version::of(SERVICE), shutdown.clone()));
+    serve(app, 8000, shutdown, Duration::from_secs(5)).await;
+}
+
+/// One `hello` event naming the revision, then nothing but keepalives until
+/// shutdown, when a `bye` event ends the stream cleanly.
+fn events(shutdown: Shutdown) -> impl Stream<Item = Result<Event, Infallible>> {
+    let revision = Version::of(SERVICE).revision;
+    let hello = Event::default().event("hello").data(revision);
+    stream::once(async move { Ok(hello) }).chain(stream::once(async move {
+        shutdown.begun().await;
+        Ok(Event::default().event("bye").data("shutting down"))
+    }))
+}

@@ -1,0 +1,89 @@
+//! `cargo xtask build`: fresh, git-SHA-tagged, labelled images.
+
+use anyhow::Result;
+use clap::Args;
+
+use crate::{
+    config::{Config, Overrides},
+    docker::{self, BuildOptions, BuiltImage},
+    exec::Exec,
+    git,
+};
+
+/// Build the images: fresh (--no-cache --pull) and tagged with the git SHA
+#[derive(Args, Debug, Clone, Default)]
+pub struct Build {
+    /// Images to build (default: all configured)
+    #[arg(value_name = "IMAGE")]
+    pub images: Vec<String>,
+    #[command(flatten)]
+    pub flags: BuildFlags,
+    /// Push to the registry and record digests in target/xtask/build.json
+    #[arg(long)]
+    pub push: bool,
+}
+
+/// Flags shared by every command that builds.
+#[derive(Args, Debug, Clone, Default)]
+pub struct BuildFlags {
+    /// Reuse BuildKit's cache: drops --no-cache and --pull, for the fast dev loop [env: USE_CACHE=true]
+    #[arg(long)]
+    pub cache: bool,
+    /// Build a dirty tree anyway, tagged <sha>-dirty-<hash>; never moves :latest
+    #[arg(long)]
+    pub allow_dirty: bool,
+    /// buildx builder to use, e.g. a remote BuildKit
+    #[arg(long, value_name = "NAME")]
+    pub builder: Option<String>,
+    #[command(flatten)]
+    pub overrides: Overrides,
+}
+
+impl BuildFlags {
+    pub fn options(&self, push: bool) -> BuildOptions {
+        let use_cache_env = std::env::var("USE_CACHE").is_ok_and(|v| v.eq_ignore_ascii_case("true") || v == "1");
+        BuildOptions {
+            cache: self.cache || use_cache_env,
+            push,
+            builder: self.builder.clone(),
+        }
+    }
+}
+
+impl Build {
+    pub fn run(self, exec: &Exec) -> Result<()> {
+        let built = {
+            let _step = exec.step("preflight");
+            docker::preflight(exec)?;
+            let config = Config::load(exec, &self.flags.overrides)?;
+            exec.sh.change_dir(&config.root);
+            let images = config.select_images(&self.images)?;
+            let rev = git::revision(exec, self.flags.allow_dirty)?;
+            (config, images, rev)
+        };
+        let (config, images, rev) = built;
+        let opts = self.flags.options(self.push);
+        let built = {
+            let mode = if opts.cache { "cached" } else { "fresh" };
+            let _step = exec.step(format!("build {} ({mode}) at {}", names(&images), rev.tag()));
+            docker::build(exec, &config, &images, &rev, &opts)?
+        };
+        if !exec.dry_run {
+            print_summary(&built);
+        }
+        Ok(())
+    }
+}
+
+fn names(images: &[crate::config::Image]) -> String {
+    images.iter().map(|i| i.name.as_str()).collect::<Vec<_>>().join(", ")
+}
+
+pub fn print_summary(built: &[BuiltImage]) {
+    for image in built {
+        match &image.digest {
+            Some(digest) => eprintln!("{}  {}  {digest}", image.name, image.reference),
+            None => eprintln!("{}  {}  (not pushed)", image.name, image.reference),
+        }
+    }
+}

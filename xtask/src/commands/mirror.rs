@@ -1,0 +1,123 @@
+//! `cargo xtask mirror`: seeds a local registry with the base images the
+//! Dockerfiles name, built from Debian's packages and this machine's Rust
+//! toolchain, for machines that cannot reach Docker Hub.
+
+use std::path::Path;
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+
+use crate::{
+    config::{Config, Overrides},
+    docker,
+    exec::{require_tool, Cmd, Exec},
+    registry,
+};
+
+const DEBIAN_MIRROR: &str = "http://deb.debian.org/debian";
+const CA_BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
+
+/// Seed a local base-image mirror (no Docker Hub needed); use it with XTASK_BASE_REGISTRY=127.0.0.1:5000/library
+#[derive(Args, Debug, Default)]
+pub struct Mirror {
+    /// Rebuild images the mirror already has
+    #[arg(long)]
+    pub force: bool,
+}
+
+impl Mirror {
+    pub fn run(self, exec: &Exec) -> Result<()> {
+        let config = Config::load(exec, &Overrides::default())?;
+        exec.sh.change_dir(&config.root);
+        docker::preflight(exec)?;
+        let registry = registry::ensure_local(exec)?;
+        seed(exec, &config, &registry, self.force)?;
+        eprintln!("base images are in {registry}/library: export XTASK_BASE_REGISTRY={registry}/library");
+        Ok(())
+    }
+}
+
+/// Builds and pushes every base image the Dockerfiles name that the registry
+/// at `registry` does not have yet.
+pub fn seed(exec: &Exec, config: &Config, registry: &str, force: bool) -> Result<()> {
+    let mut bases = Vec::new();
+    for image in &config.images {
+        let path = config.root.join(&image.dockerfile);
+        let dockerfile = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+        for base in docker::base_images(&dockerfile) {
+            if !bases.contains(&base) {
+                bases.push(base);
+            }
+        }
+    }
+    for base in bases {
+        let (name, tag) = base.split_once(':').with_context(|| format!("base image {base} has no tag"))?;
+        if !force && registry::has_image(registry, &format!("library/{name}"), tag) {
+            eprintln!("{registry}/library/{base}: already seeded");
+            continue;
+        }
+        let _step = exec.step(format!("seed {registry}/library/{base}"));
+        let rootfs = config.root.join("target/xtask/mirror").join(name);
+        let suite = tag.rsplit('-').find(|part| part.chars().all(|c| c.is_ascii_lowercase())).unwrap_or("bookworm");
+        let (packages, changes): (&[&str], Vec<String>) = match name {
+            "debian" => (&[], vec!["CMD [\"bash\"]".into()]),
+            "rust" => (
+                &["gcc", "libc6-dev", "ca-certificates"],
+                vec![
+                    "ENV PATH=/usr/local/cargo/bin:/usr/local/rust/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into(),
+                    "ENV CARGO_HOME=/usr/local/cargo".into(),
+                ],
+            ),
+            other => bail!("cannot seed base image {other}: the mirror knows how to make debian and rust images only"),
+        };
+        make_rootfs(exec, &rootfs, suite, packages)?;
+        if name == "rust" {
+            copy_toolchain(exec, &rootfs)?;
+        }
+        let tarball = rootfs.with_extension("tar");
+        let reference = format!("{registry}/library/{base}");
+        exec.run(&Cmd::new("tar").args(["--create", "--file", &path_str(&tarball), "--directory", &path_str(&rootfs), "."]))?;
+        let mut import = Cmd::new("docker").arg("import");
+        for change in &changes {
+            import = import.args(["--change", change]);
+        }
+        exec.run(&import.arg(path_str(&tarball)).arg(&reference))?;
+        exec.run(&Cmd::new("docker").args(["push", "--quiet", &reference]))?;
+        exec.run(&Cmd::new("rm").args(["-rf", &path_str(&rootfs), &path_str(&tarball)]))?;
+    }
+    Ok(())
+}
+
+/// A minimal Debian root with `packages`, plus the host's CA bundle so
+/// builds inside reach crates.io through TLS-inspecting networks too.
+fn make_rootfs(exec: &Exec, rootfs: &Path, suite: &str, packages: &[&str]) -> Result<()> {
+    require_tool("debootstrap", "install it (`apt-get install debootstrap`); it needs root")?;
+    exec.run(&Cmd::new("rm").args(["-rf", &path_str(rootfs)]))?;
+    let mut debootstrap = Cmd::new("debootstrap").args(["--variant=minbase"]);
+    if !packages.is_empty() {
+        debootstrap = debootstrap.arg(format!("--include={}", packages.join(",")));
+    }
+    exec.run(&debootstrap.arg(suite).arg(path_str(rootfs)).arg(DEBIAN_MIRROR))?;
+    exec.run(&Cmd::new("rm").args(["-rf"]).arg(path_str(&rootfs.join("var/cache/apt/archives"))).arg(path_str(&rootfs.join("var/lib/apt/lists"))))?;
+    exec.run(&Cmd::new("mkdir").args(["-p", &path_str(&rootfs.join("etc/ssl/certs"))]))?;
+    exec.run(&Cmd::new("cp").args([CA_BUNDLE, &path_str(&rootfs.join("etc/ssl/certs/ca-certificates.crt"))]))?;
+    Ok(())
+}
+
+/// This machine's Rust toolchain, without its docs, under /usr/local/rust.
+fn copy_toolchain(exec: &Exec, rootfs: &Path) -> Result<()> {
+    let sysroot = exec.read(&Cmd::new("rustc").args(["--print", "sysroot"]))?;
+    let dest = rootfs.join("usr/local/rust");
+    exec.run(&Cmd::new("mkdir").args(["-p", &path_str(&dest), &path_str(&rootfs.join("usr/local/cargo"))]))?;
+    for part in ["bin", "lib", "libexec", "etc"] {
+        let from = Path::new(&sysroot).join(part);
+        if from.exists() {
+            exec.run(&Cmd::new("cp").args(["-a", &path_str(&from), &path_str(&dest)]))?;
+        }
+    }
+    Ok(())
+}
+
+fn path_str(path: &Path) -> String {
+    path.display().to_string()
+}

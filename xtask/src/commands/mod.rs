@@ -1,0 +1,9 @@
+//! One file per subcommand.
+
+pub mod build;
+pub mod ci;
+pub mod down;
+pub mod local;
+pub mod mirror;
+pub mod test;
+pub mod up;

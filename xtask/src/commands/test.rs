@@ -1,0 +1,49 @@
+//! `cargo xtask test`: makes sure a Docker engine, the local registry and the
+//! base images are there, then runs the whole suite. It never skips the
+//! real-Docker tests: without an engine it fails.
+
+use anyhow::{Context, Result};
+use clap::Args;
+
+use crate::{
+    commands::mirror,
+    config::{Config, Overrides},
+    docker,
+    exec::{Cmd, Exec},
+    registry,
+};
+
+/// Prepare Docker, the local registry and base images, then run every test
+#[derive(Args, Debug, Default)]
+pub struct Test {
+    /// Extra arguments for `cargo test` (e.g. a test name filter)
+    #[arg(last = true)]
+    pub cargo_args: Vec<String>,
+}
+
+impl Test {
+    pub fn run(self, exec: &Exec) -> Result<()> {
+        let config = Config::load(exec, &Overrides::default())?;
+        exec.sh.change_dir(&config.root);
+        let registry = {
+            let _step = exec.step("test environment: Docker engine, buildx, local registry, base images");
+            docker::preflight(exec)?;
+            let server = exec
+                .read(&Cmd::new("docker").args(["version", "--format", "{{.Server.Version}}"]))
+                .context("no Docker engine answers: start one (as root: `bash .ci/start-docker`, or `dockerd &`); the tests never skip without it")?;
+            eprintln!("Docker engine {server}");
+            let registry = registry::ensure_local(exec)?;
+            mirror::seed(exec, &config, &registry, false)?;
+            registry
+        };
+        let _step = exec.step("cargo test");
+        let _registry = exec.sh.push_env("XTASK_TEST_REGISTRY", &registry);
+        let _base = exec.sh.push_env("XTASK_BASE_REGISTRY", format!("{registry}/library"));
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        exec.run_anyway(
+            &Cmd::new(cargo)
+                .args(["test", "--workspace", "--locked"])
+                .args(self.cargo_args),
+        )
+    }
+}

@@ -1,0 +1,247 @@
+//! `cargo xtask up`: the whole stack on the local Docker engine, by digest,
+//! replaced only once the new revision has proven itself ready.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use clap::Args;
+use serde::Deserialize;
+
+use crate::{
+    commands::{
+        build::BuildFlags,
+        local::{containers, network_name, networks, COMPONENT_LABEL, PROJECT_LABEL, REVISION_LABEL, SLOT_LABEL},
+    },
+    config::Config,
+    docker::{self, BuiltImage},
+    exec::{refuse, Cmd, Exec},
+    git::{self, Revision},
+    registry,
+};
+
+const BACKEND: &str = "aiq-agent";
+const FRONTEND: &str = "aiq-frontend";
+const BACKEND_PORT: u16 = 8000;
+const FRONTEND_PORT: u16 = 3000;
+
+/// Build fresh, push to a local registry, and run the stack on local Docker
+#[derive(Args, Debug)]
+pub struct Up {
+    #[command(flatten)]
+    pub flags: BuildFlags,
+    /// Host port for the frontend (on 127.0.0.1)
+    #[arg(long, default_value_t = FRONTEND_PORT, value_name = "PORT")]
+    pub frontend_port: u16,
+    /// Host port for the backend (on 127.0.0.1)
+    #[arg(long, default_value_t = BACKEND_PORT, value_name = "PORT")]
+    pub backend_port: u16,
+    /// How long new containers get to become ready, in seconds
+    #[arg(long, default_value_t = 60, value_name = "SECONDS")]
+    pub ready_timeout: u64,
+    /// Name of the local stack (containers and networks are labelled with it)
+    #[arg(long, default_value = "aiq", value_name = "NAME")]
+    pub project: String,
+}
+
+/// One running component of the stack.
+struct Component<'a> {
+    image: &'a BuiltImage,
+    port: u16,
+    env: Vec<String>,
+}
+
+impl Up {
+    pub fn run(self, exec: &Exec) -> Result<()> {
+        let (mut config, rev) = {
+            let _step = exec.step("preflight");
+            docker::preflight(exec)?;
+            let config = Config::load(exec, &self.flags.overrides)?;
+            exec.sh.change_dir(&config.root);
+            for name in [BACKEND, FRONTEND] {
+                config.select_images(&[name.to_owned()])?;
+            }
+            if self.frontend_port == self.backend_port {
+                return Err(refuse("--frontend-port and --backend-port must differ"));
+            }
+            (config, git::revision(exec, self.flags.allow_dirty)?)
+        };
+        {
+            let _step = exec.step("local registry");
+            config.registry = registry::ensure_local(exec)?;
+            eprintln!("images go to {} (never to the deploy registry)", config.registry);
+        }
+        let built = {
+            let opts = self.flags.options(true);
+            let mode = if opts.cache { "cached" } else { "fresh" };
+            let _step = exec.step(format!("build and push ({mode}) at {}", rev.tag()));
+            let images = config.select_images(&[BACKEND.to_owned(), FRONTEND.to_owned()])?;
+            docker::build(exec, &config, &images, &rev, &opts)?
+        };
+        let find = |name: &str| built.iter().find(|b| b.name == name).expect("built both images");
+        let backend_alias = format!("{BACKEND}-{}", rev.tag());
+        let stack = [
+            Component { image: find(BACKEND), port: BACKEND_PORT, env: vec![] },
+            Component {
+                image: find(FRONTEND),
+                port: FRONTEND_PORT,
+                env: vec![format!("BACKEND_URL=http://{backend_alias}:{BACKEND_PORT}")],
+            },
+        ];
+        let host_ports = [self.backend_port, self.frontend_port];
+        let network = network_name(&self.project);
+        let timeout = Duration::from_secs(self.ready_timeout);
+
+        {
+            let _step = exec.step("start the new revision beside the old one");
+            if !networks(exec, &self.project)?.contains(&network) {
+                exec.run(&Cmd::new("docker").args(["network", "create", "--label"]).arg(format!("{PROJECT_LABEL}={}", self.project)).arg(&network))?;
+            }
+            let mut started = Vec::new();
+            let outcome = stack.iter().try_for_each(|component| {
+                let name = self.container_name(component, &rev, "candidate");
+                started.push(name.clone());
+                self.start(exec, component, &rev, &name, "candidate", None, &network)?;
+                self.wait_ready(exec, &name, component, &rev, timeout)
+            });
+            if let Err(error) = outcome {
+                exec.run(&Cmd::new("docker").args(["rm", "--force"]).args(started))?;
+                return Err(error.context(format!("revision {} failed readiness; the running stack was left as it was", rev.tag())));
+            }
+        }
+        {
+            let _step = exec.step("swap: stop the old revision, give the new one the host ports");
+            let old: Vec<String> = containers(exec, &self.project, Some("live"))?.into_iter().map(|c| c.name).collect();
+            if !old.is_empty() {
+                exec.run(&Cmd::new("docker").args(["rm", "--force"]).args(old))?;
+            }
+            for (component, host_port) in stack.iter().zip(host_ports) {
+                let name = self.container_name(component, &rev, "live");
+                self.start(exec, component, &rev, &name, "live", Some(host_port), &network)?;
+                self.wait_ready(exec, &name, component, &rev, timeout)?;
+            }
+            let candidates: Vec<String> = containers(exec, &self.project, Some("candidate"))?.into_iter().map(|c| c.name).collect();
+            if !candidates.is_empty() {
+                exec.run(&Cmd::new("docker").args(["rm", "--force"]).args(candidates))?;
+            }
+        }
+        println!("frontend  http://127.0.0.1:{}", self.frontend_port);
+        println!("backend   http://127.0.0.1:{}", self.backend_port);
+        println!("revision  {}{}", rev.sha, if rev.is_dirty() { " (dirty)" } else { "" });
+        Ok(())
+    }
+
+    fn container_name(&self, component: &Component, rev: &Revision, slot: &str) -> String {
+        let base = format!("{}-{}-{}", self.project, component.image.name, rev.tag());
+        if slot == "live" {
+            base
+        } else {
+            format!("{base}-{slot}")
+        }
+    }
+
+    /// `docker run` of one component by digest, labelled so `up`, `down`
+    /// and `status` find it. Candidates get an ephemeral loopback port.
+    #[allow(clippy::too_many_arguments)]
+    fn start(&self, exec: &Exec, component: &Component, rev: &Revision, name: &str, slot: &str, host_port: Option<u16>, network: &str) -> Result<()> {
+        let pinned = component
+            .image
+            .pinned()
+            .unwrap_or_else(|| format!("{}@<digest>", component.image.reference));
+        let publish = match host_port {
+            Some(port) => format!("127.0.0.1:{port}:{}", component.port),
+            None => format!("127.0.0.1::{}", component.port),
+        };
+        let mut cmd = Cmd::new("docker")
+            .args(["run", "--detach", "--name", name, "--network", network])
+            .arg("--network-alias")
+            .arg(format!("{}-{}", component.image.name, rev.tag()))
+            .arg("--publish")
+            .arg(publish);
+        for (key, value) in [
+            (PROJECT_LABEL, self.project.as_str()),
+            (REVISION_LABEL, &rev.sha),
+            (COMPONENT_LABEL, &component.image.name),
+            (SLOT_LABEL, slot),
+        ] {
+            cmd = cmd.arg("--label").arg(format!("{key}={value}"));
+        }
+        for env in &component.env {
+            cmd = cmd.arg("--env").arg(env);
+        }
+        exec.run(&cmd.arg(pinned))
+    }
+
+    /// Waits for `/readyz`, then checks `/version` (and, for the frontend,
+    /// the backend behind it) answers `rev`. Fails at once if the container
+    /// exits.
+    fn wait_ready(&self, exec: &Exec, name: &str, component: &Component, rev: &Revision, timeout: Duration) -> Result<()> {
+        if exec.dry_run {
+            return Ok(());
+        }
+        let port = exec.read(&Cmd::new("docker").args(["port", name, &format!("{}/tcp", component.port)]))?;
+        let addr = port.lines().find(|l| l.starts_with("127.0.0.1:")).with_context(|| format!("{name} publishes no loopback port"))?.to_owned();
+        let deadline = Instant::now() + timeout;
+        let mut last;
+        loop {
+            if let Some(exit) = exited(exec, name)? {
+                return Err(self.failure(exec, name, &format!("{name} exited ({exit}) before it was ready")));
+            }
+            match registry::http_get(&addr, "/readyz", Duration::from_secs(2)) {
+                Ok((200, _)) => break,
+                Ok((status, body)) => last = format!("/readyz answered {status} {}", body.trim()),
+                Err(e) => last = format!("{e:#}"),
+            }
+            if Instant::now() > deadline {
+                return Err(self.failure(exec, name, &format!("{name} not ready after {}s: {last}", timeout.as_secs())));
+            }
+            std::thread::sleep(Duration::from_millis(250));
+        }
+        let mut paths = vec!["/version"];
+        if component.image.name == FRONTEND {
+            paths.push("/backend/version");
+        }
+        for path in paths {
+            let revision = answered_revision(&addr, path)?;
+            if revision != rev.sha {
+                return Err(self.failure(exec, name, &format!("{name} {path} answers revision {revision}, expected {}", rev.sha)));
+            }
+        }
+        eprintln!("{name} is ready and answers {}", rev.tag());
+        Ok(())
+    }
+
+    fn failure(&self, exec: &Exec, name: &str, reason: &str) -> anyhow::Error {
+        let logs = exec
+            .read_all(&Cmd::new("docker").args(["logs", "--tail", "20", name]))
+            .unwrap_or_default();
+        anyhow!("{reason}\n--- last log lines of {name} ---\n{}", logs.trim_end())
+    }
+}
+
+/// `Some(exit code)` once the container has stopped.
+fn exited(exec: &Exec, name: &str) -> Result<Option<i64>> {
+    #[derive(Deserialize)]
+    struct State {
+        #[serde(rename = "Running")]
+        running: bool,
+        #[serde(rename = "ExitCode")]
+        exit_code: i64,
+    }
+    let json = exec.read(&Cmd::new("docker").args(["inspect", "--format", "{{json .State}}", name]))?;
+    let state: State = serde_json::from_str(&json).context("parsing docker inspect's State")?;
+    Ok((!state.running).then_some(state.exit_code))
+}
+
+/// The `revision` field of a `/version` answer.
+pub fn answered_revision(addr: &str, path: &str) -> Result<String> {
+    #[derive(Deserialize)]
+    struct Version {
+        revision: String,
+    }
+    let (status, body) = registry::http_get(addr, path, Duration::from_secs(5))?;
+    if status != 200 {
+        bail!("{addr}{path} answered {status}: {}", body.trim());
+    }
+    let version: Version = serde_json::from_str(body.trim()).with_context(|| format!("parsing {addr}{path}: {body:?}"))?;
+    Ok(version.revision)
+}

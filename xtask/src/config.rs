@@ -1,0 +1,257 @@
+//! `[workspace.metadata.xtask]` + environment + flags, merged into one
+//! `Config`. Flags beat the environment, which beats the file.
+
+use std::{collections::BTreeMap, path::PathBuf};
+
+use anyhow::{Context, Result};
+use clap::Args;
+use serde::Deserialize;
+
+use crate::exec::{refuse, Cmd, Exec};
+
+/// The table as written in the root `Cargo.toml`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Metadata {
+    registry: String,
+    #[serde(default = "default_base_registry")]
+    base_registry: String,
+    #[serde(default = "default_true")]
+    push_latest: bool,
+    #[serde(default)]
+    source: Option<String>,
+    #[serde(default = "default_namespace")]
+    namespace: String,
+    #[serde(default = "default_manifests")]
+    manifests: PathBuf,
+    images: Vec<Image>,
+}
+
+fn default_base_registry() -> String {
+    "docker.io/library".into()
+}
+fn default_true() -> bool {
+    true
+}
+fn default_namespace() -> String {
+    "default".into()
+}
+fn default_manifests() -> PathBuf {
+    "k8s".into()
+}
+
+/// One image the repository builds.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Image {
+    pub name: String,
+    pub dockerfile: PathBuf,
+    #[serde(default = "default_context")]
+    pub context: PathBuf,
+    #[serde(default)]
+    pub build_args: BTreeMap<String, String>,
+}
+
+fn default_context() -> PathBuf {
+    ".".into()
+}
+
+/// Flags that override the file and the environment; shared by every
+/// command that builds.
+#[derive(Args, Clone, Debug, Default)]
+pub struct Overrides {
+    /// Registry to tag and push to, e.g. `ghcr.io/acme` [env: XTASK_REGISTRY]
+    #[arg(long, value_name = "REGISTRY")]
+    pub registry: Option<String>,
+    /// Where base images come from, e.g. `127.0.0.1:5000/library` [env: XTASK_BASE_REGISTRY]
+    #[arg(long, value_name = "REGISTRY")]
+    pub base_registry: Option<String>,
+    /// Do not tag or move `:latest`
+    #[arg(long)]
+    pub no_latest: bool,
+}
+
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub root: PathBuf,
+    pub registry: String,
+    pub base_registry: String,
+    pub push_latest: bool,
+    pub source: Option<String>,
+    pub namespace: String,
+    pub manifests: PathBuf,
+    pub images: Vec<Image>,
+}
+
+impl Config {
+    /// Reads the workspace's metadata through `cargo metadata` (run from the
+    /// current directory, so any directory inside the workspace works).
+    pub fn load(exec: &Exec, overrides: &Overrides) -> Result<Config> {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let json = exec
+            .read(&Cmd::new(cargo).args(["metadata", "--format-version", "1", "--no-deps"]))
+            .map_err(|e| refuse(format!("cannot read the workspace metadata: {e:#}")))?;
+        let env = |key: &str| std::env::var(key).ok().filter(|v| !v.is_empty());
+        Config::from_cargo_metadata(&json, env, overrides)
+    }
+
+    fn from_cargo_metadata(
+        json: &str,
+        env: impl Fn(&str) -> Option<String>,
+        overrides: &Overrides,
+    ) -> Result<Config> {
+        #[derive(Deserialize)]
+        struct CargoMetadata {
+            workspace_root: PathBuf,
+            metadata: Option<serde_json::Value>,
+        }
+        let cargo: CargoMetadata =
+            serde_json::from_str(json).context("parsing `cargo metadata` output")?;
+        let table = cargo
+            .metadata
+            .and_then(|m| m.get("xtask").cloned())
+            .ok_or_else(|| refuse("Cargo.toml has no [workspace.metadata.xtask] table"))?;
+        let file: Metadata = serde_json::from_value(table)
+            .map_err(|e| refuse(format!("invalid [workspace.metadata.xtask]: {e}")))?;
+        let config = Config {
+            root: cargo.workspace_root,
+            registry: overrides
+                .registry
+                .clone()
+                .or_else(|| env("XTASK_REGISTRY"))
+                .unwrap_or(file.registry),
+            base_registry: overrides
+                .base_registry
+                .clone()
+                .or_else(|| env("XTASK_BASE_REGISTRY"))
+                .unwrap_or(file.base_registry),
+            push_latest: file.push_latest && !overrides.no_latest,
+            source: file.source,
+            namespace: file.namespace,
+            manifests: file.manifests,
+            images: file.images,
+        };
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<()> {
+        check_registry("registry", &self.registry)?;
+        check_registry("base_registry", &self.base_registry)?;
+        if self.images.is_empty() {
+            return Err(refuse("[workspace.metadata.xtask] images: at least one image is required"));
+        }
+        for image in &self.images {
+            let valid = !image.name.is_empty()
+                && image
+                    .name
+                    .chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "-_.".contains(c));
+            if !valid {
+                return Err(refuse(format!(
+                    "[workspace.metadata.xtask] images: name {:?} must be lowercase letters, digits, '-', '_' or '.'",
+                    image.name
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// The images named on the command line, in the order given; all of them
+    /// when none is named.
+    pub fn select_images(&self, names: &[String]) -> Result<Vec<Image>> {
+        if names.is_empty() {
+            return Ok(self.images.clone());
+        }
+        names
+            .iter()
+            .map(|name| {
+                self.images.iter().find(|i| &i.name == name).cloned().ok_or_else(|| {
+                    let known: Vec<&str> = self.images.iter().map(|i| i.name.as_str()).collect();
+                    refuse(format!("unknown image {name:?}; known images: {}", known.join(", ")))
+                })
+            })
+            .collect()
+    }
+
+    /// `<registry>/<image>:<tag>`.
+    pub fn image_ref(&self, image: &str, tag: &str) -> String {
+        format!("{}/{image}:{tag}", self.registry)
+    }
+}
+
+fn check_registry(key: &str, value: &str) -> Result<()> {
+    let bad = value.is_empty()
+        || value.ends_with('/')
+        || value.contains("://")
+        || value.chars().any(|c| c.is_whitespace() || c.is_ascii_uppercase());
+    if bad {
+        return Err(refuse(format!(
+            "{key} {value:?} is not a registry reference (expected host[:port][/path], e.g. localhost:5000 or ghcr.io/acme)"
+        )));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const METADATA: &str = r#"{
+        "workspace_root": "/repo",
+        "metadata": {"xtask": {
+            "registry": "ghcr.io/acme",
+            "images": [{"name": "aiq-agent", "dockerfile": "backend/Dockerfile"}]
+        }}
+    }"#;
+
+    fn load(json: &str, env: &[(&str, &str)], overrides: Overrides) -> Result<Config> {
+        let env: BTreeMap<String, String> =
+            env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        Config::from_cargo_metadata(json, |k| env.get(k).cloned(), &overrides)
+    }
+
+    #[test]
+    fn file_then_env_then_flags() {
+        let config = load(METADATA, &[], Overrides::default()).unwrap();
+        assert_eq!(config.registry, "ghcr.io/acme");
+        assert_eq!(config.base_registry, "docker.io/library");
+        assert_eq!(config.images[0].context, PathBuf::from("."));
+        assert!(config.push_latest);
+
+        let env = [("XTASK_REGISTRY", "localhost:5000"), ("XTASK_BASE_REGISTRY", "127.0.0.1:5000/library")];
+        let config = load(METADATA, &env, Overrides::default()).unwrap();
+        assert_eq!(config.registry, "localhost:5000");
+        assert_eq!(config.base_registry, "127.0.0.1:5000/library");
+
+        let flags = Overrides {
+            registry: Some("example.com/team".into()),
+            no_latest: true,
+            ..Overrides::default()
+        };
+        let config = load(METADATA, &env, flags).unwrap();
+        assert_eq!(config.registry, "example.com/team");
+        assert!(!config.push_latest);
+        assert_eq!(config.image_ref("aiq-agent", "abc"), "example.com/team/aiq-agent:abc");
+    }
+
+    #[test]
+    fn malformed_metadata_names_the_key() {
+        let typo = METADATA.replace("\"registry\"", "\"registy\"");
+        let err = load(&typo, &[], Overrides::default()).unwrap_err();
+        assert!(err.to_string().contains("registy"), "{err}");
+        assert_eq!(crate::exec::exit_code(&err), 2);
+
+        let bad_registry = [("XTASK_REGISTRY", "https://x/")];
+        let err = load(METADATA, &bad_registry, Overrides::default()).unwrap_err();
+        assert!(err.to_string().contains("https://x/"), "{err}");
+    }
+
+    #[test]
+    fn unknown_image_is_refused_with_the_known_ones() {
+        let config = load(METADATA, &[], Overrides::default()).unwrap();
+        let err = config.select_images(&["nope".into()]).unwrap_err();
+        assert_eq!(err.to_string(), "unknown image \"nope\"; known images: aiq-agent");
+        assert_eq!(config.select_images(&[]).unwrap().len(), 1);
+    }
+}

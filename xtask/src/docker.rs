@@ -1,0 +1,374 @@
+//! docker buildx: the bake file, the bake command line, its metadata, and the
+//! `build.json` hand-off.
+
+use std::{
+    collections::BTreeMap,
+    path::{Path, PathBuf},
+};
+
+use anyhow::{Context, Result};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+use crate::{
+    config::{Config, Image},
+    exec::{progress_style, refuse, require_tool, Cmd, Exec},
+    git::{rfc3339, Revision},
+};
+
+/// Where generated files live: inside `target/`, so they never dirty the
+/// tree.
+pub fn out_dir(config: &Config) -> PathBuf {
+    config.root.join("target").join("xtask")
+}
+
+/// Finds git, docker and the buildx plugin, or refuses naming what is
+/// missing.
+pub fn preflight(exec: &Exec) -> Result<()> {
+    require_tool("git", "install git (e.g. `apt-get install git`)")?;
+    require_tool("docker", "install Docker (https://docs.docker.com/engine/install/)")?;
+    if !exec.succeeds(&Cmd::new("docker").args(["buildx", "version"])) {
+        return Err(refuse(
+            "the docker buildx plugin is missing: install it (Debian: `apt-get install docker-buildx`; Docker Desktop ships it)",
+        ));
+    }
+    Ok(())
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct BuildOptions {
+    /// Reuse BuildKit's cache (drops `--no-cache --pull`).
+    pub cache: bool,
+    pub push: bool,
+    pub builder: Option<String>,
+}
+
+/// One built image, as recorded in `target/xtask/build.json`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BuiltImage {
+    pub name: String,
+    /// The immutable reference: `<registry>/<name>:<sha tag>`.
+    pub reference: String,
+    pub tag: String,
+    /// The manifest digest in the registry; `None` when not pushed.
+    pub digest: Option<String>,
+    pub revision: String,
+    pub dirty: bool,
+}
+
+impl BuiltImage {
+    /// `<registry>/<name>@sha256:...`: what deploys and containers run.
+    pub fn pinned(&self) -> Option<String> {
+        let repo = self.reference.rsplit_once(':').map_or(self.reference.as_str(), |(r, _)| r);
+        self.digest.as_ref().map(|d| format!("{repo}@{d}"))
+    }
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct BuildFile {
+    pub revision: String,
+    pub tag: String,
+    pub images: Vec<BuiltImage>,
+}
+
+/// The OCI labels every image carries. `created` is the commit time (or
+/// SOURCE_DATE_EPOCH), so the same commit always describes itself the same.
+pub fn labels(image: &Image, rev: &Revision, source: &str) -> BTreeMap<String, String> {
+    let created = std::env::var("SOURCE_DATE_EPOCH")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(rev.commit_time);
+    [
+        ("org.opencontainers.image.revision", rev.sha.clone()),
+        ("org.opencontainers.image.source", source.to_owned()),
+        ("org.opencontainers.image.created", rfc3339(created)),
+        ("org.opencontainers.image.title", image.name.clone()),
+        ("org.opencontainers.image.version", rev.tag()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v))
+    .collect()
+}
+
+/// The bake definition for `images`: one target each, tags, labels and the
+/// build args that bake the revision into the binaries.
+pub fn bake_file(config: &Config, images: &[Image], rev: &Revision, source: &str) -> serde_json::Value {
+    let mut targets = serde_json::Map::new();
+    for image in images {
+        let mut args = BTreeMap::from([
+            ("BASE_REGISTRY".to_owned(), config.base_registry.clone()),
+            ("GIT_REVISION".to_owned(), rev.sha.clone()),
+            ("GIT_DIRTY".to_owned(), rev.is_dirty().to_string()),
+            ("GIT_COMMIT_TIME".to_owned(), rfc3339(rev.commit_time)),
+        ]);
+        args.extend(image.build_args.clone());
+        let mut tags = vec![config.image_ref(&image.name, &rev.tag())];
+        // A dirty build never moves :latest.
+        if config.push_latest && !rev.is_dirty() {
+            tags.push(config.image_ref(&image.name, "latest"));
+        }
+        targets.insert(
+            image.name.clone(),
+            json!({
+                "context": config.root.join(&image.context),
+                "dockerfile": config.root.join(&image.dockerfile),
+                "args": args,
+                "tags": tags,
+                "labels": labels(image, rev, source),
+            }),
+        );
+    }
+    let names: Vec<&str> = images.iter().map(|i| i.name.as_str()).collect();
+    json!({
+        "group": { "default": { "targets": names } },
+        "target": targets,
+    })
+}
+
+/// The `docker buildx bake` line. Fresh by default: `--no-cache` so no layer
+/// (and no cache mount) survives from an earlier build, `--pull` so base
+/// images are re-resolved.
+pub fn bake_command(bake_file: &Path, metadata_file: &Path, images: &[Image], opts: &BuildOptions) -> Cmd {
+    let mut cmd = Cmd::new("docker").arg("buildx").arg("bake");
+    if let Some(builder) = &opts.builder {
+        cmd = cmd.args(["--builder", builder]);
+    }
+    cmd = cmd
+        .arg("--file")
+        .arg(bake_file.display().to_string())
+        .arg("--metadata-file")
+        .arg(metadata_file.display().to_string())
+        .arg(format!("--progress={}", progress_style()));
+    if !opts.cache {
+        cmd = cmd.args(["--no-cache", "--pull"]);
+    }
+    cmd = cmd.arg(if opts.push { "--push" } else { "--load" });
+    cmd.args(images.iter().map(|i| i.name.clone()))
+}
+
+/// What buildx writes per target in `--metadata-file`.
+#[derive(Debug, Deserialize)]
+struct TargetMetadata {
+    #[serde(rename = "containerimage.digest")]
+    digest: Option<String>,
+}
+
+/// Reads each target's manifest digest from buildx's metadata file.
+pub fn parse_metadata(json: &str, images: &[Image]) -> Result<BTreeMap<String, String>> {
+    let all: BTreeMap<String, serde_json::Value> =
+        serde_json::from_str(json).context("parsing buildx's metadata file")?;
+    images
+        .iter()
+        .map(|image| {
+            let entry = all
+                .get(&image.name)
+                .with_context(|| format!("buildx's metadata has no entry for {}", image.name))?;
+            let meta: TargetMetadata = serde_json::from_value(entry.clone())
+                .with_context(|| format!("parsing buildx's metadata for {}", image.name))?;
+            let digest = meta
+                .digest
+                .with_context(|| format!("buildx reported no digest for {}", image.name))?;
+            Ok((image.name.clone(), digest))
+        })
+        .collect()
+}
+
+/// Builds (and with `push`, pushes) `images` in one bake session, then
+/// writes `target/xtask/build.json`. In a dry run only the bake file is
+/// written and the command printed.
+pub fn build(exec: &Exec, config: &Config, images: &[Image], rev: &Revision, opts: &BuildOptions) -> Result<Vec<BuiltImage>> {
+    let out = out_dir(config);
+    std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+    let source = config
+        .source
+        .clone()
+        .or_else(|| crate::git::origin_url(exec))
+        .unwrap_or_else(|| "unknown".into());
+    let bake_path = out.join("bake.json");
+    let metadata_path = out.join("bake-metadata.json");
+    let bake = serde_json::to_string_pretty(&bake_file(config, images, rev, &source))?;
+    std::fs::write(&bake_path, bake).with_context(|| format!("writing {}", bake_path.display()))?;
+    let _ = std::fs::remove_file(&metadata_path);
+
+    let cmd = bake_command(&bake_path, &metadata_path, images, opts);
+    if let Err(error) = exec.run(&cmd) {
+        return Err(explain_base_image_failure(exec, config, images).unwrap_or(error));
+    }
+
+    let digests = if exec.dry_run {
+        BTreeMap::new()
+    } else {
+        let metadata = std::fs::read_to_string(&metadata_path)
+            .with_context(|| format!("reading {}", metadata_path.display()))?;
+        parse_metadata(&metadata, images)?
+    };
+    let built: Vec<BuiltImage> = images
+        .iter()
+        .map(|image| BuiltImage {
+            name: image.name.clone(),
+            reference: config.image_ref(&image.name, &rev.tag()),
+            tag: rev.tag(),
+            digest: if opts.push { digests.get(&image.name).cloned() } else { None },
+            revision: rev.sha.clone(),
+            dirty: rev.is_dirty(),
+        })
+        .collect();
+    if !exec.dry_run {
+        let file = BuildFile {
+            revision: rev.sha.clone(),
+            tag: rev.tag(),
+            images: built.clone(),
+        };
+        let path = out.join("build.json");
+        std::fs::write(&path, serde_json::to_string_pretty(&file)? + "\n")
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(built)
+}
+
+/// The base images a Dockerfile names as `FROM ${BASE_REGISTRY}/name:tag`.
+pub fn base_images(dockerfile: &str) -> Vec<String> {
+    dockerfile
+        .lines()
+        .filter_map(|line| {
+            let mut words = line.split_whitespace();
+            let from = words.next()?;
+            if !from.eq_ignore_ascii_case("FROM") {
+                return None;
+            }
+            words
+                .find(|w| !w.starts_with("--"))?
+                .strip_prefix("${BASE_REGISTRY}/")
+                .map(str::to_owned)
+        })
+        .collect()
+}
+
+/// After a failed build: if a base image cannot be resolved, say so in one
+/// line with the fix, instead of leaving the user to dig through BuildKit's
+/// log.
+fn explain_base_image_failure(exec: &Exec, config: &Config, images: &[Image]) -> Option<anyhow::Error> {
+    for image in images {
+        let dockerfile = std::fs::read_to_string(config.root.join(&image.dockerfile)).ok()?;
+        for base in base_images(&dockerfile) {
+            let reference = format!("{}/{base}", config.base_registry);
+            let probe = Cmd::new("docker").args(["buildx", "imagetools", "inspect", "--raw", &reference]);
+            if !exec.succeeds(&probe) {
+                return Some(anyhow::anyhow!(
+                    "base image {reference} cannot be pulled: point XTASK_BASE_REGISTRY at a mirror that has it (`cargo xtask mirror` seeds one on 127.0.0.1:5000; then XTASK_BASE_REGISTRY=127.0.0.1:5000/library)"
+                ));
+            }
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config() -> Config {
+        Config {
+            root: "/repo".into(),
+            registry: "ghcr.io/acme".into(),
+            base_registry: "127.0.0.1:5000/library".into(),
+            push_latest: true,
+            source: None,
+            namespace: "aiq-agent".into(),
+            manifests: "k8s".into(),
+            images: vec![Image {
+                name: "aiq-agent".into(),
+                dockerfile: "backend/Dockerfile".into(),
+                context: ".".into(),
+                build_args: BTreeMap::from([("EXTRA".into(), "1".into())]),
+            }],
+        }
+    }
+
+    fn rev(dirty: Option<&str>) -> Revision {
+        Revision {
+            sha: "0123456789abcdef0123456789abcdef01234567".into(),
+            commit_time: 1_795_464_000,
+            dirty_hash: dirty.map(Into::into),
+        }
+    }
+
+    #[test]
+    fn bake_file_tags_labels_and_args() {
+        let c = config();
+        let bake = bake_file(&c, &c.images, &rev(None), "https://example.com/repo");
+        let target = &bake["target"]["aiq-agent"];
+        assert_eq!(
+            target["tags"],
+            json!(["ghcr.io/acme/aiq-agent:0123456789ab", "ghcr.io/acme/aiq-agent:latest"])
+        );
+        assert_eq!(target["args"]["GIT_REVISION"], rev(None).sha);
+        assert_eq!(target["args"]["BASE_REGISTRY"], "127.0.0.1:5000/library");
+        assert_eq!(target["args"]["EXTRA"], "1");
+        let labels = &target["labels"];
+        assert_eq!(labels["org.opencontainers.image.revision"], rev(None).sha);
+        assert_eq!(labels["org.opencontainers.image.created"], "2026-11-23T20:00:00Z");
+        assert_eq!(labels["org.opencontainers.image.title"], "aiq-agent");
+        assert_eq!(labels["org.opencontainers.image.version"], "0123456789ab");
+        assert_eq!(target["dockerfile"], "/repo/backend/Dockerfile");
+        assert_eq!(bake["group"]["default"]["targets"], json!(["aiq-agent"]));
+    }
+
+    #[test]
+    fn dirty_builds_never_move_latest() {
+        let c = config();
+        let bake = bake_file(&c, &c.images, &rev(Some("deadbeef")), "x");
+        assert_eq!(
+            bake["target"]["aiq-agent"]["tags"],
+            json!(["ghcr.io/acme/aiq-agent:0123456789ab-dirty-deadbeef"])
+        );
+        assert_eq!(bake["target"]["aiq-agent"]["args"]["GIT_DIRTY"], "true");
+    }
+
+    #[test]
+    fn fresh_by_default_cached_on_request() {
+        let c = config();
+        let fresh = bake_command(Path::new("b.json"), Path::new("m.json"), &c.images, &BuildOptions::default());
+        assert!(fresh.argv().iter().any(|a| a == "--no-cache"));
+        assert!(fresh.argv().iter().any(|a| a == "--pull"));
+        assert!(fresh.argv().iter().any(|a| a == "--load"));
+        let opts = BuildOptions {
+            cache: true,
+            push: true,
+            builder: Some("remote".into()),
+        };
+        let cached = bake_command(Path::new("b.json"), Path::new("m.json"), &c.images, &opts);
+        assert!(!cached.argv().iter().any(|a| a == "--no-cache" || a == "--pull"));
+        assert!(cached.to_string().contains("--builder remote"));
+        assert!(cached.argv().iter().any(|a| a == "--push"));
+        assert_eq!(cached.argv().last().unwrap(), "aiq-agent");
+    }
+
+    #[test]
+    fn metadata_digests_are_read_per_target() {
+        let c = config();
+        let json = r#"{"aiq-agent": {"containerimage.digest": "sha256:abc", "image.name": "x"}, "buildx.build.warnings": []}"#;
+        let digests = parse_metadata(json, &c.images).unwrap();
+        assert_eq!(digests["aiq-agent"], "sha256:abc");
+        assert!(parse_metadata("{}", &c.images).is_err());
+    }
+
+    #[test]
+    fn base_images_come_from_from_lines() {
+        let dockerfile = "ARG BASE_REGISTRY=docker.io/library\nFROM ${BASE_REGISTRY}/rust:1.95-bookworm AS builder\nRUN x\nfrom --platform=linux/amd64 ${BASE_REGISTRY}/debian:bookworm-slim\nFROM scratch\n";
+        assert_eq!(base_images(dockerfile), ["rust:1.95-bookworm", "debian:bookworm-slim"]);
+    }
+
+    #[test]
+    fn pinned_reference_uses_the_digest() {
+        let image = BuiltImage {
+            name: "aiq-agent".into(),
+            reference: "localhost:5000/aiq-agent:0123456789ab".into(),
+            tag: "0123456789ab".into(),
+            digest: Some("sha256:abc".into()),
+            revision: "x".into(),
+            dirty: false,
+        };
+        assert_eq!(image.pinned().unwrap(), "localhost:5000/aiq-agent@sha256:abc");
+    }
+}

@@ -1,0 +1,288 @@
+//! The one place external commands are echoed, run, or (with `--dry-run`)
+//! only printed; step timing; the error kinds that pick the exit code.
+
+use std::{
+    cell::Cell,
+    fmt,
+    io::IsTerminal,
+    process::Stdio,
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context, Result};
+use xshell::Shell;
+
+/// A command line as data, so it can be echoed with real shell quoting,
+/// printed by `--dry-run`, and checked by tests.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Cmd {
+    argv: Vec<String>,
+    stdin: Option<Vec<u8>>,
+}
+
+impl Cmd {
+    pub fn new(program: impl Into<String>) -> Cmd {
+        Cmd {
+            argv: vec![program.into()],
+            stdin: None,
+        }
+    }
+
+    pub fn arg(mut self, arg: impl Into<String>) -> Cmd {
+        self.argv.push(arg.into());
+        self
+    }
+
+    pub fn args<I, S>(mut self, args: I) -> Cmd
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        self.argv.extend(args.into_iter().map(Into::into));
+        self
+    }
+
+    /// Feeds `bytes` on stdin: how a secret reaches a command without
+    /// appearing in argv or in any log.
+    pub fn stdin(mut self, bytes: impl Into<Vec<u8>>) -> Cmd {
+        self.stdin = Some(bytes.into());
+        self
+    }
+
+    #[cfg(test)]
+    pub fn argv(&self) -> &[String] {
+        &self.argv
+    }
+
+    fn to_xshell<'a>(&self, sh: &'a Shell) -> xshell::Cmd<'a> {
+        let mut cmd = sh.cmd(&self.argv[0]).args(&self.argv[1..]).quiet();
+        if let Some(stdin) = &self.stdin {
+            cmd = cmd.stdin(stdin);
+        }
+        cmd
+    }
+}
+
+/// The copy-pasteable form: every argument quoted for a POSIX shell.
+impl fmt::Display for Cmd {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let quoted: Vec<String> = self.argv.iter().map(|a| shell_quote(a)).collect();
+        f.write_str(&quoted.join(" "))
+    }
+}
+
+/// Quotes `word` so a POSIX shell reads it back unchanged.
+pub fn shell_quote(word: &str) -> String {
+    let safe = |c: char| c.is_ascii_alphanumeric() || "@%+=:,./-_".contains(c);
+    if !word.is_empty() && word.chars().all(safe) {
+        word.to_owned()
+    } else {
+        format!("'{}'", word.replace('\'', r"'\''"))
+    }
+}
+
+/// Runs commands for one xtask invocation. Commands that change state go
+/// through [`Exec::run`]; read-only queries through [`Exec::read`], which runs
+/// even in a dry run because the plan depends on their answers.
+pub struct Exec<'a> {
+    pub sh: &'a Shell,
+    pub dry_run: bool,
+    step: Cell<usize>,
+}
+
+impl<'a> Exec<'a> {
+    pub fn new(sh: &'a Shell, dry_run: bool) -> Exec<'a> {
+        Exec {
+            sh,
+            dry_run,
+            step: Cell::new(0),
+        }
+    }
+
+    /// Echoes `cmd` on stderr and runs it with its output on stderr (stdout
+    /// stays for dry-run lines and machine output); in a dry run, prints it on
+    /// stdout as `$ cmd` and runs nothing.
+    pub fn run(&self, cmd: &Cmd) -> Result<()> {
+        if self.dry_run {
+            println!("$ {cmd}");
+            return Ok(());
+        }
+        self.run_anyway(cmd)
+    }
+
+    /// Runs `cmd` even in a dry run: for the setup commands of tests and CI
+    /// that only have a real mode.
+    pub fn run_anyway(&self, cmd: &Cmd) -> Result<()> {
+        eprintln!("$ {cmd}");
+        if cmd.stdin.is_some() {
+            // Only xshell's own run feeds stdin.
+            return cmd.to_xshell(self.sh).run().with_context(|| format!("`{cmd}` failed"));
+        }
+        let mut command: std::process::Command = cmd.to_xshell(self.sh).into();
+        command.stdout(Stdio::from(std::io::stderr()));
+        let status = command
+            .status()
+            .with_context(|| format!("could not start `{}`", cmd.argv[0]))?;
+        if !status.success() {
+            bail!("`{cmd}` failed ({status})");
+        }
+        Ok(())
+    }
+
+    /// Runs a read-only query and returns its stdout, trimmed.
+    pub fn read(&self, cmd: &Cmd) -> Result<String> {
+        let output = cmd
+            .to_xshell(self.sh)
+            .ignore_status()
+            .output()
+            .with_context(|| format!("could not start `{}`", cmd.argv[0]))?;
+        if !output.status.success() {
+            let stderr = String::from_utf8_lossy(&output.stderr);
+            let reason = stderr.trim().lines().last().unwrap_or("no output");
+            bail!("`{cmd}` failed ({}): {reason}", output.status);
+        }
+        String::from_utf8(output.stdout)
+            .map(|s| s.trim_end().to_owned())
+            .with_context(|| format!("`{cmd}` printed non-UTF-8 output"))
+    }
+
+    /// Runs a query and returns stdout and stderr together, whatever its
+    /// exit status: for logs, which docker writes to both.
+    pub fn read_all(&self, cmd: &Cmd) -> Result<String> {
+        let output = cmd
+            .to_xshell(self.sh)
+            .ignore_status()
+            .output()
+            .with_context(|| format!("could not start `{}`", cmd.argv[0]))?;
+        let mut text = String::from_utf8_lossy(&output.stdout).into_owned();
+        text.push_str(&String::from_utf8_lossy(&output.stderr));
+        Ok(text)
+    }
+
+    /// Whether a query succeeds, for probes like "is this image present".
+    pub fn succeeds(&self, cmd: &Cmd) -> bool {
+        cmd.to_xshell(self.sh)
+            .ignore_status()
+            .output()
+            .is_ok_and(|o| o.status.success())
+    }
+
+    /// Starts a numbered step; its elapsed time is printed when the guard
+    /// drops.
+    pub fn step(&self, name: impl Into<String>) -> Step {
+        let number = self.step.get() + 1;
+        self.step.set(number);
+        let name = name.into();
+        eprintln!("[{number}] {name}");
+        Step {
+            number,
+            name,
+            started: Instant::now(),
+        }
+    }
+}
+
+pub struct Step {
+    number: usize,
+    name: String,
+    started: Instant,
+}
+
+impl Step {
+    pub fn elapsed(&self) -> Duration {
+        self.started.elapsed()
+    }
+}
+
+impl Drop for Step {
+    fn drop(&mut self) {
+        let outcome = if std::thread::panicking() { "aborted" } else { "done" };
+        eprintln!(
+            "[{}] {} {outcome} in {:.1}s",
+            self.number,
+            self.name,
+            self.started.elapsed().as_secs_f64()
+        );
+    }
+}
+
+/// BuildKit's progress style: live on a terminal, plain lines elsewhere.
+pub fn progress_style() -> &'static str {
+    let plain = std::env::var_os("CI").is_some()
+        || std::env::var_os("NO_COLOR").is_some()
+        || !std::io::stderr().is_terminal();
+    if plain {
+        "plain"
+    } else {
+        "auto"
+    }
+}
+
+/// A refusal before anything started: bad usage, configuration, a missing
+/// tool, a dirty tree. `main` maps it to exit code 2.
+#[derive(Debug)]
+pub struct Refused(pub String);
+
+impl fmt::Display for Refused {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Refused {}
+
+pub fn refuse(message: impl Into<String>) -> anyhow::Error {
+    anyhow::Error::new(Refused(message.into()))
+}
+
+/// The exit code an error calls for: 2 for refusals, 1 for failed work.
+pub fn exit_code(error: &anyhow::Error) -> u8 {
+    if error.chain().any(|cause| cause.is::<Refused>()) {
+        2
+    } else {
+        1
+    }
+}
+
+/// Finds a tool on PATH, or refuses naming it and how to install it.
+pub fn require_tool(name: &str, install_hint: &str) -> Result<std::path::PathBuf> {
+    which::which(name).map_err(|_| refuse(format!("`{name}` not found on PATH: {install_hint}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quoting_round_trips_through_sh() {
+        let words = ["plain", "with space", "it's", "", "$HOME", "a\"b", "x;rm -rf /", "tab\there"];
+        let cmd = Cmd::new("printf").arg("%s\\n").args(words);
+        let line = cmd.to_string();
+        let out = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(&line)
+            .output()
+            .unwrap();
+        let printed = String::from_utf8(out.stdout).unwrap();
+        let expected: String = words.iter().map(|w| format!("{w}\n")).collect();
+        assert_eq!(printed, expected, "line was: {line}");
+    }
+
+    #[test]
+    fn safe_words_stay_bare() {
+        assert_eq!(shell_quote("--no-cache"), "--no-cache");
+        assert_eq!(
+            shell_quote("localhost:5000/aiq-agent:0123456789ab"),
+            "localhost:5000/aiq-agent:0123456789ab"
+        );
+        assert_eq!(shell_quote("a b"), "'a b'");
+        assert_eq!(shell_quote("it's"), r"'it'\''s'");
+    }
+
+    #[test]
+    fn refusals_exit_2_and_failures_exit_1() {
+        assert_eq!(exit_code(&refuse("no")), 2);
+        assert_eq!(exit_code(&refuse("no").context("while building")), 2);
+        assert_eq!(exit_code(&anyhow::anyhow!("push failed")), 1);
+    }
+}

@@ -1,0 +1,147 @@
+//! The local registry that `up`, `mirror` and the tests push to, and a
+//! minimal HTTP GET for probing registries and services on loopback.
+
+use std::{
+    io::{Read, Write},
+    net::{TcpStream, ToSocketAddrs},
+    path::PathBuf,
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context, Result};
+
+use crate::exec::{Cmd, Exec};
+
+/// Where `up` and the tests put images when `XTASK_LOCAL_REGISTRY` is not
+/// set.
+pub const DEFAULT_LOCAL: &str = "127.0.0.1:5000";
+const CONTAINER: &str = "aiq-local-registry";
+const REGISTRY_IMAGE: &str = "registry:2";
+
+/// `GET http://{addr}{path}`; returns the status code and body. Enough for
+/// health probes and the registry API, without an HTTP client dependency.
+pub fn http_get(addr: &str, path: &str, timeout: Duration) -> Result<(u16, String)> {
+    let socket = addr
+        .to_socket_addrs()
+        .with_context(|| format!("resolving {addr}"))?
+        .next()
+        .with_context(|| format!("{addr} resolves to nothing"))?;
+    let mut stream = TcpStream::connect_timeout(&socket, timeout).with_context(|| format!("connecting to {addr}"))?;
+    stream.set_read_timeout(Some(timeout))?;
+    stream.set_write_timeout(Some(timeout))?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nAccept: application/vnd.docker.distribution.manifest.v2+json, application/vnd.oci.image.manifest.v1+json, application/vnd.oci.image.index.v1+json, */*\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response).with_context(|| format!("reading the answer from {addr}"))?;
+    let response = String::from_utf8_lossy(&response);
+    let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .with_context(|| format!("{addr} did not answer HTTP"))?;
+    Ok((status, body.to_owned()))
+}
+
+pub fn answers(addr: &str) -> bool {
+    matches!(http_get(addr, "/v2/", Duration::from_secs(2)), Ok((200, _)))
+}
+
+/// Whether `repository:tag` exists in the registry at `addr`.
+pub fn has_image(addr: &str, repository: &str, tag: &str) -> bool {
+    matches!(
+        http_get(addr, &format!("/v2/{repository}/manifests/{tag}"), Duration::from_secs(5)),
+        Ok((200, _))
+    )
+}
+
+/// The local registry's address: `XTASK_LOCAL_REGISTRY` if set (it must
+/// answer), else one on 127.0.0.1:5000, started if nothing answers there.
+pub fn ensure_local(exec: &Exec) -> Result<String> {
+    if let Some(addr) = std::env::var("XTASK_LOCAL_REGISTRY").ok().filter(|v| !v.is_empty()) {
+        if !exec.dry_run && !answers(&addr) {
+            bail!("XTASK_LOCAL_REGISTRY={addr} does not answer /v2/");
+        }
+        return Ok(addr);
+    }
+    if answers(DEFAULT_LOCAL) {
+        return Ok(DEFAULT_LOCAL.to_owned());
+    }
+    if exec.dry_run {
+        println!("# would start a local registry on {DEFAULT_LOCAL}");
+        return Ok(DEFAULT_LOCAL.to_owned());
+    }
+    start(exec)?;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < deadline {
+        if answers(DEFAULT_LOCAL) {
+            return Ok(DEFAULT_LOCAL.to_owned());
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    bail!("the local registry did not answer on {DEFAULT_LOCAL} within 20 s (log: {})", state_dir().join("registry.log").display())
+}
+
+/// Starts a registry: the `registry:2` container when that image is at hand,
+/// else the host's Distribution registry (`docker-registry`, Debian's
+/// package), which needs nothing from Docker Hub.
+fn start(exec: &Exec) -> Result<()> {
+    let image_here = exec.succeeds(&Cmd::new("docker").args(["image", "inspect", REGISTRY_IMAGE]));
+    if image_here || which::which("docker-registry").is_err() {
+        let _ = exec.read(&Cmd::new("docker").args(["rm", "-f", CONTAINER]));
+        return exec.run(&Cmd::new("docker").args([
+            "run", "--detach", "--restart=unless-stopped", "--name", CONTAINER,
+            "--label", "org.aiq.xtask.role=registry",
+            "--publish", "127.0.0.1:5000:5000", REGISTRY_IMAGE,
+        ]));
+    }
+    let dir = state_dir();
+    std::fs::create_dir_all(dir.join("data")).with_context(|| format!("creating {}", dir.display()))?;
+    let config = dir.join("config.yml");
+    std::fs::write(
+        &config,
+        format!(
+            "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: {DEFAULT_LOCAL}\n",
+            dir.join("data").display()
+        ),
+    )?;
+    let log = std::fs::File::create(dir.join("registry.log"))?;
+    eprintln!("$ docker-registry serve {} &", config.display());
+    use std::os::unix::process::CommandExt;
+    let child = std::process::Command::new("docker-registry")
+        .arg("serve")
+        .arg(&config)
+        .stdin(std::process::Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        // Its own process group: a Ctrl-C to the xtask does not stop it.
+        .process_group(0)
+        .spawn()
+        .context("starting docker-registry")?;
+    std::fs::write(dir.join("registry.pid"), child.id().to_string())?;
+    Ok(())
+}
+
+/// Stops the registry `ensure_local` started, if it did.
+pub fn stop(exec: &Exec) -> Result<()> {
+    if exec.succeeds(&Cmd::new("docker").args(["container", "inspect", CONTAINER])) {
+        exec.run(&Cmd::new("docker").args(["rm", "--force", CONTAINER]))?;
+    }
+    let pid_file = state_dir().join("registry.pid");
+    if let Ok(pid) = std::fs::read_to_string(&pid_file) {
+        exec.run(&Cmd::new("kill").arg(pid.trim()))?;
+        if !exec.dry_run {
+            std::fs::remove_file(&pid_file)?;
+        }
+    }
+    Ok(())
+}
+
+/// Survives `cargo clean` and fresh clones, so base images seeded once are
+/// reused.
+fn state_dir() -> PathBuf {
+    let home = std::env::var_os("HOME").map_or_else(std::env::temp_dir, PathBuf::from);
+    home.join(".cache").join("aiq-xtask").join("registry")
+}
