@@ -102,18 +102,12 @@ pub fn bake_file(config: &Config, images: &[Image], rev: &Revision, source: &str
             ("GIT_COMMIT_TIME".to_owned(), rfc3339(rev.commit_time)),
         ]);
         args.extend(image.build_args.clone());
-        let mut tags = vec![config.image_ref(&image.name, &rev.tag())];
-        // A dirty build never moves :latest.
-        if config.push_latest && !rev.is_dirty() {
-            tags.push(config.image_ref(&image.name, "latest"));
-        }
         targets.insert(
             image.name.clone(),
             json!({
                 "context": config.root.join(&image.context),
                 "dockerfile": config.root.join(&image.dockerfile),
                 "args": args,
-                "tags": tags,
                 "labels": labels(image, rev, source),
             }),
         );
@@ -125,10 +119,26 @@ pub fn bake_file(config: &Config, images: &[Image], rev: &Revision, source: &str
     })
 }
 
-/// The `docker buildx bake` line. Fresh by default: `--no-cache` so no layer
+/// `<registry>/<image>:<sha tag>`, and `:latest` unless configured off; a
+/// dirty build never moves `:latest`.
+pub fn tags(config: &Config, image: &Image, rev: &Revision) -> Vec<String> {
+    let mut tags = vec![config.image_ref(&image.name, &rev.tag())];
+    if config.push_latest && !rev.is_dirty() {
+        tags.push(config.image_ref(&image.name, "latest"));
+    }
+    tags
+}
+
+/// The `docker buildx bake` line. Tags are given with `--set` rather than in
+/// the bake file so the printed line shows exactly what gets tagged. Fresh by default: `--no-cache` so no layer
 /// (and no cache mount) survives from an earlier build, `--pull` so base
 /// images are re-resolved.
-pub fn bake_command(bake_file: &Path, metadata_file: &Path, images: &[Image], opts: &BuildOptions) -> Cmd {
+pub fn bake_command(
+    bake_file: &Path,
+    metadata_file: &Path,
+    images: &[(&Image, Vec<String>)],
+    opts: &BuildOptions,
+) -> Cmd {
     let mut cmd = Cmd::new("docker").arg("buildx").arg("bake");
     if let Some(builder) = &opts.builder {
         cmd = cmd.args(["--builder", builder]);
@@ -142,8 +152,13 @@ pub fn bake_command(bake_file: &Path, metadata_file: &Path, images: &[Image], op
     if !opts.cache {
         cmd = cmd.args(["--no-cache", "--pull"]);
     }
+    for (image, tags) in images {
+        for tag in tags {
+            cmd = cmd.arg("--set").arg(format!("{}.tags={tag}", image.name));
+        }
+    }
     cmd = cmd.arg(if opts.push { "--push" } else { "--load" });
-    cmd.args(images.iter().map(|i| i.name.clone()))
+    cmd.args(images.iter().map(|(i, _)| i.name.clone()))
 }
 
 /// What buildx writes per target in `--metadata-file`.
@@ -190,7 +205,8 @@ pub fn build(exec: &Exec, config: &Config, images: &[Image], rev: &Revision, opt
     std::fs::write(&bake_path, bake).with_context(|| format!("writing {}", bake_path.display()))?;
     let _ = std::fs::remove_file(&metadata_path);
 
-    let cmd = bake_command(&bake_path, &metadata_path, images, opts);
+    let tagged: Vec<(&Image, Vec<String>)> = images.iter().map(|i| (i, tags(config, i, rev))).collect();
+    let cmd = bake_command(&bake_path, &metadata_path, &tagged, opts);
     if let Err(error) = exec.run(&cmd) {
         return Err(explain_base_image_failure(exec, config, images).unwrap_or(error));
     }
@@ -299,8 +315,8 @@ mod tests {
         let bake = bake_file(&c, &c.images, &rev(None), "https://example.com/repo");
         let target = &bake["target"]["aiq-agent"];
         assert_eq!(
-            target["tags"],
-            json!(["ghcr.io/acme/aiq-agent:0123456789ab", "ghcr.io/acme/aiq-agent:latest"])
+            tags(&c, &c.images[0], &rev(None)),
+            ["ghcr.io/acme/aiq-agent:0123456789ab", "ghcr.io/acme/aiq-agent:latest"]
         );
         assert_eq!(target["args"]["GIT_REVISION"], rev(None).sha);
         assert_eq!(target["args"]["BASE_REGISTRY"], "127.0.0.1:5000/library");
@@ -319,8 +335,8 @@ mod tests {
         let c = config();
         let bake = bake_file(&c, &c.images, &rev(Some("deadbeef")), "x");
         assert_eq!(
-            bake["target"]["aiq-agent"]["tags"],
-            json!(["ghcr.io/acme/aiq-agent:0123456789ab-dirty-deadbeef"])
+            tags(&c, &c.images[0], &rev(Some("deadbeef"))),
+            ["ghcr.io/acme/aiq-agent:0123456789ab-dirty-deadbeef"]
         );
         assert_eq!(bake["target"]["aiq-agent"]["args"]["GIT_DIRTY"], "true");
     }
@@ -328,7 +344,11 @@ mod tests {
     #[test]
     fn fresh_by_default_cached_on_request() {
         let c = config();
-        let fresh = bake_command(Path::new("b.json"), Path::new("m.json"), &c.images, &BuildOptions::default());
+        let tagged = [(&c.images[0], tags(&c, &c.images[0], &rev(None)))];
+        let fresh = bake_command(Path::new("b.json"), Path::new("m.json"), &tagged, &BuildOptions::default());
+        assert!(fresh
+            .to_string()
+            .contains("--set aiq-agent.tags=ghcr.io/acme/aiq-agent:0123456789ab --set aiq-agent.tags=ghcr.io/acme/aiq-agent:latest"));
         assert!(fresh.argv().iter().any(|a| a == "--no-cache"));
         assert!(fresh.argv().iter().any(|a| a == "--pull"));
         assert!(fresh.argv().iter().any(|a| a == "--load"));
@@ -337,7 +357,7 @@ mod tests {
             push: true,
             builder: Some("remote".into()),
         };
-        let cached = bake_command(Path::new("b.json"), Path::new("m.json"), &c.images, &opts);
+        let cached = bake_command(Path::new("b.json"), Path::new("m.json"), &tagged, &opts);
         assert!(!cached.argv().iter().any(|a| a == "--no-cache" || a == "--pull"));
         assert!(cached.to_string().contains("--builder remote"));
         assert!(cached.argv().iter().any(|a| a == "--push"));

@@ -58,7 +58,7 @@ pub fn seed(exec: &Exec, config: &Config, registry: &str, force: bool) -> Result
         }
         let _step = exec.step(format!("seed {registry}/library/{base}"));
         let rootfs = config.root.join("target/xtask/mirror").join(name);
-        let suite = tag.rsplit('-').find(|part| part.chars().all(|c| c.is_ascii_lowercase())).unwrap_or("bookworm");
+        let suite = debian_suite(tag);
         let (packages, changes): (&[&str], Vec<String>) = match name {
             "debian" => (&[], vec!["CMD [\"bash\"]".into()]),
             "rust" => (
@@ -118,6 +118,24 @@ fn copy_toolchain(exec: &Exec, rootfs: &Path) -> Result<()> {
     Ok(())
 }
 
+/// The Debian release a tag names: `bookworm` in `1.95-bookworm` and in
+/// `bookworm-slim`.
+fn debian_suite(tag: &str) -> &str {
+    tag.split('-')
+        .find(|part| *part != "slim" && !part.is_empty() && part.chars().all(|c| c.is_ascii_lowercase()))
+        .unwrap_or("bookworm")
+}
+
 fn path_str(path: &Path) -> String {
     path.display().to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn suite_comes_from_the_tag() {
+        assert_eq!(super::debian_suite("1.95-bookworm"), "bookworm");
+        assert_eq!(super::debian_suite("bookworm-slim"), "bookworm");
+        assert_eq!(super::debian_suite("trixie"), "trixie");
+    }
 }
