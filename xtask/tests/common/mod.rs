@@ -1,0 +1,173 @@
+//! Helpers for the integration tests: temporary git repositories, running
+//! the xtask binary, and asking Docker and the registry what really happened.
+#![allow(dead_code)]
+
+use std::{
+    io::{Read, Write},
+    net::TcpStream,
+    path::{Path, PathBuf},
+    process::{Command, Output},
+    sync::atomic::{AtomicUsize, Ordering},
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+/// The registry the tests push to: `cargo xtask test` sets it; a plain
+/// `cargo test` uses the default and fails loudly if nothing answers.
+pub fn registry() -> String {
+    std::env::var("XTASK_TEST_REGISTRY").unwrap_or_else(|_| "127.0.0.1:5000".into())
+}
+
+pub fn base_registry() -> String {
+    std::env::var("XTASK_BASE_REGISTRY").unwrap_or_else(|_| format!("{}/library", registry()))
+}
+
+pub fn project_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_owned()
+}
+
+/// A directory removed when dropped.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(label: &str) -> TempDir {
+        static COUNTER: AtomicUsize = AtomicUsize::new(0);
+        let nanos = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_nanos();
+        let n = COUNTER.fetch_add(1, Ordering::SeqCst);
+        let dir = std::env::temp_dir().join(format!("xtask-{label}-{}-{nanos}-{n}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        TempDir(dir)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A unique word, so each test's images and tags are its own.
+pub fn unique(label: &str) -> String {
+    let nanos = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_nanos();
+    format!("{label}{}", nanos % 1_000_000_000_000)
+}
+
+pub fn run(dir: &Path, program: &str, args: &[&str]) -> Output {
+    Command::new(program)
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .unwrap_or_else(|e| panic!("starting {program}: {e}"))
+}
+
+/// Runs a command that must succeed; returns its trimmed stdout.
+pub fn ok(dir: &Path, program: &str, args: &[&str]) -> String {
+    let out = run(dir, program, args);
+    assert!(
+        out.status.success(),
+        "`{program} {}` failed: {}\n{}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap().trim().to_owned()
+}
+
+pub fn git(dir: &Path, args: &[&str]) -> String {
+    ok(dir, "git", args)
+}
+
+pub fn init_repo(dir: &Path) {
+    git(dir, &["init", "--quiet", "--initial-branch=main"]);
+    git(dir, &["config", "user.email", "tests@example.com"]);
+    git(dir, &["config", "user.name", "xtask tests"]);
+}
+
+pub fn commit_all(dir: &Path, message: &str) -> String {
+    git(dir, &["add", "--all"]);
+    git(dir, &["commit", "--quiet", "--message", message]);
+    git(dir, &["rev-parse", "HEAD"])
+}
+
+/// The result of one xtask run.
+pub struct XtaskRun {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl XtaskRun {
+    pub fn assert_ok(&self) -> &Self {
+        assert_eq!(self.code, 0, "xtask failed\nstdout:\n{}\nstderr:\n{}", self.stdout, self.stderr);
+        self
+    }
+}
+
+/// Runs the xtask binary in `dir` with the tests' registries.
+pub fn xtask(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> XtaskRun {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_xtask"));
+    cmd.args(args)
+        .current_dir(dir)
+        .env("XTASK_BASE_REGISTRY", base_registry())
+        .env_remove("USE_CACHE")
+        .env_remove("XTASK_REGISTRY");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().expect("running the xtask binary");
+    XtaskRun {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+/// `GET http://{addr}{path}` → (status, body).
+pub fn http_get(addr: &str, path: &str) -> std::io::Result<(u16, String)> {
+    let mut stream = TcpStream::connect(addr)?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(stream, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n")?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
+    let status = head.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+    Ok((status, body.to_owned()))
+}
+
+/// The `revision` a `/version` endpoint answers.
+pub fn revision_at(addr: &str, path: &str) -> String {
+    let (status, body) = http_get(addr, path).unwrap_or_else(|e| panic!("GET {addr}{path}: {e}"));
+    assert_eq!(status, 200, "GET {addr}{path}: {body}");
+    let json: serde_json::Value = serde_json::from_str(body.trim()).unwrap_or_else(|e| panic!("{body:?}: {e}"));
+    json["revision"].as_str().unwrap().to_owned()
+}
+
+/// The digest the registry serves for `repository:tag`, or None.
+pub fn registry_digest(repository: &str, tag: &str) -> Option<String> {
+    let reference = format!("{}/{repository}:{tag}", registry());
+    let out = run(
+        Path::new("."),
+        "docker",
+        &["buildx", "imagetools", "inspect", &reference, "--format", "{{json .Manifest}}"],
+    );
+    if !out.status.success() {
+        return None;
+    }
+    let manifest: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    manifest["digest"].as_str().map(str::to_owned)
+}
+
+/// Waits until `addr` answers `path` with 200, up to `secs`.
+pub fn wait_http(addr: &str, path: &str, secs: u64) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(secs);
+    loop {
+        if let Ok((200, _)) = http_get(addr, path) {
+            return;
+        }
+        assert!(std::time::Instant::now() < deadline, "{addr}{path} did not answer 200 within {secs}s");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
