@@ -27,11 +27,8 @@ async fn main() {
         .route(
             "/api/events",
             get(move || async move {
-                Sse::new(events(events_shutdown)).keep_alive(
-                    KeepAlive::new()
-                        .interval(keepalive)
-                        .text("keepalive"),
-                )
+                Sse::new(events(events_shutdown))
+                    .keep_alive(KeepAlive::new().interval(keepalive).text("keepalive"))
             }),
         )
         .merge(health_routes(Version::of(SERVICE), shutdown.clone()));

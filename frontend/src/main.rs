@@ -65,7 +65,9 @@ async fn forward(State(proxy): State<Proxy>, mut request: Request) -> Response {
     };
     let uri: Uri = match format!("{}{backend_path}", proxy.backend_url).parse() {
         Ok(uri) => uri,
-        Err(e) => return (StatusCode::BAD_GATEWAY, format!("bad BACKEND_URL: {e}")).into_response(),
+        Err(e) => {
+            return (StatusCode::BAD_GATEWAY, format!("bad BACKEND_URL: {e}")).into_response()
+        }
     };
     *request.uri_mut() = uri;
     request.headers_mut().remove(header::HOST);

@@ -139,7 +139,9 @@ impl Config {
         check_registry("registry", &self.registry)?;
         check_registry("base_registry", &self.base_registry)?;
         if self.images.is_empty() {
-            return Err(refuse("[workspace.metadata.xtask] images: at least one image is required"));
+            return Err(refuse(
+                "[workspace.metadata.xtask] images: at least one image is required",
+            ));
         }
         for image in &self.images {
             let valid = !image.name.is_empty()
@@ -166,10 +168,18 @@ impl Config {
         names
             .iter()
             .map(|name| {
-                self.images.iter().find(|i| &i.name == name).cloned().ok_or_else(|| {
-                    let known: Vec<&str> = self.images.iter().map(|i| i.name.as_str()).collect();
-                    refuse(format!("unknown image {name:?}; known images: {}", known.join(", ")))
-                })
+                self.images
+                    .iter()
+                    .find(|i| &i.name == name)
+                    .cloned()
+                    .ok_or_else(|| {
+                        let known: Vec<&str> =
+                            self.images.iter().map(|i| i.name.as_str()).collect();
+                        refuse(format!(
+                            "unknown image {name:?}; known images: {}",
+                            known.join(", ")
+                        ))
+                    })
             })
             .collect()
     }
@@ -184,7 +194,9 @@ fn check_registry(key: &str, value: &str) -> Result<()> {
     let bad = value.is_empty()
         || value.ends_with('/')
         || value.contains("://")
-        || value.chars().any(|c| c.is_whitespace() || c.is_ascii_uppercase());
+        || value
+            .chars()
+            .any(|c| c.is_whitespace() || c.is_ascii_uppercase());
     if bad {
         return Err(refuse(format!(
             "{key} {value:?} is not a registry reference (expected host[:port][/path], e.g. localhost:5000 or ghcr.io/acme)"
@@ -206,8 +218,10 @@ mod tests {
     }"#;
 
     fn load(json: &str, env: &[(&str, &str)], overrides: Overrides) -> Result<Config> {
-        let env: BTreeMap<String, String> =
-            env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let env: BTreeMap<String, String> = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
         Config::from_cargo_metadata(json, |k| env.get(k).cloned(), &overrides)
     }
 
@@ -219,7 +233,10 @@ mod tests {
         assert_eq!(config.images[0].context, PathBuf::from("."));
         assert!(config.push_latest);
 
-        let env = [("XTASK_REGISTRY", "localhost:5000"), ("XTASK_BASE_REGISTRY", "127.0.0.1:5000/library")];
+        let env = [
+            ("XTASK_REGISTRY", "localhost:5000"),
+            ("XTASK_BASE_REGISTRY", "127.0.0.1:5000/library"),
+        ];
         let config = load(METADATA, &env, Overrides::default()).unwrap();
         assert_eq!(config.registry, "localhost:5000");
         assert_eq!(config.base_registry, "127.0.0.1:5000/library");
@@ -232,7 +249,10 @@ mod tests {
         let config = load(METADATA, &env, flags).unwrap();
         assert_eq!(config.registry, "example.com/team");
         assert!(!config.push_latest);
-        assert_eq!(config.image_ref("aiq-agent", "abc"), "example.com/team/aiq-agent:abc");
+        assert_eq!(
+            config.image_ref("aiq-agent", "abc"),
+            "example.com/team/aiq-agent:abc"
+        );
     }
 
     #[test]
@@ -251,7 +271,10 @@ mod tests {
     fn unknown_image_is_refused_with_the_known_ones() {
         let config = load(METADATA, &[], Overrides::default()).unwrap();
         let err = config.select_images(&["nope".into()]).unwrap_err();
-        assert_eq!(err.to_string(), "unknown image \"nope\"; known images: aiq-agent");
+        assert_eq!(
+            err.to_string(),
+            "unknown image \"nope\"; known images: aiq-agent"
+        );
         assert_eq!(config.select_images(&[]).unwrap().len(), 1);
     }
 }

@@ -26,7 +26,10 @@ pub fn out_dir(config: &Config) -> PathBuf {
 /// missing.
 pub fn preflight(exec: &Exec) -> Result<()> {
     require_tool("git", "install git (e.g. `apt-get install git`)")?;
-    require_tool("docker", "install Docker (https://docs.docker.com/engine/install/)")?;
+    require_tool(
+        "docker",
+        "install Docker (https://docs.docker.com/engine/install/)",
+    )?;
     if !exec.succeeds(&Cmd::new("docker").args(["buildx", "version"])) {
         return Err(refuse(
             "the docker buildx plugin is missing: install it (Debian: `apt-get install docker-buildx`; Docker Desktop ships it)",
@@ -59,7 +62,10 @@ pub struct BuiltImage {
 impl BuiltImage {
     /// `<registry>/<name>@sha256:...`: what deploys and containers run.
     pub fn pinned(&self) -> Option<String> {
-        let repo = self.reference.rsplit_once(':').map_or(self.reference.as_str(), |(r, _)| r);
+        let repo = self
+            .reference
+            .rsplit_once(':')
+            .map_or(self.reference.as_str(), |(r, _)| r);
         self.digest.as_ref().map(|d| format!("{repo}@{d}"))
     }
 }
@@ -92,7 +98,12 @@ pub fn labels(image: &Image, rev: &Revision, source: &str) -> BTreeMap<String, S
 
 /// The bake definition for `images`: one target each, tags, labels and the
 /// build args that bake the revision into the binaries.
-pub fn bake_file(config: &Config, images: &[Image], rev: &Revision, source: &str) -> serde_json::Value {
+pub fn bake_file(
+    config: &Config,
+    images: &[Image],
+    rev: &Revision,
+    source: &str,
+) -> serde_json::Value {
     let mut targets = serde_json::Map::new();
     for image in images {
         let mut args = BTreeMap::from([
@@ -191,7 +202,13 @@ pub fn parse_metadata(json: &str, images: &[Image]) -> Result<BTreeMap<String, S
 /// Builds (and with `push`, pushes) `images` in one bake session, then
 /// writes `target/xtask/build.json`. In a dry run only the bake file is
 /// written and the command printed.
-pub fn build(exec: &Exec, config: &Config, images: &[Image], rev: &Revision, opts: &BuildOptions) -> Result<Vec<BuiltImage>> {
+pub fn build(
+    exec: &Exec,
+    config: &Config,
+    images: &[Image],
+    rev: &Revision,
+    opts: &BuildOptions,
+) -> Result<Vec<BuiltImage>> {
     let out = out_dir(config);
     std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
     let source = config
@@ -205,7 +222,8 @@ pub fn build(exec: &Exec, config: &Config, images: &[Image], rev: &Revision, opt
     std::fs::write(&bake_path, bake).with_context(|| format!("writing {}", bake_path.display()))?;
     let _ = std::fs::remove_file(&metadata_path);
 
-    let tagged: Vec<(&Image, Vec<String>)> = images.iter().map(|i| (i, tags(config, i, rev))).collect();
+    let tagged: Vec<(&Image, Vec<String>)> =
+        images.iter().map(|i| (i, tags(config, i, rev))).collect();
     let cmd = bake_command(&bake_path, &metadata_path, &tagged, opts);
     if let Err(error) = exec.run(&cmd) {
         return Err(explain_base_image_failure(exec, config, images).unwrap_or(error));
@@ -224,7 +242,11 @@ pub fn build(exec: &Exec, config: &Config, images: &[Image], rev: &Revision, opt
             name: image.name.clone(),
             reference: config.image_ref(&image.name, &rev.tag()),
             tag: rev.tag(),
-            digest: if opts.push { digests.get(&image.name).cloned() } else { None },
+            digest: if opts.push {
+                digests.get(&image.name).cloned()
+            } else {
+                None
+            },
             revision: rev.sha.clone(),
             dirty: rev.is_dirty(),
         })
@@ -263,12 +285,17 @@ pub fn base_images(dockerfile: &str) -> Vec<String> {
 /// After a failed build: if a base image cannot be resolved, say so in one
 /// line with the fix, instead of leaving the user to dig through BuildKit's
 /// log.
-fn explain_base_image_failure(exec: &Exec, config: &Config, images: &[Image]) -> Option<anyhow::Error> {
+fn explain_base_image_failure(
+    exec: &Exec,
+    config: &Config,
+    images: &[Image],
+) -> Option<anyhow::Error> {
     for image in images {
         let dockerfile = std::fs::read_to_string(config.root.join(&image.dockerfile)).ok()?;
         for base in base_images(&dockerfile) {
             let reference = format!("{}/{base}", config.base_registry);
-            let probe = Cmd::new("docker").args(["buildx", "imagetools", "inspect", "--raw", &reference]);
+            let probe =
+                Cmd::new("docker").args(["buildx", "imagetools", "inspect", "--raw", &reference]);
             if !exec.succeeds(&probe) {
                 return Some(anyhow::anyhow!(
                     "base image {reference} cannot be pulled: point XTASK_BASE_REGISTRY at a mirror that has it (`cargo xtask mirror` seeds one on 127.0.0.1:5000; then XTASK_BASE_REGISTRY=127.0.0.1:5000/library)"
@@ -316,14 +343,20 @@ mod tests {
         let target = &bake["target"]["aiq-agent"];
         assert_eq!(
             tags(&c, &c.images[0], &rev(None)),
-            ["ghcr.io/acme/aiq-agent:0123456789ab", "ghcr.io/acme/aiq-agent:latest"]
+            [
+                "ghcr.io/acme/aiq-agent:0123456789ab",
+                "ghcr.io/acme/aiq-agent:latest"
+            ]
         );
         assert_eq!(target["args"]["GIT_REVISION"], rev(None).sha);
         assert_eq!(target["args"]["BASE_REGISTRY"], "127.0.0.1:5000/library");
         assert_eq!(target["args"]["EXTRA"], "1");
         let labels = &target["labels"];
         assert_eq!(labels["org.opencontainers.image.revision"], rev(None).sha);
-        assert_eq!(labels["org.opencontainers.image.created"], "2026-11-23T20:00:00Z");
+        assert_eq!(
+            labels["org.opencontainers.image.created"],
+            "2026-11-23T20:00:00Z"
+        );
         assert_eq!(labels["org.opencontainers.image.title"], "aiq-agent");
         assert_eq!(labels["org.opencontainers.image.version"], "0123456789ab");
         assert_eq!(target["dockerfile"], "/repo/backend/Dockerfile");
@@ -345,7 +378,12 @@ mod tests {
     fn fresh_by_default_cached_on_request() {
         let c = config();
         let tagged = [(&c.images[0], tags(&c, &c.images[0], &rev(None)))];
-        let fresh = bake_command(Path::new("b.json"), Path::new("m.json"), &tagged, &BuildOptions::default());
+        let fresh = bake_command(
+            Path::new("b.json"),
+            Path::new("m.json"),
+            &tagged,
+            &BuildOptions::default(),
+        );
         assert!(fresh
             .to_string()
             .contains("--set aiq-agent.tags=ghcr.io/acme/aiq-agent:0123456789ab --set aiq-agent.tags=ghcr.io/acme/aiq-agent:latest"));
@@ -358,7 +396,10 @@ mod tests {
             builder: Some("remote".into()),
         };
         let cached = bake_command(Path::new("b.json"), Path::new("m.json"), &tagged, &opts);
-        assert!(!cached.argv().iter().any(|a| a == "--no-cache" || a == "--pull"));
+        assert!(!cached
+            .argv()
+            .iter()
+            .any(|a| a == "--no-cache" || a == "--pull"));
         assert!(cached.to_string().contains("--builder remote"));
         assert!(cached.argv().iter().any(|a| a == "--push"));
         assert_eq!(cached.argv().last().unwrap(), "aiq-agent");
@@ -376,7 +417,10 @@ mod tests {
     #[test]
     fn base_images_come_from_from_lines() {
         let dockerfile = "ARG BASE_REGISTRY=docker.io/library\nFROM ${BASE_REGISTRY}/rust:1.95-bookworm AS builder\nRUN x\nfrom --platform=linux/amd64 ${BASE_REGISTRY}/debian:bookworm-slim\nFROM scratch\n";
-        assert_eq!(base_images(dockerfile), ["rust:1.95-bookworm", "debian:bookworm-slim"]);
+        assert_eq!(
+            base_images(dockerfile),
+            ["rust:1.95-bookworm", "debian:bookworm-slim"]
+        );
     }
 
     #[test]
@@ -389,6 +433,9 @@ mod tests {
             revision: "x".into(),
             dirty: false,
         };
-        assert_eq!(image.pinned().unwrap(), "localhost:5000/aiq-agent@sha256:abc");
+        assert_eq!(
+            image.pinned().unwrap(),
+            "localhost:5000/aiq-agent@sha256:abc"
+        );
     }
 }

@@ -116,7 +116,10 @@ impl<'a> Exec<'a> {
         eprintln!("$ {cmd}");
         if cmd.stdin.is_some() {
             // Only xshell's own run feeds stdin.
-            return cmd.to_xshell(self.sh).run().with_context(|| format!("`{cmd}` failed"));
+            return cmd
+                .to_xshell(self.sh)
+                .run()
+                .with_context(|| format!("`{cmd}` failed"));
         }
         let mut command: std::process::Command = cmd.to_xshell(self.sh).into();
         command.stdout(Stdio::from(std::io::stderr()));
@@ -196,7 +199,11 @@ impl Step {
 
 impl Drop for Step {
     fn drop(&mut self) {
-        let outcome = if std::thread::panicking() { "aborted" } else { "done" };
+        let outcome = if std::thread::panicking() {
+            "aborted"
+        } else {
+            "done"
+        };
         eprintln!(
             "[{}] {} {outcome} in {:.1}s",
             self.number,
@@ -255,7 +262,16 @@ mod tests {
 
     #[test]
     fn quoting_round_trips_through_sh() {
-        let words = ["plain", "with space", "it's", "", "$HOME", "a\"b", "x;rm -rf /", "tab\there"];
+        let words = [
+            "plain",
+            "with space",
+            "it's",
+            "",
+            "$HOME",
+            "a\"b",
+            "x;rm -rf /",
+            "tab\there",
+        ];
         let cmd = Cmd::new("printf").arg("%s\\n").args(words);
         let line = cmd.to_string();
         let out = std::process::Command::new("sh")

@@ -42,7 +42,11 @@ impl Revision {
 pub fn revision(exec: &Exec, allow_dirty: bool) -> Result<Revision> {
     let sha = exec
         .read(&Cmd::new("git").args(["rev-parse", "--verify", "HEAD"]))
-        .map_err(|e| refuse(format!("cannot read the git revision (is this a git repository with a commit?): {e}")))?;
+        .map_err(|e| {
+            refuse(format!(
+                "cannot read the git revision (is this a git repository with a commit?): {e}"
+            ))
+        })?;
     let commit_time = exec
         .read(&Cmd::new("git").args(["show", "-s", "--format=%ct", "HEAD"]))?
         .parse()
@@ -55,7 +59,11 @@ pub fn revision(exec: &Exec, allow_dirty: bool) -> Result<Revision> {
     } else {
         let shown: Vec<&str> = changed.iter().take(5).map(String::as_str).collect();
         let more = changed.len().saturating_sub(shown.len());
-        let more = if more > 0 { format!(" and {more} more") } else { String::new() };
+        let more = if more > 0 {
+            format!(" and {more} more")
+        } else {
+            String::new()
+        };
         return Err(refuse(format!(
             "the working tree has uncommitted changes ({}{more}): commit them, or pass --allow-dirty for a build tagged as dirty",
             shown.join(", ")
@@ -71,7 +79,12 @@ pub fn revision(exec: &Exec, allow_dirty: bool) -> Result<Revision> {
 /// Tracked files that differ from HEAD and untracked files git does not
 /// ignore.
 fn changed_paths(exec: &Exec) -> Result<Vec<String>> {
-    let status = exec.read(&Cmd::new("git").args(["status", "--porcelain=v1", "-z", "--untracked-files=all"]))?;
+    let status = exec.read(&Cmd::new("git").args([
+        "status",
+        "--porcelain=v1",
+        "-z",
+        "--untracked-files=all",
+    ]))?;
     Ok(parse_porcelain_z(&status))
 }
 
@@ -95,8 +108,11 @@ fn parse_porcelain_z(status: &str) -> Vec<String> {
 /// 8 hex of a hash over `git diff HEAD` and the untracked files' names and
 /// contents: the same uncommitted state always gives the same tag.
 fn dirty_hash(exec: &Exec) -> Result<String> {
-    let mut material = exec.read(&Cmd::new("git").args(["diff", "HEAD", "--binary"]))?.into_bytes();
-    let untracked = exec.read(&Cmd::new("git").args(["ls-files", "--others", "--exclude-standard", "-z"]))?;
+    let mut material = exec
+        .read(&Cmd::new("git").args(["diff", "HEAD", "--binary"]))?
+        .into_bytes();
+    let untracked =
+        exec.read(&Cmd::new("git").args(["ls-files", "--others", "--exclude-standard", "-z"]))?;
     for path in untracked.split('\0').filter(|p| !p.is_empty()) {
         material.extend_from_slice(path.as_bytes());
         material.push(0);
@@ -105,13 +121,18 @@ fn dirty_hash(exec: &Exec) -> Result<String> {
         material.extend_from_slice(&contents);
         material.push(0);
     }
-    let hash = exec.read(&Cmd::new("git").args(["hash-object", "--stdin"]).stdin(material))?;
+    let hash = exec.read(
+        &Cmd::new("git")
+            .args(["hash-object", "--stdin"])
+            .stdin(material),
+    )?;
     Ok(hash[..8].to_owned())
 }
 
 /// The remote's URL, for the `source` label when the configuration has none.
 pub fn origin_url(exec: &Exec) -> Option<String> {
-    exec.read(&Cmd::new("git").args(["remote", "get-url", "origin"])).ok()
+    exec.read(&Cmd::new("git").args(["remote", "get-url", "origin"]))
+        .ok()
 }
 
 /// Formats seconds since the epoch as RFC 3339 UTC (the OCI `created`

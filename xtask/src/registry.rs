@@ -26,7 +26,8 @@ pub fn http_get(addr: &str, path: &str, timeout: Duration) -> Result<(u16, Strin
         .with_context(|| format!("resolving {addr}"))?
         .next()
         .with_context(|| format!("{addr} resolves to nothing"))?;
-    let mut stream = TcpStream::connect_timeout(&socket, timeout).with_context(|| format!("connecting to {addr}"))?;
+    let mut stream = TcpStream::connect_timeout(&socket, timeout)
+        .with_context(|| format!("connecting to {addr}"))?;
     stream.set_read_timeout(Some(timeout))?;
     stream.set_write_timeout(Some(timeout))?;
     write!(
@@ -34,7 +35,9 @@ pub fn http_get(addr: &str, path: &str, timeout: Duration) -> Result<(u16, Strin
         "GET {path} HTTP/1.1\r\nHost: {addr}\r\nAccept: application/vnd.docker.distribution.manifest.v2+json, application/vnd.oci.image.manifest.v1+json, application/vnd.oci.image.index.v1+json, */*\r\nConnection: close\r\n\r\n"
     )?;
     let mut response = Vec::new();
-    stream.read_to_end(&mut response).with_context(|| format!("reading the answer from {addr}"))?;
+    stream
+        .read_to_end(&mut response)
+        .with_context(|| format!("reading the answer from {addr}"))?;
     let response = String::from_utf8_lossy(&response);
     let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
     let status = head
@@ -52,7 +55,11 @@ pub fn answers(addr: &str) -> bool {
 /// Whether `repository:tag` exists in the registry at `addr`.
 pub fn has_image(addr: &str, repository: &str, tag: &str) -> bool {
     matches!(
-        http_get(addr, &format!("/v2/{repository}/manifests/{tag}"), Duration::from_secs(5)),
+        http_get(
+            addr,
+            &format!("/v2/{repository}/manifests/{tag}"),
+            Duration::from_secs(5)
+        ),
         Ok((200, _))
     )
 }
@@ -60,7 +67,10 @@ pub fn has_image(addr: &str, repository: &str, tag: &str) -> bool {
 /// The local registry's address: `XTASK_LOCAL_REGISTRY` if set (it must
 /// answer), else one on 127.0.0.1:5000, started if nothing answers there.
 pub fn ensure_local(exec: &Exec) -> Result<String> {
-    if let Some(addr) = std::env::var("XTASK_LOCAL_REGISTRY").ok().filter(|v| !v.is_empty()) {
+    if let Some(addr) = std::env::var("XTASK_LOCAL_REGISTRY")
+        .ok()
+        .filter(|v| !v.is_empty())
+    {
         if !exec.dry_run && !answers(&addr) {
             bail!("XTASK_LOCAL_REGISTRY={addr} does not answer /v2/");
         }
@@ -81,7 +91,10 @@ pub fn ensure_local(exec: &Exec) -> Result<String> {
         }
         std::thread::sleep(Duration::from_millis(200));
     }
-    bail!("the local registry did not answer on {DEFAULT_LOCAL} within 20 s (log: {})", state_dir().join("registry.log").display())
+    bail!(
+        "the local registry did not answer on {DEFAULT_LOCAL} within 20 s (log: {})",
+        state_dir().join("registry.log").display()
+    )
 }
 
 /// Starts a registry: the `registry:2` container when that image is at hand,
@@ -92,13 +105,21 @@ fn start(exec: &Exec) -> Result<()> {
     if image_here || which::which("docker-registry").is_err() {
         let _ = exec.read(&Cmd::new("docker").args(["rm", "-f", CONTAINER]));
         return exec.run(&Cmd::new("docker").args([
-            "run", "--detach", "--restart=unless-stopped", "--name", CONTAINER,
-            "--label", "org.aiq.xtask.role=registry",
-            "--publish", "127.0.0.1:5000:5000", REGISTRY_IMAGE,
+            "run",
+            "--detach",
+            "--restart=unless-stopped",
+            "--name",
+            CONTAINER,
+            "--label",
+            "org.aiq.xtask.role=registry",
+            "--publish",
+            "127.0.0.1:5000:5000",
+            REGISTRY_IMAGE,
         ]));
     }
     let dir = state_dir();
-    std::fs::create_dir_all(dir.join("data")).with_context(|| format!("creating {}", dir.display()))?;
+    std::fs::create_dir_all(dir.join("data"))
+        .with_context(|| format!("creating {}", dir.display()))?;
     let config = dir.join("config.yml");
     std::fs::write(
         &config,

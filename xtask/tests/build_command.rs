@@ -31,7 +31,8 @@ fn fixture(image: &str) -> TempDir {
 }
 
 fn build_file(root: &std::path::Path) -> serde_json::Value {
-    let text = std::fs::read_to_string(root.join("target/xtask/build.json")).expect("build.json written");
+    let text =
+        std::fs::read_to_string(root.join("target/xtask/build.json")).expect("build.json written");
     serde_json::from_str(&text).unwrap()
 }
 
@@ -45,34 +46,63 @@ fn fresh_build_pushes_sha_tag_with_labels_and_digest() {
 
     let run = xtask(root, &["build", "--push"], &[]);
     run.assert_ok();
-    assert!(run.stderr.contains("--no-cache --pull"), "fresh by default:\n{}", run.stderr);
+    assert!(
+        run.stderr.contains("--no-cache --pull"),
+        "fresh by default:\n{}",
+        run.stderr
+    );
 
     let file = build_file(root);
     assert_eq!(file["revision"], head);
     let built = &file["images"][0];
     assert_eq!(built["name"], image.as_str());
-    assert_eq!(built["reference"], format!("{}/fixtures/{image}:{short}", registry()));
+    assert_eq!(
+        built["reference"],
+        format!("{}/fixtures/{image}:{short}", registry())
+    );
     let digest = built["digest"].as_str().expect("a digest after --push");
     assert!(digest.starts_with("sha256:"), "{digest}");
-    assert!(run.stderr.contains(digest), "digests are printed at the end");
+    assert!(
+        run.stderr.contains(digest),
+        "digests are printed at the end"
+    );
 
     // The registry serves that digest under the SHA tag and under :latest.
     let repository = format!("fixtures/{image}");
     assert_eq!(registry_digest(&repository, short).as_deref(), Some(digest));
-    assert_eq!(registry_digest(&repository, "latest").as_deref(), Some(digest));
+    assert_eq!(
+        registry_digest(&repository, "latest").as_deref(),
+        Some(digest)
+    );
 
     // Labels and the baked-in revision both say HEAD.
     let pinned = format!("{}/{repository}@{digest}", registry());
     ok(root, "docker", &["pull", "--quiet", &pinned]);
-    let labels: serde_json::Value =
-        serde_json::from_str(&ok(root, "docker", &["image", "inspect", "--format", "{{json .Config.Labels}}", &pinned])).unwrap();
+    let labels: serde_json::Value = serde_json::from_str(&ok(
+        root,
+        "docker",
+        &[
+            "image",
+            "inspect",
+            "--format",
+            "{{json .Config.Labels}}",
+            &pinned,
+        ],
+    ))
+    .unwrap();
     assert_eq!(labels["org.opencontainers.image.revision"], head);
     assert_eq!(labels["org.opencontainers.image.version"], short);
     assert_eq!(labels["org.opencontainers.image.title"], image.as_str());
-    assert_eq!(labels["org.opencontainers.image.source"], "https://example.com/fixture");
+    assert_eq!(
+        labels["org.opencontainers.image.source"],
+        "https://example.com/fixture"
+    );
     let commit_time = git(root, &["show", "-s", "--format=%cI", "HEAD"]);
     let created = labels["org.opencontainers.image.created"].as_str().unwrap();
-    assert!(commit_time.starts_with(&created[..16]), "created {created} is the commit time {commit_time}");
+    assert!(
+        commit_time.starts_with(&created[..16]),
+        "created {created} is the commit time {commit_time}"
+    );
     assert_eq!(ok(root, "docker", &["run", "--rm", &pinned]), head);
 }
 
@@ -87,8 +117,15 @@ fn dirty_tree_is_refused_and_nothing_is_built_or_pushed() {
     let run = xtask(root, &["build", "--push"], &[]);
     assert_eq!(run.code, 2, "{}", run.stderr);
     let error = run.stderr.lines().last().unwrap();
-    assert!(error.contains("uncommitted changes (app.txt)") && error.contains("--allow-dirty"), "{error}");
-    assert!(!run.stderr.contains("docker buildx bake"), "nothing may start: {}", run.stderr);
+    assert!(
+        error.contains("uncommitted changes (app.txt)") && error.contains("--allow-dirty"),
+        "{error}"
+    );
+    assert!(
+        !run.stderr.contains("docker buildx bake"),
+        "nothing may start: {}",
+        run.stderr
+    );
     assert_eq!(registry_digest(&format!("fixtures/{image}"), &short), None);
     assert!(!root.join("target/xtask/build.json").exists());
 
@@ -117,14 +154,30 @@ fn allow_dirty_tags_the_build_as_dirty_and_leaves_latest_alone() {
     assert_eq!(hash.len(), 8);
     assert_eq!(file["images"][0]["dirty"], true);
     assert!(registry_digest(&repository, &tag).is_some());
-    assert_eq!(registry_digest(&repository, "latest"), Some(latest), "a dirty build never moves :latest");
+    assert_eq!(
+        registry_digest(&repository, "latest"),
+        Some(latest),
+        "a dirty build never moves :latest"
+    );
 
     // The same uncommitted state gives the same tag; another gives another.
-    let again = xtask(root, &["build", "--dry-run", "--allow-dirty", "--cache"], &[]);
+    let again = xtask(
+        root,
+        &["build", "--dry-run", "--allow-dirty", "--cache"],
+        &[],
+    );
     assert!(again.stdout.contains(&tag), "{}", again.stdout);
     std::fs::write(root.join("app.txt"), "other\n").unwrap();
-    let other = xtask(root, &["build", "--dry-run", "--allow-dirty", "--cache"], &[]);
-    assert!(!other.stdout.contains(&tag) && other.stdout.contains("-dirty-"), "{}", other.stdout);
+    let other = xtask(
+        root,
+        &["build", "--dry-run", "--allow-dirty", "--cache"],
+        &[],
+    );
+    assert!(
+        !other.stdout.contains(&tag) && other.stdout.contains("-dirty-"),
+        "{}",
+        other.stdout
+    );
 }
 
 #[test]
@@ -140,25 +193,66 @@ fn dry_run_prints_quoted_commands_and_runs_nothing() {
     assert_eq!(lines.len(), 1, "one command: {}", fresh.stdout);
     let line = lines[0];
     assert!(line.starts_with("$ docker buildx bake "), "{line}");
-    for expected in ["--no-cache", "--pull", "--push", &format!("{image}.tags={}/fixtures/{image}:{short}", registry())] {
+    for expected in [
+        "--no-cache",
+        "--pull",
+        "--push",
+        &format!("{image}.tags={}/fixtures/{image}:{short}", registry()),
+    ] {
         assert!(line.contains(expected), "{expected} missing from {line}");
     }
     // The line is valid shell and names the bake file the dry run wrote.
     let check = run(root, "sh", &["-n", "-c", &line[2..]]);
     assert!(check.status.success());
     assert!(root.join("target/xtask/bake.json").exists());
-    assert_eq!(registry_digest(&format!("fixtures/{image}"), &short), None, "a dry run pushes nothing");
+    assert_eq!(
+        registry_digest(&format!("fixtures/{image}"), &short),
+        None,
+        "a dry run pushes nothing"
+    );
 
     let cached = xtask(root, &["build", "--cache", "--dry-run"], &[]);
-    assert!(!cached.stdout.contains("--no-cache") && !cached.stdout.contains("--pull"), "{}", cached.stdout);
+    assert!(
+        !cached.stdout.contains("--no-cache") && !cached.stdout.contains("--pull"),
+        "{}",
+        cached.stdout
+    );
     let env_cached = xtask(root, &["build", "--dry-run"], &[("USE_CACHE", "true")]);
-    assert!(!env_cached.stdout.contains("--no-cache"), "USE_CACHE=true means --cache: {}", env_cached.stdout);
+    assert!(
+        !env_cached.stdout.contains("--no-cache"),
+        "USE_CACHE=true means --cache: {}",
+        env_cached.stdout
+    );
     let no_latest = xtask(root, &["build", "--dry-run", "--no-latest"], &[]);
-    assert!(!no_latest.stdout.contains(":latest"), "{}", no_latest.stdout);
-    let env_registry = xtask(root, &["build", "--dry-run"], &[("XTASK_REGISTRY", "ghcr.io/acme")]);
-    assert!(env_registry.stdout.contains(&format!("ghcr.io/acme/{image}:{short}")), "{}", env_registry.stdout);
-    let flag_registry = xtask(root, &["build", "--dry-run", "--registry", "example.com/x"], &[("XTASK_REGISTRY", "ghcr.io/acme")]);
-    assert!(flag_registry.stdout.contains(&format!("example.com/x/{image}:{short}")), "{}", flag_registry.stdout);
+    assert!(
+        !no_latest.stdout.contains(":latest"),
+        "{}",
+        no_latest.stdout
+    );
+    let env_registry = xtask(
+        root,
+        &["build", "--dry-run"],
+        &[("XTASK_REGISTRY", "ghcr.io/acme")],
+    );
+    assert!(
+        env_registry
+            .stdout
+            .contains(&format!("ghcr.io/acme/{image}:{short}")),
+        "{}",
+        env_registry.stdout
+    );
+    let flag_registry = xtask(
+        root,
+        &["build", "--dry-run", "--registry", "example.com/x"],
+        &[("XTASK_REGISTRY", "ghcr.io/acme")],
+    );
+    assert!(
+        flag_registry
+            .stdout
+            .contains(&format!("example.com/x/{image}:{short}")),
+        "{}",
+        flag_registry.stdout
+    );
 }
 
 #[test]
@@ -169,17 +263,34 @@ fn bad_input_gets_one_line_and_exit_2() {
 
     let unknown = xtask(root, &["build", "nope", "--dry-run"], &[]);
     assert_eq!(unknown.code, 2);
-    assert!(unknown.stderr.trim_end().ends_with(&format!("error: unknown image \"nope\"; known images: {image}")), "{}", unknown.stderr);
+    assert!(
+        unknown.stderr.trim_end().ends_with(&format!(
+            "error: unknown image \"nope\"; known images: {image}"
+        )),
+        "{}",
+        unknown.stderr
+    );
 
     let flag = xtask(root, &["build", "--frobnicate"], &[]);
     assert_eq!(flag.code, 2);
     assert!(flag.stderr.contains("--frobnicate"));
 
     let manifest = std::fs::read_to_string(root.join("Cargo.toml")).unwrap();
-    std::fs::write(root.join("Cargo.toml"), manifest.replace("dockerfile =", "dockerfle =")).unwrap();
+    std::fs::write(
+        root.join("Cargo.toml"),
+        manifest.replace("dockerfile =", "dockerfle ="),
+    )
+    .unwrap();
     let malformed = xtask(root, &["build", "--dry-run", "--allow-dirty"], &[]);
     assert_eq!(malformed.code, 2);
-    assert!(malformed.stderr.contains("invalid [workspace.metadata.xtask]") && malformed.stderr.contains("dockerfle"), "{}", malformed.stderr);
+    assert!(
+        malformed
+            .stderr
+            .contains("invalid [workspace.metadata.xtask]")
+            && malformed.stderr.contains("dockerfle"),
+        "{}",
+        malformed.stderr
+    );
     assert!(malformed.stdout.is_empty());
 }
 
@@ -194,19 +305,38 @@ fn missing_docker_is_named_before_anything_starts() {
     let path = bin.path().display().to_string();
     let run = xtask(root, &["build"], &[("PATH", &path)]);
     assert_eq!(run.code, 2, "{}", run.stderr);
-    assert!(run.stderr.contains("`docker` not found on PATH"), "{}", run.stderr);
+    assert!(
+        run.stderr.contains("`docker` not found on PATH"),
+        "{}",
+        run.stderr
+    );
 }
 
 fn which_path(program: &str) -> String {
-    ok(std::path::Path::new("."), "sh", &["-c", &format!("command -v {program}")])
+    ok(
+        std::path::Path::new("."),
+        "sh",
+        &["-c", &format!("command -v {program}")],
+    )
 }
 
 #[test]
 fn a_base_image_that_cannot_be_pulled_is_named_with_the_fix() {
     let repo = fixture(&unique("nobase"));
     let root = repo.path();
-    let run = xtask(root, &["build"], &[("XTASK_BASE_REGISTRY", &format!("{}/no-such-mirror", registry()))]);
+    let run = xtask(
+        root,
+        &["build"],
+        &[(
+            "XTASK_BASE_REGISTRY",
+            &format!("{}/no-such-mirror", registry()),
+        )],
+    );
     assert_eq!(run.code, 1, "{}", run.stderr);
     let error = run.stderr.lines().last().unwrap();
-    assert!(error.contains("no-such-mirror/debian:bookworm-slim cannot be pulled") && error.contains("XTASK_BASE_REGISTRY"), "{error}");
+    assert!(
+        error.contains("no-such-mirror/debian:bookworm-slim cannot be pulled")
+            && error.contains("XTASK_BASE_REGISTRY"),
+        "{error}"
+    );
 }

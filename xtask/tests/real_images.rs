@@ -14,7 +14,16 @@ const FRONTEND_PORT: &str = "13300";
 const BACKEND_PORT: &str = "13800";
 
 fn up(root: &Path, extra: &[&str]) -> XtaskRun {
-    let mut args = vec!["up", "--cache", "--project", PROJECT, "--frontend-port", FRONTEND_PORT, "--backend-port", BACKEND_PORT];
+    let mut args = vec![
+        "up",
+        "--cache",
+        "--project",
+        PROJECT,
+        "--frontend-port",
+        FRONTEND_PORT,
+        "--backend-port",
+        BACKEND_PORT,
+    ];
     args.extend_from_slice(extra);
     xtask(root, &args, &[("XTASK_LOCAL_REGISTRY", &registry())])
 }
@@ -29,12 +38,25 @@ fn frontend() -> String {
 
 /// Names of this project's containers, optionally only those of a revision.
 fn project_containers(revision: Option<&str>) -> Vec<String> {
-    let mut args = vec!["ps".to_owned(), "--all".into(), "--format".into(), "{{.Names}}".into(), "--filter".into(), format!("label=org.aiq.xtask.project={PROJECT}")];
+    let mut args = vec![
+        "ps".to_owned(),
+        "--all".into(),
+        "--format".into(),
+        "{{.Names}}".into(),
+        "--filter".into(),
+        format!("label=org.aiq.xtask.project={PROJECT}"),
+    ];
     if let Some(rev) = revision {
-        args.extend(["--filter".into(), format!("label=org.aiq.xtask.revision={rev}")]);
+        args.extend([
+            "--filter".into(),
+            format!("label=org.aiq.xtask.revision={rev}"),
+        ]);
     }
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    ok(Path::new("."), "docker", &args).lines().map(str::to_owned).collect()
+    ok(Path::new("."), "docker", &args)
+        .lines()
+        .map(str::to_owned)
+        .collect()
 }
 
 /// Loads `url` in headless Chromium, returns the DOM after scripts ran and
@@ -42,23 +64,57 @@ fn project_containers(revision: Option<&str>) -> Vec<String> {
 fn browse(url: &str, screenshot: &str) -> String {
     let profile = TempDir::new("chromium");
     let flags = [
-        "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
-        "--disable-component-update", "--disable-sync", "--virtual-time-budget=5000",
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--virtual-time-budget=5000",
     ];
     let user_data = format!("--user-data-dir={}", profile.path().display());
     let mut args: Vec<&str> = flags.to_vec();
     args.push(&user_data);
-    let dom = ok(Path::new("."), "chromium", &[&args[..], &["--dump-dom", url]].concat());
+    let browser = browser();
+    let dom = ok(
+        Path::new("."),
+        &browser,
+        &[&args[..], &["--dump-dom", url]].concat(),
+    );
     let artifacts = project_root().join("target/test-artifacts");
     std::fs::create_dir_all(&artifacts).unwrap();
     let shot = format!("--screenshot={}", artifacts.join(screenshot).display());
-    ok(Path::new("."), "chromium", &[&args[..], &["--window-size=900,500", &shot, url]].concat());
-    assert!(artifacts.join(screenshot).exists(), "screenshot {screenshot} kept");
+    ok(
+        Path::new("."),
+        &browser,
+        &[&args[..], &["--window-size=900,500", &shot, url]].concat(),
+    );
+    assert!(
+        artifacts.join(screenshot).exists(),
+        "screenshot {screenshot} kept"
+    );
     dom
 }
 
+/// Debian's `chromium`, or what `XTASK_CHROMIUM` names (e.g. google-chrome
+/// on a GitHub runner). Never skipped: a missing browser fails the test.
+fn browser() -> String {
+    if let Ok(path) = std::env::var("XTASK_CHROMIUM") {
+        return path;
+    }
+    ["chromium", "chromium-browser", "google-chrome"]
+        .into_iter()
+        .find(|name| run(Path::new("."), "sh", &["-c", &format!("command -v {name}")]).status.success())
+        .expect("no Chromium found: install Debian's `chromium` (bash .ci/install-packages) or set XTASK_CHROMIUM")
+        .to_owned()
+}
+
 fn page_state(dom: &str) -> &str {
-    let at = dom.find("id=\"state\" data-state=\"").expect("the page has a state") + "id=\"state\" data-state=\"".len();
+    let at = dom
+        .find("id=\"state\" data-state=\"")
+        .expect("the page has a state")
+        + "id=\"state\" data-state=\"".len();
     &dom[at..at + dom[at..].find('"').unwrap()]
 }
 
@@ -66,7 +122,16 @@ fn page_state(dom: &str) -> &str {
 fn real_images_build_fresh_run_by_digest_and_never_serve_stale_code() {
     let clone = TempDir::new("real");
     let root = clone.path();
-    ok(Path::new("."), "git", &["clone", "--quiet", &project_root().display().to_string(), &root.display().to_string()]);
+    ok(
+        Path::new("."),
+        "git",
+        &[
+            "clone",
+            "--quiet",
+            &project_root().display().to_string(),
+            &root.display().to_string(),
+        ],
+    );
     git(root, &["config", "user.email", "tests@example.com"]);
     git(root, &["config", "user.name", "xtask tests"]);
     let registry_path = format!("{}/realtest", registry());
@@ -77,25 +142,56 @@ fn real_images_build_fresh_run_by_digest_and_never_serve_stale_code() {
     let build = xtask(root, &["build", "--push"], &env);
     build.assert_ok();
     assert!(build.stderr.contains("--no-cache --pull"));
-    let file: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(root.join("target/xtask/build.json")).unwrap()).unwrap();
+    let file: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(root.join("target/xtask/build.json")).unwrap(),
+    )
+    .unwrap();
     let mut old_backend = String::new();
     for image in file["images"].as_array().unwrap() {
         let name = image["name"].as_str().unwrap();
         let digest = image["digest"].as_str().unwrap();
         assert_eq!(image["revision"], first);
-        assert_eq!(registry_digest(&format!("realtest/{name}"), &first[..12]).as_deref(), Some(digest));
+        assert_eq!(
+            registry_digest(&format!("realtest/{name}"), &first[..12]).as_deref(),
+            Some(digest)
+        );
         let pinned = format!("{registry_path}/{name}@{digest}");
         ok(root, "docker", &["pull", "--quiet", &pinned]);
-        let label = ok(root, "docker", &["image", "inspect", "--format", "{{index .Config.Labels \"org.opencontainers.image.revision\"}}", &pinned]);
+        let label = ok(
+            root,
+            "docker",
+            &[
+                "image",
+                "inspect",
+                "--format",
+                "{{index .Config.Labels \"org.opencontainers.image.revision\"}}",
+                &pinned,
+            ],
+        );
         assert_eq!(label, first, "{name} revision label");
         if name == "aiq-agent" {
             old_backend = pinned;
         }
     }
-    let container = ok(root, "docker", &["run", "--detach", "--publish", "127.0.0.1::8000", &old_backend]);
-    let addr = ok(root, "docker", &["port", &container, "8000/tcp"]).lines().next().unwrap().to_owned();
+    let container = ok(
+        root,
+        "docker",
+        &[
+            "run",
+            "--detach",
+            "--publish",
+            "127.0.0.1::8000",
+            &old_backend,
+        ],
+    );
+    let addr = ok(root, "docker", &["port", &container, "8000/tcp"])
+        .lines()
+        .next()
+        .unwrap()
+        .to_owned();
     wait_http(&addr, "/readyz", 20);
-    let version: serde_json::Value = serde_json::from_str(&http_get(&addr, "/version").unwrap().1).unwrap();
+    let version: serde_json::Value =
+        serde_json::from_str(&http_get(&addr, "/version").unwrap().1).unwrap();
     ok(root, "docker", &["rm", "--force", &container]);
     assert_eq!(version["revision"], first);
     assert_eq!(version["service"], "aiq-agent");
@@ -105,35 +201,96 @@ fn real_images_build_fresh_run_by_digest_and_never_serve_stale_code() {
     let _ = xtask(root, &["down", "--project", PROJECT], &[]);
     let started = up(root, &[]);
     started.assert_ok();
-    assert!(started.stdout.contains(&format!("frontend  http://127.0.0.1:{FRONTEND_PORT}")), "{}", started.stdout);
+    assert!(
+        started
+            .stdout
+            .contains(&format!("frontend  http://127.0.0.1:{FRONTEND_PORT}")),
+        "{}",
+        started.stdout
+    );
     assert!(started.stdout.contains(&first));
     assert_eq!(revision_at(&backend(), "/version"), first);
     assert_eq!(revision_at(&frontend(), "/version"), first);
     assert_eq!(revision_at(&frontend(), "/backend/version"), first);
     let dom = browse(&format!("http://{}/", frontend()), "page-match.png");
     assert_eq!(page_state(&dom), "match", "{dom}");
-    assert_eq!(dom.matches(&first).count() >= 2, true, "both revisions shown");
+    assert!(dom.matches(&first).count() >= 2, "both revisions shown");
 
     // Phase 3: a one-line backend change, committed; a cached `up` serves it.
     let main_rs = root.join("backend/src/main.rs");
     let source = std::fs::read_to_string(&main_rs).unwrap();
     let marker = unique("marker-");
-    let changed = source.replacen("let app = Router::new()", &format!("let app = Router::new().route(\"/api/marker\", get(|| async {{ \"{marker}\" }}))"), 1);
+    let changed = source.replacen(
+        "let app = Router::new()",
+        &format!(
+            "let app = Router::new().route(\"/api/marker\", get(|| async {{ \"{marker}\" }}))"
+        ),
+        1,
+    );
     assert_ne!(source, changed);
     std::fs::write(&main_rs, changed).unwrap();
     let second = commit_all(root, "backend: add a marker route");
     up(root, &[]).assert_ok();
     assert_eq!(revision_at(&backend(), "/version"), second);
     let (status, body) = http_get(&frontend(), "/api/marker").unwrap();
-    assert_eq!((status, body.as_str()), (200, marker.as_str()), "the new code serves, through the frontend's proxy");
-    assert!(project_containers(Some(&first)).is_empty(), "no container of the old revision is left");
+    assert_eq!(
+        (status, body.as_str()),
+        (200, marker.as_str()),
+        "the new code serves, through the frontend's proxy"
+    );
+    assert!(
+        project_containers(Some(&first)).is_empty(),
+        "no container of the old revision is left"
+    );
 
     // Phase 4: the new frontend in front of the old backend says "differ".
     let network = format!("{PROJECT}-net");
-    let new_frontend = ok(root, "docker", &["ps", "--filter", &format!("label=org.aiq.xtask.revision={second}"), "--filter", "label=org.aiq.xtask.component=aiq-frontend", "--format", "{{.Image}}"]);
-    let old = ok(root, "docker", &["run", "--detach", "--network", &network, "--network-alias", "old-backend", &old_backend]);
-    let mixed = ok(root, "docker", &["run", "--detach", "--network", &network, "--publish", "127.0.0.1::3000", "--env", "BACKEND_URL=http://old-backend:8000", &new_frontend]);
-    let mixed_addr = ok(root, "docker", &["port", &mixed, "3000/tcp"]).lines().next().unwrap().to_owned();
+    let new_frontend = ok(
+        root,
+        "docker",
+        &[
+            "ps",
+            "--filter",
+            &format!("label=org.aiq.xtask.revision={second}"),
+            "--filter",
+            "label=org.aiq.xtask.component=aiq-frontend",
+            "--format",
+            "{{.Image}}",
+        ],
+    );
+    let old = ok(
+        root,
+        "docker",
+        &[
+            "run",
+            "--detach",
+            "--network",
+            &network,
+            "--network-alias",
+            "old-backend",
+            &old_backend,
+        ],
+    );
+    let mixed = ok(
+        root,
+        "docker",
+        &[
+            "run",
+            "--detach",
+            "--network",
+            &network,
+            "--publish",
+            "127.0.0.1::3000",
+            "--env",
+            "BACKEND_URL=http://old-backend:8000",
+            &new_frontend,
+        ],
+    );
+    let mixed_addr = ok(root, "docker", &["port", &mixed, "3000/tcp"])
+        .lines()
+        .next()
+        .unwrap()
+        .to_owned();
     wait_http(&mixed_addr, "/readyz", 20);
     wait_http(&mixed_addr, "/backend/version", 20);
     let dom = browse(&format!("http://{mixed_addr}/"), "page-differ.png");
@@ -144,22 +301,51 @@ fn real_images_build_fresh_run_by_digest_and_never_serve_stale_code() {
     // revision keeps serving on the same ports.
     let lib_rs = root.join("backend/src/lib.rs");
     let lib = std::fs::read_to_string(&lib_rs).unwrap();
-    let broken = lib.replacen("(StatusCode::OK, \"ready\")", "(StatusCode::SERVICE_UNAVAILABLE, \"broken on purpose\")", 1);
+    let broken = lib.replacen(
+        "(StatusCode::OK, \"ready\")",
+        "(StatusCode::SERVICE_UNAVAILABLE, \"broken on purpose\")",
+        1,
+    );
     assert_ne!(lib, broken);
     std::fs::write(&lib_rs, broken).unwrap();
     let third = commit_all(root, "backend: break readiness");
     let failed = up(root, &["--ready-timeout", "5"]);
     assert_eq!(failed.code, 1, "{}", failed.stderr);
-    assert!(failed.stderr.contains("failed readiness") && failed.stderr.contains("/readyz answered 503 broken on purpose"), "{}", failed.stderr);
-    assert!(failed.stderr.contains("last log lines"), "{}", failed.stderr);
+    assert!(
+        failed.stderr.contains("failed readiness")
+            && failed
+                .stderr
+                .contains("/readyz answered 503 broken on purpose"),
+        "{}",
+        failed.stderr
+    );
+    assert!(
+        failed.stderr.contains("last log lines"),
+        "{}",
+        failed.stderr
+    );
     assert_eq!(revision_at(&backend(), "/version"), second);
     assert_eq!(revision_at(&frontend(), "/backend/version"), second);
-    assert!(project_containers(Some(&third)).is_empty(), "the failed revision's containers are removed");
+    assert!(
+        project_containers(Some(&third)).is_empty(),
+        "the failed revision's containers are removed"
+    );
 
     // Phase 6: `down` leaves nothing of the project behind, twice over.
     xtask(root, &["down", "--project", PROJECT], &[]).assert_ok();
     xtask(root, &["down", "--project", PROJECT], &[]).assert_ok();
     assert!(project_containers(None).is_empty());
-    let networks = ok(root, "docker", &["network", "ls", "--format", "{{.Name}}", "--filter", &format!("label=org.aiq.xtask.project={PROJECT}")]);
+    let networks = ok(
+        root,
+        "docker",
+        &[
+            "network",
+            "ls",
+            "--format",
+            "{{.Name}}",
+            "--filter",
+            &format!("label=org.aiq.xtask.project={PROJECT}"),
+        ],
+    );
     assert!(networks.is_empty(), "{networks}");
 }

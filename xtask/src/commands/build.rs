@@ -41,7 +41,8 @@ pub struct BuildFlags {
 
 impl BuildFlags {
     pub fn options(&self, push: bool) -> BuildOptions {
-        let use_cache_env = std::env::var("USE_CACHE").is_ok_and(|v| v.eq_ignore_ascii_case("true") || v == "1");
+        let use_cache_env =
+            std::env::var("USE_CACHE").is_ok_and(|v| v.eq_ignore_ascii_case("true") || v == "1");
         BuildOptions {
             cache: self.cache || use_cache_env,
             push,
@@ -65,7 +66,11 @@ impl Build {
         let opts = self.flags.options(self.push);
         let built = {
             let mode = if opts.cache { "cached" } else { "fresh" };
-            let _step = exec.step(format!("build {} ({mode}) at {}", names(&images), rev.tag()));
+            let _step = exec.step(format!(
+                "build {} ({mode}) at {}",
+                names(&images),
+                rev.tag()
+            ));
             docker::build(exec, &config, &images, &rev, &opts)?
         };
         if !exec.dry_run {
@@ -76,7 +81,11 @@ impl Build {
 }
 
 fn names(images: &[crate::config::Image]) -> String {
-    images.iter().map(|i| i.name.as_str()).collect::<Vec<_>>().join(", ")
+    images
+        .iter()
+        .map(|i| i.name.as_str())
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 pub fn print_summary(built: &[BuiltImage]) {

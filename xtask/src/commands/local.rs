@@ -28,7 +28,9 @@ pub fn containers(exec: &Exec, project: &str, slot: Option<&str>) -> Result<Vec<
         .args(["ps", "--all", "--format", "json", "--filter"])
         .arg(format!("label={PROJECT_LABEL}={project}"));
     if let Some(slot) = slot {
-        cmd = cmd.arg("--filter").arg(format!("label={SLOT_LABEL}={slot}"));
+        cmd = cmd
+            .arg("--filter")
+            .arg(format!("label={SLOT_LABEL}={slot}"));
     }
     parse_json_lines(&exec.read(&cmd)?)
 }
@@ -50,7 +52,9 @@ pub fn networks(exec: &Exec, project: &str) -> Result<Vec<String>> {
 pub fn parse_json_lines<T: serde::de::DeserializeOwned>(text: &str) -> Result<Vec<T>> {
     text.lines()
         .filter(|l| !l.trim().is_empty())
-        .map(|l| serde_json::from_str(l).with_context(|| format!("parsing docker's JSON line {l:?}")))
+        .map(|l| {
+            serde_json::from_str(l).with_context(|| format!("parsing docker's JSON line {l:?}"))
+        })
         .collect()
 }
 

@@ -32,7 +32,9 @@ impl Mirror {
         docker::preflight(exec)?;
         let registry = registry::ensure_local(exec)?;
         seed(exec, &config, &registry, self.force)?;
-        eprintln!("base images are in {registry}/library: export XTASK_BASE_REGISTRY={registry}/library");
+        eprintln!(
+            "base images are in {registry}/library: export XTASK_BASE_REGISTRY={registry}/library"
+        );
         Ok(())
     }
 }
@@ -43,7 +45,8 @@ pub fn seed(exec: &Exec, config: &Config, registry: &str, force: bool) -> Result
     let mut bases = Vec::new();
     for image in &config.images {
         let path = config.root.join(&image.dockerfile);
-        let dockerfile = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+        let dockerfile = std::fs::read_to_string(&path)
+            .with_context(|| format!("reading {}", path.display()))?;
         for base in docker::base_images(&dockerfile) {
             if !bases.contains(&base) {
                 bases.push(base);
@@ -51,7 +54,9 @@ pub fn seed(exec: &Exec, config: &Config, registry: &str, force: bool) -> Result
         }
     }
     for base in bases {
-        let (name, tag) = base.split_once(':').with_context(|| format!("base image {base} has no tag"))?;
+        let (name, tag) = base
+            .split_once(':')
+            .with_context(|| format!("base image {base} has no tag"))?;
         if !force && registry::has_image(registry, &format!("library/{name}"), tag) {
             eprintln!("{registry}/library/{base}: already seeded");
             continue;
@@ -76,7 +81,14 @@ pub fn seed(exec: &Exec, config: &Config, registry: &str, force: bool) -> Result
         }
         let tarball = rootfs.with_extension("tar");
         let reference = format!("{registry}/library/{base}");
-        exec.run(&Cmd::new("tar").args(["--create", "--file", &path_str(&tarball), "--directory", &path_str(&rootfs), "."]))?;
+        exec.run(&Cmd::new("tar").args([
+            "--create",
+            "--file",
+            &path_str(&tarball),
+            "--directory",
+            &path_str(&rootfs),
+            ".",
+        ]))?;
         let mut import = Cmd::new("docker").arg("import");
         for change in &changes {
             import = import.args(["--change", change]);
@@ -91,16 +103,32 @@ pub fn seed(exec: &Exec, config: &Config, registry: &str, force: bool) -> Result
 /// A minimal Debian root with `packages`, plus the host's CA bundle so
 /// builds inside reach crates.io through TLS-inspecting networks too.
 fn make_rootfs(exec: &Exec, rootfs: &Path, suite: &str, packages: &[&str]) -> Result<()> {
-    require_tool("debootstrap", "install it (`apt-get install debootstrap`); it needs root")?;
+    require_tool(
+        "debootstrap",
+        "install it (`apt-get install debootstrap`); it needs root",
+    )?;
     exec.run(&Cmd::new("rm").args(["-rf", &path_str(rootfs)]))?;
     let mut debootstrap = Cmd::new("debootstrap").args(["--variant=minbase"]);
     if !packages.is_empty() {
         debootstrap = debootstrap.arg(format!("--include={}", packages.join(",")));
     }
-    exec.run(&debootstrap.arg(suite).arg(path_str(rootfs)).arg(DEBIAN_MIRROR))?;
-    exec.run(&Cmd::new("rm").args(["-rf"]).arg(path_str(&rootfs.join("var/cache/apt/archives"))).arg(path_str(&rootfs.join("var/lib/apt/lists"))))?;
+    exec.run(
+        &debootstrap
+            .arg(suite)
+            .arg(path_str(rootfs))
+            .arg(DEBIAN_MIRROR),
+    )?;
+    exec.run(
+        &Cmd::new("rm")
+            .args(["-rf"])
+            .arg(path_str(&rootfs.join("var/cache/apt/archives")))
+            .arg(path_str(&rootfs.join("var/lib/apt/lists"))),
+    )?;
     exec.run(&Cmd::new("mkdir").args(["-p", &path_str(&rootfs.join("etc/ssl/certs"))]))?;
-    exec.run(&Cmd::new("cp").args([CA_BUNDLE, &path_str(&rootfs.join("etc/ssl/certs/ca-certificates.crt"))]))?;
+    exec.run(&Cmd::new("cp").args([
+        CA_BUNDLE,
+        &path_str(&rootfs.join("etc/ssl/certs/ca-certificates.crt")),
+    ]))?;
     Ok(())
 }
 
@@ -108,7 +136,11 @@ fn make_rootfs(exec: &Exec, rootfs: &Path, suite: &str, packages: &[&str]) -> Re
 fn copy_toolchain(exec: &Exec, rootfs: &Path) -> Result<()> {
     let sysroot = exec.read(&Cmd::new("rustc").args(["--print", "sysroot"]))?;
     let dest = rootfs.join("usr/local/rust");
-    exec.run(&Cmd::new("mkdir").args(["-p", &path_str(&dest), &path_str(&rootfs.join("usr/local/cargo"))]))?;
+    exec.run(&Cmd::new("mkdir").args([
+        "-p",
+        &path_str(&dest),
+        &path_str(&rootfs.join("usr/local/cargo")),
+    ]))?;
     for part in ["bin", "lib", "libexec", "etc"] {
         let from = Path::new(&sysroot).join(part);
         if from.exists() {
@@ -122,7 +154,9 @@ fn copy_toolchain(exec: &Exec, rootfs: &Path) -> Result<()> {
 /// `bookworm-slim`.
 fn debian_suite(tag: &str) -> &str {
     tag.split('-')
-        .find(|part| *part != "slim" && !part.is_empty() && part.chars().all(|c| c.is_ascii_lowercase()))
+        .find(|part| {
+            *part != "slim" && !part.is_empty() && part.chars().all(|c| c.is_ascii_lowercase())
+        })
         .unwrap_or("bookworm")
 }
 

@@ -26,7 +26,8 @@ impl Test {
         let config = Config::load(exec, &Overrides::default())?;
         exec.sh.change_dir(&config.root);
         let registry = {
-            let _step = exec.step("test environment: Docker engine, buildx, local registry, base images");
+            let _step =
+                exec.step("test environment: Docker engine, buildx, local registry, base images");
             docker::preflight(exec)?;
             let server = exec
                 .read(&Cmd::new("docker").args(["version", "--format", "{{.Server.Version}}"]))
@@ -38,7 +39,9 @@ impl Test {
         };
         let _step = exec.step("cargo test");
         let _registry = exec.sh.push_env("XTASK_TEST_REGISTRY", &registry);
-        let _base = exec.sh.push_env("XTASK_BASE_REGISTRY", format!("{registry}/library"));
+        let _base = exec
+            .sh
+            .push_env("XTASK_BASE_REGISTRY", format!("{registry}/library"));
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         exec.run_anyway(
             &Cmd::new(cargo)

@@ -10,7 +10,10 @@ use serde::Deserialize;
 use crate::{
     commands::{
         build::BuildFlags,
-        local::{containers, network_name, networks, COMPONENT_LABEL, PROJECT_LABEL, REVISION_LABEL, SLOT_LABEL},
+        local::{
+            containers, network_name, networks, COMPONENT_LABEL, PROJECT_LABEL, REVISION_LABEL,
+            SLOT_LABEL,
+        },
     },
     config::Config,
     docker::{self, BuiltImage},
@@ -68,7 +71,10 @@ impl Up {
         {
             let _step = exec.step("local registry");
             config.registry = registry::ensure_local(exec)?;
-            eprintln!("images go to {} (never to the deploy registry)", config.registry);
+            eprintln!(
+                "images go to {} (never to the deploy registry)",
+                config.registry
+            );
         }
         let built = {
             let opts = self.flags.options(true);
@@ -77,10 +83,19 @@ impl Up {
             let images = config.select_images(&[BACKEND.to_owned(), FRONTEND.to_owned()])?;
             docker::build(exec, &config, &images, &rev, &opts)?
         };
-        let find = |name: &str| built.iter().find(|b| b.name == name).expect("built both images");
+        let find = |name: &str| {
+            built
+                .iter()
+                .find(|b| b.name == name)
+                .expect("built both images")
+        };
         let backend_alias = format!("{BACKEND}-{}", rev.tag());
         let stack = [
-            Component { image: find(BACKEND), port: BACKEND_PORT, env: vec![] },
+            Component {
+                image: find(BACKEND),
+                port: BACKEND_PORT,
+                env: vec![],
+            },
             Component {
                 image: find(FRONTEND),
                 port: FRONTEND_PORT,
@@ -94,7 +109,12 @@ impl Up {
         {
             let _step = exec.step("start the new revision beside the old one");
             if !networks(exec, &self.project)?.contains(&network) {
-                exec.run(&Cmd::new("docker").args(["network", "create", "--label"]).arg(format!("{PROJECT_LABEL}={}", self.project)).arg(&network))?;
+                exec.run(
+                    &Cmd::new("docker")
+                        .args(["network", "create", "--label"])
+                        .arg(format!("{PROJECT_LABEL}={}", self.project))
+                        .arg(&network),
+                )?;
             }
             let mut started = Vec::new();
             let outcome = stack.iter().try_for_each(|component| {
@@ -105,28 +125,49 @@ impl Up {
             });
             if let Err(error) = outcome {
                 exec.run(&Cmd::new("docker").args(["rm", "--force"]).args(started))?;
-                return Err(error.context(format!("revision {} failed readiness; the running stack was left as it was", rev.tag())));
+                return Err(error.context(format!(
+                    "revision {} failed readiness; the running stack was left as it was",
+                    rev.tag()
+                )));
             }
         }
         {
             let _step = exec.step("swap: stop the old revision, give the new one the host ports");
-            let old: Vec<String> = containers(exec, &self.project, Some("live"))?.into_iter().map(|c| c.name).collect();
+            let old: Vec<String> = containers(exec, &self.project, Some("live"))?
+                .into_iter()
+                .map(|c| c.name)
+                .collect();
             if !old.is_empty() {
                 exec.run(&Cmd::new("docker").args(["rm", "--force"]).args(old))?;
             }
             for (component, host_port) in stack.iter().zip(host_ports) {
                 let name = self.container_name(component, &rev, "live");
-                self.start(exec, component, &rev, &name, "live", Some(host_port), &network)?;
+                self.start(
+                    exec,
+                    component,
+                    &rev,
+                    &name,
+                    "live",
+                    Some(host_port),
+                    &network,
+                )?;
                 self.wait_ready(exec, &name, component, &rev, timeout)?;
             }
-            let candidates: Vec<String> = containers(exec, &self.project, Some("candidate"))?.into_iter().map(|c| c.name).collect();
+            let candidates: Vec<String> = containers(exec, &self.project, Some("candidate"))?
+                .into_iter()
+                .map(|c| c.name)
+                .collect();
             if !candidates.is_empty() {
                 exec.run(&Cmd::new("docker").args(["rm", "--force"]).args(candidates))?;
             }
         }
         println!("frontend  http://127.0.0.1:{}", self.frontend_port);
         println!("backend   http://127.0.0.1:{}", self.backend_port);
-        println!("revision  {}{}", rev.sha, if rev.is_dirty() { " (dirty)" } else { "" });
+        println!(
+            "revision  {}{}",
+            rev.sha,
+            if rev.is_dirty() { " (dirty)" } else { "" }
+        );
         Ok(())
     }
 
@@ -142,7 +183,16 @@ impl Up {
     /// `docker run` of one component by digest, labelled so `up`, `down`
     /// and `status` find it. Candidates get an ephemeral loopback port.
     #[allow(clippy::too_many_arguments)]
-    fn start(&self, exec: &Exec, component: &Component, rev: &Revision, name: &str, slot: &str, host_port: Option<u16>, network: &str) -> Result<()> {
+    fn start(
+        &self,
+        exec: &Exec,
+        component: &Component,
+        rev: &Revision,
+        name: &str,
+        slot: &str,
+        host_port: Option<u16>,
+        network: &str,
+    ) -> Result<()> {
         let pinned = component
             .image
             .pinned()
@@ -174,17 +224,36 @@ impl Up {
     /// Waits for `/readyz`, then checks `/version` (and, for the frontend,
     /// the backend behind it) answers `rev`. Fails at once if the container
     /// exits.
-    fn wait_ready(&self, exec: &Exec, name: &str, component: &Component, rev: &Revision, timeout: Duration) -> Result<()> {
+    fn wait_ready(
+        &self,
+        exec: &Exec,
+        name: &str,
+        component: &Component,
+        rev: &Revision,
+        timeout: Duration,
+    ) -> Result<()> {
         if exec.dry_run {
             return Ok(());
         }
-        let port = exec.read(&Cmd::new("docker").args(["port", name, &format!("{}/tcp", component.port)]))?;
-        let addr = port.lines().find(|l| l.starts_with("127.0.0.1:")).with_context(|| format!("{name} publishes no loopback port"))?.to_owned();
+        let port = exec.read(&Cmd::new("docker").args([
+            "port",
+            name,
+            &format!("{}/tcp", component.port),
+        ]))?;
+        let addr = port
+            .lines()
+            .find(|l| l.starts_with("127.0.0.1:"))
+            .with_context(|| format!("{name} publishes no loopback port"))?
+            .to_owned();
         let deadline = Instant::now() + timeout;
         let mut last;
         loop {
             if let Some(exit) = exited(exec, name)? {
-                return Err(self.failure(exec, name, &format!("{name} exited ({exit}) before it was ready")));
+                return Err(self.failure(
+                    exec,
+                    name,
+                    &format!("{name} exited ({exit}) before it was ready"),
+                ));
             }
             match registry::http_get(&addr, "/readyz", Duration::from_secs(2)) {
                 Ok((200, _)) => break,
@@ -192,7 +261,11 @@ impl Up {
                 Err(e) => last = format!("{e:#}"),
             }
             if Instant::now() > deadline {
-                return Err(self.failure(exec, name, &format!("{name} not ready after {}s: {last}", timeout.as_secs())));
+                return Err(self.failure(
+                    exec,
+                    name,
+                    &format!("{name} not ready after {}s: {last}", timeout.as_secs()),
+                ));
             }
             std::thread::sleep(Duration::from_millis(250));
         }
@@ -203,7 +276,14 @@ impl Up {
         for path in paths {
             let revision = answered_revision(&addr, path)?;
             if revision != rev.sha {
-                return Err(self.failure(exec, name, &format!("{name} {path} answers revision {revision}, expected {}", rev.sha)));
+                return Err(self.failure(
+                    exec,
+                    name,
+                    &format!(
+                        "{name} {path} answers revision {revision}, expected {}",
+                        rev.sha
+                    ),
+                ));
             }
         }
         eprintln!("{name} is ready and answers {}", rev.tag());
@@ -214,7 +294,10 @@ impl Up {
         let logs = exec
             .read_all(&Cmd::new("docker").args(["logs", "--tail", "20", name]))
             .unwrap_or_default();
-        anyhow!("{reason}\n--- last log lines of {name} ---\n{}", logs.trim_end())
+        anyhow!(
+            "{reason}\n--- last log lines of {name} ---\n{}",
+            logs.trim_end()
+        )
     }
 }
 
@@ -227,7 +310,8 @@ fn exited(exec: &Exec, name: &str) -> Result<Option<i64>> {
         #[serde(rename = "ExitCode")]
         exit_code: i64,
     }
-    let json = exec.read(&Cmd::new("docker").args(["inspect", "--format", "{{json .State}}", name]))?;
+    let json =
+        exec.read(&Cmd::new("docker").args(["inspect", "--format", "{{json .State}}", name]))?;
     let state: State = serde_json::from_str(&json).context("parsing docker inspect's State")?;
     Ok((!state.running).then_some(state.exit_code))
 }
@@ -242,6 +326,7 @@ pub fn answered_revision(addr: &str, path: &str) -> Result<String> {
     if status != 200 {
         bail!("{addr}{path} answered {status}: {}", body.trim());
     }
-    let version: Version = serde_json::from_str(body.trim()).with_context(|| format!("parsing {addr}{path}: {body:?}"))?;
+    let version: Version = serde_json::from_str(body.trim())
+        .with_context(|| format!("parsing {addr}{path}: {body:?}"))?;
     Ok(version.revision)
 }

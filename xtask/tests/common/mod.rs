@@ -22,7 +22,10 @@ pub fn base_registry() -> String {
 }
 
 pub fn project_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_owned()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_owned()
 }
 
 /// A directory removed when dropped.
@@ -31,9 +34,13 @@ pub struct TempDir(pub PathBuf);
 impl TempDir {
     pub fn new(label: &str) -> TempDir {
         static COUNTER: AtomicUsize = AtomicUsize::new(0);
-        let nanos = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_nanos();
+        let nanos = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_nanos();
         let n = COUNTER.fetch_add(1, Ordering::SeqCst);
-        let dir = std::env::temp_dir().join(format!("xtask-{label}-{}-{nanos}-{n}", std::process::id()));
+        let dir =
+            std::env::temp_dir().join(format!("xtask-{label}-{}-{nanos}-{n}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         TempDir(dir)
     }
@@ -51,7 +58,10 @@ impl Drop for TempDir {
 
 /// A unique word, so each test's images and tags are its own.
 pub fn unique(label: &str) -> String {
-    let nanos = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_nanos();
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
     format!("{label}{}", nanos % 1_000_000_000_000)
 }
 
@@ -101,7 +111,11 @@ pub struct XtaskRun {
 
 impl XtaskRun {
     pub fn assert_ok(&self) -> &Self {
-        assert_eq!(self.code, 0, "xtask failed\nstdout:\n{}\nstderr:\n{}", self.stdout, self.stderr);
+        assert_eq!(
+            self.code, 0,
+            "xtask failed\nstdout:\n{}\nstderr:\n{}",
+            self.stdout, self.stderr
+        );
         self
     }
 }
@@ -129,11 +143,18 @@ pub fn xtask(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> XtaskRun {
 pub fn http_get(addr: &str, path: &str) -> std::io::Result<(u16, String)> {
     let mut stream = TcpStream::connect(addr)?;
     stream.set_read_timeout(Some(Duration::from_secs(10)))?;
-    write!(stream, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n")?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )?;
     let mut response = String::new();
     stream.read_to_string(&mut response)?;
     let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
-    let status = head.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
     Ok((status, body.to_owned()))
 }
 
@@ -141,7 +162,8 @@ pub fn http_get(addr: &str, path: &str) -> std::io::Result<(u16, String)> {
 pub fn revision_at(addr: &str, path: &str) -> String {
     let (status, body) = http_get(addr, path).unwrap_or_else(|e| panic!("GET {addr}{path}: {e}"));
     assert_eq!(status, 200, "GET {addr}{path}: {body}");
-    let json: serde_json::Value = serde_json::from_str(body.trim()).unwrap_or_else(|e| panic!("{body:?}: {e}"));
+    let json: serde_json::Value =
+        serde_json::from_str(body.trim()).unwrap_or_else(|e| panic!("{body:?}: {e}"));
     json["revision"].as_str().unwrap().to_owned()
 }
 
@@ -151,7 +173,14 @@ pub fn registry_digest(repository: &str, tag: &str) -> Option<String> {
     let out = run(
         Path::new("."),
         "docker",
-        &["buildx", "imagetools", "inspect", &reference, "--format", "{{json .Manifest}}"],
+        &[
+            "buildx",
+            "imagetools",
+            "inspect",
+            &reference,
+            "--format",
+            "{{json .Manifest}}",
+        ],
     );
     if !out.status.success() {
         return None;
@@ -167,7 +196,10 @@ pub fn wait_http(addr: &str, path: &str, secs: u64) {
         if let Ok((200, _)) = http_get(addr, path) {
             return;
         }
-        assert!(std::time::Instant::now() < deadline, "{addr}{path} did not answer 200 within {secs}s");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{addr}{path} did not answer 200 within {secs}s"
+        );
         std::thread::sleep(Duration::from_millis(200));
     }
 }
