@@ -24,7 +24,25 @@ struct Metadata {
     namespace: String,
     #[serde(default = "default_manifests")]
     manifests: PathBuf,
+    /// The kube context deploys expect (the wrong-cluster guard).
+    #[serde(default)]
+    context: Option<String>,
+    /// Deployments in the order they roll out; the rest follow.
+    #[serde(default)]
+    rollout_order: Vec<String>,
+    #[serde(default)]
+    environments: BTreeMap<String, Environment>,
     images: Vec<Image>,
+}
+
+/// `[workspace.metadata.xtask.environments.NAME]`: what differs per
+/// environment.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Environment {
+    registry: Option<String>,
+    context: Option<String>,
+    namespace: Option<String>,
 }
 
 fn default_base_registry() -> String {
@@ -69,6 +87,9 @@ pub struct Overrides {
     /// Do not tag or move `:latest`
     #[arg(long)]
     pub no_latest: bool,
+    /// Environment from [workspace.metadata.xtask.environments], e.g. staging
+    #[arg(long = "env", value_name = "NAME")]
+    pub environment: Option<String>,
 }
 
 #[derive(Clone, Debug)]
@@ -80,6 +101,9 @@ pub struct Config {
     pub source: Option<String>,
     pub namespace: String,
     pub manifests: PathBuf,
+    pub context: Option<String>,
+    pub rollout_order: Vec<String>,
+    pub environment: Option<String>,
     pub images: Vec<Image>,
 }
 
@@ -111,8 +135,20 @@ impl Config {
             .metadata
             .and_then(|m| m.get("xtask").cloned())
             .ok_or_else(|| refuse("Cargo.toml has no [workspace.metadata.xtask] table"))?;
-        let file: Metadata = serde_json::from_value(table)
+        let mut file: Metadata = serde_json::from_value(table)
             .map_err(|e| refuse(format!("invalid [workspace.metadata.xtask]: {e}")))?;
+        if let Some(name) = &overrides.environment {
+            let environment = file.environments.remove(name).ok_or_else(|| {
+                let known: Vec<&str> = file.environments.keys().map(String::as_str).collect();
+                refuse(format!(
+                    "unknown environment {name:?}; configured: {}",
+                    known.join(", ")
+                ))
+            })?;
+            file.registry = environment.registry.unwrap_or(file.registry);
+            file.context = environment.context.or(file.context);
+            file.namespace = environment.namespace.unwrap_or(file.namespace);
+        }
         let config = Config {
             root: cargo.workspace_root,
             registry: overrides
@@ -129,6 +165,9 @@ impl Config {
             source: file.source,
             namespace: file.namespace,
             manifests: file.manifests,
+            context: file.context,
+            rollout_order: file.rollout_order,
+            environment: overrides.environment.clone(),
             images: file.images,
         };
         config.validate()?;
@@ -182,6 +221,18 @@ impl Config {
                     })
             })
             .collect()
+    }
+
+    /// Deployment names in rollout order: the configured order first, then
+    /// the other images as configured.
+    pub fn rollout(&self) -> Vec<String> {
+        let mut order: Vec<String> = self.rollout_order.clone();
+        for image in &self.images {
+            if !order.contains(&image.name) {
+                order.push(image.name.clone());
+            }
+        }
+        order
     }
 
     /// `<registry>/<image>:<tag>`.
@@ -252,6 +303,33 @@ mod tests {
         assert_eq!(
             config.image_ref("aiq-agent", "abc"),
             "example.com/team/aiq-agent:abc"
+        );
+    }
+
+    #[test]
+    fn environments_override_the_defaults() {
+        let json = METADATA.replace(
+            "\"images\"",
+            r#""context": "dev", "environments": {"prod": {"registry": "1.dkr.ecr.eu-west-1.amazonaws.com", "context": "eks-prod", "namespace": "aiq-prod"}}, "images""#,
+        );
+        let prod = Overrides {
+            environment: Some("prod".into()),
+            ..Overrides::default()
+        };
+        let config = load(&json, &[], prod).unwrap();
+        assert_eq!(config.registry, "1.dkr.ecr.eu-west-1.amazonaws.com");
+        assert_eq!(config.context.as_deref(), Some("eks-prod"));
+        assert_eq!(config.namespace, "aiq-prod");
+        let config = load(&json, &[], Overrides::default()).unwrap();
+        assert_eq!(config.context.as_deref(), Some("dev"));
+        let unknown = Overrides {
+            environment: Some("qa".into()),
+            ..Overrides::default()
+        };
+        let err = load(&json, &[], unknown).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "unknown environment \"qa\"; configured: prod"
         );
     }
 

@@ -319,6 +319,9 @@ mod tests {
             source: None,
             namespace: "aiq-agent".into(),
             manifests: "k8s".into(),
+            context: None,
+            rollout_order: vec![],
+            environment: None,
             images: vec![Image {
                 name: "aiq-agent".into(),
                 dockerfile: "backend/Dockerfile".into(),

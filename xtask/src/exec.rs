@@ -242,10 +242,26 @@ pub fn refuse(message: impl Into<String>) -> anyhow::Error {
     anyhow::Error::new(Refused(message.into()))
 }
 
-/// The exit code an error calls for: 2 for refusals, 1 for failed work.
+/// A deploy failed and so did its rollback: the cluster is in neither the
+/// old nor the new state. `main` maps it to exit code 3.
+#[derive(Debug)]
+pub struct RollbackFailed(pub String);
+
+impl fmt::Display for RollbackFailed {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for RollbackFailed {}
+
+/// The exit code an error calls for: 2 for refusals, 3 for a failed
+/// rollback, 1 for other failed work.
 pub fn exit_code(error: &anyhow::Error) -> u8 {
     if error.chain().any(|cause| cause.is::<Refused>()) {
         2
+    } else if error.chain().any(|cause| cause.is::<RollbackFailed>()) {
+        3
     } else {
         1
     }
@@ -300,5 +316,9 @@ mod tests {
         assert_eq!(exit_code(&refuse("no")), 2);
         assert_eq!(exit_code(&refuse("no").context("while building")), 2);
         assert_eq!(exit_code(&anyhow::anyhow!("push failed")), 1);
+        assert_eq!(
+            exit_code(&anyhow::Error::new(RollbackFailed("x".into()))),
+            3
+        );
     }
 }

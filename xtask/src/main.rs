@@ -6,6 +6,7 @@ mod config;
 mod docker;
 mod exec;
 mod git;
+mod kube;
 mod registry;
 
 use std::process::ExitCode;
@@ -26,6 +27,7 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Command {
     Build(commands::build::Build),
+    Deploy(commands::deploy::Deploy),
     Up(commands::up::Up),
     Down(commands::down::Down),
     Mirror(commands::mirror::Mirror),
@@ -56,6 +58,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     let exec = exec::Exec::new(&sh, cli.dry_run);
     match cli.command {
         Command::Build(cmd) => cmd.run(&exec),
+        Command::Deploy(cmd) => cmd.run(&exec),
         Command::Up(cmd) => cmd.run(&exec),
         Command::Down(cmd) => cmd.run(&exec),
         Command::Mirror(cmd) => cmd.run(&exec),

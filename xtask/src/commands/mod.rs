@@ -2,6 +2,7 @@
 
 pub mod build;
 pub mod ci;
+pub mod deploy;
 pub mod down;
 pub mod local;
 pub mod mirror;

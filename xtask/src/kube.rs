@@ -1,0 +1,377 @@
+//! kubectl: every command line the deploy emits is built here; JSON answers
+//! (`-o json`) are read with serde; pod states are classified here.
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, Result};
+use serde::Deserialize;
+
+use crate::exec::{refuse, Cmd, Exec};
+
+pub const LOCK_NAME: &str = "xtask-deploy-lock";
+pub const HISTORY_NAME: &str = "xtask-deploy-history";
+pub const FIELD_MANAGER: &str = "xtask";
+/// The label every workload of the base carries; the deploy selects by it.
+pub const NAME_LABEL: &str = "app.kubernetes.io/name";
+pub const REVISION_ANNOTATION: &str = "aiq.dev/revision";
+
+/// kubectl bound to one context and namespace.
+pub struct Kube<'a> {
+    pub exec: &'a Exec<'a>,
+    pub kubectl: String,
+    pub context: Option<String>,
+    pub namespace: String,
+}
+
+impl<'a> Kube<'a> {
+    /// `XTASK_KUBECTL` if set (the tests' fake), else kubectl from PATH.
+    pub fn find_kubectl() -> Result<String> {
+        if let Some(path) = std::env::var("XTASK_KUBECTL")
+            .ok()
+            .filter(|p| !p.is_empty())
+        {
+            return Ok(path);
+        }
+        which::which("kubectl")
+            .map(|p| p.display().to_string())
+            .map_err(|_| refuse("`kubectl` not found on PATH: install it (https://kubernetes.io/docs/tasks/tools/)"))
+    }
+
+    /// `kubectl [--context C] ARGS`: for cluster-wide calls.
+    pub fn global(&self, args: &[&str]) -> Cmd {
+        let mut cmd = Cmd::new(&self.kubectl);
+        if let Some(context) = &self.context {
+            cmd = cmd.arg("--context").arg(context);
+        }
+        cmd.args(args.iter().copied())
+    }
+
+    /// `kubectl [--context C] --namespace NS ARGS`.
+    pub fn cmd(&self, args: &[&str]) -> Cmd {
+        let mut cmd = Cmd::new(&self.kubectl);
+        if let Some(context) = &self.context {
+            cmd = cmd.arg("--context").arg(context);
+        }
+        cmd.arg("--namespace")
+            .arg(&self.namespace)
+            .args(args.iter().copied())
+    }
+
+    /// `kubectl get KIND NAME -o json`, `None` when it does not exist.
+    pub fn get<T: serde::de::DeserializeOwned>(&self, kind: &str, name: &str) -> Result<Option<T>> {
+        let cmd = self.cmd(&["get", kind, name, "--ignore-not-found", "--output", "json"]);
+        let json = self.exec.read(&cmd)?;
+        if json.trim().is_empty() {
+            return Ok(None);
+        }
+        serde_json::from_str(&json)
+            .with_context(|| format!("parsing `kubectl get {kind} {name}`"))
+            .map(Some)
+    }
+
+    pub fn pods(&self, component: &str) -> Result<Vec<Pod>> {
+        #[derive(Deserialize)]
+        struct List {
+            items: Vec<Pod>,
+        }
+        let selector = format!("{NAME_LABEL}={component}");
+        let json = self.exec.read(&self.cmd(&[
+            "get",
+            "pods",
+            "--selector",
+            &selector,
+            "--output",
+            "json",
+        ]))?;
+        let list: List = serde_json::from_str(&json).context("parsing `kubectl get pods`")?;
+        Ok(list.items)
+    }
+
+    /// The last log lines of a pod's container, for failure messages.
+    pub fn logs(&self, pod: &str) -> String {
+        self.exec
+            .read_all(&self.cmd(&["logs", pod, "--all-containers", "--tail", "20"]))
+            .unwrap_or_default()
+            .trim_end()
+            .to_owned()
+    }
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Metadata {
+    #[serde(default)]
+    pub name: String,
+    #[serde(default)]
+    pub generation: i64,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct Deployment {
+    pub metadata: Metadata,
+    pub spec: DeploymentSpec,
+    #[serde(default)]
+    pub status: DeploymentStatus,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct DeploymentSpec {
+    #[serde(default = "one")]
+    pub replicas: i64,
+}
+
+fn one() -> i64 {
+    1
+}
+
+#[derive(Debug, Deserialize)]
+pub struct PodSpec {
+    pub containers: Vec<Container>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct Container {
+    pub image: String,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DeploymentStatus {
+    #[serde(default)]
+    pub observed_generation: i64,
+    #[serde(default)]
+    pub replicas: i64,
+    #[serde(default)]
+    pub updated_replicas: i64,
+    #[serde(default)]
+    pub ready_replicas: i64,
+    #[serde(default)]
+    pub available_replicas: i64,
+}
+
+impl Deployment {
+    /// The rollout is complete: the controller saw this generation, every
+    /// replica is updated and available, and no old replica remains.
+    pub fn rolled_out(&self) -> bool {
+        let s = &self.status;
+        s.observed_generation >= self.metadata.generation
+            && s.updated_replicas == self.spec.replicas
+            && s.available_replicas == self.spec.replicas
+            && s.replicas == self.spec.replicas
+    }
+}
+
+#[derive(Debug, Deserialize)]
+pub struct Pod {
+    pub metadata: Metadata,
+    pub spec: PodSpec,
+    #[serde(default)]
+    pub status: PodStatus,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PodStatus {
+    #[serde(default)]
+    pub container_statuses: Vec<ContainerStatus>,
+    #[serde(default)]
+    pub start_time: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ContainerStatus {
+    #[serde(default)]
+    pub ready: bool,
+    #[serde(default, rename = "imageID")]
+    pub image_id: String,
+    #[serde(default)]
+    pub state: ContainerState,
+    #[serde(default)]
+    pub last_state: ContainerState,
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub struct ContainerState {
+    pub waiting: Option<Reason>,
+    pub terminated: Option<Reason>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub struct Reason {
+    #[serde(default)]
+    pub reason: String,
+}
+
+/// Waiting reasons that will not fix themselves: fail at once.
+const FATAL_WAITING: [&str; 5] = [
+    "ImagePullBackOff",
+    "ErrImagePull",
+    "CrashLoopBackOff",
+    "CreateContainerConfigError",
+    "InvalidImageName",
+];
+
+impl Pod {
+    pub fn is_ready(&self) -> bool {
+        !self.status.container_statuses.is_empty()
+            && self.status.container_statuses.iter().all(|c| c.ready)
+    }
+
+    /// Whether this pod runs `digest` (it is in the spec's image).
+    pub fn wants(&self, digest: &str) -> bool {
+        self.spec
+            .containers
+            .iter()
+            .any(|c| c.image.ends_with(digest))
+    }
+
+    /// Whether every container reports `digest` as the image it runs.
+    pub fn runs(&self, digest: &str) -> bool {
+        !self.status.container_statuses.is_empty()
+            && self
+                .status
+                .container_statuses
+                .iter()
+                .all(|c| c.image_id.ends_with(digest))
+    }
+
+    /// Why this pod will not become ready, if it shows a fatal state or has
+    /// stayed unready past `grace_secs` since it started.
+    pub fn failure(&self, now: i64, grace_secs: i64) -> Option<String> {
+        for status in &self.status.container_statuses {
+            if let Some(waiting) = &status.state.waiting {
+                if FATAL_WAITING.contains(&waiting.reason.as_str()) {
+                    return Some(waiting.reason.clone());
+                }
+            }
+            for state in [&status.state, &status.last_state] {
+                if let Some(terminated) = &state.terminated {
+                    if terminated.reason == "OOMKilled" {
+                        return Some("OOMKilled".into());
+                    }
+                }
+            }
+        }
+        let started = self.status.start_time.as_deref().and_then(parse_rfc3339)?;
+        let running = self
+            .status
+            .container_statuses
+            .iter()
+            .any(|c| c.state.waiting.is_none() && c.state.terminated.is_none());
+        if running && !self.is_ready() && now - started > grace_secs {
+            return Some(format!("readiness still failing after {grace_secs}s"));
+        }
+        None
+    }
+}
+
+pub fn now_epoch() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+}
+
+/// Parses the `YYYY-MM-DDTHH:MM:SS[.frac]Z` timestamps Kubernetes writes.
+pub fn parse_rfc3339(text: &str) -> Option<i64> {
+    let b = text.as_bytes();
+    if b.len() < 20 || !text.ends_with('Z') {
+        return None;
+    }
+    let num = |range: std::ops::Range<usize>| text.get(range)?.parse::<i64>().ok();
+    let (year, month, day) = (num(0..4)?, num(5..7)?, num(8..10)?);
+    let (hour, minute, second) = (num(11..13)?, num(14..16)?, num(17..19)?);
+    // Howard Hinnant's days_from_civil.
+    let y = if month <= 2 { year - 1 } else { year };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (month + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    Some(days * 86_400 + hour * 3600 + minute * 60 + second)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pod(json: serde_json::Value) -> Pod {
+        serde_json::from_value(json).unwrap()
+    }
+
+    fn with_status(status: serde_json::Value) -> Pod {
+        pod(serde_json::json!({
+            "metadata": {"name": "p"},
+            "spec": {"containers": [{"name": "c", "image": "r/aiq-agent@sha256:new"}]},
+            "status": status,
+        }))
+    }
+
+    #[test]
+    fn fatal_states_are_named() {
+        for reason in [
+            "ImagePullBackOff",
+            "ErrImagePull",
+            "CrashLoopBackOff",
+            "CreateContainerConfigError",
+        ] {
+            let p = with_status(
+                serde_json::json!({"containerStatuses": [{"name": "c", "state": {"waiting": {"reason": reason}}}]}),
+            );
+            assert_eq!(p.failure(0, 30).as_deref(), Some(reason));
+        }
+        let oom = with_status(
+            serde_json::json!({"containerStatuses": [{"name": "c", "state": {"running": {}}, "lastState": {"terminated": {"reason": "OOMKilled"}}}]}),
+        );
+        assert_eq!(oom.failure(0, 30).as_deref(), Some("OOMKilled"));
+        let creating = with_status(
+            serde_json::json!({"containerStatuses": [{"name": "c", "state": {"waiting": {"reason": "ContainerCreating"}}}]}),
+        );
+        assert_eq!(creating.failure(0, 30), None);
+    }
+
+    #[test]
+    fn unready_past_the_grace_window_fails() {
+        let start = "2026-11-23T20:00:00Z";
+        let t0 = parse_rfc3339(start).unwrap();
+        let p = with_status(
+            serde_json::json!({"startTime": start, "containerStatuses": [{"name": "c", "ready": false, "state": {"running": {}}}]}),
+        );
+        assert_eq!(p.failure(t0 + 10, 30), None);
+        assert!(p.failure(t0 + 31, 30).unwrap().contains("readiness"));
+    }
+
+    #[test]
+    fn digests_wanted_and_running() {
+        let p = with_status(
+            serde_json::json!({"containerStatuses": [{"name": "c", "ready": true, "imageID": "r/aiq-agent@sha256:new"}]}),
+        );
+        assert!(p.wants("sha256:new") && p.runs("sha256:new") && p.is_ready());
+        assert!(!p.runs("sha256:old"));
+    }
+
+    #[test]
+    fn rfc3339_parses_kubernetes_times() {
+        assert_eq!(parse_rfc3339("1970-01-01T00:00:00Z"), Some(0));
+        assert_eq!(
+            parse_rfc3339("2026-11-23T20:00:00.123456Z"),
+            Some(1_795_464_000)
+        );
+        assert_eq!(parse_rfc3339("garbage"), None);
+    }
+
+    #[test]
+    fn rollout_complete_only_when_all_replicas_are_new_and_available() {
+        let mut d: Deployment = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "d", "generation": 3},
+            "spec": {"replicas": 2, "template": {"spec": {"containers": [{"name": "c", "image": "i"}]}}},
+            "status": {"observedGeneration": 3, "replicas": 3, "updatedReplicas": 2, "readyReplicas": 3, "availableReplicas": 2}
+        })).unwrap();
+        assert!(!d.rolled_out(), "an old replica is still there");
+        d.status.replicas = 2;
+        assert!(d.rolled_out());
+        d.status.observed_generation = 2;
+        assert!(!d.rolled_out());
+    }
+}

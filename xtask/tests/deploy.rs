@@ -1,0 +1,590 @@
+//! `cargo xtask deploy` against a fake cluster (tests/fixtures/fake-kubectl:
+//! it records every argv and plays scripted states) with real images built
+//! and pushed to the real registry. Every kubectl line recorded here is then
+//! replayed through the real kubectl to prove its flags exist.
+
+mod common;
+
+use std::{
+    path::{Path, PathBuf},
+    time::Instant,
+};
+
+use common::*;
+use serde_json::{json, Value};
+
+const CONTEXT: &str = "test-cluster";
+
+fn fake_kubectl() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/fake-kubectl")
+}
+
+/// A repository with two images and a kustomize base for them.
+struct Fixture {
+    repo: TempDir,
+    cluster: TempDir,
+    registry: String,
+}
+
+impl Fixture {
+    fn new(scenario: Value) -> Fixture {
+        let repo = TempDir::new("deploy");
+        let root = repo.path();
+        let registry = format!("{}/{}", common::registry(), unique("deploy"));
+        std::fs::write(
+            root.join("Cargo.toml"),
+            format!(
+                "[workspace]\nmembers = []\n\n[workspace.metadata.xtask]\nregistry = \"{registry}\"\nnamespace = \"fx\"\ncontext = \"{CONTEXT}\"\nrollout_order = [\"fxapi\", \"fxweb\"]\n\n[[workspace.metadata.xtask.images]]\nname = \"fxweb\"\ndockerfile = \"Dockerfile\"\n\n[[workspace.metadata.xtask.images]]\nname = \"fxapi\"\ndockerfile = \"Dockerfile\"\n"
+            ),
+        )
+        .unwrap();
+        std::fs::write(
+            root.join("Dockerfile"),
+            "ARG BASE_REGISTRY=docker.io/library\nFROM ${BASE_REGISTRY}/debian:bookworm-slim\nARG GIT_REVISION=unknown\nRUN echo \"$GIT_REVISION\" > /revision\n",
+        )
+        .unwrap();
+        std::fs::create_dir(root.join("k8s")).unwrap();
+        std::fs::write(
+            root.join("k8s/kustomization.yaml"),
+            "resources:\n  - workloads.yaml\n",
+        )
+        .unwrap();
+        let workload = |name: &str| {
+            format!("apiVersion: apps/v1\nkind: Deployment\nmetadata:\n  name: {name}\n  labels:\n    app.kubernetes.io/name: {name}\nspec:\n  selector:\n    matchLabels:\n      app.kubernetes.io/name: {name}\n  template:\n    metadata:\n      labels:\n        app.kubernetes.io/name: {name}\n    spec:\n      containers:\n        - name: {name}\n          image: {name}\n")
+        };
+        std::fs::write(
+            root.join("k8s/workloads.yaml"),
+            format!("{}---\n{}", workload("fxapi"), workload("fxweb")),
+        )
+        .unwrap();
+        std::fs::write(root.join(".gitignore"), "/target\n").unwrap();
+        std::fs::write(root.join("app.txt"), unique("v")).unwrap();
+        init_repo(root);
+        commit_all(root, "fixture");
+        let cluster = TempDir::new("cluster");
+        let mut scenario = scenario;
+        if scenario.get("context").is_none() {
+            scenario["context"] = json!(CONTEXT);
+        }
+        std::fs::write(cluster.path().join("scenario.json"), scenario.to_string()).unwrap();
+        Fixture {
+            repo,
+            cluster,
+            registry,
+        }
+    }
+
+    fn root(&self) -> &Path {
+        self.repo.path()
+    }
+
+    fn xtask(&self, args: &[&str]) -> XtaskRun {
+        let kubectl = fake_kubectl().display().to_string();
+        let dir = self.cluster.path().display().to_string();
+        let mut all = vec![
+            "deploy",
+            "--poll-interval",
+            "0.1",
+            "--grace",
+            "2",
+            "--timeout",
+            "60",
+        ];
+        all.extend_from_slice(args);
+        xtask(
+            self.root(),
+            &all,
+            &[
+                ("XTASK_KUBECTL", &kubectl),
+                ("FAKE_KUBE_DIR", &dir),
+                ("XTASK_REGISTRY", &self.registry),
+            ],
+        )
+    }
+
+    fn calls(&self) -> Vec<Vec<String>> {
+        let text =
+            std::fs::read_to_string(self.cluster.path().join("calls.jsonl")).unwrap_or_default();
+        text.lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    }
+
+    fn state(&self) -> Value {
+        serde_json::from_str(
+            &std::fs::read_to_string(self.cluster.path().join("state.json")).unwrap(),
+        )
+        .unwrap()
+    }
+
+    /// Index of the first call containing all `words`, in order of calls.
+    fn call_index(&self, words: &[&str]) -> Option<usize> {
+        self.calls()
+            .iter()
+            .position(|argv| words.iter().all(|w| argv.iter().any(|a| a == w)))
+    }
+
+    fn digests(&self) -> Value {
+        let file: Value = serde_json::from_str(
+            &std::fs::read_to_string(self.root().join("target/xtask/build.json")).unwrap(),
+        )
+        .unwrap();
+        let mut digests = json!({});
+        for image in file["images"].as_array().unwrap() {
+            digests[image["name"].as_str().unwrap()] = image["digest"].clone();
+        }
+        digests
+    }
+}
+
+fn selector(name: &str) -> String {
+    format!("app.kubernetes.io/name={name}")
+}
+
+#[test]
+fn healthy_deploy_pins_digests_applies_in_order_verifies_and_records() {
+    let fx = Fixture::new(json!({}));
+    let run = fx.xtask(&[]);
+    run.assert_ok();
+    let head = git(fx.root(), &["rev-parse", "HEAD"]);
+    let digests = fx.digests();
+    let state = fx.state();
+    for name in ["fxapi", "fxweb"] {
+        let image = state["deployments"][name]["image"].as_str().unwrap();
+        assert_eq!(
+            image,
+            format!("{}/{name}@{}", fx.registry, digests[name].as_str().unwrap()),
+            "pinned by digest"
+        );
+        assert!(
+            run.stdout.contains(digests[name].as_str().unwrap()),
+            "summary names the digest"
+        );
+    }
+    let lock = fx
+        .call_index(&["create", "--filename", "-"])
+        .expect("lock taken");
+    let api = fx
+        .call_index(&["apply", "--server-side", &selector("fxapi")])
+        .expect("fxapi applied");
+    let web = fx
+        .call_index(&["apply", "--server-side", &selector("fxweb")])
+        .expect("fxweb applied");
+    let release = fx.call_index(&["delete", "lease"]).expect("lock released");
+    assert!(
+        lock < api && api < web && web < release,
+        "lock, backend, frontend, release: {:?}",
+        fx.calls()
+    );
+    assert!(
+        fx.calls()[api].iter().any(|a| a == "--field-manager")
+            && fx.calls()[api].iter().any(|a| a == "xtask")
+    );
+    assert!(fx.calls().iter().all(|c| !c.contains(&"undo".to_owned())));
+    assert_eq!(state["lease"], Value::Null);
+    let history = &state["configmaps"]["xtask-deploy-history"];
+    let entry: Value = serde_json::from_str(
+        history
+            .as_object()
+            .unwrap()
+            .values()
+            .next()
+            .unwrap()
+            .as_str()
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(entry["revision"], head);
+    assert_eq!(entry["result"], "succeeded");
+    assert_eq!(entry["digests"], digests);
+
+    // The rendered overlay stamps the revision on every pod template.
+    let rendered =
+        std::fs::read_to_string(fx.root().join("target/xtask/deploy/rendered.yaml")).unwrap();
+    assert_eq!(
+        rendered
+            .matches(&format!("aiq.dev/revision: {head}"))
+            .count(),
+        2,
+        "{rendered}"
+    );
+    assert!(!rendered.contains(":latest"));
+}
+
+fn assert_failed_and_rolled_back(fx: &Fixture, run: &XtaskRun, reason: &str) {
+    assert_eq!(run.code, 1, "{}", run.stderr);
+    assert!(
+        run.stderr.contains("deployment/fxweb") && run.stderr.contains(reason),
+        "{}",
+        run.stderr
+    );
+    assert!(run.stderr.contains("rolled back"), "{}", run.stderr);
+    let undo_web = fx
+        .call_index(&["rollout", "undo", "deployment/fxweb"])
+        .expect("fxweb undone");
+    let undo_api = fx
+        .call_index(&["rollout", "undo", "deployment/fxapi"])
+        .expect("fxapi undone");
+    assert!(undo_web < undo_api, "undo in reverse order");
+    let state = fx.state();
+    for name in ["fxapi", "fxweb"] {
+        assert_eq!(
+            state["deployments"][name]["image"],
+            format!("registry/{name}@sha256:old"),
+            "the previous version serves again"
+        );
+    }
+    assert_eq!(state["lease"], Value::Null, "lock released after a failure");
+    let history = state["configmaps"]["xtask-deploy-history"]
+        .as_object()
+        .unwrap();
+    assert!(history
+        .values()
+        .any(|v| v.as_str().unwrap().contains("failed, rolled back")));
+}
+
+fn existing() -> Value {
+    json!({"fxapi": "sha256:old", "fxweb": "sha256:old"})
+}
+
+#[test]
+fn crash_loop_fails_fast_names_the_pod_and_rolls_back() {
+    let fx = Fixture::new(
+        json!({"existing": existing(), "behaviour": {"fxweb": "crashloop"}, "namespaces": ["fx"]}),
+    );
+    let started = Instant::now();
+    let run = fx.xtask(&[]);
+    assert_failed_and_rolled_back(&fx, &run, "CrashLoopBackOff");
+    assert!(
+        run.stderr.contains("the new code crashed on start"),
+        "log lines: {}",
+        run.stderr
+    );
+    assert!(
+        started.elapsed().as_secs() < 60,
+        "failed well before --timeout"
+    );
+}
+
+#[test]
+fn image_pull_errors_fail_fast_and_roll_back() {
+    let fx = Fixture::new(
+        json!({"existing": existing(), "behaviour": {"fxweb": "imagepull"}, "namespaces": ["fx"]}),
+    );
+    let run = fx.xtask(&[]);
+    assert_failed_and_rolled_back(&fx, &run, "ImagePullBackOff");
+}
+
+#[test]
+fn readiness_that_never_passes_fails_after_the_grace_window() {
+    let fx = Fixture::new(
+        json!({"existing": existing(), "behaviour": {"fxweb": "never-ready"}, "namespaces": ["fx"]}),
+    );
+    let run = fx.xtask(&[]);
+    assert_failed_and_rolled_back(&fx, &run, "readiness still failing after 2s");
+}
+
+#[test]
+fn an_old_pod_still_ready_fails_verification() {
+    let fx = Fixture::new(
+        json!({"existing": existing(), "behaviour": {"fxweb": "old-pod-ready"}, "namespaces": ["fx"]}),
+    );
+    let run = fx.xtask(&[]);
+    assert_failed_and_rolled_back(&fx, &run, "is ready but runs registry/fxweb@sha256:old");
+}
+
+#[test]
+fn a_failed_rollback_exits_3_and_says_so() {
+    let fx = Fixture::new(
+        json!({"existing": existing(), "behaviour": {"fxweb": "crashloop"}, "undo_fails": true, "namespaces": ["fx"]}),
+    );
+    let run = fx.xtask(&[]);
+    assert_eq!(run.code, 3, "{}", run.stderr);
+    assert!(
+        run.stderr.contains("ROLLBACK FAILED") && run.stderr.contains("the server is on fire"),
+        "{}",
+        run.stderr
+    );
+    assert!(
+        run.stderr
+            .contains("kubectl --namespace fx get deployments"),
+        "{}",
+        run.stderr
+    );
+}
+
+#[test]
+fn no_rollback_leaves_the_failure_for_inspection() {
+    let fx = Fixture::new(
+        json!({"existing": existing(), "behaviour": {"fxweb": "crashloop"}, "namespaces": ["fx"]}),
+    );
+    let run = fx.xtask(&["--no-rollback"]);
+    assert_eq!(run.code, 1);
+    assert_eq!(fx.call_index(&["rollout", "undo"]), None);
+    assert!(run.stderr.contains("CrashLoopBackOff"));
+}
+
+#[test]
+fn a_held_lock_refuses_with_the_holder_and_changes_nothing() {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    let fresh = time_string(now - 5);
+    let lease = json!({"metadata": {"name": "xtask-deploy-lock", "resourceVersion": "7"}, "spec": {"holderIdentity": "alice@laptop", "acquireTime": time_string(now - 100), "renewTime": fresh, "leaseDurationSeconds": 60}});
+    let fx = Fixture::new(json!({"lease": lease, "namespaces": ["fx"]}));
+    let run = fx.xtask(&[]);
+    assert_eq!(run.code, 2, "{}", run.stderr);
+    assert!(
+        run.stderr.contains("alice@laptop") && run.stderr.contains("another deploy holds the lock"),
+        "{}",
+        run.stderr
+    );
+    assert_eq!(fx.call_index(&["apply"]), None);
+    assert!(
+        !run.stderr.contains("docker buildx bake"),
+        "nothing built after a refused lock"
+    );
+    assert_eq!(
+        fx.state()["lease"]["spec"]["holderIdentity"],
+        "alice@laptop",
+        "the holder's lock is untouched"
+    );
+}
+
+#[test]
+fn an_expired_lock_is_taken_over_atomically() {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    let lease = json!({"metadata": {"name": "xtask-deploy-lock", "resourceVersion": "7"}, "spec": {"holderIdentity": "bob@ci", "acquireTime": time_string(now - 600), "renewTime": time_string(now - 300), "leaseDurationSeconds": 60}});
+    let fx = Fixture::new(json!({"lease": lease, "namespaces": ["fx"]}));
+    let run = fx.xtask(&[]);
+    run.assert_ok();
+    assert!(fx.call_index(&["replace", "--filename", "-"]).is_some());
+    assert!(run.stderr.contains("bob@ci expired"));
+}
+
+#[test]
+fn the_wrong_cluster_is_refused_unless_named() {
+    let fx = Fixture::new(json!({"context": "prod-cluster", "contexts": ["prod-cluster"]}));
+    let run = fx.xtask(&[]);
+    assert_eq!(run.code, 2);
+    assert!(run.stderr.contains("current kube context is \"prod-cluster\" but the configuration expects \"test-cluster\""), "{}", run.stderr);
+    assert_eq!(
+        fx.calls().len(),
+        1,
+        "only the context was read: {:?}",
+        fx.calls()
+    );
+    fx.xtask(&["--context", "prod-cluster"]).assert_ok();
+    assert!(fx
+        .calls()
+        .iter()
+        .filter(|c| c.contains(&"apply".to_owned()))
+        .all(|c| c.contains(&"prod-cluster".to_owned())));
+}
+
+#[test]
+fn an_unreachable_cluster_is_refused_before_anything_is_built() {
+    let fx = Fixture::new(json!({"reachable": false}));
+    let run = fx.xtask(&[]);
+    assert_eq!(run.code, 2, "{}", run.stderr);
+    assert!(
+        run.stderr.contains("is not reachable") && run.stderr.contains("connection refused"),
+        "{}",
+        run.stderr
+    );
+    assert!(!run.stderr.contains("docker buildx bake"));
+}
+
+#[test]
+fn dry_run_prints_the_plan_manifests_and_diff_without_side_effects() {
+    let fx = Fixture::new(json!({"namespaces": ["fx"]}));
+    let run = fx.xtask(&["--dry-run"]);
+    run.assert_ok();
+    let out = &run.stdout;
+    assert!(
+        out.contains("$ docker buildx bake") && out.contains("--no-cache --pull"),
+        "{out}"
+    );
+    assert!(
+        out.contains("--server-side --field-manager xtask --force-conflicts --kustomize"),
+        "{out}"
+    );
+    assert!(
+        out.contains("@sha256:<fxapi-digest-after-push>"),
+        "placeholders for digests: {out}"
+    );
+    assert!(out.contains("# kubectl diff --server-side"), "{out}");
+    for line in out.lines() {
+        assert!(
+            line.starts_with("$ ") || line.starts_with('#'),
+            "every line is a command or a comment: {line}"
+        );
+    }
+    assert_eq!(fx.call_index(&["apply"]), None, "nothing applied");
+    assert_eq!(fx.call_index(&["create"]), None, "no lock taken");
+
+    let offline = Fixture::new(json!({"reachable": false}));
+    let plan = offline.xtask(&["--dry-run"]);
+    plan.assert_ok();
+    assert!(
+        plan.stdout.contains("is not reachable") && plan.stdout.contains("$ "),
+        "{}",
+        plan.stdout
+    );
+}
+
+#[test]
+fn deploy_from_a_build_file_checks_revision_and_registry() {
+    let fx = Fixture::new(json!({"namespaces": ["fx"]}));
+    let env = [("XTASK_REGISTRY", fx.registry.as_str())];
+    xtask(fx.root(), &["build", "--push"], &env).assert_ok();
+    let file = fx
+        .root()
+        .join("target/xtask/build.json")
+        .display()
+        .to_string();
+    let run = fx.xtask(&["--from", &file]);
+    run.assert_ok();
+    assert!(
+        !run.stderr.contains("docker buildx bake"),
+        "no rebuild: {}",
+        run.stderr
+    );
+
+    // A new commit makes the file stale.
+    std::fs::write(fx.root().join("app.txt"), "next").unwrap();
+    commit_all(fx.root(), "next");
+    let stale = fx.xtask(&["--from", &file]);
+    assert_eq!(stale.code, 2);
+    assert!(stale.stderr.contains("pass --rev"), "{}", stale.stderr);
+    let old_rev: Value = serde_json::from_str(&std::fs::read_to_string(&file).unwrap()).unwrap();
+    fx.xtask(&[
+        "--from",
+        &file,
+        "--rev",
+        old_rev["revision"].as_str().unwrap(),
+    ])
+    .assert_ok();
+
+    // A digest the registry does not have is refused.
+    let forged = std::fs::read_to_string(&file).unwrap().replace(
+        old_rev["images"][0]["digest"].as_str().unwrap(),
+        "sha256:0000000000000000000000000000000000000000000000000000000000000000",
+    );
+    std::fs::write(&file, forged).unwrap();
+    let missing = fx.xtask(&[
+        "--from",
+        &file,
+        "--rev",
+        old_rev["revision"].as_str().unwrap(),
+    ]);
+    assert_eq!(missing.code, 2);
+    assert!(
+        missing.stderr.contains("is not in the registry"),
+        "{}",
+        missing.stderr
+    );
+}
+
+fn time_string(epoch: i64) -> String {
+    ok(
+        Path::new("."),
+        "date",
+        &["-u", "-d", &format!("@{epoch}"), "+%Y-%m-%dT%H:%M:%SZ"],
+    )
+}
+
+/// Every kubectl line the deploy emits, in the scenarios above, is accepted
+/// by the real kubectl: run against an unreachable server, it must fail to
+/// connect, never on a flag or usage error.
+#[test]
+fn real_kubectl_accepts_every_emitted_command_line() {
+    // A failed-and-rolled-back run, a first deploy and a dry run cover
+    // every verb the deploy emits.
+    let ok_run = Fixture::new(
+        json!({"existing": existing(), "behaviour": {"fxweb": "crashloop"}, "namespaces": ["fx"]}),
+    );
+    ok_run.xtask(&[]);
+    let fresh = Fixture::new(json!({}));
+    fresh.xtask(&[]).assert_ok();
+    let dry = Fixture::new(json!({"namespaces": ["fx"]}));
+    dry.xtask(&["--dry-run"]).assert_ok();
+    let real = which("kubectl");
+    let kubeconfig = TempDir::new("kubeconfig");
+    let config_path = kubeconfig.path().join("config");
+    std::fs::write(
+        &config_path,
+        format!("apiVersion: v1\nkind: Config\nclusters:\n- name: nowhere\n  cluster:\n    server: https://127.0.0.1:1\ncontexts:\n- name: {CONTEXT}\n  context:\n    cluster: nowhere\n    user: nobody\ncurrent-context: {CONTEXT}\nusers:\n- name: nobody\n  user:\n    token: not-a-real-token\n"),
+    )
+    .unwrap();
+    let lease = r#"{"apiVersion":"coordination.k8s.io/v1","kind":"Lease","metadata":{"name":"xtask-deploy-lock"},"spec":{"holderIdentity":"x"}}"#;
+    let mut checked = 0;
+    let mut distinct = std::collections::BTreeSet::new();
+    for fx in [&ok_run, &fresh, &dry] {
+        for argv in fx.calls() {
+            // The verb: the first word after the global `--context C` and
+            // `--namespace NS` pairs.
+            let mut words = argv.iter().map(String::as_str);
+            let verb = loop {
+                match words.next() {
+                    Some("--context" | "--namespace") => {
+                        words.next();
+                    }
+                    other => break other.unwrap_or_default(),
+                }
+            };
+            // Local-only verbs never reach a server.
+            if verb == "config" || verb == "kustomize" {
+                continue;
+            }
+            let flags: Vec<&str> = argv
+                .iter()
+                .filter(|a| a.starts_with("--"))
+                .map(String::as_str)
+                .collect();
+            distinct.insert(format!("{verb} {}", flags.join(" ")));
+            let mut child = std::process::Command::new(&real)
+                .args(&argv)
+                .arg("--request-timeout=5s")
+                .env("KUBECONFIG", &config_path)
+                .stdin(std::process::Stdio::piped())
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap();
+            use std::io::Write;
+            let _ = child.stdin.take().unwrap().write_all(lease.as_bytes());
+            let out = child.wait_with_output().unwrap();
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert!(
+                stderr.contains("connection refused")
+                    || stderr.contains("was refused")
+                    || stderr.contains("Unable to connect to the server")
+                    || stderr.contains("dial tcp 127.0.0.1:1"),
+                "real kubectl rejected {argv:?} for another reason than the connection:\n{stderr}"
+            );
+            checked += 1;
+        }
+    }
+    assert!(checked >= 15, "replayed {checked} lines");
+    for shape in [
+        "apply", "rollout", "create", "patch", "delete", "get", "diff", "logs", "version",
+    ] {
+        assert!(
+            distinct.iter().any(|d| d.starts_with(shape)),
+            "no `{shape}` line was replayed: {distinct:?}"
+        );
+    }
+}
+
+fn which(program: &str) -> String {
+    ok(
+        Path::new("."),
+        "sh",
+        &["-c", &format!("command -v {program}")],
+    )
+}
