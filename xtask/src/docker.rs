@@ -264,6 +264,35 @@ pub fn build(
     Ok(built)
 }
 
+/// ECR needs a login before a push: the password goes from `aws` to
+/// `docker login` on stdin, never in argv or a log.
+pub fn ecr_login(exec: &Exec, registry: &str) -> Result<()> {
+    let host = registry.split('/').next().unwrap_or_default();
+    let parts: Vec<&str> = host.split('.').collect();
+    let is_ecr = parts.len() == 6
+        && parts[1] == "dkr"
+        && parts[2] == "ecr"
+        && host.ends_with(".amazonaws.com");
+    if !is_ecr {
+        return Ok(());
+    }
+    let region = parts[3];
+    require_tool("aws", "install the AWS CLI to log in to ECR")?;
+    if exec.dry_run {
+        println!("$ aws ecr get-login-password --region {region} | docker login --username AWS --password-stdin {host}");
+        return Ok(());
+    }
+    let password = exec
+        .read(&Cmd::new("aws").args(["ecr", "get-login-password", "--region", region]))
+        .map_err(|e| refuse(format!("ECR login failed: {e:#}")))?;
+    exec.run(
+        &Cmd::new("docker")
+            .args(["login", "--username", "AWS", "--password-stdin", host])
+            .stdin(password),
+    )
+    .map_err(|e| refuse(format!("docker login to {host} failed: {e:#}")))
+}
+
 /// The base images a Dockerfile names as `FROM ${BASE_REGISTRY}/name:tag`.
 pub fn base_images(dockerfile: &str) -> Vec<String> {
     dockerfile

@@ -27,6 +27,7 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Command {
     Build(commands::build::Build),
+    Bench(commands::bench::Bench),
     Deploy(commands::deploy::Deploy),
     Up(commands::up::Up),
     Down(commands::down::Down),
@@ -58,6 +59,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     let exec = exec::Exec::new(&sh, cli.dry_run);
     match cli.command {
         Command::Build(cmd) => cmd.run(&exec),
+        Command::Bench(cmd) => cmd.run(&exec),
         Command::Deploy(cmd) => cmd.run(&exec),
         Command::Up(cmd) => cmd.run(&exec),
         Command::Down(cmd) => cmd.run(&exec),

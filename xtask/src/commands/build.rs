@@ -64,6 +64,9 @@ impl Build {
         };
         let (config, images, rev) = built;
         let opts = self.flags.options(self.push);
+        if self.push {
+            docker::ecr_login(exec, &config.registry)?;
+        }
         let built = {
             let mode = if opts.cache { "cached" } else { "fresh" };
             let _step = exec.step(format!(

@@ -106,7 +106,7 @@ impl Deploy {
                 Some(path) => Some(self.load_build_file(exec, path, &rev)?),
                 None => None,
             };
-            ecr_login(exec, &config.registry)?;
+            docker::ecr_login(exec, &config.registry)?;
             (config, rev, (kubectl, context), reachable, from)
         };
         let kube = Kube {
@@ -523,35 +523,6 @@ fn who() -> String {
         .map(|h| h.trim().to_owned())
         .unwrap_or_else(|_| "unknown-host".into());
     format!("{user}@{host}")
-}
-
-/// ECR needs a login before a push: the password goes from `aws` to
-/// `docker login` on stdin, never in argv or a log.
-fn ecr_login(exec: &Exec, registry: &str) -> Result<()> {
-    let host = registry.split('/').next().unwrap_or_default();
-    let parts: Vec<&str> = host.split('.').collect();
-    let is_ecr = parts.len() == 6
-        && parts[1] == "dkr"
-        && parts[2] == "ecr"
-        && host.ends_with(".amazonaws.com");
-    if !is_ecr {
-        return Ok(());
-    }
-    let region = parts[3];
-    crate::exec::require_tool("aws", "install the AWS CLI to log in to ECR")?;
-    if exec.dry_run {
-        println!("$ aws ecr get-login-password --region {region} | docker login --username AWS --password-stdin {host}");
-        return Ok(());
-    }
-    let password = exec
-        .read(&Cmd::new("aws").args(["ecr", "get-login-password", "--region", region]))
-        .map_err(|e| refuse(format!("ECR login failed: {e:#}")))?;
-    exec.run(
-        &Cmd::new("docker")
-            .args(["login", "--username", "AWS", "--password-stdin", host])
-            .stdin(password),
-    )
-    .map_err(|e| refuse(format!("docker login to {host} failed: {e:#}")))
 }
 
 /// The deploy lock: a Lease created atomically (create fails if it exists),

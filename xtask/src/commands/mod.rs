@@ -1,5 +1,6 @@
 //! One file per subcommand.
 
+pub mod bench;
 pub mod build;
 pub mod ci;
 pub mod deploy;

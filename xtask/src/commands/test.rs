@@ -45,7 +45,7 @@ impl Test {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         exec.run_anyway(
             &Cmd::new(cargo)
-                .args(["test", "--workspace", "--locked"])
+                .args(["test", "--workspace", "--locked", "--all-targets"])
                 .args(self.cargo_args),
         )
     }

@@ -1,0 +1,362 @@
+//! `cargo xtask bench`: times the classic fresh script against the xtask's
+//! fresh bake, the host compile floor, the cached dev loop and the xtask's
+//! own overhead, side by side in one run, in a temporary clone of HEAD.
+
+use std::{path::PathBuf, time::Instant};
+
+use anyhow::{Context, Result};
+use clap::Args;
+use serde::Serialize;
+
+use crate::{
+    config::{Config, Overrides},
+    docker,
+    exec::{Cmd, Exec},
+    git,
+};
+
+/// Benchmark fresh and cached builds; writes BENCHMARKS.md and target/xtask/bench.json
+#[derive(Args, Debug)]
+pub struct Bench {
+    /// Alternating rounds of the classic script (A) and `cargo xtask build` (B)
+    #[arg(long, default_value_t = 2)]
+    pub rounds: usize,
+    /// Runs of the cached dev loop (D), each after a new one-line commit
+    #[arg(long, default_value_t = 3)]
+    pub cached_runs: usize,
+}
+
+#[derive(Serialize)]
+struct Measurement {
+    name: &'static str,
+    what: &'static str,
+    command: String,
+    seconds: Vec<f64>,
+    median: f64,
+}
+
+impl Bench {
+    pub fn run(self, exec: &Exec) -> Result<()> {
+        let config = Config::load(exec, &Overrides::default())?;
+        exec.sh.change_dir(&config.root);
+        docker::preflight(exec)?;
+        // The clone holds HEAD whatever the working tree has.
+        let rev = git::revision(exec, true)?;
+        let work = std::env::temp_dir().join(format!("xtask-bench-{}", std::process::id()));
+        let clone = work.join("repo");
+        let _cleanup = RemoveOnDrop(work.clone());
+        exec.run(
+            &Cmd::new("git")
+                .args(["clone", "--quiet"])
+                .arg(config.root.display().to_string())
+                .arg(clone.display().to_string()),
+        )?;
+        let _in_clone = exec.sh.push_dir(&clone);
+        exec.run(&Cmd::new("git").args(["config", "user.email", "bench@xtask"]))?;
+        exec.run(&Cmd::new("git").args(["config", "user.name", "xtask bench"]))?;
+        let xtask = std::env::current_exe()
+            .context("locating the xtask binary")?
+            .display()
+            .to_string();
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let _registry = exec.sh.push_env("XTASK_REGISTRY", "bench.invalid/aiq");
+        let _base = exec
+            .sh
+            .push_env("XTASK_BASE_REGISTRY", &config.base_registry);
+
+        // A and B, alternated so machine drift hits both.
+        let classic: Vec<Cmd> = config
+            .images
+            .iter()
+            .map(|image| {
+                Cmd::new("docker")
+                    .args([
+                        "buildx",
+                        "build",
+                        "--no-cache",
+                        "--pull",
+                        "--load",
+                        "--progress=plain",
+                    ])
+                    .args(["--file", &image.dockerfile.display().to_string()])
+                    .arg("--build-arg")
+                    .arg(format!("BASE_REGISTRY={}", config.base_registry))
+                    .arg("--build-arg")
+                    .arg(format!("GIT_REVISION={}", rev.sha))
+                    .args([
+                        "--tag",
+                        &format!("bench.invalid/classic/{}:{}", image.name, rev.short()),
+                    ])
+                    .arg(image.context.display().to_string())
+            })
+            .collect();
+        let fresh = Cmd::new(&xtask).args(["build", "--no-latest"]);
+        let (mut a, mut b) = (Vec::new(), Vec::new());
+        for round in 1..=self.rounds {
+            let _step = exec.step(format!(
+                "round {round}/{}: A (classic, sequential) then B (cargo xtask build)",
+                self.rounds
+            ));
+            let started = Instant::now();
+            for cmd in &classic {
+                exec.run(cmd)?;
+            }
+            a.push(started.elapsed().as_secs_f64());
+            b.push(timed(exec, &fresh)?);
+        }
+
+        // C: the floor, one host compile of the services, crates downloaded.
+        exec.run(&Cmd::new(&cargo).args(["fetch", "--locked"]))?;
+        let floor_target = work.join("target-floor");
+        let floor = Cmd::new(&cargo)
+            .args([
+                "build",
+                "--release",
+                "--locked",
+                "--package",
+                "backend",
+                "--package",
+                "frontend",
+                "--target-dir",
+            ])
+            .arg(floor_target.display().to_string());
+        let c = vec![timed(exec, &floor)?];
+
+        // D: the cached loop after a committed one-line backend change.
+        let cached = Cmd::new(&xtask).args(["build", "--cache", "--no-latest"]);
+        exec.run(&cached)?;
+        let mut d = Vec::new();
+        for run in 1..=self.cached_runs {
+            let main_rs = clone.join("backend/src/main.rs");
+            let source = std::fs::read_to_string(&main_rs)?;
+            std::fs::write(&main_rs, format!("{source}\n// bench change {run}\n"))?;
+            exec.run(&Cmd::new("git").args([
+                "commit",
+                "--quiet",
+                "--all",
+                "--message",
+                &format!("bench change {run}"),
+            ]))?;
+            d.push(timed(exec, &cached)?);
+        }
+
+        // E: the xtask's own cost.
+        let dry = Cmd::new(&xtask).args(["build", "--dry-run"]);
+        let mut e_dry = Vec::new();
+        for _ in 0..10 {
+            let started = Instant::now();
+            exec.read(&dry)?;
+            e_dry.push(started.elapsed().as_secs_f64());
+        }
+        let cold = Cmd::new(&cargo)
+            .args(["build", "--locked", "--package", "xtask", "--target-dir"])
+            .arg(work.join("target-xtask").display().to_string());
+        let e_cold = vec![timed(exec, &cold)?];
+
+        let line = |cmds: &[Cmd]| {
+            cmds.iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(" && ")
+        };
+        let results = vec![
+            measure(
+                "A",
+                "classic script: each image `docker buildx build --no-cache --pull`, sequentially",
+                line(&classic),
+                a,
+            ),
+            measure(
+                "B",
+                "`cargo xtask build` (fresh, one bake)",
+                fresh.to_string(),
+                b,
+            ),
+            measure(
+                "C",
+                "host `cargo build --release --locked` of the services, empty target dir",
+                floor.to_string(),
+                c,
+            ),
+            measure(
+                "D",
+                "`cargo xtask build --cache` after a committed one-line backend change",
+                cached.to_string(),
+                d,
+            ),
+            measure(
+                "E1",
+                "`cargo xtask build --dry-run`, warm",
+                dry.to_string(),
+                e_dry,
+            ),
+            measure(
+                "E2",
+                "cold compile of the xtask crate (with its dependencies)",
+                cold.to_string(),
+                e_cold,
+            ),
+        ];
+        drop(_in_clone);
+        write_reports(exec, &config, &rev, &results)
+    }
+}
+
+fn timed(exec: &Exec, cmd: &Cmd) -> Result<f64> {
+    let started = Instant::now();
+    exec.run(cmd)?;
+    Ok(started.elapsed().as_secs_f64())
+}
+
+fn measure(
+    name: &'static str,
+    what: &'static str,
+    command: String,
+    seconds: Vec<f64>,
+) -> Measurement {
+    Measurement {
+        name,
+        what,
+        command,
+        median: median(&seconds),
+        seconds,
+    }
+}
+
+fn median(values: &[f64]) -> f64 {
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    match sorted.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => sorted[n / 2],
+        n => (sorted[n / 2 - 1] + sorted[n / 2]) / 2.0,
+    }
+}
+
+fn write_reports(
+    exec: &Exec,
+    config: &Config,
+    rev: &git::Revision,
+    results: &[Measurement],
+) -> Result<()> {
+    let get = |name: &str| {
+        results
+            .iter()
+            .find(|m| m.name == name)
+            .map_or(f64::NAN, |m| m.median)
+    };
+    let ratios = [
+        (
+            "B/A",
+            get("B") / get("A"),
+            0.6,
+            "fresh xtask build vs the classic script",
+        ),
+        (
+            "B/C",
+            get("B") / get("C"),
+            1.3,
+            "fresh xtask build vs one host compile",
+        ),
+        (
+            "D/B",
+            get("D") / get("B"),
+            0.25,
+            "cached dev loop vs fresh build",
+        ),
+    ];
+    let absolute = [
+        ("E1", get("E1"), 0.5, "warm dry run, seconds"),
+        ("E2", get("E2"), 30.0, "cold xtask compile, seconds"),
+    ];
+    let machine = machine_description(exec);
+    let date = exec.read(&Cmd::new("date").args(["-u", "+%Y-%m-%d %H:%M UTC"]))?;
+
+    let json = serde_json::json!({
+        "date": date, "machine": machine, "revision": rev.sha, "measurements": results,
+        "ratios": ratios.iter().map(|(n, v, t, _)| serde_json::json!({"name": n, "value": v, "target": t, "met": v <= t})).collect::<Vec<_>>(),
+    });
+    let out = docker::out_dir(config);
+    std::fs::create_dir_all(&out)?;
+    std::fs::write(
+        out.join("bench.json"),
+        serde_json::to_string_pretty(&json)? + "\n",
+    )?;
+
+    let mut md = String::from("# Benchmarks\n\nWritten by `cargo xtask bench`; do not edit by hand. Raw timings and command lines: `target/xtask/bench.json`.\n\n");
+    md += &format!(
+        "- date: {date}\n- machine: {machine}\n- revision: `{}`\n\n",
+        rev.sha
+    );
+    md += "| | what | runs (s) | median (s) |\n| --- | --- | --- | --- |\n";
+    for m in results {
+        let runs: Vec<String> = m.seconds.iter().map(|s| format!("{s:.2}")).collect();
+        md += &format!(
+            "| {} | {} | {} | {:.2} |\n",
+            m.name,
+            m.what,
+            runs.join(", "),
+            m.median
+        );
+    }
+    md += "\n| target | value | limit | met |\n| --- | --- | --- | --- |\n";
+    for (name, value, limit, what) in ratios.iter().chain(absolute.iter()) {
+        md += &format!(
+            "| {name} ({what}) | {value:.2} | {limit} | {} |\n",
+            if value <= limit { "yes" } else { "**no**" }
+        );
+    }
+    let path = config.root.join("BENCHMARKS.md");
+    std::fs::write(&path, md).with_context(|| format!("writing {}", path.display()))?;
+    for (name, value, limit, what) in ratios.iter().chain(absolute.iter()) {
+        eprintln!("{name:<4} {value:>7.2}  (target <= {limit}: {what})");
+    }
+    eprintln!(
+        "wrote {} and {}",
+        path.display(),
+        out.join("bench.json").display()
+    );
+    Ok(())
+}
+
+fn machine_description(exec: &Exec) -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_owned())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let memory = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .next()
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<f64>().ok())
+        })
+        .map_or("?".into(), |kb| format!("{:.0} GiB", kb / 1024.0 / 1024.0));
+    let docker = exec
+        .read(&Cmd::new("docker").args(["version", "--format", "{{.Server.Version}}"]))
+        .unwrap_or_default();
+    format!("{cores} cores ({cpu}), {memory}, Docker engine {docker}")
+}
+
+struct RemoveOnDrop(PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn median_of_odd_and_even_counts() {
+        assert_eq!(super::median(&[3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(super::median(&[4.0, 1.0, 2.0, 3.0]), 2.5);
+    }
+}
