@@ -4,7 +4,7 @@ use anyhow::Result;
 use clap::Args;
 
 use crate::{
-    commands::local::{containers, networks},
+    commands::local::{networks, remove_containers},
     exec::{Cmd, Exec},
     registry,
 };
@@ -22,13 +22,7 @@ pub struct Down {
 
 impl Down {
     pub fn run(self, exec: &Exec) -> Result<()> {
-        let names: Vec<String> = containers(exec, &self.project, None)?
-            .into_iter()
-            .map(|c| c.name)
-            .collect();
-        if !names.is_empty() {
-            exec.run(&Cmd::new("docker").args(["rm", "--force"]).args(names))?;
-        }
+        remove_containers(exec, &self.project, None)?;
         for network in networks(exec, &self.project)? {
             exec.run(&Cmd::new("docker").args(["network", "rm", &network]))?;
         }

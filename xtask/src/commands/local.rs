@@ -35,6 +35,18 @@ pub fn containers(exec: &Exec, project: &str, slot: Option<&str>) -> Result<Vec<
     parse_json_lines(&exec.read(&cmd)?)
 }
 
+/// Removes the project's containers (only `slot`'s, if given).
+pub fn remove_containers(exec: &Exec, project: &str, slot: Option<&str>) -> Result<()> {
+    let names: Vec<String> = containers(exec, project, slot)?
+        .into_iter()
+        .map(|c| c.name)
+        .collect();
+    if names.is_empty() {
+        return Ok(());
+    }
+    exec.run(&Cmd::new("docker").args(["rm", "--force"]).args(names))
+}
+
 /// The project's networks, by name.
 pub fn networks(exec: &Exec, project: &str) -> Result<Vec<String>> {
     #[derive(Deserialize)]

@@ -11,8 +11,8 @@ use crate::{
     commands::{
         build::BuildFlags,
         local::{
-            containers, network_name, networks, COMPONENT_LABEL, PROJECT_LABEL, REVISION_LABEL,
-            SLOT_LABEL,
+            network_name, networks, remove_containers, COMPONENT_LABEL, PROJECT_LABEL,
+            REVISION_LABEL, SLOT_LABEL,
         },
     },
     config::Config,
@@ -133,13 +133,7 @@ impl Up {
         }
         {
             let _step = exec.step("swap: stop the old revision, give the new one the host ports");
-            let old: Vec<String> = containers(exec, &self.project, Some("live"))?
-                .into_iter()
-                .map(|c| c.name)
-                .collect();
-            if !old.is_empty() {
-                exec.run(&Cmd::new("docker").args(["rm", "--force"]).args(old))?;
-            }
+            remove_containers(exec, &self.project, Some("live"))?;
             for (component, host_port) in stack.iter().zip(host_ports) {
                 let name = self.container_name(component, &rev, "live");
                 self.start(
@@ -153,13 +147,7 @@ impl Up {
                 )?;
                 self.wait_ready(exec, &name, component, &rev, timeout)?;
             }
-            let candidates: Vec<String> = containers(exec, &self.project, Some("candidate"))?
-                .into_iter()
-                .map(|c| c.name)
-                .collect();
-            if !candidates.is_empty() {
-                exec.run(&Cmd::new("docker").args(["rm", "--force"]).args(candidates))?;
-            }
+            remove_containers(exec, &self.project, Some("candidate"))?;
         }
         println!("frontend  http://127.0.0.1:{}", self.frontend_port);
         println!("backend   http://127.0.0.1:{}", self.backend_port);
