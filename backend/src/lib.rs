@@ -7,8 +7,10 @@ use axum::{http::StatusCode, routing::get, Json, Router};
 use serde::Serialize;
 use tokio::sync::watch;
 
-/// The build's identity, set by the Dockerfile from `cargo xtask build`'s
-/// build args. `option_env!` makes cargo rebuild when they change.
+/// The build's identity. The values come from the Dockerfile's build args
+/// through [`version!`], which expands in the binary crate: a new commit
+/// then recompiles only the thin `main.rs` files, not this library or the
+/// frontend's logic.
 #[derive(Clone, Debug, Serialize)]
 pub struct Version {
     pub service: &'static str,
@@ -17,15 +19,24 @@ pub struct Version {
     pub commit_time: &'static str,
 }
 
-impl Version {
-    pub fn of(service: &'static str) -> Self {
-        Version {
-            service,
-            revision: option_env!("GIT_REVISION").unwrap_or("unknown"),
-            dirty: option_env!("GIT_DIRTY") == Some("true"),
-            commit_time: option_env!("GIT_COMMIT_TIME").unwrap_or("unknown"),
+/// `Version` of the calling binary, read at its compile time;
+/// `option_env!` makes cargo rebuild it when the build args change.
+#[macro_export]
+macro_rules! version {
+    ($service:expr) => {
+        $crate::Version {
+            service: $service,
+            revision: match option_env!("GIT_REVISION") {
+                Some(revision) => revision,
+                None => "unknown",
+            },
+            dirty: matches!(option_env!("GIT_DIRTY"), Some("true")),
+            commit_time: match option_env!("GIT_COMMIT_TIME") {
+                Some(time) => time,
+                None => "unknown",
+            },
         }
-    }
+    };
 }
 
 /// Flips to `true` once SIGTERM or Ctrl-C arrives; streams and readiness

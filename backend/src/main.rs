@@ -8,7 +8,7 @@ use axum::{
     routing::get,
     Router,
 };
-use backend::{health_routes, serve, Shutdown, Version};
+use backend::{health_routes, serve, version, Shutdown};
 use futures_util::{stream, Stream, StreamExt};
 
 const SERVICE: &str = "aiq-agent";
@@ -22,23 +22,27 @@ async fn main() {
             .and_then(|s| s.parse().ok())
             .unwrap_or(15),
     );
+    let version = version!(SERVICE);
     let events_shutdown = shutdown.clone();
+    let revision = version.revision;
     let app = Router::new()
         .route(
             "/api/events",
             get(move || async move {
-                Sse::new(events(events_shutdown))
+                Sse::new(events(revision, events_shutdown))
                     .keep_alive(KeepAlive::new().interval(keepalive).text("keepalive"))
             }),
         )
-        .merge(health_routes(Version::of(SERVICE), shutdown.clone()));
+        .merge(health_routes(version, shutdown.clone()));
     serve(app, 8000, shutdown, Duration::from_secs(5)).await;
 }
 
 /// One `hello` event naming the revision, then nothing but keepalives until
 /// shutdown, when a `bye` event ends the stream cleanly.
-fn events(shutdown: Shutdown) -> impl Stream<Item = Result<Event, Infallible>> {
-    let revision = Version::of(SERVICE).revision;
+fn events(
+    revision: &'static str,
+    shutdown: Shutdown,
+) -> impl Stream<Item = Result<Event, Infallible>> {
     let hello = Event::default().event("hello").data(revision);
     stream::once(async move { Ok(hello) }).chain(stream::once(async move {
         shutdown.begun().await;
