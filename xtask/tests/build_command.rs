@@ -8,6 +8,7 @@ use common::*;
 /// A fixture repository whose one image records the revision it was built
 /// from, as the real services do.
 fn fixture(image: &str) -> TempDir {
+    require_docker();
     let dir = TempDir::new("build");
     let root = dir.path();
     std::fs::write(

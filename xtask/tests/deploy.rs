@@ -28,6 +28,7 @@ struct Fixture {
 
 impl Fixture {
     fn new(scenario: Value) -> Fixture {
+        require_docker();
         let repo = TempDir::new("deploy");
         let root = repo.path();
         let registry = format!("{}/{}", common::registry(), unique("deploy"));

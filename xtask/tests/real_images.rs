@@ -120,6 +120,7 @@ fn page_state(dom: &str) -> &str {
 
 #[test]
 fn real_images_build_fresh_run_by_digest_and_never_serve_stale_code() {
+    require_docker();
     let clone = TempDir::new("real");
     let root = clone.path();
     ok(

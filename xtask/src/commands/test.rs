@@ -1,6 +1,7 @@
 //! `cargo xtask test`: makes sure a Docker engine, the local registry and the
-//! base images are there, then runs the whole suite. It never skips the
-//! real-Docker tests: without an engine it fails.
+//! base images are there, then runs the whole suite. Without an engine it
+//! fails, and so does every Docker test run any other way
+//! (`common::require_docker`).
 
 use anyhow::{Context, Result};
 use clap::Args;
@@ -31,7 +32,7 @@ impl Test {
             docker::preflight(exec)?;
             let server = exec
                 .read(&Cmd::new("docker").args(["version", "--format", "{{.Server.Version}}"]))
-                .context("no Docker engine answers: start one (as root: `bash .ci/start-docker`, or `dockerd &`); the tests never skip without it")?;
+                .context("no Docker engine answers: start one (as root: `bash .ci/start-docker`, or `dockerd &`); the Docker tests fail without it")?;
             eprintln!("Docker engine {server}");
             let registry = registry::ensure_local(exec)?;
             mirror::seed(exec, &config, &registry, false)?;

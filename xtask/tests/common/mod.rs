@@ -17,6 +17,36 @@ pub fn registry() -> String {
     std::env::var("XTASK_TEST_REGISTRY").unwrap_or_else(|_| "127.0.0.1:5000".into())
 }
 
+/// Panics, with what to do, unless a Docker engine with buildx and the test
+/// registry answer. Every test that needs them calls it first, so a machine
+/// without Docker fails the suite loudly instead of passing it vacuously or
+/// failing somewhere obscure.
+pub fn require_docker() {
+    static CHECKED: std::sync::OnceLock<Result<(), String>> = std::sync::OnceLock::new();
+    let outcome = CHECKED.get_or_init(|| {
+        let engine = Command::new("docker")
+            .args(["version", "--format", "{{.Server.Version}}"])
+            .output();
+        if !engine.is_ok_and(|o| o.status.success()) {
+            return Err("no Docker engine answers".into());
+        }
+        let buildx = Command::new("docker").args(["buildx", "version"]).output();
+        if !buildx.is_ok_and(|o| o.status.success()) {
+            return Err("the docker buildx plugin is missing".into());
+        }
+        match http_get(&registry(), "/v2/") {
+            Ok((200, _)) => Ok(()),
+            other => Err(format!(
+                "the test registry {} does not answer /v2/: {other:?}",
+                registry()
+            )),
+        }
+    });
+    if let Err(problem) = outcome {
+        panic!("{problem}: these tests need a real Docker engine, buildx and registry; run them with `cargo xtask test` (as root on a new machine: `bash .ci/run`)");
+    }
+}
+
 pub fn base_registry() -> String {
     std::env::var("XTASK_BASE_REGISTRY").unwrap_or_else(|_| format!("{}/library", registry()))
 }
