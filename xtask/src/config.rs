@@ -111,7 +111,7 @@ impl Config {
     /// Reads the workspace's metadata through `cargo metadata` (run from the
     /// current directory, so any directory inside the workspace works).
     pub fn load(exec: &Exec, overrides: &Overrides) -> Result<Config> {
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let cargo = crate::exec::cargo();
         let json = exec
             .read(&Cmd::new(cargo).args(["metadata", "--format-version", "1", "--no-deps"]))
             .map_err(|e| refuse(format!("cannot read the workspace metadata: {e:#}")))?;

@@ -13,7 +13,8 @@ use serde_json::json;
 use crate::{
     config::{Config, Image},
     exec::{progress_style, refuse, require_tool, Cmd, Exec},
-    git::{rfc3339, Revision},
+    git::Revision,
+    time::rfc3339,
 };
 
 /// Where generated files live: inside `target/`, so they never dirty the
@@ -60,13 +61,18 @@ pub struct BuiltImage {
 }
 
 impl BuiltImage {
+    /// `<registry>/<name>`: the reference without its tag.
+    pub fn repository(&self) -> &str {
+        self.reference
+            .strip_suffix(&format!(":{}", self.tag))
+            .unwrap_or(&self.reference)
+    }
+
     /// `<registry>/<name>@sha256:...`: what deploys and containers run.
     pub fn pinned(&self) -> Option<String> {
-        let repo = self
-            .reference
-            .rsplit_once(':')
-            .map_or(self.reference.as_str(), |(r, _)| r);
-        self.digest.as_ref().map(|d| format!("{repo}@{d}"))
+        self.digest
+            .as_ref()
+            .map(|d| format!("{}@{d}", self.repository()))
     }
 }
 
@@ -229,7 +235,8 @@ pub fn build(
         return Err(explain_base_image_failure(exec, config, images).unwrap_or(error));
     }
 
-    let digests = if exec.dry_run {
+    // Digests exist only in a registry: without a push there is none.
+    let digests = if exec.dry_run || !opts.push {
         BTreeMap::new()
     } else {
         let metadata = std::fs::read_to_string(&metadata_path)
@@ -242,11 +249,7 @@ pub fn build(
             name: image.name.clone(),
             reference: config.image_ref(&image.name, &rev.tag()),
             tag: rev.tag(),
-            digest: if opts.push {
-                digests.get(&image.name).cloned()
-            } else {
-                None
-            },
+            digest: digests.get(&image.name).cloned(),
             revision: rev.sha.clone(),
             dirty: rev.is_dirty(),
         })
@@ -293,8 +296,8 @@ pub fn ecr_login(exec: &Exec, registry: &str) -> Result<()> {
     .map_err(|e| refuse(format!("docker login to {host} failed: {e:#}")))
 }
 
-/// The base images a Dockerfile names as `FROM ${BASE_REGISTRY}/name:tag`.
-pub fn base_images(dockerfile: &str) -> Vec<String> {
+/// The base images one Dockerfile names as `FROM ${BASE_REGISTRY}/name:tag`.
+fn base_images(dockerfile: &str) -> Vec<String> {
     dockerfile
         .lines()
         .filter_map(|line| {
@@ -319,20 +322,33 @@ fn explain_base_image_failure(
     config: &Config,
     images: &[Image],
 ) -> Option<anyhow::Error> {
-    for image in images {
-        let dockerfile = std::fs::read_to_string(config.root.join(&image.dockerfile)).ok()?;
-        for base in base_images(&dockerfile) {
-            let reference = format!("{}/{base}", config.base_registry);
-            let probe =
-                Cmd::new("docker").args(["buildx", "imagetools", "inspect", "--raw", &reference]);
-            if !exec.succeeds(&probe) {
-                return Some(anyhow::anyhow!(
-                    "base image {reference} cannot be pulled: point XTASK_BASE_REGISTRY at a mirror that has it (`cargo xtask mirror` seeds one on 127.0.0.1:5000; then XTASK_BASE_REGISTRY=127.0.0.1:5000/library)"
-                ));
-            }
+    for base in base_images_of(config, images).ok()? {
+        let reference = format!("{}/{base}", config.base_registry);
+        let probe =
+            Cmd::new("docker").args(["buildx", "imagetools", "inspect", "--raw", &reference]);
+        if !exec.succeeds(&probe) {
+            return Some(anyhow::anyhow!(
+                "base image {reference} cannot be pulled: point XTASK_BASE_REGISTRY at a mirror that has it (`cargo xtask mirror` seeds one on 127.0.0.1:5000; then XTASK_BASE_REGISTRY=127.0.0.1:5000/library)"
+            ));
         }
     }
     None
+}
+
+/// The base images `images`' Dockerfiles name, each once.
+pub fn base_images_of(config: &Config, images: &[Image]) -> Result<Vec<String>> {
+    let mut bases = Vec::new();
+    for image in images {
+        let path = config.root.join(&image.dockerfile);
+        let dockerfile = std::fs::read_to_string(&path)
+            .with_context(|| format!("reading {}", path.display()))?;
+        for base in base_images(&dockerfile) {
+            if !bases.contains(&base) {
+                bases.push(base);
+            }
+        }
+    }
+    Ok(bases)
 }
 
 #[cfg(test)]

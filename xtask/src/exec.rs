@@ -1,11 +1,11 @@
 //! The one place external commands are echoed, run, or (with `--dry-run`)
-//! only printed; step timing; the error kinds that pick the exit code.
+//! only printed; step timing; the error type that picks the exit code.
 
 use std::{
     cell::Cell,
     fmt,
-    io::IsTerminal,
-    process::Stdio,
+    io::{IsTerminal, Write},
+    process::{Output, Stdio},
     time::{Duration, Instant},
 };
 
@@ -114,31 +114,37 @@ impl<'a> Exec<'a> {
     /// that only have a real mode.
     pub fn run_anyway(&self, cmd: &Cmd) -> Result<()> {
         eprintln!("$ {cmd}");
-        if cmd.stdin.is_some() {
-            // Only xshell's own run feeds stdin.
-            return cmd
-                .to_xshell(self.sh)
-                .run()
-                .with_context(|| format!("`{cmd}` failed"));
-        }
         let mut command: std::process::Command = cmd.to_xshell(self.sh).into();
         command.stdout(Stdio::from(std::io::stderr()));
-        let status = command
-            .status()
+        if cmd.stdin.is_some() {
+            command.stdin(Stdio::piped());
+        }
+        let mut child = command
+            .spawn()
             .with_context(|| format!("could not start `{}`", cmd.argv[0]))?;
+        if let (Some(bytes), Some(mut stdin)) = (&cmd.stdin, child.stdin.take()) {
+            stdin
+                .write_all(bytes)
+                .with_context(|| format!("feeding stdin to `{}`", cmd.argv[0]))?;
+        }
+        let status = child.wait()?;
         if !status.success() {
             bail!("`{cmd}` failed ({status})");
         }
         Ok(())
     }
 
-    /// Runs a read-only query and returns its stdout, trimmed.
-    pub fn read(&self, cmd: &Cmd) -> Result<String> {
-        let output = cmd
-            .to_xshell(self.sh)
+    /// Runs a query, capturing its output whatever its exit status.
+    fn capture(&self, cmd: &Cmd) -> Result<Output> {
+        cmd.to_xshell(self.sh)
             .ignore_status()
             .output()
-            .with_context(|| format!("could not start `{}`", cmd.argv[0]))?;
+            .with_context(|| format!("could not start `{}`", cmd.argv[0]))
+    }
+
+    /// Runs a read-only query and returns its stdout, trimmed.
+    pub fn read(&self, cmd: &Cmd) -> Result<String> {
+        let output = self.capture(cmd)?;
         if !output.status.success() {
             let stderr = String::from_utf8_lossy(&output.stderr);
             let reason = stderr.trim().lines().last().unwrap_or("no output");
@@ -152,11 +158,7 @@ impl<'a> Exec<'a> {
     /// Runs a query and returns stdout and stderr together, whatever its
     /// exit status: for logs, which docker writes to both.
     pub fn read_all(&self, cmd: &Cmd) -> Result<String> {
-        let output = cmd
-            .to_xshell(self.sh)
-            .ignore_status()
-            .output()
-            .with_context(|| format!("could not start `{}`", cmd.argv[0]))?;
+        let output = self.capture(cmd)?;
         let mut text = String::from_utf8_lossy(&output.stdout).into_owned();
         text.push_str(&String::from_utf8_lossy(&output.stderr));
         Ok(text)
@@ -164,10 +166,7 @@ impl<'a> Exec<'a> {
 
     /// Whether a query succeeds, for probes like "is this image present".
     pub fn succeeds(&self, cmd: &Cmd) -> bool {
-        cmd.to_xshell(self.sh)
-            .ignore_status()
-            .output()
-            .is_ok_and(|o| o.status.success())
+        self.capture(cmd).is_ok_and(|o| o.status.success())
     }
 
     /// Starts a numbered step; its elapsed time is printed when the guard
@@ -225,46 +224,51 @@ pub fn progress_style() -> &'static str {
     }
 }
 
-/// A refusal before anything started: bad usage, configuration, a missing
-/// tool, a dirty tree. `main` maps it to exit code 2.
+/// A failure whose exit code is not the default 1; `main` exits with the
+/// code of the first one in an error's chain.
 #[derive(Debug)]
-pub struct Refused(pub String);
+pub struct ExitCode {
+    pub code: u8,
+    pub message: String,
+}
 
-impl fmt::Display for Refused {
+impl fmt::Display for ExitCode {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
+        f.write_str(&self.message)
     }
 }
 
-impl std::error::Error for Refused {}
+impl std::error::Error for ExitCode {}
 
+/// A refusal before anything started (bad usage, configuration, a missing
+/// tool, a dirty tree): exit code 2.
 pub fn refuse(message: impl Into<String>) -> anyhow::Error {
-    anyhow::Error::new(Refused(message.into()))
+    anyhow::Error::new(ExitCode {
+        code: 2,
+        message: message.into(),
+    })
 }
 
-/// A deploy failed and so did its rollback: the cluster is in neither the
-/// old nor the new state. `main` maps it to exit code 3.
-#[derive(Debug)]
-pub struct RollbackFailed(pub String);
-
-impl fmt::Display for RollbackFailed {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
+/// A deploy failed and so did its rollback, so the cluster is in neither the
+/// old nor the new state: exit code 3.
+pub fn rollback_failed(message: impl Into<String>) -> anyhow::Error {
+    anyhow::Error::new(ExitCode {
+        code: 3,
+        message: message.into(),
+    })
 }
 
-impl std::error::Error for RollbackFailed {}
-
-/// The exit code an error calls for: 2 for refusals, 3 for a failed
-/// rollback, 1 for other failed work.
+/// The exit code an error calls for: its [`ExitCode`], else 1 (failed work).
 pub fn exit_code(error: &anyhow::Error) -> u8 {
-    if error.chain().any(|cause| cause.is::<Refused>()) {
-        2
-    } else if error.chain().any(|cause| cause.is::<RollbackFailed>()) {
-        3
-    } else {
-        1
-    }
+    error
+        .chain()
+        .find_map(|cause| cause.downcast_ref::<ExitCode>())
+        .map_or(1, |e| e.code)
+}
+
+/// The cargo that runs us (`cargo xtask` sets CARGO), else the one on PATH.
+pub fn cargo() -> String {
+    std::env::var("CARGO").unwrap_or_else(|_| "cargo".into())
 }
 
 /// Finds a tool on PATH, or refuses naming it and how to install it.
@@ -316,9 +320,6 @@ mod tests {
         assert_eq!(exit_code(&refuse("no")), 2);
         assert_eq!(exit_code(&refuse("no").context("while building")), 2);
         assert_eq!(exit_code(&anyhow::anyhow!("push failed")), 1);
-        assert_eq!(
-            exit_code(&anyhow::Error::new(RollbackFailed("x".into()))),
-            3
-        );
+        assert_eq!(exit_code(&rollback_failed("x")), 3);
     }
 }

@@ -40,24 +40,32 @@ impl Revision {
 /// Reads HEAD and the working tree. A dirty tree is refused unless
 /// `allow_dirty`.
 pub fn revision(exec: &Exec, allow_dirty: bool) -> Result<Revision> {
-    let sha = exec
-        .read(&Cmd::new("git").args(["rev-parse", "--verify", "HEAD"]))
+    let head = exec
+        .read(&Cmd::new("git").args(["show", "--no-patch", "--format=%H %ct", "HEAD"]))
         .map_err(|e| {
             refuse(format!(
                 "cannot read the git revision (is this a git repository with a commit?): {e}"
             ))
         })?;
-    let commit_time = exec
-        .read(&Cmd::new("git").args(["show", "-s", "--format=%ct", "HEAD"]))?
+    let (sha, commit_time) = head
+        .split_once(' ')
+        .with_context(|| format!("unexpected `git show` output {head:?}"))?;
+    let commit_time = commit_time
         .parse()
         .context("parsing the commit time of HEAD")?;
-    let changed = changed_paths(exec)?;
+    let status = exec.read(&Cmd::new("git").args([
+        "status",
+        "--porcelain=v1",
+        "-z",
+        "--untracked-files=all",
+    ]))?;
+    let changed = parse_porcelain_z(&status);
     let dirty_hash = if changed.is_empty() {
         None
     } else if allow_dirty {
-        Some(dirty_hash(exec)?)
+        Some(dirty_hash(exec, &changed)?)
     } else {
-        let shown: Vec<&str> = changed.iter().take(5).map(String::as_str).collect();
+        let shown: Vec<&str> = changed.iter().take(5).map(|c| c.path.as_str()).collect();
         let more = changed.len().saturating_sub(shown.len());
         let more = if more > 0 {
             format!(" and {more} more")
@@ -70,54 +78,51 @@ pub fn revision(exec: &Exec, allow_dirty: bool) -> Result<Revision> {
         )));
     };
     Ok(Revision {
-        sha,
+        sha: sha.to_owned(),
         commit_time,
         dirty_hash,
     })
 }
 
-/// Tracked files that differ from HEAD and untracked files git does not
-/// ignore.
-fn changed_paths(exec: &Exec) -> Result<Vec<String>> {
-    let status = exec.read(&Cmd::new("git").args([
-        "status",
-        "--porcelain=v1",
-        "-z",
-        "--untracked-files=all",
-    ]))?;
-    Ok(parse_porcelain_z(&status))
+/// One entry of `git status --porcelain`: a tracked file that differs from
+/// HEAD, or an untracked file git does not ignore.
+#[derive(Debug, PartialEq, Eq)]
+struct Change {
+    path: String,
+    untracked: bool,
 }
 
-fn parse_porcelain_z(status: &str) -> Vec<String> {
-    let mut paths = Vec::new();
+fn parse_porcelain_z(status: &str) -> Vec<Change> {
+    let mut changes = Vec::new();
     let mut entries = status.split('\0').filter(|e| !e.is_empty());
     while let Some(entry) = entries.next() {
         if entry.len() < 4 {
             continue;
         }
         let (code, path) = entry.split_at(3);
-        paths.push(path.to_owned());
+        changes.push(Change {
+            path: path.to_owned(),
+            untracked: code == "?? ",
+        });
         // Renames and copies carry the original path as a second entry.
         if code.starts_with('R') || code.starts_with('C') {
             entries.next();
         }
     }
-    paths
+    changes
 }
 
 /// 8 hex of a hash over `git diff HEAD` and the untracked files' names and
 /// contents: the same uncommitted state always gives the same tag.
-fn dirty_hash(exec: &Exec) -> Result<String> {
+fn dirty_hash(exec: &Exec, changes: &[Change]) -> Result<String> {
     let mut material = exec
         .read(&Cmd::new("git").args(["diff", "HEAD", "--binary"]))?
         .into_bytes();
-    let untracked =
-        exec.read(&Cmd::new("git").args(["ls-files", "--others", "--exclude-standard", "-z"]))?;
-    for path in untracked.split('\0').filter(|p| !p.is_empty()) {
-        material.extend_from_slice(path.as_bytes());
+    for change in changes.iter().filter(|c| c.untracked) {
+        material.extend_from_slice(change.path.as_bytes());
         material.push(0);
-        let contents = std::fs::read(exec.sh.current_dir().join(path))
-            .with_context(|| format!("reading untracked file {path}"))?;
+        let contents = std::fs::read(exec.sh.current_dir().join(&change.path))
+            .with_context(|| format!("reading untracked file {}", change.path))?;
         material.extend_from_slice(&contents);
         material.push(0);
     }
@@ -133,29 +138,6 @@ fn dirty_hash(exec: &Exec) -> Result<String> {
 pub fn origin_url(exec: &Exec) -> Option<String> {
     exec.read(&Cmd::new("git").args(["remote", "get-url", "origin"]))
         .ok()
-}
-
-/// Formats seconds since the epoch as RFC 3339 UTC (the OCI `created`
-/// format) without a date crate.
-pub fn rfc3339(epoch: i64) -> String {
-    let days = epoch.div_euclid(86_400);
-    let secs = epoch.rem_euclid(86_400);
-    // Howard Hinnant's civil_from_days.
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
-        secs / 3600,
-        secs % 3600 / 60,
-        secs % 60
-    )
 }
 
 #[cfg(test)]
@@ -181,16 +163,16 @@ mod tests {
     fn porcelain_lists_modified_untracked_and_renamed() {
         let status = " M backend/src/main.rs\0?? new file.txt\0R  new.rs\0old.rs\0";
         assert_eq!(
-            parse_porcelain_z(status),
-            ["backend/src/main.rs", "new file.txt", "new.rs"]
+            parse_porcelain_z(status)
+                .iter()
+                .map(|c| (c.path.as_str(), c.untracked))
+                .collect::<Vec<_>>(),
+            [
+                ("backend/src/main.rs", false),
+                ("new file.txt", true),
+                ("new.rs", false)
+            ]
         );
         assert!(parse_porcelain_z("").is_empty());
-    }
-
-    #[test]
-    fn rfc3339_matches_known_dates() {
-        assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
-        assert_eq!(rfc3339(951_782_400), "2000-02-29T00:00:00Z");
-        assert_eq!(rfc3339(1_795_464_000), "2026-11-23T20:00:00Z");
     }
 }

@@ -1,8 +1,6 @@
 //! kubectl: every command line the deploy emits is built here; JSON answers
 //! (`-o json`) are read with serde; pod states are classified here.
 
-use std::time::{SystemTime, UNIX_EPOCH};
-
 use anyhow::{Context, Result};
 use serde::Deserialize;
 
@@ -48,12 +46,7 @@ impl<'a> Kube<'a> {
 
     /// `kubectl [--context C] --namespace NS ARGS`.
     pub fn cmd(&self, args: &[&str]) -> Cmd {
-        let mut cmd = Cmd::new(&self.kubectl);
-        if let Some(context) = &self.context {
-            cmd = cmd.arg("--context").arg(context);
-        }
-        cmd.arg("--namespace")
-            .arg(&self.namespace)
+        self.global(&["--namespace", &self.namespace])
             .args(args.iter().copied())
     }
 
@@ -143,8 +136,6 @@ pub struct DeploymentStatus {
     pub replicas: i64,
     #[serde(default)]
     pub updated_replicas: i64,
-    #[serde(default)]
-    pub ready_replicas: i64,
     #[serde(default)]
     pub available_replicas: i64,
 }
@@ -253,7 +244,11 @@ impl Pod {
                 }
             }
         }
-        let started = self.status.start_time.as_deref().and_then(parse_rfc3339)?;
+        let started = self
+            .status
+            .start_time
+            .as_deref()
+            .and_then(crate::time::parse_rfc3339)?;
         let running = self
             .status
             .container_statuses
@@ -264,32 +259,6 @@ impl Pod {
         }
         None
     }
-}
-
-pub fn now_epoch() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() as i64)
-}
-
-/// Parses the `YYYY-MM-DDTHH:MM:SS[.frac]Z` timestamps Kubernetes writes.
-pub fn parse_rfc3339(text: &str) -> Option<i64> {
-    let b = text.as_bytes();
-    if b.len() < 20 || !text.ends_with('Z') {
-        return None;
-    }
-    let num = |range: std::ops::Range<usize>| text.get(range)?.parse::<i64>().ok();
-    let (year, month, day) = (num(0..4)?, num(5..7)?, num(8..10)?);
-    let (hour, minute, second) = (num(11..13)?, num(14..16)?, num(17..19)?);
-    // Howard Hinnant's days_from_civil.
-    let y = if month <= 2 { year - 1 } else { year };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let mp = (month + 9) % 12;
-    let doy = (153 * mp + 2) / 5 + day - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    let days = era * 146_097 + doe - 719_468;
-    Some(days * 86_400 + hour * 3600 + minute * 60 + second)
 }
 
 #[cfg(test)]
@@ -334,7 +303,7 @@ mod tests {
     #[test]
     fn unready_past_the_grace_window_fails() {
         let start = "2026-11-23T20:00:00Z";
-        let t0 = parse_rfc3339(start).unwrap();
+        let t0 = crate::time::parse_rfc3339(start).unwrap();
         let p = with_status(
             serde_json::json!({"startTime": start, "containerStatuses": [{"name": "c", "ready": false, "state": {"running": {}}}]}),
         );
@@ -349,16 +318,6 @@ mod tests {
         );
         assert!(p.wants("sha256:new") && p.runs("sha256:new") && p.is_ready());
         assert!(!p.runs("sha256:old"));
-    }
-
-    #[test]
-    fn rfc3339_parses_kubernetes_times() {
-        assert_eq!(parse_rfc3339("1970-01-01T00:00:00Z"), Some(0));
-        assert_eq!(
-            parse_rfc3339("2026-11-23T20:00:00.123456Z"),
-            Some(1_795_464_000)
-        );
-        assert_eq!(parse_rfc3339("garbage"), None);
     }
 
     #[test]

@@ -8,6 +8,7 @@ mod exec;
 mod git;
 mod kube;
 mod registry;
+mod time;
 
 use std::process::ExitCode;
 
@@ -37,15 +38,8 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    let cli = match Cli::try_parse() {
-        Ok(cli) => cli,
-        Err(e) => {
-            let _ = e.print();
-            // clap: 0 for --help/--version, 2 for usage errors.
-            return ExitCode::from(u8::try_from(e.exit_code()).unwrap_or(2));
-        }
-    };
-    match run(cli) {
+    // clap exits by itself: 0 for --help/--version, 2 for usage errors.
+    match run(Cli::parse()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("error: {error:#}");

@@ -103,7 +103,7 @@ pub fn ensure_local(exec: &Exec) -> Result<String> {
 fn start(exec: &Exec) -> Result<()> {
     let image_here = exec.succeeds(&Cmd::new("docker").args(["image", "inspect", REGISTRY_IMAGE]));
     if image_here || which::which("docker-registry").is_err() {
-        let _ = exec.read(&Cmd::new("docker").args(["rm", "-f", CONTAINER]));
+        remove_container(exec)?;
         return exec.run(&Cmd::new("docker").args([
             "run",
             "--detach",
@@ -147,15 +147,21 @@ fn start(exec: &Exec) -> Result<()> {
 
 /// Stops the registry `ensure_local` started, if it did.
 pub fn stop(exec: &Exec) -> Result<()> {
-    if exec.succeeds(&Cmd::new("docker").args(["container", "inspect", CONTAINER])) {
-        exec.run(&Cmd::new("docker").args(["rm", "--force", CONTAINER]))?;
-    }
+    remove_container(exec)?;
     let pid_file = state_dir().join("registry.pid");
     if let Ok(pid) = std::fs::read_to_string(&pid_file) {
         exec.run(&Cmd::new("kill").arg(pid.trim()))?;
         if !exec.dry_run {
             std::fs::remove_file(&pid_file)?;
         }
+    }
+    Ok(())
+}
+
+/// Removes a stopped or running registry container of ours, if there is one.
+fn remove_container(exec: &Exec) -> Result<()> {
+    if exec.succeeds(&Cmd::new("docker").args(["container", "inspect", CONTAINER])) {
+        exec.run(&Cmd::new("docker").args(["rm", "--force", CONTAINER]))?;
     }
     Ok(())
 }

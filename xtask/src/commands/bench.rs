@@ -58,7 +58,7 @@ impl Bench {
             .context("locating the xtask binary")?
             .display()
             .to_string();
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let cargo = crate::exec::cargo();
         let _registry = exec.sh.push_env("XTASK_REGISTRY", "bench.invalid/aiq");
         let _base = exec
             .sh

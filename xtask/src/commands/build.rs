@@ -53,7 +53,7 @@ impl BuildFlags {
 
 impl Build {
     pub fn run(self, exec: &Exec) -> Result<()> {
-        let built = {
+        let (config, images, rev) = {
             let _step = exec.step("preflight");
             docker::preflight(exec)?;
             let config = Config::load(exec, &self.flags.overrides)?;
@@ -62,7 +62,6 @@ impl Build {
             let rev = git::revision(exec, self.flags.allow_dirty)?;
             (config, images, rev)
         };
-        let (config, images, rev) = built;
         let opts = self.flags.options(self.push);
         if self.push {
             docker::ecr_login(exec, &config.registry)?;
@@ -91,7 +90,7 @@ fn names(images: &[crate::config::Image]) -> String {
         .join(", ")
 }
 
-pub fn print_summary(built: &[BuiltImage]) {
+fn print_summary(built: &[BuiltImage]) {
     for image in built {
         match &image.digest {
             Some(digest) => eprintln!("{}  {}  {digest}", image.name, image.reference),

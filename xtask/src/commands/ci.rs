@@ -24,7 +24,7 @@ impl Ci {
     pub fn run(self, exec: &Exec) -> Result<()> {
         let config = Config::load(exec, &Overrides::default())?;
         exec.sh.change_dir(&config.root);
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let cargo = crate::exec::cargo();
         let mut timings: Vec<(&str, Duration, bool)> = Vec::new();
         let steps: Vec<(&str, CiStep)> = vec![
             (
@@ -45,7 +45,10 @@ impl Ci {
                     ]))
                 }),
             ),
-            ("cargo xtask test", Box::new(|| Test::default().run(exec))),
+            (
+                "cargo xtask test",
+                Box::new(|| Test::default().run_in(exec, &config)),
+            ),
             ("hadolint", Box::new(|| hadolint(exec, &config))),
             ("manifests", Box::new(|| validate_manifests(exec, &config))),
             ("actionlint", Box::new(|| actionlint(exec))),

@@ -18,12 +18,12 @@ use crate::{
     commands::build::BuildFlags,
     config::Config,
     docker::{self, BuildFile, BuiltImage},
-    exec::{refuse, Cmd, Exec, RollbackFailed},
-    git::{self, rfc3339, Revision},
+    exec::{refuse, rollback_failed, Cmd, Exec},
+    git::{self, Revision},
     kube::{
-        now_epoch, Deployment, Kube, FIELD_MANAGER, HISTORY_NAME, LOCK_NAME, NAME_LABEL,
-        REVISION_ANNOTATION,
+        Deployment, Kube, FIELD_MANAGER, HISTORY_NAME, LOCK_NAME, NAME_LABEL, REVISION_ANNOTATION,
     },
+    time::{micro_time, now_epoch, rfc3339},
 };
 
 /// How long a lock lives without renewal: a killed deploy frees the
@@ -68,7 +68,7 @@ impl Deploy {
         }
         let started = Instant::now();
         // 1. Preflight: nothing changes until every check has passed.
-        let (config, rev, kube_context, reachable, from) = {
+        let (config, rev, kube, reachable, from) = {
             let _step = exec.step("preflight");
             let kubectl = Kube::find_kubectl()?;
             if self.from.is_none() {
@@ -78,13 +78,13 @@ impl Deploy {
             exec.sh.change_dir(&config.root);
             let rev = git::revision(exec, self.flags.allow_dirty)?;
             let context = self.choose_context(exec, &kubectl, &config)?;
-            let probe = Kube {
+            let kube = Kube {
                 exec,
-                kubectl: kubectl.clone(),
+                kubectl,
                 context: Some(context.clone()),
                 namespace: config.namespace.clone(),
             };
-            let reachable = match exec.read(&probe.global(&[
+            let reachable = match exec.read(&kube.global(&[
                 "version",
                 "--output",
                 "json",
@@ -107,13 +107,7 @@ impl Deploy {
                 None => None,
             };
             docker::ecr_login(exec, &config.registry)?;
-            (config, rev, (kubectl, context), reachable, from)
-        };
-        let kube = Kube {
-            exec,
-            kubectl: kube_context.0,
-            context: Some(kube_context.1),
-            namespace: config.namespace.clone(),
+            (config, rev, kube, reachable, from)
         };
 
         // 2. Lock.
@@ -121,22 +115,29 @@ impl Deploy {
             let _step = exec.step(format!("lock namespace {}", config.namespace));
             Lock::take(&kube, reachable)?
         };
-        let outcome = self.locked(exec, &kube, &config, &rev, from, reachable, started);
+        let outcome = self.locked(&kube, &config, &rev, from, reachable);
         let released = lock.release(&kube);
-        outcome.and(released)
+        outcome.and(released)?;
+        if !exec.dry_run {
+            eprintln!(
+                "deployed {} in {:.1}s: every ready pod runs the digests just pushed",
+                rev.tag(),
+                started.elapsed().as_secs_f64()
+            );
+        }
+        Ok(())
     }
 
-    #[allow(clippy::too_many_arguments)]
+    /// Steps 3 to 8, under the lock.
     fn locked(
         &self,
-        exec: &Exec,
         kube: &Kube,
         config: &Config,
         rev: &Revision,
         from: Option<BuildFile>,
         reachable: bool,
-        started: Instant,
     ) -> Result<()> {
+        let exec = kube.exec;
         // 3. Build and push, or take the digests built earlier.
         let built = match from {
             Some(file) => file.images,
@@ -181,6 +182,8 @@ impl Deploy {
         // 5-6. Apply in order, each watched until rolled out or failed.
         let deadline = Instant::now() + Duration::from_secs(self.timeout);
         let mut changed: Vec<String> = Vec::new();
+        // Per deployment: name, digest, ready pods.
+        let mut rolled_out: Vec<(&str, String, usize)> = Vec::new();
         let mut outcome = Ok(());
         for name in &order {
             let image = built
@@ -202,7 +205,8 @@ impl Deploy {
             }
             outcome = self
                 .wait(kube, name, Some(&digest), deadline)
-                .and_then(|()| verify(kube, name, &digest));
+                .and_then(|()| verify(kube, name, &digest))
+                .map(|ready| rolled_out.push((name, digest, ready)));
             if outcome.is_err() {
                 break;
             }
@@ -223,10 +227,10 @@ impl Deploy {
             let _step = exec.step(format!("roll back {}", changed.join(", ")));
             if let Err(rollback) = self.roll_back(kube, &changed) {
                 let _ = record(kube, rev, &built, "failed, rollback failed");
-                return Err(anyhow::Error::new(RollbackFailed(format!(
+                return Err(rollback_failed(format!(
                     "{failure:#}\nROLLBACK FAILED: {rollback:#}\nThe cluster may run a mix of revisions: inspect with `kubectl --namespace {} get deployments,replicasets,pods`",
                     config.namespace
-                ))));
+                )));
             }
             record(kube, rev, &built, "failed, rolled back")?;
             return Err(failure.context("rolled back: the previous version is serving"));
@@ -238,25 +242,9 @@ impl Deploy {
             "\n{:<14} {:<12} {:<73} ready",
             "component", "revision", "digest"
         );
-        for name in &order {
-            let image = built
-                .iter()
-                .find(|b| &b.name == name)
-                .expect("checked above");
-            let ready = kube
-                .get::<Deployment>("deployment", name)?
-                .map_or(0, |d| d.status.ready_replicas);
-            println!(
-                "{name:<14} {:<12} {:<73} {ready}",
-                rev.tag(),
-                image.digest.as_deref().unwrap_or("-")
-            );
+        for (name, digest, ready) in &rolled_out {
+            println!("{name:<14} {:<12} {digest:<73} {ready}", rev.tag());
         }
-        eprintln!(
-            "deployed {} in {:.1}s: every ready pod runs the digests just pushed",
-            rev.tag(),
-            started.elapsed().as_secs_f64()
-        );
         Ok(())
     }
 
@@ -374,8 +362,8 @@ impl Deploy {
 }
 
 /// Every ready pod reports the new digest, and no pod of an older
-/// ReplicaSet is still ready.
-fn verify(kube: &Kube, name: &str, digest: &str) -> Result<()> {
+/// ReplicaSet is still ready. Returns how many pods are ready.
+fn verify(kube: &Kube, name: &str, digest: &str) -> Result<usize> {
     let pods = kube.pods(name)?;
     let ready: Vec<_> = pods.iter().filter(|p| p.is_ready()).collect();
     if ready.is_empty() {
@@ -398,7 +386,7 @@ fn verify(kube: &Kube, name: &str, digest: &str) -> Result<()> {
         "deployment/{name}: {} ready pod(s), all running {digest}",
         ready.len()
     );
-    Ok(())
+    Ok(ready.len())
 }
 
 /// `kubectl apply --server-side` of one component of the overlay. Conflicts
@@ -436,15 +424,11 @@ fn render_overlay(
     let images: Vec<serde_json::Value> = built
         .iter()
         .map(|image| {
-            let repository = image
-                .reference
-                .rsplit_once(':')
-                .map_or(image.reference.as_str(), |(r, _)| r);
             let digest = image
                 .digest
                 .clone()
                 .unwrap_or_else(|| format!("sha256:<{}-digest-after-push>", image.name));
-            json!({"name": image.name, "newName": repository, "digest": digest})
+            json!({"name": image.name, "newName": image.repository(), "digest": digest})
         })
         .collect();
     let annotations = json!({
@@ -529,124 +513,120 @@ fn who() -> String {
 /// renewed while the deploy runs, and short-lived so a killed deploy frees
 /// the namespace within a minute.
 struct Lock {
-    stop: Arc<AtomicBool>,
-    renewer: Option<std::thread::JoinHandle<()>>,
+    /// The renewing thread and its stop flag; none in a dry run.
+    renewer: Option<(Arc<AtomicBool>, std::thread::JoinHandle<()>)>,
 }
 
 impl Lock {
     fn take(kube: &Kube, reachable: bool) -> Result<Lock> {
         let exec = kube.exec;
-        let idle = Lock {
-            stop: Arc::new(AtomicBool::new(true)),
-            renewer: None,
-        };
-        if exec.dry_run && !reachable {
-            exec.run(&kube.cmd(&["create", "--filename", "-"]))?;
-            return Ok(idle);
-        }
-        if exec
-            .read(&kube.global(&[
-                "get",
-                "namespace",
-                &kube.namespace,
-                "--ignore-not-found",
-                "--output",
-                "name",
-            ]))?
-            .is_empty()
+        // Unreachable is allowed only in a dry run, which then plans blind.
+        if reachable
+            && exec
+                .read(&kube.global(&[
+                    "get",
+                    "namespace",
+                    &kube.namespace,
+                    "--ignore-not-found",
+                    "--output",
+                    "name",
+                ]))?
+                .is_empty()
         {
             exec.run(&kube.global(&["create", "namespace", &kube.namespace]))?;
         }
         let lease = lease_json(kube, &who());
+        let create = kube
+            .cmd(&["create", "--filename", "-"])
+            .stdin(lease.to_string());
         if exec.dry_run {
-            exec.run(&kube.cmd(&["create", "--filename", "-"]).stdin(lease))?;
-            return Ok(idle);
+            exec.run(&create)?;
+            return Ok(Lock { renewer: None });
         }
-        if let Err(create) = exec.run(
-            &kube
-                .cmd(&["create", "--filename", "-"])
-                .stdin(lease.clone()),
-        ) {
-            let held: Option<serde_json::Value> = kube.get("lease", LOCK_NAME)?;
-            let Some(held) = held else {
-                return Err(create.context("taking the deploy lock"));
-            };
-            let spec = &held["spec"];
-            let renewed = spec["renewTime"]
-                .as_str()
-                .and_then(crate::kube::parse_rfc3339)
-                .unwrap_or(0);
-            let duration = spec["leaseDurationSeconds"]
-                .as_i64()
-                .unwrap_or(LOCK_SECONDS);
-            if renewed + duration >= now_epoch() {
-                return Err(refuse(format!(
-                    "another deploy holds the lock in namespace {}: {} since {} (renewed {}); wait for it, or if it died, the lock expires {}s after its last renewal",
-                    kube.namespace,
-                    spec["holderIdentity"].as_str().unwrap_or("unknown"),
-                    spec["acquireTime"].as_str().unwrap_or("?"),
-                    spec["renewTime"].as_str().unwrap_or("?"),
-                    duration
-                )));
-            }
-            // Expired: take it over atomically; replace fails if someone
-            // else changed it since we read it.
-            let mut takeover: serde_json::Value = serde_json::from_slice(&lease)?;
-            takeover["metadata"]["resourceVersion"] = held["metadata"]["resourceVersion"].clone();
-            eprintln!(
-                "the lock held by {} expired; taking it over",
-                spec["holderIdentity"].as_str().unwrap_or("unknown")
-            );
-            exec.run(
-                &kube
-                    .cmd(&["replace", "--filename", "-"])
-                    .stdin(serde_json::to_vec(&takeover)?),
-            )
-            .map_err(|e| refuse(format!("another deploy took the expired lock first: {e:#}")))?;
+        if let Err(error) = exec.run(&create) {
+            take_over_expired(kube, lease, error)?;
         }
-        let stop = Arc::new(AtomicBool::new(false));
-        let renew_cmd = kube.cmd(&["patch", "lease", LOCK_NAME, "--type", "merge", "--patch"]);
-        let flag = stop.clone();
-        let renewer = std::thread::spawn(move || {
-            let Ok(sh) = xshell::Shell::new() else { return };
-            let exec = Exec::new(&sh, false);
-            let mut last = Instant::now();
-            while !flag.load(Ordering::SeqCst) {
-                std::thread::sleep(Duration::from_millis(200));
-                if last.elapsed() >= RENEW_EVERY {
-                    let patch = json!({"spec": {"renewTime": micro_time(now_epoch())}}).to_string();
-                    if let Err(e) = exec.read(&renew_cmd.clone().arg(patch)) {
-                        eprintln!("warning: renewing the deploy lock failed: {e:#}");
-                    }
-                    last = Instant::now();
-                }
-            }
-        });
         Ok(Lock {
-            stop,
-            renewer: Some(renewer),
+            renewer: Some(start_renewing(kube)),
         })
     }
 
-    fn release(mut self, kube: &Kube) -> Result<()> {
-        self.stop.store(true, Ordering::SeqCst);
-        if let Some(renewer) = self.renewer.take() {
+    fn release(self, kube: &Kube) -> Result<()> {
+        if let Some((stop, renewer)) = self.renewer {
+            stop.store(true, Ordering::SeqCst);
             let _ = renewer.join();
-            return kube
-                .exec
-                .run(&kube.cmd(&["delete", "lease", LOCK_NAME, "--ignore-not-found"]));
         }
-        if kube.exec.dry_run {
-            kube.exec
-                .run(&kube.cmd(&["delete", "lease", LOCK_NAME, "--ignore-not-found"]))?;
-        }
-        Ok(())
+        kube.exec
+            .run(&kube.cmd(&["delete", "lease", LOCK_NAME, "--ignore-not-found"]))
     }
 }
 
-fn lease_json(kube: &Kube, holder: &str) -> Vec<u8> {
+/// After a failed create: refuses while the holder's lease is live, takes
+/// an expired one over with `replace` on the resourceVersion just read, so
+/// two deploys cannot both take it.
+fn take_over_expired(
+    kube: &Kube,
+    mut lease: serde_json::Value,
+    create: anyhow::Error,
+) -> Result<()> {
+    let Some(held) = kube.get::<serde_json::Value>("lease", LOCK_NAME)? else {
+        return Err(create.context("taking the deploy lock"));
+    };
+    let spec = &held["spec"];
+    let holder = spec["holderIdentity"].as_str().unwrap_or("unknown");
+    let renewed = spec["renewTime"]
+        .as_str()
+        .and_then(crate::time::parse_rfc3339)
+        .unwrap_or(0);
+    let duration = spec["leaseDurationSeconds"]
+        .as_i64()
+        .unwrap_or(LOCK_SECONDS);
+    if renewed + duration >= now_epoch() {
+        return Err(refuse(format!(
+            "another deploy holds the lock in namespace {}: {holder} since {} (renewed {}); wait for it, or if it died, the lock expires {duration}s after its last renewal",
+            kube.namespace,
+            spec["acquireTime"].as_str().unwrap_or("?"),
+            spec["renewTime"].as_str().unwrap_or("?"),
+        )));
+    }
+    lease["metadata"]["resourceVersion"] = held["metadata"]["resourceVersion"].clone();
+    eprintln!("the lock held by {holder} expired; taking it over");
+    kube.exec
+        .run(
+            &kube
+                .cmd(&["replace", "--filename", "-"])
+                .stdin(lease.to_string()),
+        )
+        .map_err(|e| refuse(format!("another deploy took the expired lock first: {e:#}")))
+}
+
+/// Renews the lease every RENEW_EVERY on a thread of its own (with its own
+/// Shell: `Exec` is not `Send`) until the returned flag is set.
+fn start_renewing(kube: &Kube) -> (Arc<AtomicBool>, std::thread::JoinHandle<()>) {
+    let stop = Arc::new(AtomicBool::new(false));
+    let renew = kube.cmd(&["patch", "lease", LOCK_NAME, "--type", "merge", "--patch"]);
+    let flag = stop.clone();
+    let renewer = std::thread::spawn(move || {
+        let Ok(sh) = xshell::Shell::new() else { return };
+        let exec = Exec::new(&sh, false);
+        let mut last = Instant::now();
+        while !flag.load(Ordering::SeqCst) {
+            std::thread::sleep(Duration::from_millis(200));
+            if last.elapsed() >= RENEW_EVERY {
+                let patch = json!({"spec": {"renewTime": micro_time(now_epoch())}}).to_string();
+                if let Err(e) = exec.read(&renew.clone().arg(patch)) {
+                    eprintln!("warning: renewing the deploy lock failed: {e:#}");
+                }
+                last = Instant::now();
+            }
+        }
+    });
+    (stop, renewer)
+}
+
+fn lease_json(kube: &Kube, holder: &str) -> serde_json::Value {
     let now = micro_time(now_epoch());
-    let lease = json!({
+    json!({
         "apiVersion": "coordination.k8s.io/v1",
         "kind": "Lease",
         "metadata": {"name": LOCK_NAME, "namespace": kube.namespace},
@@ -656,11 +636,5 @@ fn lease_json(kube: &Kube, holder: &str) -> Vec<u8> {
             "acquireTime": now,
             "renewTime": now,
         },
-    });
-    serde_json::to_vec(&lease).expect("a JSON value serializes")
-}
-
-/// Kubernetes' MicroTime format.
-fn micro_time(epoch: i64) -> String {
-    rfc3339(epoch).replace('Z', ".000000Z")
+    })
 }

@@ -42,18 +42,7 @@ impl Mirror {
 /// Builds and pushes every base image the Dockerfiles name that the registry
 /// at `registry` does not have yet.
 pub fn seed(exec: &Exec, config: &Config, registry: &str, force: bool) -> Result<()> {
-    let mut bases = Vec::new();
-    for image in &config.images {
-        let path = config.root.join(&image.dockerfile);
-        let dockerfile = std::fs::read_to_string(&path)
-            .with_context(|| format!("reading {}", path.display()))?;
-        for base in docker::base_images(&dockerfile) {
-            if !bases.contains(&base) {
-                bases.push(base);
-            }
-        }
-    }
-    for base in bases {
+    for base in docker::base_images_of(config, &config.images)? {
         let (name, tag) = base
             .split_once(':')
             .with_context(|| format!("base image {base} has no tag"))?;

@@ -26,6 +26,11 @@ impl Test {
     pub fn run(self, exec: &Exec) -> Result<()> {
         let config = Config::load(exec, &Overrides::default())?;
         exec.sh.change_dir(&config.root);
+        self.run_in(exec, &config)
+    }
+
+    /// The tests of the workspace `config` describes (`ci` has it loaded).
+    pub fn run_in(self, exec: &Exec, config: &Config) -> Result<()> {
         let registry = {
             let _step =
                 exec.step("test environment: Docker engine, buildx, local registry, base images");
@@ -35,7 +40,7 @@ impl Test {
                 .context("no Docker engine answers: start one (as root: `bash .ci/start-docker`, or `dockerd &`); the Docker tests fail without it")?;
             eprintln!("Docker engine {server}");
             let registry = registry::ensure_local(exec)?;
-            mirror::seed(exec, &config, &registry, false)?;
+            mirror::seed(exec, config, &registry, false)?;
             registry
         };
         let _step = exec.step("cargo test");
@@ -43,7 +48,7 @@ impl Test {
         let _base = exec
             .sh
             .push_env("XTASK_BASE_REGISTRY", format!("{registry}/library"));
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let cargo = crate::exec::cargo();
         exec.run_anyway(
             &Cmd::new(cargo)
                 .args(["test", "--workspace", "--locked", "--all-targets"])

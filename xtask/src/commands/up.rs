@@ -46,6 +46,29 @@ pub struct Up {
     pub project: String,
 }
 
+/// Where a container stands: a candidate on an ephemeral loopback port,
+/// proving itself beside the old revision, or live on its host port.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Slot {
+    Candidate,
+    Live(u16),
+}
+
+impl Slot {
+    fn label(self) -> &'static str {
+        match self {
+            Slot::Candidate => "candidate",
+            Slot::Live(_) => "live",
+        }
+    }
+}
+
+/// A component's alias on the stack's network: per revision, so a new
+/// frontend always talks to the backend of its own revision.
+fn alias(image: &str, rev: &Revision) -> String {
+    format!("{image}-{}", rev.tag())
+}
+
 /// One running component of the stack.
 struct Component<'a> {
     image: &'a BuiltImage,
@@ -89,7 +112,7 @@ impl Up {
                 .find(|b| b.name == name)
                 .expect("built both images")
         };
-        let backend_alias = format!("{BACKEND}-{}", rev.tag());
+        let backend_alias = alias(BACKEND, &rev);
         let stack = [
             Component {
                 image: find(BACKEND),
@@ -104,7 +127,6 @@ impl Up {
         ];
         let host_ports = [self.backend_port, self.frontend_port];
         let network = network_name(&self.project);
-        let timeout = Duration::from_secs(self.ready_timeout);
 
         {
             let _step = exec.step("start the new revision beside the old one");
@@ -116,15 +138,11 @@ impl Up {
                         .arg(&network),
                 )?;
             }
-            let mut started = Vec::new();
-            let outcome = stack.iter().try_for_each(|component| {
-                let name = self.container_name(component, &rev, "candidate");
-                started.push(name.clone());
-                self.start(exec, component, &rev, &name, "candidate", None, &network)?;
-                self.wait_ready(exec, &name, component, &rev, timeout)
-            });
+            let outcome = stack
+                .iter()
+                .try_for_each(|component| self.start(exec, component, &rev, Slot::Candidate));
             if let Err(error) = outcome {
-                exec.run(&Cmd::new("docker").args(["rm", "--force"]).args(started))?;
+                remove_containers(exec, &self.project, Some(Slot::Candidate.label()))?;
                 return Err(error.context(format!(
                     "revision {} failed readiness; the running stack was left as it was",
                     rev.tag()
@@ -133,21 +151,11 @@ impl Up {
         }
         {
             let _step = exec.step("swap: stop the old revision, give the new one the host ports");
-            remove_containers(exec, &self.project, Some("live"))?;
+            remove_containers(exec, &self.project, Some(Slot::Live(0).label()))?;
             for (component, host_port) in stack.iter().zip(host_ports) {
-                let name = self.container_name(component, &rev, "live");
-                self.start(
-                    exec,
-                    component,
-                    &rev,
-                    &name,
-                    "live",
-                    Some(host_port),
-                    &network,
-                )?;
-                self.wait_ready(exec, &name, component, &rev, timeout)?;
+                self.start(exec, component, &rev, Slot::Live(host_port))?;
             }
-            remove_containers(exec, &self.project, Some("candidate"))?;
+            remove_containers(exec, &self.project, Some(Slot::Candidate.label()))?;
         }
         println!("frontend  http://127.0.0.1:{}", self.frontend_port);
         println!("backend   http://127.0.0.1:{}", self.backend_port);
@@ -159,54 +167,47 @@ impl Up {
         Ok(())
     }
 
-    fn container_name(&self, component: &Component, rev: &Revision, slot: &str) -> String {
-        let base = format!("{}-{}-{}", self.project, component.image.name, rev.tag());
-        if slot == "live" {
-            base
-        } else {
-            format!("{base}-{slot}")
-        }
-    }
-
     /// `docker run` of one component by digest, labelled so `up`, `down`
-    /// and `status` find it. Candidates get an ephemeral loopback port.
-    #[allow(clippy::too_many_arguments)]
-    fn start(
-        &self,
-        exec: &Exec,
-        component: &Component,
-        rev: &Revision,
-        name: &str,
-        slot: &str,
-        host_port: Option<u16>,
-        network: &str,
-    ) -> Result<()> {
+    /// and `status` find it, then waits until it is ready and answers `rev`.
+    fn start(&self, exec: &Exec, component: &Component, rev: &Revision, slot: Slot) -> Result<()> {
+        let mut name = format!("{}-{}-{}", self.project, component.image.name, rev.tag());
+        if slot == Slot::Candidate {
+            name.push_str("-candidate");
+        }
         let pinned = component
             .image
             .pinned()
             .unwrap_or_else(|| format!("{}@<digest>", component.image.reference));
-        let publish = match host_port {
-            Some(port) => format!("127.0.0.1:{port}:{}", component.port),
-            None => format!("127.0.0.1::{}", component.port),
+        let publish = match slot {
+            Slot::Live(port) => format!("127.0.0.1:{port}:{}", component.port),
+            Slot::Candidate => format!("127.0.0.1::{}", component.port),
         };
         let mut cmd = Cmd::new("docker")
-            .args(["run", "--detach", "--name", name, "--network", network])
+            .args(["run", "--detach", "--name", &name, "--network"])
+            .arg(network_name(&self.project))
             .arg("--network-alias")
-            .arg(format!("{}-{}", component.image.name, rev.tag()))
+            .arg(alias(&component.image.name, rev))
             .arg("--publish")
             .arg(publish);
         for (key, value) in [
             (PROJECT_LABEL, self.project.as_str()),
             (REVISION_LABEL, &rev.sha),
             (COMPONENT_LABEL, &component.image.name),
-            (SLOT_LABEL, slot),
+            (SLOT_LABEL, slot.label()),
         ] {
             cmd = cmd.arg("--label").arg(format!("{key}={value}"));
         }
         for env in &component.env {
             cmd = cmd.arg("--env").arg(env);
         }
-        exec.run(&cmd.arg(pinned))
+        exec.run(&cmd.arg(pinned))?;
+        self.wait_ready(
+            exec,
+            &name,
+            component,
+            rev,
+            Duration::from_secs(self.ready_timeout),
+        )
     }
 
     /// Waits for `/readyz`, then checks `/version` (and, for the frontend,
