@@ -75,6 +75,16 @@ impl Fixture {
         }
     }
 
+    /// A cluster already running the old digests, where the new `fxweb`
+    /// behaves as `behaviour` says.
+    fn failing(behaviour: &str) -> Fixture {
+        Fixture::new(json!({
+            "existing": existing(),
+            "behaviour": {"fxweb": behaviour},
+            "namespaces": ["fx"],
+        }))
+    }
+
     fn root(&self) -> &Path {
         self.repo.path()
     }
@@ -250,9 +260,7 @@ fn existing() -> Value {
 
 #[test]
 fn crash_loop_fails_fast_names_the_pod_and_rolls_back() {
-    let fx = Fixture::new(
-        json!({"existing": existing(), "behaviour": {"fxweb": "crashloop"}, "namespaces": ["fx"]}),
-    );
+    let fx = Fixture::failing("crashloop");
     let started = Instant::now();
     let run = fx.xtask(&[]);
     assert_failed_and_rolled_back(&fx, &run, "CrashLoopBackOff");
@@ -269,27 +277,21 @@ fn crash_loop_fails_fast_names_the_pod_and_rolls_back() {
 
 #[test]
 fn image_pull_errors_fail_fast_and_roll_back() {
-    let fx = Fixture::new(
-        json!({"existing": existing(), "behaviour": {"fxweb": "imagepull"}, "namespaces": ["fx"]}),
-    );
+    let fx = Fixture::failing("imagepull");
     let run = fx.xtask(&[]);
     assert_failed_and_rolled_back(&fx, &run, "ImagePullBackOff");
 }
 
 #[test]
 fn readiness_that_never_passes_fails_after_the_grace_window() {
-    let fx = Fixture::new(
-        json!({"existing": existing(), "behaviour": {"fxweb": "never-ready"}, "namespaces": ["fx"]}),
-    );
+    let fx = Fixture::failing("never-ready");
     let run = fx.xtask(&[]);
     assert_failed_and_rolled_back(&fx, &run, "readiness still failing after 2s");
 }
 
 #[test]
 fn an_old_pod_still_ready_fails_verification() {
-    let fx = Fixture::new(
-        json!({"existing": existing(), "behaviour": {"fxweb": "old-pod-ready"}, "namespaces": ["fx"]}),
-    );
+    let fx = Fixture::failing("old-pod-ready");
     let run = fx.xtask(&[]);
     assert_failed_and_rolled_back(&fx, &run, "is ready but runs registry/fxweb@sha256:old");
 }
@@ -316,9 +318,7 @@ fn a_failed_rollback_exits_3_and_says_so() {
 
 #[test]
 fn no_rollback_leaves_the_failure_for_inspection() {
-    let fx = Fixture::new(
-        json!({"existing": existing(), "behaviour": {"fxweb": "crashloop"}, "namespaces": ["fx"]}),
-    );
+    let fx = Fixture::failing("crashloop");
     let run = fx.xtask(&["--no-rollback"]);
     assert_eq!(run.code, 1);
     assert_eq!(fx.call_index(&["rollout", "undo"]), None);
@@ -506,9 +506,7 @@ fn time_string(epoch: i64) -> String {
 fn real_kubectl_accepts_every_emitted_command_line() {
     // A failed-and-rolled-back run, a first deploy and a dry run cover
     // every verb the deploy emits.
-    let ok_run = Fixture::new(
-        json!({"existing": existing(), "behaviour": {"fxweb": "crashloop"}, "namespaces": ["fx"]}),
-    );
+    let ok_run = Fixture::failing("crashloop");
     ok_run.xtask(&[]);
     let fresh = Fixture::new(json!({}));
     fresh.xtask(&[]).assert_ok();

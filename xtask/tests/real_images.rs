@@ -59,6 +59,34 @@ fn project_containers(revision: Option<&str>) -> Vec<String> {
         .collect()
 }
 
+/// `docker run --detach` of `image` with `args`; with `port`, publishes it
+/// on an ephemeral loopback port and waits for `/readyz` there. Returns the
+/// container id and that address.
+fn run_ready(args: &[&str], image: &str, port: Option<u16>) -> (String, Option<String>) {
+    let publish = port.map(|p| format!("127.0.0.1::{p}"));
+    let mut all = vec!["run", "--detach"];
+    all.extend_from_slice(args);
+    if let Some(publish) = &publish {
+        all.extend(["--publish", publish]);
+    }
+    all.push(image);
+    let id = ok(Path::new("."), "docker", &all);
+    let addr = port.map(|p| {
+        let addr = ok(
+            Path::new("."),
+            "docker",
+            &["port", &id, &format!("{p}/tcp")],
+        )
+        .lines()
+        .next()
+        .unwrap()
+        .to_owned();
+        wait_http(&addr, "/readyz", 20);
+        addr
+    });
+    (id, addr)
+}
+
 /// Loads `url` in headless Chromium, returns the DOM after scripts ran and
 /// keeps a screenshot under target/test-artifacts/.
 fn browse(url: &str, screenshot: &str) -> String {
@@ -174,23 +202,8 @@ fn real_images_build_fresh_run_by_digest_and_never_serve_stale_code() {
             old_backend = pinned;
         }
     }
-    let container = ok(
-        root,
-        "docker",
-        &[
-            "run",
-            "--detach",
-            "--publish",
-            "127.0.0.1::8000",
-            &old_backend,
-        ],
-    );
-    let addr = ok(root, "docker", &["port", &container, "8000/tcp"])
-        .lines()
-        .next()
-        .unwrap()
-        .to_owned();
-    wait_http(&addr, "/readyz", 20);
+    let (container, addr) = run_ready(&[], &old_backend, Some(8000));
+    let addr = addr.unwrap();
     let version: serde_json::Value =
         serde_json::from_str(&http_get(&addr, "/version").unwrap().1).unwrap();
     ok(root, "docker", &["rm", "--force", &container]);
@@ -259,40 +272,22 @@ fn real_images_build_fresh_run_by_digest_and_never_serve_stale_code() {
             "{{.Image}}",
         ],
     );
-    let old = ok(
-        root,
-        "docker",
-        &[
-            "run",
-            "--detach",
-            "--network",
-            &network,
-            "--network-alias",
-            "old-backend",
-            &old_backend,
-        ],
+    let (old, _) = run_ready(
+        &["--network", &network, "--network-alias", "old-backend"],
+        &old_backend,
+        None,
     );
-    let mixed = ok(
-        root,
-        "docker",
+    let (mixed, mixed_addr) = run_ready(
         &[
-            "run",
-            "--detach",
             "--network",
             &network,
-            "--publish",
-            "127.0.0.1::3000",
             "--env",
             "BACKEND_URL=http://old-backend:8000",
-            &new_frontend,
         ],
+        &new_frontend,
+        Some(3000),
     );
-    let mixed_addr = ok(root, "docker", &["port", &mixed, "3000/tcp"])
-        .lines()
-        .next()
-        .unwrap()
-        .to_owned();
-    wait_http(&mixed_addr, "/readyz", 20);
+    let mixed_addr = mixed_addr.unwrap();
     wait_http(&mixed_addr, "/backend/version", 20);
     let dom = browse(&format!("http://{mixed_addr}/"), "page-differ.png");
     ok(root, "docker", &["rm", "--force", &old, &mixed]);
