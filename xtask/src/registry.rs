@@ -149,11 +149,18 @@ fn start(exec: &Exec) -> Result<()> {
 pub fn stop(exec: &Exec) -> Result<()> {
     remove_container(exec)?;
     let pid_file = state_dir().join("registry.pid");
-    if let Ok(pid) = std::fs::read_to_string(&pid_file) {
-        exec.run(&Cmd::new("kill").arg(pid.trim()))?;
-        if !exec.dry_run {
-            std::fs::remove_file(&pid_file)?;
-        }
+    let Ok(pid) = std::fs::read_to_string(&pid_file) else {
+        return Ok(());
+    };
+    let pid = pid.trim();
+    // The file may outlive the process (a reboot, a new session on the
+    // machine): kill only if that pid is still our registry.
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    if String::from_utf8_lossy(&cmdline).contains("docker-registry") {
+        exec.run(&Cmd::new("kill").arg(pid))?;
+    }
+    if !exec.dry_run {
+        std::fs::remove_file(&pid_file)?;
     }
     Ok(())
 }
