@@ -32,6 +32,12 @@ struct Metadata {
     rollout_order: Vec<String>,
     #[serde(default)]
     environments: BTreeMap<String, Environment>,
+    /// BuildKit cache import/export for `--cache` builds, passed to buildx
+    /// as is, e.g. `type=registry,ref=<registry>/cache:aiq`.
+    #[serde(default)]
+    cache_from: Vec<String>,
+    #[serde(default)]
+    cache_to: Vec<String>,
     images: Vec<Image>,
 }
 
@@ -43,6 +49,10 @@ struct Environment {
     registry: Option<String>,
     context: Option<String>,
     namespace: Option<String>,
+    /// Values for seeded build args in this environment (build arg →
+    /// value), so its images can be built ahead of the deploy.
+    #[serde(default)]
+    seed_args: BTreeMap<String, String>,
 }
 
 fn default_base_registry() -> String {
@@ -68,6 +78,26 @@ pub struct Image {
     pub context: PathBuf,
     #[serde(default)]
     pub build_args: BTreeMap<String, String>,
+    /// A build arg taken from a deployed Service's external address.
+    #[serde(default)]
+    pub seed: Option<Seed>,
+}
+
+/// The seed flow: `build_arg` is set from the LoadBalancer address of
+/// `service` (a deployment that rolls out earlier, whose Service has its
+/// name), so this image is built only after that Service is up.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Seed {
+    pub build_arg: String,
+    pub service: String,
+    /// The value, with `{address}` replaced by the hostname or IP.
+    #[serde(default = "default_seed_template")]
+    pub template: String,
+}
+
+fn default_seed_template() -> String {
+    "http://{address}".into()
 }
 
 fn default_context() -> PathBuf {
@@ -104,6 +134,10 @@ pub struct Config {
     pub context: Option<String>,
     pub rollout_order: Vec<String>,
     pub environment: Option<String>,
+    /// The environment's values for seeded build args.
+    pub seed_args: BTreeMap<String, String>,
+    pub cache_from: Vec<String>,
+    pub cache_to: Vec<String>,
     pub images: Vec<Image>,
 }
 
@@ -137,6 +171,7 @@ impl Config {
             .ok_or_else(|| refuse("Cargo.toml has no [workspace.metadata.xtask] table"))?;
         let mut file: Metadata = serde_json::from_value(table)
             .map_err(|e| refuse(format!("invalid [workspace.metadata.xtask]: {e}")))?;
+        let mut seed_args = BTreeMap::new();
         if let Some(name) = &overrides.environment {
             let environment = file.environments.remove(name).ok_or_else(|| {
                 let known: Vec<&str> = file.environments.keys().map(String::as_str).collect();
@@ -148,6 +183,7 @@ impl Config {
             file.registry = environment.registry.unwrap_or(file.registry);
             file.context = environment.context.or(file.context);
             file.namespace = environment.namespace.unwrap_or(file.namespace);
+            seed_args = environment.seed_args;
         }
         let config = Config {
             root: cargo.workspace_root,
@@ -168,6 +204,9 @@ impl Config {
             context: file.context,
             rollout_order: file.rollout_order,
             environment: overrides.environment.clone(),
+            seed_args,
+            cache_from: file.cache_from,
+            cache_to: file.cache_to,
             images: file.images,
         };
         config.validate()?;
@@ -195,7 +234,52 @@ impl Config {
                 )));
             }
         }
+        let order = self.rollout();
+        let position = |name: &str| order.iter().position(|n| n == name);
+        for image in &self.images {
+            if let Some(seed) = &image.seed {
+                let earlier = matches!(
+                    (position(&seed.service), position(&image.name)),
+                    (Some(service), Some(own)) if service < own
+                );
+                if !earlier {
+                    return Err(refuse(format!(
+                        "[workspace.metadata.xtask] images: {}'s seed service {:?} must be a deployment that rolls out before it (rollout_order)",
+                        image.name, seed.service
+                    )));
+                }
+            }
+        }
         Ok(())
+    }
+
+    /// The value configured for `image`'s seeded build arg in the selected
+    /// environment, if it has a seed and a value is given.
+    pub fn seed_value(&self, image: &Image) -> Option<&String> {
+        self.seed_args.get(&image.seed.as_ref()?.build_arg)
+    }
+
+    /// `images` with the environment's seed values set as build args; a
+    /// seeded image without a value keeps its Dockerfile default, and is
+    /// reported so.
+    pub fn with_seed_values(&self, images: Vec<Image>) -> Vec<Image> {
+        images
+            .into_iter()
+            .map(|mut image| {
+                if let Some(seed) = &image.seed {
+                    match self.seed_value(&image) {
+                        Some(value) => {
+                            image.build_args.insert(seed.build_arg.clone(), value.clone());
+                        }
+                        None => eprintln!(
+                            "warning: {} is built without {}: it comes from service {}'s address at deploy time, and no value is configured for this environment (seed_args)",
+                            image.name, seed.build_arg, seed.service
+                        ),
+                    }
+                }
+                image
+            })
+            .collect()
     }
 
     /// The images named on the command line, in the order given; all of them

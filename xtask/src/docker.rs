@@ -45,6 +45,9 @@ pub struct BuildOptions {
     pub cache: bool,
     pub push: bool,
     pub builder: Option<String>,
+    /// `cache-from` / `cache-to` for `--cache` builds (from configuration).
+    pub cache_from: Vec<String>,
+    pub cache_to: Vec<String>,
 }
 
 /// One built image, as recorded in `target/xtask/build.json`.
@@ -168,6 +171,13 @@ pub fn bake_command(
         .arg(format!("--progress={}", progress_style()));
     if !opts.cache {
         cmd = cmd.args(["--no-cache", "--pull"]);
+    } else {
+        for from in &opts.cache_from {
+            cmd = cmd.arg("--set").arg(format!("*.cache-from={from}"));
+        }
+        for to in &opts.cache_to {
+            cmd = cmd.arg("--set").arg(format!("*.cache-to={to}"));
+        }
     }
     for (image, tags) in images {
         for tag in tags {
@@ -254,17 +264,61 @@ pub fn build(
             dirty: rev.is_dirty(),
         })
         .collect();
-    if !exec.dry_run {
-        let file = BuildFile {
-            revision: rev.sha.clone(),
-            tag: rev.tag(),
-            images: built.clone(),
+    for image in &built {
+        let kind = if image.digest.is_some() {
+            "image_pushed"
+        } else {
+            "image_built"
         };
-        let path = out.join("build.json");
-        std::fs::write(&path, serde_json::to_string_pretty(&file)? + "\n")
-            .with_context(|| format!("writing {}", path.display()))?;
+        exec.output.event(kind, serde_json::to_value(image)?);
     }
     Ok(built)
+}
+
+/// Writes `target/xtask/build.json`: what `deploy --from` deploys.
+pub fn write_build_file(config: &Config, rev: &Revision, built: &[BuiltImage]) -> Result<PathBuf> {
+    let file = BuildFile {
+        revision: rev.sha.clone(),
+        tag: rev.tag(),
+        images: built.to_vec(),
+    };
+    let path = out_dir(config).join("build.json");
+    std::fs::write(&path, serde_json::to_string_pretty(&file)? + "\n")
+        .with_context(|| format!("writing {}", path.display()))?;
+    Ok(path)
+}
+
+/// What the registry holds under `reference`: its manifest digest and the
+/// revision label of its image config.
+pub fn resolve(exec: &Exec, reference: &str) -> Result<(String, Option<String>)> {
+    let inspect = |format: &str| {
+        exec.read(&Cmd::new("docker").args([
+            "buildx",
+            "imagetools",
+            "inspect",
+            reference,
+            "--format",
+            format,
+        ]))
+    };
+    #[derive(Deserialize)]
+    struct Manifest {
+        digest: String,
+    }
+    let manifest: Manifest = serde_json::from_str(&inspect("{{json .Manifest}}")?)
+        .with_context(|| format!("parsing the manifest of {reference}"))?;
+    // A single image answers its config; an index answers one per platform.
+    let image: serde_json::Value = serde_json::from_str(&inspect("{{json .Image}}")?)
+        .with_context(|| format!("parsing the image config of {reference}"))?;
+    let config = if image.get("config").is_some() {
+        Some(&image)
+    } else {
+        image.as_object().and_then(|m| m.values().next())
+    };
+    let revision = config
+        .and_then(|c| c["config"]["Labels"]["org.opencontainers.image.revision"].as_str())
+        .map(str::to_owned);
+    Ok((manifest.digest, revision))
 }
 
 /// ECR needs a login before a push: the password goes from `aws` to
@@ -367,11 +421,15 @@ mod tests {
             context: None,
             rollout_order: vec![],
             environment: None,
+            seed_args: BTreeMap::new(),
+            cache_from: vec![],
+            cache_to: vec![],
             images: vec![Image {
                 name: "aiq-agent".into(),
                 dockerfile: "backend/Dockerfile".into(),
                 context: ".".into(),
                 build_args: BTreeMap::from([("EXTRA".into(), "1".into())]),
+                seed: None,
             }],
         }
     }

@@ -5,11 +5,12 @@ use std::{
     cell::Cell,
     fmt,
     io::{IsTerminal, Write},
-    process::{Output, Stdio},
-    time::{Duration, Instant},
+    process::Stdio,
+    time::Instant,
 };
 
 use anyhow::{bail, Context, Result};
+use serde_json::json;
 use xshell::Shell;
 
 /// A command line as data, so it can be echoed with real shell quoting,
@@ -87,14 +88,16 @@ pub fn shell_quote(word: &str) -> String {
 pub struct Exec<'a> {
     pub sh: &'a Shell,
     pub dry_run: bool,
+    pub output: Output,
     step: Cell<usize>,
 }
 
 impl<'a> Exec<'a> {
-    pub fn new(sh: &'a Shell, dry_run: bool) -> Exec<'a> {
+    pub fn new(sh: &'a Shell, dry_run: bool, output: Output) -> Exec<'a> {
         Exec {
             sh,
             dry_run,
+            output,
             step: Cell::new(0),
         }
     }
@@ -104,7 +107,7 @@ impl<'a> Exec<'a> {
     /// stdout as `$ cmd` and runs nothing.
     pub fn run(&self, cmd: &Cmd) -> Result<()> {
         if self.dry_run {
-            println!("$ {cmd}");
+            self.output.command(cmd, true);
             return Ok(());
         }
         self.run_anyway(cmd)
@@ -113,7 +116,7 @@ impl<'a> Exec<'a> {
     /// Runs `cmd` even in a dry run: for the setup commands of tests and CI
     /// that only have a real mode.
     pub fn run_anyway(&self, cmd: &Cmd) -> Result<()> {
-        eprintln!("$ {cmd}");
+        self.output.command(cmd, false);
         let mut command: std::process::Command = cmd.to_xshell(self.sh).into();
         command.stdout(Stdio::from(std::io::stderr()));
         if cmd.stdin.is_some() {
@@ -135,7 +138,7 @@ impl<'a> Exec<'a> {
     }
 
     /// Runs a query, capturing its output whatever its exit status.
-    fn capture(&self, cmd: &Cmd) -> Result<Output> {
+    fn capture(&self, cmd: &Cmd) -> Result<std::process::Output> {
         cmd.to_xshell(self.sh)
             .ignore_status()
             .output()
@@ -171,53 +174,114 @@ impl<'a> Exec<'a> {
 
     /// Starts a numbered step; its elapsed time is printed when the guard
     /// drops.
-    pub fn step(&self, name: impl Into<String>) -> Step {
+    /// Runs one numbered step of the work: announced, timed, and reported
+    /// as done or failed (on stderr, and as events under `--json`).
+    pub fn step<T>(&self, name: impl Into<String>, work: impl FnOnce() -> Result<T>) -> Result<T> {
         let number = self.step.get() + 1;
         self.step.set(number);
         let name = name.into();
-        eprintln!("[{number}] {name}");
-        Step {
-            number,
-            name,
-            started: Instant::now(),
+        let out = self.output;
+        eprintln!("{}", out.paint(BOLD, &format!("[{number}] {name}")));
+        out.event("step_started", json!({"step": number, "name": name}));
+        let started = Instant::now();
+        let result = work();
+        let seconds = started.elapsed().as_secs_f64();
+        let (outcome, colour) = match result {
+            Ok(_) => ("done", GREEN),
+            Err(_) => ("failed", RED),
+        };
+        let line = format!("[{number}] {name} {outcome} in {seconds:.1}s");
+        eprintln!("{}", out.paint(colour, &line));
+        out.event(
+            "step_finished",
+            json!({"step": number, "name": name, "outcome": outcome, "seconds": seconds}),
+        );
+        result
+    }
+}
+
+const BOLD: &str = "1";
+pub const GREEN: &str = "32";
+pub const RED: &str = "31";
+
+/// Where output goes and how it looks. Human output is on stderr, with
+/// colour only on a terminal without `CI` or `NO_COLOR`. Stdout carries
+/// either the human results (dry-run lines, summaries) or, with `--json`,
+/// newline-delimited JSON events and nothing else.
+#[derive(Clone, Copy, Debug)]
+pub struct Output {
+    pub json: bool,
+    pub colour: bool,
+}
+
+impl Output {
+    pub fn detect(json: bool) -> Output {
+        Output {
+            json,
+            colour: !plain_terminal(),
+        }
+    }
+
+    /// One event on stdout, when `--json` asked for them.
+    pub fn event(&self, kind: &str, fields: serde_json::Value) {
+        if !self.json {
+            return;
+        }
+        let mut event = json!({"event": kind, "time": crate::time::rfc3339(crate::time::now_epoch())});
+        if let (Some(event), serde_json::Value::Object(fields)) = (event.as_object_mut(), fields) {
+            event.extend(fields);
+        }
+        let mut stdout = std::io::stdout().lock();
+        let _ = writeln!(stdout, "{event}");
+        let _ = stdout.flush();
+    }
+
+    /// A result line: stdout for people and scripts, stderr under `--json`
+    /// (where the same facts travel as events).
+    pub fn result(&self, line: &str) {
+        if self.json {
+            eprintln!("{line}");
+        } else {
+            println!("{line}");
+        }
+    }
+
+    /// A command about to run (echoed on stderr), or printed as the plan by
+    /// a dry run (stdout).
+    fn command(&self, cmd: &Cmd, dry_run: bool) {
+        let line = cmd.to_string();
+        self.event(
+            "command",
+            json!({"argv": cmd.argv, "line": line, "dry_run": dry_run}),
+        );
+        if dry_run {
+            self.result(&format!("$ {line}"));
+        } else {
+            eprintln!("{}", self.paint("2", &format!("$ {line}")));
+        }
+    }
+
+    /// `text` in an ANSI colour when colour is on.
+    pub fn paint(&self, colour: &str, text: &str) -> String {
+        if self.colour {
+            format!("\x1b[{colour}m{text}\x1b[0m")
+        } else {
+            text.to_owned()
         }
     }
 }
 
-pub struct Step {
-    number: usize,
-    name: String,
-    started: Instant,
-}
-
-impl Step {
-    pub fn elapsed(&self) -> Duration {
-        self.started.elapsed()
-    }
-}
-
-impl Drop for Step {
-    fn drop(&mut self) {
-        let outcome = if std::thread::panicking() {
-            "aborted"
-        } else {
-            "done"
-        };
-        eprintln!(
-            "[{}] {} {outcome} in {:.1}s",
-            self.number,
-            self.name,
-            self.started.elapsed().as_secs_f64()
-        );
-    }
+/// Plain lines, no colour or live progress: when `CI` or `NO_COLOR` is set,
+/// or stderr is not a terminal.
+fn plain_terminal() -> bool {
+    std::env::var_os("CI").is_some()
+        || std::env::var_os("NO_COLOR").is_some()
+        || !std::io::stderr().is_terminal()
 }
 
 /// BuildKit's progress style: live on a terminal, plain lines elsewhere.
 pub fn progress_style() -> &'static str {
-    let plain = std::env::var_os("CI").is_some()
-        || std::env::var_os("NO_COLOR").is_some()
-        || !std::io::stderr().is_terminal();
-    if plain {
+    if plain_terminal() {
         "plain"
     } else {
         "auto"
@@ -256,6 +320,39 @@ pub fn rollback_failed(message: impl Into<String>) -> anyhow::Error {
         code: 3,
         message: message.into(),
     })
+}
+
+/// Set by the first Ctrl-C or SIGTERM once [`catch_interrupts`] ran.
+static INTERRUPTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Turns Ctrl-C and SIGTERM (a cancelled CI job) into a flag the deploy
+/// checks between steps and at every poll, so it can write "interrupted"
+/// into the history and release its lock before exiting 130. A second
+/// signal exits at once; the lock then expires by itself.
+pub fn catch_interrupts() -> Result<()> {
+    ctrlc::set_handler(|| {
+        if INTERRUPTED.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            std::process::exit(130);
+        }
+        eprintln!("interrupted: recording it in the deploy history and releasing the lock (again to quit at once)");
+    })
+    .context("installing the Ctrl-C handler")
+}
+
+/// Fails with exit code 130 once an interrupt arrived.
+pub fn check_interrupted() -> Result<()> {
+    if INTERRUPTED.load(std::sync::atomic::Ordering::SeqCst) {
+        return Err(anyhow::Error::new(ExitCode {
+            code: 130,
+            message: "interrupted".into(),
+        }));
+    }
+    Ok(())
+}
+
+/// Whether the work stopped because of an interrupt.
+pub fn was_interrupted() -> bool {
+    INTERRUPTED.load(std::sync::atomic::Ordering::SeqCst)
 }
 
 /// The exit code an error calls for: its [`ExitCode`], else 1 (failed work).

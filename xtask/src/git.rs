@@ -37,22 +37,32 @@ impl Revision {
     }
 }
 
+/// A commit (`HEAD`, a SHA or a prefix of one), as a clean revision.
+pub fn commit(exec: &Exec, rev: &str) -> Result<Revision> {
+    let spec = format!("{rev}^{{commit}}");
+    let line = exec
+        .read(&Cmd::new("git").args(["show", "--no-patch", "--format=%H %ct", &spec]))
+        .map_err(|e| {
+            refuse(format!(
+                "cannot read git revision {rev:?} (is this a git repository that has it?): {e}"
+            ))
+        })?;
+    let (sha, commit_time) = line
+        .split_once(' ')
+        .with_context(|| format!("unexpected `git show` output {line:?}"))?;
+    Ok(Revision {
+        sha: sha.to_owned(),
+        commit_time: commit_time
+            .parse()
+            .with_context(|| format!("parsing the commit time of {rev}"))?,
+        dirty_hash: None,
+    })
+}
+
 /// Reads HEAD and the working tree. A dirty tree is refused unless
 /// `allow_dirty`.
 pub fn revision(exec: &Exec, allow_dirty: bool) -> Result<Revision> {
-    let head = exec
-        .read(&Cmd::new("git").args(["show", "--no-patch", "--format=%H %ct", "HEAD"]))
-        .map_err(|e| {
-            refuse(format!(
-                "cannot read the git revision (is this a git repository with a commit?): {e}"
-            ))
-        })?;
-    let (sha, commit_time) = head
-        .split_once(' ')
-        .with_context(|| format!("unexpected `git show` output {head:?}"))?;
-    let commit_time = commit_time
-        .parse()
-        .context("parsing the commit time of HEAD")?;
+    let head = commit(exec, "HEAD")?;
     let status = exec.read(&Cmd::new("git").args([
         "status",
         "--porcelain=v1",
@@ -77,11 +87,7 @@ pub fn revision(exec: &Exec, allow_dirty: bool) -> Result<Revision> {
             shown.join(", ")
         )));
     };
-    Ok(Revision {
-        sha: sha.to_owned(),
-        commit_time,
-        dirty_hash,
-    })
+    Ok(Revision { dirty_hash, ..head })
 }
 
 /// One entry of `git status --porcelain`: a tracked file that differs from

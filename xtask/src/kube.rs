@@ -4,7 +4,10 @@
 use anyhow::{Context, Result};
 use serde::Deserialize;
 
-use crate::exec::{refuse, Cmd, Exec};
+use crate::{
+    config::Config,
+    exec::{refuse, Cmd, Exec},
+};
 
 pub const LOCK_NAME: &str = "xtask-deploy-lock";
 pub const HISTORY_NAME: &str = "xtask-deploy-history";
@@ -12,6 +15,8 @@ pub const FIELD_MANAGER: &str = "xtask";
 /// The label every workload of the base carries; the deploy selects by it.
 pub const NAME_LABEL: &str = "app.kubernetes.io/name";
 pub const REVISION_ANNOTATION: &str = "aiq.dev/revision";
+pub const TAG_ANNOTATION: &str = "aiq.dev/tag";
+pub const DIRTY_ANNOTATION: &str = "aiq.dev/dirty";
 
 /// kubectl bound to one context and namespace.
 pub struct Kube<'a> {
@@ -33,6 +38,55 @@ impl<'a> Kube<'a> {
         which::which("kubectl")
             .map(|p| p.display().to_string())
             .map_err(|_| refuse("`kubectl` not found on PATH: install it (https://kubernetes.io/docs/tasks/tools/)"))
+    }
+
+    /// kubectl bound to the configured namespace and the chosen context,
+    /// after the wrong-cluster guard: `--context` if given, else the current
+    /// context, which must be the one the configuration expects. With
+    /// `need_reachable`, an unreachable cluster is refused; otherwise the
+    /// second value says whether it answered.
+    pub fn connect(
+        exec: &'a Exec<'a>,
+        config: &Config,
+        context: Option<&str>,
+        need_reachable: bool,
+    ) -> Result<(Kube<'a>, bool)> {
+        let kubectl = Kube::find_kubectl()?;
+        let context = match context {
+            Some(context) => context.to_owned(),
+            None => {
+                let current = exec
+                    .read(&Cmd::new(&kubectl).args(["config", "current-context"]))
+                    .map_err(|e| refuse(format!("no current kube context: {e:#}")))?;
+                if let Some(expected) = config.context.as_ref().filter(|e| **e != current) {
+                    let env = config
+                        .environment
+                        .as_deref()
+                        .map_or(String::new(), |e| format!(" for environment {e}"));
+                    return Err(refuse(format!(
+                        "the current kube context is {current:?} but the configuration expects {expected:?}{env}: switch context, or pass --context {current} to use it on purpose"
+                    )));
+                }
+                current
+            }
+        };
+        let kube = Kube {
+            exec,
+            kubectl,
+            context: Some(context.clone()),
+            namespace: config.namespace.clone(),
+        };
+        let version = kube.global(&["version", "--output", "json", "--request-timeout", "10s"]);
+        match exec.read(&version) {
+            Ok(_) => Ok((kube, true)),
+            Err(e) if !need_reachable => {
+                eprintln!("cluster {context} is not reachable: {e:#}");
+                Ok((kube, false))
+            }
+            Err(e) => Err(refuse(format!(
+                "kube context {context} is not reachable: {e:#}"
+            ))),
+        }
     }
 
     /// `kubectl [--context C] ARGS`: for cluster-wide calls.
@@ -80,6 +134,38 @@ impl<'a> Kube<'a> {
         Ok(list.items)
     }
 
+    /// What a deployment runs, read from its pod template stamps and its
+    /// pods; `None` when it does not exist.
+    pub fn running(&self, name: &str) -> Result<Option<Running>> {
+        let Some(deployment) = self.get::<Deployment>("deployment", name)? else {
+            return Ok(None);
+        };
+        let digest = deployment.pinned_digest().map(str::to_owned);
+        let pods = self.pods(name)?;
+        let ready: Vec<&Pod> = pods.iter().filter(|p| p.is_ready()).collect();
+        let stale = ready
+            .iter()
+            .find(|p| digest.as_deref().is_none_or(|d| !p.runs(d)))
+            .map(|p| p.metadata.name.clone());
+        let oldest_start = ready
+            .iter()
+            .filter_map(|p| p.status.start_time.as_deref())
+            .filter_map(crate::time::parse_rfc3339)
+            .min();
+        Ok(Some(Running {
+            name: name.to_owned(),
+            revision: deployment.stamp(REVISION_ANNOTATION).map(str::to_owned),
+            tag: deployment.stamp(TAG_ANNOTATION).map(str::to_owned),
+            dirty: deployment.stamp(DIRTY_ANNOTATION) == Some("true"),
+            digest,
+            ready: ready.len(),
+            desired: deployment.spec.replicas,
+            rolled_out: deployment.rolled_out(),
+            age_secs: oldest_start.map(|t| crate::time::now_epoch() - t),
+            stale_pod: stale,
+        }))
+    }
+
     /// The last log lines of a pod's container, for failure messages.
     pub fn logs(&self, pod: &str) -> String {
         self.exec
@@ -90,6 +176,25 @@ impl<'a> Kube<'a> {
     }
 }
 
+/// What one deployment runs, as `status` and `verify` see it.
+#[derive(Debug, serde::Serialize)]
+pub struct Running {
+    pub name: String,
+    /// The revision stamped by the deploy (none if not deployed by xtask).
+    pub revision: Option<String>,
+    pub tag: Option<String>,
+    pub dirty: bool,
+    /// The digest the pod template pins.
+    pub digest: Option<String>,
+    pub ready: usize,
+    pub desired: i64,
+    pub rolled_out: bool,
+    /// Seconds since the oldest ready pod started.
+    pub age_secs: Option<i64>,
+    /// A ready pod that does not run the pinned digest.
+    pub stale_pod: Option<String>,
+}
+
 #[derive(Debug, Default, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Metadata {
@@ -97,6 +202,8 @@ pub struct Metadata {
     pub name: String,
     #[serde(default)]
     pub generation: i64,
+    #[serde(default)]
+    pub annotations: std::collections::BTreeMap<String, String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -111,14 +218,25 @@ pub struct Deployment {
 pub struct DeploymentSpec {
     #[serde(default = "one")]
     pub replicas: i64,
+    #[serde(default)]
+    pub template: PodTemplate,
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub struct PodTemplate {
+    #[serde(default)]
+    pub metadata: Metadata,
+    #[serde(default)]
+    pub spec: PodSpec,
 }
 
 fn one() -> i64 {
     1
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Default, Deserialize)]
 pub struct PodSpec {
+    #[serde(default)]
     pub containers: Vec<Container>,
 }
 
@@ -137,6 +255,8 @@ pub struct DeploymentStatus {
     #[serde(default)]
     pub updated_replicas: i64,
     #[serde(default)]
+    pub ready_replicas: i64,
+    #[serde(default)]
     pub available_replicas: i64,
 }
 
@@ -149,6 +269,22 @@ impl Deployment {
             && s.updated_replicas == self.spec.replicas
             && s.available_replicas == self.spec.replicas
             && s.replicas == self.spec.replicas
+    }
+
+    /// The digest the pod template pins (`name@sha256:...`), if it pins one.
+    pub fn pinned_digest(&self) -> Option<&str> {
+        let image = &self.spec.template.spec.containers.first()?.image;
+        image.split_once('@').map(|(_, digest)| digest)
+    }
+
+    /// An annotation the deploy stamped on the pod template.
+    pub fn stamp(&self, key: &str) -> Option<&str> {
+        self.spec
+            .template
+            .metadata
+            .annotations
+            .get(key)
+            .map(String::as_str)
     }
 }
 

@@ -6,8 +6,11 @@ mod config;
 mod docker;
 mod exec;
 mod git;
+mod history;
 mod kube;
+mod lock;
 mod registry;
+mod rollout;
 mod time;
 
 use std::process::ExitCode;
@@ -21,6 +24,9 @@ struct Cli {
     /// Print the commands that would change anything, run none of them
     #[arg(long, global = true)]
     dry_run: bool,
+    /// Newline-delimited JSON events on stdout (schema in the README); human output stays on stderr
+    #[arg(long, global = true)]
+    json: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -30,6 +36,9 @@ enum Command {
     Build(commands::build::Build),
     Bench(commands::bench::Bench),
     Deploy(commands::deploy::Deploy),
+    Status(commands::status::Status),
+    Verify(commands::verify::Verify),
+    Rollback(commands::rollback::Rollback),
     Up(commands::up::Up),
     Down(commands::down::Down),
     Mirror(commands::mirror::Mirror),
@@ -39,22 +48,37 @@ enum Command {
 
 fn main() -> ExitCode {
     // clap exits by itself: 0 for --help/--version, 2 for usage errors.
-    match run(Cli::parse()) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(error) => {
-            eprintln!("error: {error:#}");
-            ExitCode::from(exec::exit_code(&error))
-        }
+    let cli = Cli::parse();
+    let output = exec::Output::detect(cli.json);
+    let started = std::time::Instant::now();
+    let outcome = run(cli, output);
+    let code = outcome.as_ref().err().map_or(0, exec::exit_code);
+    let error = outcome.as_ref().err().map(|e| format!("{e:#}"));
+    if let Some(error) = &error {
+        eprintln!("{} {error}", output.paint(exec::RED, "error:"));
     }
+    output.event(
+        "result",
+        serde_json::json!({
+            "ok": code == 0,
+            "exit_code": code,
+            "error": error,
+            "seconds": started.elapsed().as_secs_f64(),
+        }),
+    );
+    ExitCode::from(code)
 }
 
-fn run(cli: Cli) -> anyhow::Result<()> {
+fn run(cli: Cli, output: exec::Output) -> anyhow::Result<()> {
     let sh = Shell::new()?;
-    let exec = exec::Exec::new(&sh, cli.dry_run);
+    let exec = exec::Exec::new(&sh, cli.dry_run, output);
     match cli.command {
         Command::Build(cmd) => cmd.run(&exec),
         Command::Bench(cmd) => cmd.run(&exec),
         Command::Deploy(cmd) => cmd.run(&exec),
+        Command::Status(cmd) => cmd.run(&exec),
+        Command::Verify(cmd) => cmd.run(&exec),
+        Command::Rollback(cmd) => cmd.run(&exec),
         Command::Up(cmd) => cmd.run(&exec),
         Command::Down(cmd) => cmd.run(&exec),
         Command::Mirror(cmd) => cmd.run(&exec),

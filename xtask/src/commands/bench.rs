@@ -93,16 +93,21 @@ impl Bench {
         let fresh = Cmd::new(&xtask).args(["build", "--no-latest"]);
         let (mut a, mut b) = (Vec::new(), Vec::new());
         for round in 1..=self.rounds {
-            let _step = exec.step(format!(
-                "round {round}/{}: A (classic, sequential) then B (cargo xtask build)",
-                self.rounds
-            ));
-            let started = Instant::now();
-            for cmd in &classic {
-                exec.run(cmd)?;
-            }
-            a.push(started.elapsed().as_secs_f64());
-            b.push(timed(exec, &fresh)?);
+            exec.step(
+                format!(
+                    "round {round}/{}: A (classic, sequential) then B (cargo xtask build)",
+                    self.rounds
+                ),
+                || {
+                    let started = Instant::now();
+                    for cmd in &classic {
+                        exec.run(cmd)?;
+                    }
+                    a.push(started.elapsed().as_secs_f64());
+                    b.push(timed(exec, &fresh)?);
+                    Ok(())
+                },
+            )?;
         }
 
         // C: the floor, one host compile of the services, crates downloaded.

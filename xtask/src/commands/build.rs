@@ -40,42 +40,40 @@ pub struct BuildFlags {
 }
 
 impl BuildFlags {
-    pub fn options(&self, push: bool) -> BuildOptions {
+    pub fn options(&self, config: &Config, push: bool) -> BuildOptions {
         let use_cache_env =
             std::env::var("USE_CACHE").is_ok_and(|v| v.eq_ignore_ascii_case("true") || v == "1");
         BuildOptions {
             cache: self.cache || use_cache_env,
             push,
             builder: self.builder.clone(),
+            cache_from: config.cache_from.clone(),
+            cache_to: config.cache_to.clone(),
         }
     }
 }
 
 impl Build {
     pub fn run(self, exec: &Exec) -> Result<()> {
-        let (config, images, rev) = {
-            let _step = exec.step("preflight");
+        let (config, images, rev) = exec.step("preflight", || {
             docker::preflight(exec)?;
             let config = Config::load(exec, &self.flags.overrides)?;
             exec.sh.change_dir(&config.root);
-            let images = config.select_images(&self.images)?;
+            let images = config.with_seed_values(config.select_images(&self.images)?);
             let rev = git::revision(exec, self.flags.allow_dirty)?;
-            (config, images, rev)
-        };
-        let opts = self.flags.options(self.push);
+            Ok((config, images, rev))
+        })?;
+        let opts = self.flags.options(&config, self.push);
         if self.push {
             docker::ecr_login(exec, &config.registry)?;
         }
-        let built = {
-            let mode = if opts.cache { "cached" } else { "fresh" };
-            let _step = exec.step(format!(
-                "build {} ({mode}) at {}",
-                names(&images),
-                rev.tag()
-            ));
-            docker::build(exec, &config, &images, &rev, &opts)?
-        };
+        let mode = if opts.cache { "cached" } else { "fresh" };
+        let built = exec.step(
+            format!("build {} ({mode}) at {}", names(&images), rev.tag()),
+            || docker::build(exec, &config, &images, &rev, &opts),
+        )?;
         if !exec.dry_run {
+            docker::write_build_file(&config, &rev, &built)?;
             print_summary(&built);
         }
         Ok(())

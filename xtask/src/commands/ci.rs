@@ -56,10 +56,9 @@ impl Ci {
         ];
         let mut result = Ok(());
         for (name, step) in &steps {
-            let guard = exec.step(*name);
-            let outcome = step();
-            timings.push((name, guard.elapsed(), outcome.is_ok()));
-            drop(guard);
+            let started = std::time::Instant::now();
+            let outcome = exec.step(*name, step);
+            timings.push((name, started.elapsed(), outcome.is_ok()));
             if let Err(e) = outcome {
                 result = Err(e.context(format!("ci step `{name}` failed")));
                 break;

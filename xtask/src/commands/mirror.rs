@@ -50,7 +50,7 @@ pub fn seed(exec: &Exec, config: &Config, registry: &str, force: bool) -> Result
             eprintln!("{registry}/library/{base}: already seeded");
             continue;
         }
-        let _step = exec.step(format!("seed {registry}/library/{base}"));
+        exec.step(format!("seed {registry}/library/{base}"), || {
         let rootfs = config.root.join("target/xtask/mirror").join(name);
         let suite = debian_suite(tag);
         let (packages, changes): (&[&str], Vec<String>) = match name {
@@ -84,7 +84,8 @@ pub fn seed(exec: &Exec, config: &Config, registry: &str, force: bool) -> Result
         }
         exec.run(&import.arg(path_str(&tarball)).arg(&reference))?;
         exec.run(&Cmd::new("docker").args(["push", "--quiet", &reference]))?;
-        exec.run(&Cmd::new("rm").args(["-rf", &path_str(&rootfs), &path_str(&tarball)]))?;
+        exec.run(&Cmd::new("rm").args(["-rf", &path_str(&rootfs), &path_str(&tarball)]))
+        })?;
     }
     Ok(())
 }

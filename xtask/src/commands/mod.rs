@@ -9,3 +9,6 @@ pub mod local;
 pub mod mirror;
 pub mod test;
 pub mod up;
+pub mod rollback;
+pub mod status;
+pub mod verify;

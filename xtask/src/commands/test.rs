@@ -31,9 +31,9 @@ impl Test {
 
     /// The tests of the workspace `config` describes (`ci` has it loaded).
     pub fn run_in(self, exec: &Exec, config: &Config) -> Result<()> {
-        let registry = {
-            let _step =
-                exec.step("test environment: Docker engine, buildx, local registry, base images");
+        let registry = exec.step(
+            "test environment: Docker engine, buildx, local registry, base images",
+            || {
             docker::preflight(exec)?;
             let server = exec
                 .read(&Cmd::new("docker").args(["version", "--format", "{{.Server.Version}}"]))
@@ -41,9 +41,9 @@ impl Test {
             eprintln!("Docker engine {server}");
             let registry = registry::ensure_local(exec)?;
             mirror::seed(exec, config, &registry, false)?;
-            registry
-        };
-        let _step = exec.step("cargo test");
+            Ok(registry)
+        })?;
+        exec.step("cargo test", || {
         let _registry = exec.sh.push_env("XTASK_TEST_REGISTRY", &registry);
         let _base = exec
             .sh
@@ -52,7 +52,8 @@ impl Test {
         exec.run_anyway(
             &Cmd::new(cargo)
                 .args(["test", "--workspace", "--locked", "--all-targets"])
-                .args(self.cargo_args),
+                .args(&self.cargo_args),
         )
+        })
     }
 }

@@ -78,8 +78,7 @@ struct Component<'a> {
 
 impl Up {
     pub fn run(self, exec: &Exec) -> Result<()> {
-        let (mut config, rev) = {
-            let _step = exec.step("preflight");
+        let (mut config, rev) = exec.step("preflight", || {
             docker::preflight(exec)?;
             let config = Config::load(exec, &self.flags.overrides)?;
             exec.sh.change_dir(&config.root);
@@ -89,23 +88,19 @@ impl Up {
             if self.frontend_port == self.backend_port {
                 return Err(refuse("--frontend-port and --backend-port must differ"));
             }
-            (config, git::revision(exec, self.flags.allow_dirty)?)
-        };
-        {
-            let _step = exec.step("local registry");
-            config.registry = registry::ensure_local(exec)?;
-            eprintln!(
-                "images go to {} (never to the deploy registry)",
-                config.registry
-            );
-        }
-        let built = {
-            let opts = self.flags.options(true);
-            let mode = if opts.cache { "cached" } else { "fresh" };
-            let _step = exec.step(format!("build and push ({mode}) at {}", rev.tag()));
+            Ok((config, git::revision(exec, self.flags.allow_dirty)?))
+        })?;
+        config.registry = exec.step("local registry", || registry::ensure_local(exec))?;
+        eprintln!(
+            "images go to {} (never to the deploy registry)",
+            config.registry
+        );
+        let opts = self.flags.options(&config, true);
+        let mode = if opts.cache { "cached" } else { "fresh" };
+        let built = exec.step(format!("build and push ({mode}) at {}", rev.tag()), || {
             let images = config.select_images(&[BACKEND.to_owned(), FRONTEND.to_owned()])?;
-            docker::build(exec, &config, &images, &rev, &opts)?
-        };
+            docker::build(exec, &config, &images, &rev, &opts)
+        })?;
         let find = |name: &str| {
             built
                 .iter()
@@ -128,8 +123,7 @@ impl Up {
         let host_ports = [self.backend_port, self.frontend_port];
         let network = network_name(&self.project);
 
-        {
-            let _step = exec.step("start the new revision beside the old one");
+        exec.step("start the new revision beside the old one", || {
             if !networks(exec, &self.project)?.contains(&network) {
                 exec.run(
                     &Cmd::new("docker")
@@ -148,21 +142,34 @@ impl Up {
                     rev.tag()
                 )));
             }
-        }
-        {
-            let _step = exec.step("swap: stop the old revision, give the new one the host ports");
-            remove_containers(exec, &self.project, Some(Slot::Live(0).label()))?;
-            for (component, host_port) in stack.iter().zip(host_ports) {
-                self.start(exec, component, &rev, Slot::Live(host_port))?;
-            }
-            remove_containers(exec, &self.project, Some(Slot::Candidate.label()))?;
-        }
-        println!("frontend  http://127.0.0.1:{}", self.frontend_port);
-        println!("backend   http://127.0.0.1:{}", self.backend_port);
-        println!(
+            Ok(())
+        })?;
+        exec.step(
+            "swap: stop the old revision, give the new one the host ports",
+            || {
+                remove_containers(exec, &self.project, Some(Slot::Live(0).label()))?;
+                for (component, host_port) in stack.iter().zip(host_ports) {
+                    self.start(exec, component, &rev, Slot::Live(host_port))?;
+                }
+                remove_containers(exec, &self.project, Some(Slot::Candidate.label()))
+            },
+        )?;
+        let out = exec.output;
+        out.result(&format!("frontend  http://127.0.0.1:{}", self.frontend_port));
+        out.result(&format!("backend   http://127.0.0.1:{}", self.backend_port));
+        out.result(&format!(
             "revision  {}{}",
             rev.sha,
             if rev.is_dirty() { " (dirty)" } else { "" }
+        ));
+        out.event(
+            "stack_up",
+            serde_json::json!({
+                "frontend": format!("http://127.0.0.1:{}", self.frontend_port),
+                "backend": format!("http://127.0.0.1:{}", self.backend_port),
+                "revision": rev.sha,
+                "dirty": rev.is_dirty(),
+            }),
         );
         Ok(())
     }

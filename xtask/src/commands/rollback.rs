@@ -1,0 +1,157 @@
+//! `cargo xtask rollback`: undo the last deploy, or redeploy an earlier
+//! revision by its recorded digests, under the same lock, wait and verify.
+
+use anyhow::Result;
+use clap::Args;
+
+use crate::{
+    config::{Config, Overrides},
+    exec::{catch_interrupts, refuse, Exec},
+    git::{self, Revision},
+    history::{self, Entry, Record, SUCCEEDED},
+    kube::Kube,
+    lock::Lock,
+    rollout::{apply_command, digests_for, render_overlay, roll_back, Rollout, WaitFlags},
+};
+
+/// Undo the last deploy, or with --to redeploy an earlier revision's digests (no rebuild)
+#[derive(Args, Debug)]
+pub struct Rollback {
+    /// Revision to go back to (a SHA or prefix); default: undo the last deploy
+    #[arg(long, value_name = "REV")]
+    pub to: Option<String>,
+    /// Kube context; needed for any but the configured one
+    #[arg(long, value_name = "CONTEXT")]
+    pub context: Option<String>,
+    #[command(flatten)]
+    pub wait: WaitFlags,
+    #[command(flatten)]
+    pub overrides: Overrides,
+}
+
+impl Rollback {
+    pub fn run(self, exec: &Exec) -> Result<()> {
+        self.wait.check()?;
+        let (config, kube, reachable, target) = exec.step("preflight", || {
+            let config = Config::load(exec, &self.overrides)?;
+            exec.sh.change_dir(&config.root);
+            let target = self.to.as_deref().map(|rev| git::commit(exec, rev)).transpose()?;
+            let (kube, reachable) =
+                Kube::connect(exec, &config, self.context.as_deref(), !exec.dry_run)?;
+            Ok((config, kube, reachable, target))
+        })?;
+        catch_interrupts()?;
+        let lock = exec.step(format!("lock namespace {}", config.namespace), || {
+            Lock::take(&kube, reachable)
+        })?;
+        let outcome = match &target {
+            Some(rev) => self.redeploy(&kube, &config, rev),
+            None => self.undo_last(&kube),
+        };
+        let released = lock.release(&kube);
+        outcome?;
+        released
+    }
+
+    /// Redeploys `rev`'s images by digest: the deploy's render, apply,
+    /// wait and verify, without building.
+    fn redeploy(&self, kube: &Kube, config: &Config, rev: &Revision) -> Result<()> {
+        let exec = kube.exec;
+        let entries = history::read(kube)?;
+        let images = digests_for(exec, config, &entries, rev).map_err(|e| refuse(format!("{e:#}")))?;
+        let cause = format!("cargo xtask rollback --to {}", rev.tag());
+        let overlay = exec.step("render the digest-pinned overlay", || {
+            render_overlay(exec, kube, config, &images, rev, &cause)
+        })?;
+        let order = config.rollout();
+        if exec.dry_run {
+            for name in &order {
+                exec.run(&apply_command(kube, &overlay, name))?;
+            }
+            return Ok(());
+        }
+        let record = Record::start(kube, Entry::new("rollback", rev, &images), &entries)?;
+        let mut rollout = Rollout {
+            kube,
+            flags: &self.wait,
+            record,
+            verified: Vec::new(),
+        };
+        let mut digest_for = |name: &str| -> Result<String> {
+            images
+                .iter()
+                .find(|i| i.name == name)
+                .and_then(|i| i.digest.clone())
+                .ok_or_else(|| anyhow::anyhow!("no digest for {name}"))
+        };
+        rollout
+            .run(&order, &overlay, &mut digest_for)
+            .map_err(|e| e.context(format!("rollback to {} failed", rev.tag())))?;
+        for v in &rollout.verified {
+            exec.output
+                .result(&format!("{:<14} {:<12} {} {}", v.name, rev.tag(), v.digest, v.ready));
+        }
+        eprintln!("rolled back to {}: every ready pod runs its recorded digests", rev.tag());
+        Ok(())
+    }
+
+    /// `kubectl rollout undo` of what the newest deploy changed.
+    fn undo_last(&self, kube: &Kube) -> Result<()> {
+        let exec = kube.exec;
+        let entries = history::read(kube)?;
+        let Some((_, last)) = entries.last() else {
+            return Err(refuse("the deploy history is empty: nothing to undo"));
+        };
+        let undoable = last.kind == "deploy"
+            && !last.changed.is_empty()
+            && !last.result.contains("rolled back");
+        if !undoable {
+            return Err(refuse(format!(
+                "the newest history entry is not a deploy that changed anything still in place ({}): pass --to <revision>",
+                last.describe(false)
+            )));
+        }
+        let changed = last.changed.clone();
+        if exec.dry_run {
+            for name in changed.iter().rev() {
+                exec.run(&kube.cmd(&["rollout", "undo", &format!("deployment/{name}")]))?;
+            }
+            return Ok(());
+        }
+        let mut entry = Entry {
+            kind: "rollback".into(),
+            changed: changed.clone(),
+            ..last.clone()
+        };
+        entry.result = history::IN_PROGRESS.into();
+        entry.step = format!("undo {}", changed.join(", "));
+        let mut record = Record::start(kube, entry, &entries)?;
+        let undone = exec.step(format!("undo {}", changed.join(", ")), || {
+            roll_back(kube, &self.wait, &changed)
+        });
+        if let Err(error) = undone {
+            record.finish(kube, "failed")?;
+            return Err(crate::exec::rollback_failed(format!(
+                "{error:#}\nThe cluster may run a mix of revisions: inspect with `kubectl --namespace {} get deployments,replicasets,pods`",
+                kube.namespace
+            )));
+        }
+        // The entry names what now runs: the restored revision and digests.
+        for name in &changed {
+            if let Some(running) = kube.running(name)? {
+                record.entry.revision = running.revision.clone().unwrap_or_default();
+                record.entry.tag = running.tag.clone().unwrap_or_default();
+                record.entry.dirty = running.dirty;
+                record.entry.digests.insert(name.clone(), running.digest.clone());
+                exec.output.result(&format!(
+                    "{name:<14} {:<12} {}",
+                    record.entry.tag,
+                    running.digest.as_deref().unwrap_or("-")
+                ));
+            }
+        }
+        record.finish(kube, SUCCEEDED)?;
+        eprintln!("undid the deploy of {}", last.tag);
+        Ok(())
+    }
+}

@@ -1,0 +1,123 @@
+//! `cargo xtask status`: what the cluster runs, against HEAD.
+
+use anyhow::Result;
+use clap::Args;
+use serde_json::json;
+
+use crate::{
+    config::{Config, Overrides},
+    exec::Exec,
+    git,
+    history,
+    kube::{Kube, Running},
+    lock,
+};
+
+/// What each deployment runs (revision, digest, readiness, age), drift from HEAD, the deploy history
+#[derive(Args, Debug)]
+pub struct Status {
+    /// Kube context to read; needed for any but the configured one
+    #[arg(long, value_name = "CONTEXT")]
+    pub context: Option<String>,
+    /// History entries to show
+    #[arg(long, default_value_t = 5, value_name = "N")]
+    pub history: usize,
+    #[command(flatten)]
+    pub overrides: Overrides,
+}
+
+impl Status {
+    pub fn run(self, exec: &Exec) -> Result<()> {
+        let config = Config::load(exec, &self.overrides)?;
+        exec.sh.change_dir(&config.root);
+        let head = git::commit(exec, "HEAD")?;
+        let (kube, _) = Kube::connect(exec, &config, self.context.as_deref(), true)?;
+        let out = exec.output;
+        out.result(&format!(
+            "namespace {} on {}; HEAD is {}",
+            config.namespace,
+            kube.context.as_deref().unwrap_or("?"),
+            head.short()
+        ));
+        out.result(&format!(
+            "{:<14} {:<26} {:<20} {:>7} {:>8}  state",
+            "component", "revision", "digest", "ready", "age"
+        ));
+        for name in config.rollout() {
+            let running = kube.running(&name)?;
+            let state = state(running.as_ref(), &head.sha);
+            match &running {
+                Some(r) => out.result(&format!(
+                    "{:<14} {:<26} {:<20} {:>7} {:>8}  {state}",
+                    name,
+                    r.tag.as_deref().unwrap_or("(not by xtask)"),
+                    r.digest.as_deref().map_or("-", |d| &d[..d.len().min(19)]),
+                    format!("{}/{}", r.ready, r.desired),
+                    r.age_secs.map_or("-".into(), age),
+                )),
+                None => out.result(&format!("{name:<14} {:<26} {:<20} {:>7} {:>8}  {state}", "-", "-", "-", "-")),
+            }
+            out.event(
+                "component",
+                json!({"name": name, "running": running, "state": state, "head": head.sha}),
+            );
+        }
+        let holder = lock::live_holder(&kube)?;
+        match &holder {
+            Some(holder) => out.result(&format!("deploy lock: held by {holder}")),
+            None => out.result("deploy lock: free"),
+        }
+        out.event("lock", json!({ "holder": holder }));
+        let entries = history::read(&kube)?;
+        out.result(&format!("last {} deploys (newest last):", self.history.min(entries.len())));
+        let newest = entries.len().saturating_sub(1);
+        for (index, (key, entry)) in entries.iter().enumerate().skip(entries.len().saturating_sub(self.history)) {
+            // Only the newest entry can belong to a run still holding the lock.
+            let held = index == newest && holder.is_some();
+            out.result(&format!("  {}", entry.describe(held)));
+            out.event(
+                "history",
+                json!({"key": key, "entry": entry, "unfinished": entry.unfinished(held)}),
+            );
+        }
+        if let Some((_, last)) = entries.last().filter(|(_, e)| e.unfinished(holder.is_some())) {
+            eprintln!(
+                "warning: the last {} did not finish (at: {}); changed: {}. Deploy again, or `cargo xtask rollback`",
+                last.kind,
+                last.step,
+                if last.changed.is_empty() { "nothing".into() } else { last.changed.join(", ") }
+            );
+        }
+        Ok(())
+    }
+}
+
+/// One word or phrase for how a deployment compares with HEAD.
+pub fn state(running: Option<&Running>, head: &str) -> String {
+    let Some(r) = running else {
+        return "not deployed".into();
+    };
+    if r.dirty {
+        return "dirty (an uncommitted build)".into();
+    }
+    if let Some(pod) = &r.stale_pod {
+        return format!("mixed (ready pod {pod} runs another digest)");
+    }
+    if !r.rolled_out {
+        return "rolling out".into();
+    }
+    match r.revision.as_deref() {
+        Some(rev) if rev == head => "ok (HEAD)".into(),
+        Some(_) => "drift (not HEAD)".into(),
+        None => "unknown (not deployed by xtask)".into(),
+    }
+}
+
+fn age(secs: i64) -> String {
+    match secs {
+        s if s < 120 => format!("{s}s"),
+        s if s < 7200 => format!("{}m", s / 60),
+        s if s < 172_800 => format!("{}h", s / 3600),
+        s => format!("{}d", s / 86_400),
+    }
+}

@@ -1,0 +1,207 @@
+//! The namespace's deploy history: a ConfigMap with one JSON entry per
+//! deploy or rollback, keyed `<epoch>-<short sha>` so keys sort by time.
+//! An entry is written when the work starts ("in progress") and updated as
+//! it goes, so a deploy killed outright still leaves what it had got to.
+
+use std::collections::BTreeMap;
+
+use anyhow::{Context, Result};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+use crate::{
+    docker::BuiltImage,
+    git::Revision,
+    kube::{Kube, HISTORY_NAME},
+    time::{now_epoch, rfc3339},
+};
+
+pub const IN_PROGRESS: &str = "in progress";
+pub const SUCCEEDED: &str = "succeeded";
+pub const INTERRUPTED: &str = "interrupted";
+/// Entries kept: enough to look back weeks, far below a ConfigMap's 1 MiB.
+const KEEP: usize = 50;
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Entry {
+    /// `deploy` or `rollback`.
+    #[serde(default)]
+    pub kind: String,
+    pub revision: String,
+    #[serde(default)]
+    pub tag: String,
+    #[serde(default)]
+    pub dirty: bool,
+    /// Image name → digest.
+    #[serde(default)]
+    pub digests: BTreeMap<String, Option<String>>,
+    pub time: String,
+    pub who: String,
+    #[serde(default)]
+    pub ci_run: Option<String>,
+    pub result: String,
+    /// The step it was at: what an interrupted deploy had got to.
+    #[serde(default)]
+    pub step: String,
+    /// Deployments this run changed, in the order applied.
+    #[serde(default)]
+    pub changed: Vec<String>,
+}
+
+impl Entry {
+    pub fn new(kind: &str, rev: &Revision, images: &[BuiltImage]) -> Entry {
+        Entry {
+            kind: kind.into(),
+            revision: rev.sha.clone(),
+            tag: rev.tag(),
+            dirty: rev.is_dirty(),
+            digests: images
+                .iter()
+                .map(|b| (b.name.clone(), b.digest.clone()))
+                .collect(),
+            time: rfc3339(now_epoch()),
+            who: who(),
+            ci_run: std::env::var("GITHUB_RUN_ID").ok(),
+            result: IN_PROGRESS.into(),
+            step: String::new(),
+            changed: Vec::new(),
+        }
+    }
+
+    /// One line for people: when, what, who, how it ended.
+    pub fn describe(&self, lock_held: bool) -> String {
+        let result = if self.result == IN_PROGRESS && !lock_held {
+            format!("killed without a result (at: {})", self.step)
+        } else if self.result == IN_PROGRESS || self.result == INTERRUPTED {
+            format!("{} (at: {})", self.result, self.step)
+        } else {
+            self.result.clone()
+        };
+        let changed = if self.changed.is_empty() {
+            "none".to_owned()
+        } else {
+            self.changed.join(", ")
+        };
+        format!(
+            "{}  {:<8} {:<24} {:<20} changed: {changed}; {result}",
+            self.time, self.kind, self.tag, self.who
+        )
+    }
+
+    /// Whether this run stopped before it could finish: interrupted, or
+    /// still "in progress" with nobody holding the lock.
+    pub fn unfinished(&self, lock_held: bool) -> bool {
+        self.result == INTERRUPTED || (self.result == IN_PROGRESS && !lock_held)
+    }
+}
+
+/// Every entry, oldest first.
+pub fn read(kube: &Kube) -> Result<Vec<(String, Entry)>> {
+    #[derive(Deserialize)]
+    struct ConfigMap {
+        #[serde(default)]
+        data: BTreeMap<String, String>,
+    }
+    let Some(map) = kube.get::<ConfigMap>("configmap", HISTORY_NAME)? else {
+        return Ok(Vec::new());
+    };
+    map.data
+        .into_iter()
+        .map(|(key, value)| {
+            let entry = serde_json::from_str(&value)
+                .with_context(|| format!("parsing deploy history entry {key}"))?;
+            Ok((key, entry))
+        })
+        .collect()
+}
+
+/// One entry of the history, written as the run goes.
+pub struct Record {
+    key: String,
+    pub entry: Entry,
+}
+
+impl Record {
+    /// Writes `entry` as a new "in progress" entry, creating the ConfigMap
+    /// on a first deploy and dropping entries beyond the newest [`KEEP`]
+    /// (a ConfigMap holds at most 1 MiB).
+    pub fn start(kube: &Kube, entry: Entry, existing: &[(String, Entry)]) -> Result<Record> {
+        if kube
+            .get::<serde_json::Value>("configmap", HISTORY_NAME)?
+            .is_none()
+        {
+            kube.exec
+                .run(&kube.cmd(&["create", "configmap", HISTORY_NAME]))?;
+        }
+        let key = format!(
+            "{}-{}",
+            now_epoch(),
+            &entry.revision[..12.min(entry.revision.len())]
+        );
+        let expired = existing.len().saturating_sub(KEEP - 1);
+        let record = Record { key, entry };
+        let mut data = serde_json::Map::new();
+        for (old, _) in &existing[..expired] {
+            data.insert(old.clone(), serde_json::Value::Null);
+        }
+        record.write_with(kube, data)?;
+        Ok(record)
+    }
+
+    pub fn step(&mut self, kube: &Kube, step: &str) -> Result<()> {
+        self.entry.step = step.into();
+        self.write(kube)
+    }
+
+    pub fn finish(&mut self, kube: &Kube, result: &str) -> Result<()> {
+        self.entry.result = result.into();
+        self.write(kube)
+    }
+
+    fn write(&self, kube: &Kube) -> Result<()> {
+        self.write_with(kube, serde_json::Map::new())
+    }
+
+    /// A merge patch of this entry, plus `data` (a null value deletes).
+    fn write_with(
+        &self,
+        kube: &Kube,
+        mut data: serde_json::Map<String, serde_json::Value>,
+    ) -> Result<()> {
+        data.insert(self.key.clone(), json!(serde_json::to_string(&self.entry)?));
+        let patch = json!({ "data": data });
+        kube.exec.run(&kube.cmd(&[
+            "patch",
+            "configmap",
+            HISTORY_NAME,
+            "--type",
+            "merge",
+            "--patch",
+            &patch.to_string(),
+        ]))
+    }
+}
+
+/// `user@host`: who ran it, for the lock and the history.
+pub fn who() -> String {
+    let user = std::env::var("USER")
+        .or_else(|_| std::env::var("GITHUB_ACTOR"))
+        .unwrap_or_else(|_| "unknown".into());
+    let host = std::fs::read_to_string("/etc/hostname")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_else(|_| "unknown-host".into());
+    format!("{user}@{host}")
+}
+
+/// The digests a clean build of `sha` was deployed with, from the newest
+/// entry that has all of them.
+pub fn recorded_digests(
+    entries: &[(String, Entry)],
+    sha: &str,
+) -> Option<BTreeMap<String, String>> {
+    entries
+        .iter()
+        .rev()
+        .filter(|(_, e)| e.revision == sha && !e.dirty)
+        .find_map(|(_, e)| e.digests.clone().into_iter().map(|(k, v)| Some((k, v?))).collect())
+}

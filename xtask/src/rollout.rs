@@ -1,0 +1,392 @@
+//! Rolling images out to the cluster, shared by `deploy` and `rollback`:
+//! render the digest-pinned overlay, apply each deployment in order, wait
+//! failing fast, verify the digests, undo on failure, and keep the history
+//! entry up to date all along.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use serde_json::json;
+
+use crate::{
+    config::Config,
+    docker::{self, BuiltImage},
+    exec::{check_interrupted, refuse, rollback_failed, was_interrupted, Cmd, Exec},
+    git::Revision,
+    history::{Record, INTERRUPTED, SUCCEEDED},
+    kube::{
+        Deployment, Kube, DIRTY_ANNOTATION, FIELD_MANAGER, NAME_LABEL, REVISION_ANNOTATION,
+        TAG_ANNOTATION,
+    },
+    time::now_epoch,
+};
+
+/// How a rollout is watched and what happens when it fails.
+#[derive(Args, Debug, Clone)]
+pub struct WaitFlags {
+    /// On failure, leave the cluster as it is for inspection
+    #[arg(long)]
+    pub no_rollback: bool,
+    /// Bound on the whole wait, in seconds
+    #[arg(long, default_value_t = 600, value_name = "SECONDS")]
+    pub timeout: u64,
+    /// How often to look at the rollout, in seconds
+    #[arg(long, default_value_t = 2.0, value_name = "SECONDS")]
+    pub poll_interval: f64,
+    /// How long a running pod may stay unready before the deploy fails, in seconds
+    #[arg(long, default_value_t = 30, value_name = "SECONDS")]
+    pub grace: i64,
+}
+
+impl WaitFlags {
+    pub fn check(&self) -> Result<()> {
+        if !self.poll_interval.is_finite() || self.poll_interval <= 0.0 {
+            return Err(refuse(
+                "--poll-interval must be a positive number of seconds",
+            ));
+        }
+        Ok(())
+    }
+
+    fn sleep(&self) {
+        std::thread::sleep(Duration::from_secs_f64(self.poll_interval));
+    }
+}
+
+/// One deployment rolled out and verified.
+pub struct Verified {
+    pub name: String,
+    pub digest: String,
+    pub ready: usize,
+}
+
+/// One rollout of a set of deployments, recorded in the history as it goes.
+pub struct Rollout<'k, 'a> {
+    pub kube: &'k Kube<'a>,
+    pub flags: &'k WaitFlags,
+    pub record: Record,
+    pub verified: Vec<Verified>,
+}
+
+impl Rollout<'_, '_> {
+    /// Applies `order` one deployment at a time from `overlay`, each waited
+    /// for and verified before the next. `digest_for` gives the digest each
+    /// must run (and may build it first: the seed flow). On failure the
+    /// deployments this run changed are undone, unless `--no-rollback`.
+    pub fn run(
+        &mut self,
+        order: &[String],
+        overlay: &str,
+        digest_for: &mut dyn FnMut(&str) -> Result<String>,
+    ) -> Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(self.flags.timeout);
+        let outcome = self.apply_all(order, overlay, digest_for, deadline);
+        let kube = self.kube;
+        let Err(failure) = outcome else {
+            return self.record.finish(kube, SUCCEEDED);
+        };
+        let changed = self.record.entry.changed.clone();
+        if was_interrupted() {
+            self.record.finish(kube, INTERRUPTED)?;
+            let step = &self.record.entry.step;
+            return Err(failure.context(format!(
+                "interrupted during {step}; changed so far: {}. Nothing was rolled back: see `cargo xtask status`, then deploy again or `cargo xtask rollback`",
+                if changed.is_empty() { "nothing".into() } else { changed.join(", ") }
+            )));
+        }
+        if self.flags.no_rollback {
+            self.record
+                .finish(kube, "failed, left for inspection (--no-rollback)")?;
+            return Err(failure);
+        }
+        let undone = kube
+            .exec
+            .step(format!("roll back {}", changed.join(", ")), || {
+                roll_back(kube, self.flags, &changed)
+            });
+        if let Err(rollback) = undone {
+            let _ = self.record.finish(kube, "failed, rollback failed");
+            return Err(rollback_failed(format!(
+                "{failure:#}\nROLLBACK FAILED: {rollback:#}\nThe cluster may run a mix of revisions: inspect with `kubectl --namespace {} get deployments,replicasets,pods`",
+                kube.namespace
+            )));
+        }
+        self.record.finish(kube, "failed, rolled back")?;
+        Err(failure.context("rolled back: the previous version is serving"))
+    }
+
+    fn apply_all(
+        &mut self,
+        order: &[String],
+        overlay: &str,
+        digest_for: &mut dyn FnMut(&str) -> Result<String>,
+        deadline: Instant,
+    ) -> Result<()> {
+        let kube = self.kube;
+        for name in order {
+            check_interrupted()?;
+            let digest = digest_for(name)?;
+            self.record
+                .step(kube, &format!("apply deployment/{name}"))?;
+            let before: Option<Deployment> = kube.get("deployment", name)?;
+            let step = format!("apply and roll out deployment/{name}");
+            kube.exec.step(step, || {
+                kube.exec.run(&apply_command(kube, overlay, name))?;
+                let after: Option<Deployment> = kube.get("deployment", name)?;
+                if before.as_ref().map(|d| d.metadata.generation)
+                    != after.as_ref().map(|d| d.metadata.generation)
+                {
+                    self.record.entry.changed.push(name.clone());
+                }
+                wait(kube, self.flags, name, Some(&digest), deadline)?;
+                let ready = verify_pods(kube, name, &digest)?;
+                self.verified.push(Verified {
+                    name: name.clone(),
+                    digest: digest.clone(),
+                    ready,
+                });
+                Ok(())
+            })?;
+        }
+        Ok(())
+    }
+}
+
+/// Polls until `name` has rolled out; with `digest`, fails as soon as a
+/// new pod shows a state that will not fix itself. Reports progress as it
+/// changes.
+pub fn wait(
+    kube: &Kube,
+    flags: &WaitFlags,
+    name: &str,
+    digest: Option<&str>,
+    deadline: Instant,
+) -> Result<()> {
+    let mut last = None;
+    loop {
+        check_interrupted()?;
+        let deployment: Deployment = kube
+            .get("deployment", name)?
+            .with_context(|| format!("deployment/{name} does not exist"))?;
+        if let Some(digest) = digest {
+            for pod in kube.pods(name)?.iter().filter(|p| p.wants(digest)) {
+                if let Some(reason) = pod.failure(now_epoch(), flags.grace) {
+                    bail!(
+                        "deployment/{name}: pod {} {reason}\n--- last log lines of {} ---\n{}",
+                        pod.metadata.name,
+                        pod.metadata.name,
+                        kube.logs(&pod.metadata.name)
+                    );
+                }
+            }
+        }
+        let s = &deployment.status;
+        let progress = (s.updated_replicas, s.ready_replicas, s.available_replicas);
+        if last != Some(progress) {
+            last = Some(progress);
+            eprintln!(
+                "deployment/{name}: {} of {} updated, {} ready, {} available",
+                s.updated_replicas, deployment.spec.replicas, s.ready_replicas, s.available_replicas
+            );
+            kube.exec.output.event(
+                "rollout",
+                json!({
+                    "deployment": name,
+                    "desired": deployment.spec.replicas,
+                    "updated": s.updated_replicas,
+                    "ready": s.ready_replicas,
+                    "available": s.available_replicas,
+                }),
+            );
+        }
+        if deployment.rolled_out() {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "deployment/{name} not rolled out within --timeout {}s: {} of {} replicas updated, {} available",
+                flags.timeout,
+                s.updated_replicas,
+                deployment.spec.replicas,
+                s.available_replicas
+            );
+        }
+        flags.sleep();
+    }
+}
+
+/// `kubectl rollout undo` of `changed`, newest first, each waited for and
+/// verified to run the digest its restored template pins.
+pub fn roll_back(kube: &Kube, flags: &WaitFlags, changed: &[String]) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(flags.timeout);
+    for name in changed.iter().rev() {
+        kube.exec
+            .run(&kube.cmd(&["rollout", "undo", &format!("deployment/{name}")]))?;
+        wait(kube, flags, name, None, deadline)?;
+        let deployment: Deployment = kube
+            .get("deployment", name)?
+            .with_context(|| format!("deployment/{name} does not exist"))?;
+        if let Some(digest) = deployment.pinned_digest() {
+            verify_pods(kube, name, digest)?;
+        }
+    }
+    Ok(())
+}
+
+/// Every ready pod reports `digest`, and no pod of an older ReplicaSet is
+/// still ready. Returns how many pods are ready.
+pub fn verify_pods(kube: &Kube, name: &str, digest: &str) -> Result<usize> {
+    let pods = kube.pods(name)?;
+    let ready: Vec<_> = pods.iter().filter(|p| p.is_ready()).collect();
+    if ready.is_empty() {
+        bail!("deployment/{name}: no ready pod");
+    }
+    if let Some(stale) = ready.iter().find(|p| !p.runs(digest)) {
+        let running: Vec<&str> = stale
+            .status
+            .container_statuses
+            .iter()
+            .map(|c| c.image_id.as_str())
+            .collect();
+        bail!(
+            "deployment/{name}: pod {} is ready but runs {} instead of {digest}",
+            stale.metadata.name,
+            running.join(", ")
+        );
+    }
+    eprintln!(
+        "deployment/{name}: {} ready pod(s), all running {digest}",
+        ready.len()
+    );
+    kube.exec.output.event(
+        "verified",
+        json!({"deployment": name, "digest": digest, "ready": ready.len()}),
+    );
+    Ok(ready.len())
+}
+
+/// `kubectl apply --server-side` of one component of the overlay. Conflicts
+/// are forced on purpose: after a `rollout undo` the image field belongs to
+/// kubectl's rollback manager, and the deploy must take it back.
+pub fn apply_command(kube: &Kube, overlay: &str, name: &str) -> Cmd {
+    kube.global(&[
+        "apply",
+        "--server-side",
+        "--field-manager",
+        FIELD_MANAGER,
+        "--force-conflicts",
+        "--kustomize",
+        overlay,
+        "--selector",
+        &format!("{NAME_LABEL}={name}"),
+    ])
+}
+
+/// Writes `target/xtask/deploy/kustomization.yaml` over the base, pinning
+/// every image by digest (a placeholder for one not pushed yet) and
+/// stamping the revision on each pod template. Returns the overlay
+/// directory.
+pub fn render_overlay(
+    exec: &Exec,
+    kube: &Kube,
+    config: &Config,
+    built: &[BuiltImage],
+    rev: &Revision,
+    cause: &str,
+) -> Result<String> {
+    let dir = docker::out_dir(config).join("deploy");
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    // kustomize takes only relative resource paths: the overlay sits three
+    // levels below the root.
+    let base = std::path::Path::new("../../..").join(&config.manifests);
+    let images: Vec<serde_json::Value> = built
+        .iter()
+        .map(|image| {
+            let digest = image
+                .digest
+                .clone()
+                .unwrap_or_else(|| format!("sha256:<{}-digest-after-push>", image.name));
+            json!({"name": image.name, "newName": image.repository(), "digest": digest})
+        })
+        .collect();
+    let annotations = json!({
+        REVISION_ANNOTATION: rev.sha,
+        TAG_ANNOTATION: rev.tag(),
+        DIRTY_ANNOTATION: rev.is_dirty().to_string(),
+        "kubernetes.io/change-cause": cause,
+    });
+    let patch = json!({
+        "apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "any"},
+        "spec": {"template": {"metadata": {"annotations": annotations}}},
+    });
+    let kustomization = json!({
+        "apiVersion": "kustomize.config.k8s.io/v1beta1",
+        "kind": "Kustomization",
+        "namespace": config.namespace,
+        "resources": [base.display().to_string()],
+        "images": images,
+        "patches": [{"target": {"kind": "Deployment"}, "patch": patch.to_string()}],
+    });
+    let path = dir.join("kustomization.yaml");
+    std::fs::write(&path, serde_json::to_string_pretty(&kustomization)? + "\n")
+        .with_context(|| format!("writing {}", path.display()))?;
+    let dir_str = dir.display().to_string();
+    let rendered = exec.read(&Cmd::new(&kube.kubectl).args(["kustomize", &dir_str]))?;
+    std::fs::write(dir.join("rendered.yaml"), &rendered)?;
+    if exec.dry_run {
+        let out = exec.output;
+        out.result(&format!("# rendered manifests ({}):", path.display()));
+        for line in rendered.lines() {
+            out.result(&format!("# {line}"));
+        }
+        out.event(
+            "manifests",
+            json!({"path": dir.join("rendered.yaml"), "yaml": rendered}),
+        );
+    }
+    Ok(dir_str)
+}
+
+/// The digests built for `rev`: those the deploy history recorded, or else
+/// those its SHA tag resolves to in the registry, each checked against the
+/// image's revision label (a tag can be moved; the label is in the image).
+pub fn digests_for(
+    exec: &Exec,
+    config: &Config,
+    entries: &[(String, crate::history::Entry)],
+    rev: &Revision,
+) -> Result<Vec<BuiltImage>> {
+    let recorded = crate::history::recorded_digests(entries, &rev.sha);
+    config
+        .images
+        .iter()
+        .map(|image| {
+            let reference = config.image_ref(&image.name, &rev.tag());
+            let digest = match recorded.as_ref().and_then(|r| r.get(&image.name)) {
+                Some(digest) => digest.clone(),
+                None => {
+                    let (digest, label) = docker::resolve(exec, &reference).map_err(|e| {
+                        anyhow::anyhow!("{} was never deployed from this namespace's history, and {reference} is not in the registry: {e:#}", rev.short())
+                    })?;
+                    if label.as_deref() != Some(rev.sha.as_str()) {
+                        bail!(
+                            "{reference} is labelled revision {} instead of {}: the tag was moved; refusing it",
+                            label.as_deref().unwrap_or("(none)"),
+                            rev.sha
+                        );
+                    }
+                    digest
+                }
+            };
+            Ok(BuiltImage {
+                name: image.name.clone(),
+                reference,
+                tag: rev.tag(),
+                digest: Some(digest),
+                revision: rev.sha.clone(),
+                dirty: false,
+            })
+        })
+        .collect()
+}
