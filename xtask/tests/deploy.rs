@@ -28,6 +28,11 @@ struct Fixture {
 
 impl Fixture {
     fn new(scenario: Value) -> Fixture {
+        Fixture::with_web_config(scenario, "")
+    }
+
+    /// `web_config`: extra keys for fxweb's `[[images]]` entry.
+    fn with_web_config(scenario: Value, web_config: &str) -> Fixture {
         require_docker();
         let repo = TempDir::new("deploy");
         let root = repo.path();
@@ -35,13 +40,13 @@ impl Fixture {
         std::fs::write(
             root.join("Cargo.toml"),
             format!(
-                "[workspace]\nmembers = []\n\n[workspace.metadata.xtask]\nregistry = \"{registry}\"\nnamespace = \"fx\"\ncontext = \"{CONTEXT}\"\nrollout_order = [\"fxapi\", \"fxweb\"]\n\n[[workspace.metadata.xtask.images]]\nname = \"fxweb\"\ndockerfile = \"Dockerfile\"\n\n[[workspace.metadata.xtask.images]]\nname = \"fxapi\"\ndockerfile = \"Dockerfile\"\n"
+                "[workspace]\nmembers = []\n\n[workspace.metadata.xtask]\nregistry = \"{registry}\"\nnamespace = \"fx\"\ncontext = \"{CONTEXT}\"\nrollout_order = [\"fxapi\", \"fxweb\"]\n\n[[workspace.metadata.xtask.images]]\nname = \"fxweb\"\ndockerfile = \"Dockerfile\"\n{web_config}\n\n[[workspace.metadata.xtask.images]]\nname = \"fxapi\"\ndockerfile = \"Dockerfile\"\n"
             ),
         )
         .unwrap();
         std::fs::write(
             root.join("Dockerfile"),
-            "ARG BASE_REGISTRY=docker.io/library\nFROM ${BASE_REGISTRY}/debian:bookworm-slim\nARG GIT_REVISION=unknown\nRUN echo \"$GIT_REVISION\" > /revision\n",
+            "ARG BASE_REGISTRY=docker.io/library\nFROM ${BASE_REGISTRY}/debian:bookworm-slim\nARG GIT_REVISION=unknown\nARG API_URL=none\nRUN echo \"$GIT_REVISION $API_URL\" > /revision\n",
         )
         .unwrap();
         std::fs::create_dir(root.join("k8s")).unwrap();
@@ -89,28 +94,68 @@ impl Fixture {
         self.repo.path()
     }
 
+    /// `deploy` with short waits, then `args`.
     fn xtask(&self, args: &[&str]) -> XtaskRun {
-        let kubectl = fake_kubectl().display().to_string();
-        let dir = self.cluster.path().display().to_string();
-        let mut all = vec![
-            "deploy",
-            "--poll-interval",
-            "0.1",
-            "--grace",
-            "2",
-            "--timeout",
-            "60",
-        ];
+        let mut all = vec!["deploy"];
+        all.extend_from_slice(FAST);
         all.extend_from_slice(args);
-        xtask(
-            self.root(),
-            &all,
-            &[
-                ("XTASK_KUBECTL", &kubectl),
-                ("FAKE_KUBE_DIR", &dir),
-                ("XTASK_REGISTRY", &self.registry),
-            ],
-        )
+        self.run(&all)
+    }
+
+    /// Any xtask command against this fixture's cluster and registry.
+    fn run(&self, args: &[&str]) -> XtaskRun {
+        let env = self.env();
+        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        xtask(self.root(), args, &env)
+    }
+
+    fn env(&self) -> [(&'static str, String); 3] {
+        [
+            ("XTASK_KUBECTL", fake_kubectl().display().to_string()),
+            ("FAKE_KUBE_DIR", self.cluster.path().display().to_string()),
+            ("XTASK_REGISTRY", self.registry.clone()),
+        ]
+    }
+
+    /// Starts `args` in the background, for tests that signal it.
+    fn spawn(&self, args: &[&str]) -> std::process::Child {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_xtask"));
+        cmd.args(args)
+            .current_dir(self.root())
+            .env("XTASK_BASE_REGISTRY", base_registry())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        for (k, v) in self.env() {
+            cmd.env(k, v);
+        }
+        cmd.spawn().expect("starting the xtask binary")
+    }
+
+    /// Rewrites the fake cluster's state.
+    fn edit_state(&self, edit: impl FnOnce(&mut Value)) {
+        let mut state = self.state();
+        edit(&mut state);
+        std::fs::write(self.cluster.path().join("state.json"), state.to_string()).unwrap();
+    }
+
+    /// The history entries, oldest first.
+    fn history(&self) -> Vec<Value> {
+        let state = self.state();
+        let Some(map) = state["configmaps"]["xtask-deploy-history"].as_object() else {
+            return Vec::new();
+        };
+        let mut keys: Vec<&String> = map.keys().collect();
+        keys.sort();
+        keys.iter()
+            .map(|k| serde_json::from_str(map[*k].as_str().unwrap()).unwrap())
+            .collect()
+    }
+
+    fn image_of(&self, name: &str) -> String {
+        self.state()["deployments"][name]["image"]
+            .as_str()
+            .unwrap()
+            .to_owned()
     }
 
     fn calls(&self) -> Vec<Vec<String>> {
@@ -147,6 +192,9 @@ impl Fixture {
         digests
     }
 }
+
+/// Short waits, so failures show in seconds.
+const FAST: &[&str] = &["--poll-interval", "0.1", "--grace", "2", "--timeout", "60"];
 
 fn selector(name: &str) -> String {
     format!("app.kubernetes.io/name={name}")
@@ -488,6 +536,190 @@ fn deploy_from_a_build_file_checks_revision_and_registry() {
         missing.stderr.contains("is not in the registry"),
         "{}",
         missing.stderr
+    );
+}
+
+#[test]
+fn status_and_verify_compare_the_cluster_with_head() {
+    let fx = Fixture::new(json!({"existing": existing(), "namespaces": ["fx"]}));
+    fx.xtask(&[]).assert_ok();
+    let verified = fx.run(&["verify"]);
+    verified.assert_ok();
+    assert!(
+        verified.stdout.contains("ok    fxapi") && verified.stdout.contains("ok    fxweb"),
+        "{}",
+        verified.stdout
+    );
+    let status = fx.run(&["status"]);
+    status.assert_ok();
+    assert_eq!(status.stdout.matches("ok (HEAD)").count(), 2, "{}", status.stdout);
+    assert!(status.stdout.contains("succeeded") && status.stdout.contains("deploy lock: free"));
+
+    // A new commit, built and pushed but not deployed: drift.
+    std::fs::write(fx.root().join("app.txt"), "next").unwrap();
+    commit_all(fx.root(), "next");
+    xtask(fx.root(), &["build", "--push"], &[("XTASK_REGISTRY", &fx.registry)]).assert_ok();
+    let head_digest = fx.digests()["fxweb"].as_str().unwrap().to_owned();
+    let status = fx.run(&["status"]);
+    assert_eq!(status.stdout.matches("drift (not HEAD)").count(), 2, "{}", status.stdout);
+    let drift = fx.run(&["verify"]);
+    assert_eq!(drift.code, 1, "{}", drift.stderr);
+    assert!(
+        drift.stdout.contains("FAIL  deployment/fxweb pins")
+            && drift.stdout.contains(&format!("not HEAD's {head_digest}")),
+        "resolved HEAD's digest from the registry: {}",
+        drift.stdout
+    );
+
+    // A dirty build running fails verify with its own message.
+    std::fs::write(fx.root().join("app.txt"), "uncommitted").unwrap();
+    fx.xtask(&["--allow-dirty"]).assert_ok();
+    std::fs::write(fx.root().join("app.txt"), "next").unwrap();
+    let dirty = fx.run(&["verify"]);
+    assert_eq!(dirty.code, 1);
+    assert!(dirty.stderr.contains("runs a dirty build"), "{}", dirty.stderr);
+    assert!(fx.run(&["status"]).stdout.contains("dirty (an uncommitted build)"));
+}
+
+#[test]
+fn rollback_undoes_the_last_deploy_and_to_redeploys_recorded_digests() {
+    let fx = Fixture::new(json!({"namespaces": ["fx"]}));
+    fx.xtask(&[]).assert_ok();
+    let first = git(fx.root(), &["rev-parse", "HEAD"]);
+    let first_image = fx.image_of("fxweb");
+    std::fs::write(fx.root().join("app.txt"), "second").unwrap();
+    let second = commit_all(fx.root(), "second");
+    fx.xtask(&[]).assert_ok();
+    let second_image = fx.image_of("fxweb");
+    assert_ne!(first_image, second_image);
+
+    // Without --to: undo what the last deploy changed, newest first.
+    let mut undo = vec!["rollback"];
+    undo.extend_from_slice(FAST);
+    let run = fx.run(&undo);
+    run.assert_ok();
+    assert_eq!(fx.image_of("fxweb"), first_image);
+    let web = fx.call_index(&["rollout", "undo", "deployment/fxweb"]).unwrap();
+    let api = fx.call_index(&["rollout", "undo", "deployment/fxapi"]).unwrap();
+    assert!(web < api);
+    let last = fx.history().pop().unwrap();
+    assert_eq!(last["kind"], "rollback");
+    assert_eq!(last["result"], "succeeded");
+    assert_eq!(last["revision"], first, "the entry names what runs now");
+    assert_eq!(fx.run(&["verify"]).code, 1, "HEAD is not running any more");
+
+    // A second undo has nothing of a deploy to undo.
+    let again = fx.run(&undo);
+    assert_eq!(again.code, 2, "{}", again.stderr);
+    assert!(again.stderr.contains("pass --to"), "{}", again.stderr);
+
+    // --to: the recorded digests, applied and verified, nothing built.
+    let mut to = undo.clone();
+    to.extend_from_slice(&["--to", &second[..10]]);
+    let run = fx.run(&to);
+    run.assert_ok();
+    assert!(!run.stderr.contains("docker buildx bake"), "{}", run.stderr);
+    assert_eq!(fx.image_of("fxweb"), second_image);
+    fx.run(&["verify"]).assert_ok();
+    assert_eq!(fx.history().pop().unwrap()["kind"], "rollback");
+
+    // A revision that was never built is refused before anything changes.
+    std::fs::write(fx.root().join("app.txt"), "never built").unwrap();
+    let unbuilt = commit_all(fx.root(), "never built");
+    let calls = fx.calls().len();
+    let mut never = undo.clone();
+    never.extend_from_slice(&["--to", &unbuilt]);
+    let refused = fx.run(&never);
+    assert_eq!(refused.code, 2, "{}", refused.stderr);
+    assert!(refused.stderr.contains("not in the registry"), "{}", refused.stderr);
+    assert!(fx.calls()[calls..]
+        .iter()
+        .all(|c| !c.contains(&"apply".to_owned())));
+}
+
+/// Waits until the fake cluster has recorded a call with all `words`
+/// after its first `after` calls.
+fn wait_for_call(fx: &Fixture, after: usize, words: &[&str]) {
+    let deadline = Instant::now() + std::time::Duration::from_secs(120);
+    let seen = || {
+        fx.calls()
+            .iter()
+            .skip(after)
+            .any(|argv| words.iter().all(|w| argv.iter().any(|a| a == w)))
+    };
+    while !seen() {
+        assert!(Instant::now() < deadline, "no call {words:?}: {:?}", fx.calls());
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
+
+fn signal(child: &std::process::Child, name: &str) {
+    ok(Path::new("."), "kill", &[&format!("-{name}"), &child.id().to_string()]);
+}
+
+#[test]
+fn an_interrupted_deploy_records_where_it_stopped_and_frees_the_lock() {
+    let fx = Fixture::failing("never-ready");
+    let mut args = vec!["deploy", "--poll-interval", "0.1", "--grace", "600"];
+    args.push("--timeout");
+    args.push("600");
+    let child = fx.spawn(&args);
+    wait_for_call(&fx, 0, &["apply", &selector("fxweb")]);
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    signal(&child, "INT");
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(130), "{stderr}");
+    assert!(
+        stderr.contains("interrupted during apply deployment/fxweb") && stderr.contains("fxapi, fxweb"),
+        "{stderr}"
+    );
+    let state = fx.state();
+    assert_eq!(state["lease"], Value::Null, "the lock was released");
+    let entry = fx.history().pop().unwrap();
+    assert_eq!(entry["result"], "interrupted");
+    assert_eq!(entry["step"], "apply deployment/fxweb");
+    assert_eq!(entry["changed"], json!(["fxapi", "fxweb"]));
+    assert_eq!(fx.call_index(&["rollout", "undo"]), None, "nothing undone");
+    let status = fx.run(&["status"]);
+    status.assert_ok();
+    assert!(
+        status.stdout.contains("interrupted (at: apply deployment/fxweb)")
+            && status.stderr.contains("did not finish"),
+        "{}\n{}",
+        status.stdout,
+        status.stderr
+    );
+
+    // SIGKILL: no handler runs. The entry stays "in progress" and the lock
+    // stays until it expires; then status calls it killed and the next
+    // deploy takes the lock over and says what the killed one had got to.
+    std::fs::write(fx.root().join("app.txt"), "again").unwrap();
+    commit_all(fx.root(), "again");
+    let before = fx.calls().len();
+    let child = fx.spawn(&args);
+    wait_for_call(&fx, before, &["apply", &selector("fxweb")]);
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    signal(&child, "KILL");
+    child.wait_with_output().unwrap();
+    assert_ne!(fx.state()["lease"], Value::Null, "a killed deploy leaves its lock");
+    assert!(fx.run(&["status"]).stdout.contains("deploy lock: held by"));
+    fx.edit_state(|state| {
+        state["lease"]["spec"]["renewTime"] = json!("2020-01-01T00:00:00.000000Z");
+    });
+    let status = fx.run(&["status"]);
+    assert!(
+        status.stdout.contains("killed without a result (at: apply deployment/fxweb)"),
+        "{}",
+        status.stdout
+    );
+    let next = fx.xtask(&["--no-rollback"]);
+    assert!(
+        next.stderr.contains("expired; taking it over")
+            && next.stderr.contains("the previous run did not finish")
+            && next.stderr.contains("killed without a result"),
+        "{}",
+        next.stderr
     );
 }
 
