@@ -262,7 +262,7 @@ impl Config {
     /// `images` with the environment's seed values set as build args; a
     /// seeded image without a value keeps its Dockerfile default, and is
     /// reported so.
-    pub fn with_seed_values(&self, images: Vec<Image>) -> Vec<Image> {
+    pub fn with_seed_values(&self, images: Vec<Image>, out: &crate::exec::Output) -> Vec<Image> {
         images
             .into_iter()
             .map(|mut image| {
@@ -271,10 +271,10 @@ impl Config {
                         Some(value) => {
                             image.build_args.insert(seed.build_arg.clone(), value.clone());
                         }
-                        None => eprintln!(
-                            "warning: {} is built without {}: it comes from service {}'s address at deploy time, and no value is configured for this environment (seed_args)",
+                        None => out.warn(&format!(
+                            "{} is built without {}: it comes from service {}'s address at deploy time, and no value is configured for this environment (seed_args)",
                             image.name, seed.build_arg, seed.service
-                        ),
+                        )),
                     }
                 }
                 image

@@ -336,7 +336,7 @@ pub fn ecr_login(exec: &Exec, registry: &str) -> Result<()> {
     let region = parts[3];
     require_tool("aws", "install the AWS CLI to log in to ECR")?;
     if exec.dry_run {
-        println!("$ aws ecr get-login-password --region {region} | docker login --username AWS --password-stdin {host}");
+        exec.output.result(&format!("$ aws ecr get-login-password --region {region} | docker login --username AWS --password-stdin {host}"));
         return Ok(());
     }
     let password = exec
@@ -500,8 +500,17 @@ mod tests {
             cache: true,
             push: true,
             builder: Some("remote".into()),
+            cache_from: vec!["type=registry,ref=r/cache:aiq".into()],
+            cache_to: vec!["type=registry,ref=r/cache:aiq,mode=max".into()],
         };
         let cached = bake_command(Path::new("b.json"), Path::new("m.json"), &tagged, &opts);
+        assert!(cached.to_string().contains(
+            "--set '*.cache-from=type=registry,ref=r/cache:aiq' --set '*.cache-to=type=registry,ref=r/cache:aiq,mode=max'"
+        ), "{cached}");
+        assert!(
+            !fresh.to_string().contains("cache-from"),
+            "fresh builds import no cache"
+        );
         assert!(!cached
             .argv()
             .iter()

@@ -227,7 +227,8 @@ impl Output {
         if !self.json {
             return;
         }
-        let mut event = json!({"event": kind, "time": crate::time::rfc3339(crate::time::now_epoch())});
+        let mut event =
+            json!({"event": kind, "time": crate::time::rfc3339(crate::time::now_epoch())});
         if let (Some(event), serde_json::Value::Object(fields)) = (event.as_object_mut(), fields) {
             event.extend(fields);
         }
@@ -244,6 +245,12 @@ impl Output {
         } else {
             println!("{line}");
         }
+    }
+
+    /// A warning: on stderr, and as an event under `--json`.
+    pub fn warn(&self, message: &str) {
+        eprintln!("{} {message}", self.paint("33", "warning:"));
+        self.event("warning", json!({ "message": message }));
     }
 
     /// A command about to run (echoed on stderr), or printed as the plan by

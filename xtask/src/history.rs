@@ -203,5 +203,11 @@ pub fn recorded_digests(
         .iter()
         .rev()
         .filter(|(_, e)| e.revision == sha && !e.dirty)
-        .find_map(|(_, e)| e.digests.clone().into_iter().map(|(k, v)| Some((k, v?))).collect())
+        .find_map(|(_, e)| {
+            e.digests
+                .clone()
+                .into_iter()
+                .map(|(k, v)| Some((k, v?)))
+                .collect()
+        })
 }

@@ -80,7 +80,8 @@ impl<'a> Kube<'a> {
         match exec.read(&version) {
             Ok(_) => Ok((kube, true)),
             Err(e) if !need_reachable => {
-                eprintln!("cluster {context} is not reachable: {e:#}");
+                exec.output
+                    .warn(&format!("cluster {context} is not reachable: {e:#}"));
                 Ok((kube, false))
             }
             Err(e) => Err(refuse(format!(
@@ -145,7 +146,7 @@ impl<'a> Kube<'a> {
         let ready: Vec<&Pod> = pods.iter().filter(|p| p.is_ready()).collect();
         let stale = ready
             .iter()
-            .find(|p| digest.as_deref().is_none_or(|d| !p.runs(d)))
+            .find(|p| !digest.as_deref().is_some_and(|d| p.runs(d)))
             .map(|p| p.metadata.name.clone());
         let oldest_start = ready
             .iter()

@@ -102,7 +102,9 @@ fn take_over_expired(
         )));
     }
     lease["metadata"]["resourceVersion"] = held["metadata"]["resourceVersion"].clone();
-    eprintln!("the lock held by {holder} expired; taking it over");
+    kube.exec.output.warn(&format!(
+        "the lock held by {holder} expired; taking it over"
+    ));
     kube.exec
         .run(
             &kube
@@ -128,7 +130,7 @@ fn start_renewing(kube: &Kube) -> (Arc<AtomicBool>, std::thread::JoinHandle<()>)
             if last.elapsed() >= RENEW_EVERY {
                 let patch = json!({"spec": {"renewTime": micro_time(now_epoch())}}).to_string();
                 if let Err(e) = exec.read(&renew.clone().arg(patch)) {
-                    eprintln!("warning: renewing the deploy lock failed: {e:#}");
+                    output.warn(&format!("renewing the deploy lock failed: {e:#}"));
                 }
                 last = Instant::now();
             }
@@ -175,5 +177,8 @@ fn expires(spec: &serde_json::Value) -> i64 {
         .as_str()
         .and_then(crate::time::parse_rfc3339)
         .unwrap_or(0);
-    renewed + spec["leaseDurationSeconds"].as_i64().unwrap_or(LOCK_SECONDS)
+    renewed
+        + spec["leaseDurationSeconds"]
+            .as_i64()
+            .unwrap_or(LOCK_SECONDS)
 }

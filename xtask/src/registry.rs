@@ -80,7 +80,9 @@ pub fn ensure_local(exec: &Exec) -> Result<String> {
         return Ok(DEFAULT_LOCAL.to_owned());
     }
     if exec.dry_run {
-        println!("# would start a local registry on {DEFAULT_LOCAL}");
+        exec.output.result(&format!(
+            "# would start a local registry on {DEFAULT_LOCAL}"
+        ));
         return Ok(DEFAULT_LOCAL.to_owned());
     }
     start(exec)?;

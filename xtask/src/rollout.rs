@@ -187,7 +187,10 @@ pub fn wait(
             last = Some(progress);
             eprintln!(
                 "deployment/{name}: {} of {} updated, {} ready, {} available",
-                s.updated_replicas, deployment.spec.replicas, s.ready_replicas, s.available_replicas
+                s.updated_replicas,
+                deployment.spec.replicas,
+                s.ready_replicas,
+                s.available_replicas
             );
             kube.exec.output.event(
                 "rollout",

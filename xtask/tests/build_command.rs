@@ -341,3 +341,57 @@ fn a_base_image_that_cannot_be_pulled_is_named_with_the_fix() {
         "{error}"
     );
 }
+
+#[test]
+fn build_json_streams_only_documented_events_on_stdout() {
+    let image = unique("json");
+    let repo = fixture(&image);
+    let root = repo.path();
+    let run = xtask(root, &["build", "--push", "--json"], &[]);
+    run.assert_ok();
+    let events = parse_events(&run.stdout);
+    let pushed = events_of(&events, "image_pushed");
+    assert_eq!(pushed.len(), 1);
+    assert_eq!(pushed[0]["digest"], build_file(root)["images"][0]["digest"]);
+    let bake = events_of(&events, "command")
+        .into_iter()
+        .find(|c| {
+            c["line"]
+                .as_str()
+                .unwrap()
+                .starts_with("docker buildx bake")
+        })
+        .expect("the bake command is an event");
+    assert_eq!(bake["dry_run"], false);
+    assert!(bake["argv"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|a| a == "--no-cache"));
+    let finished = events_of(&events, "step_finished");
+    assert!(finished
+        .iter()
+        .all(|s| s["outcome"] == "done" && s["seconds"].is_f64()));
+    assert_eq!(finished.len(), events_of(&events, "step_started").len());
+    let result = events.last().unwrap();
+    assert_eq!(result["ok"], true);
+    assert_eq!(result["exit_code"], 0);
+    // Human output and BuildKit's progress went to stderr.
+    assert!(
+        run.stderr.contains("$ docker buildx bake"),
+        "{}",
+        run.stderr
+    );
+
+    // A refusal is a result event too, with its exit code and message.
+    std::fs::write(root.join("app.txt"), "dirty").unwrap();
+    let refused = xtask(root, &["build", "--json"], &[]);
+    assert_eq!(refused.code, 2);
+    let events = parse_events(&refused.stdout);
+    let result = events.last().unwrap();
+    assert_eq!(result["exit_code"], 2);
+    assert!(result["error"]
+        .as_str()
+        .unwrap()
+        .contains("uncommitted changes"));
+}

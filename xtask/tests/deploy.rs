@@ -552,16 +552,31 @@ fn status_and_verify_compare_the_cluster_with_head() {
     );
     let status = fx.run(&["status"]);
     status.assert_ok();
-    assert_eq!(status.stdout.matches("ok (HEAD)").count(), 2, "{}", status.stdout);
+    assert_eq!(
+        status.stdout.matches("ok (HEAD)").count(),
+        2,
+        "{}",
+        status.stdout
+    );
     assert!(status.stdout.contains("succeeded") && status.stdout.contains("deploy lock: free"));
 
     // A new commit, built and pushed but not deployed: drift.
     std::fs::write(fx.root().join("app.txt"), "next").unwrap();
     commit_all(fx.root(), "next");
-    xtask(fx.root(), &["build", "--push"], &[("XTASK_REGISTRY", &fx.registry)]).assert_ok();
+    xtask(
+        fx.root(),
+        &["build", "--push"],
+        &[("XTASK_REGISTRY", &fx.registry)],
+    )
+    .assert_ok();
     let head_digest = fx.digests()["fxweb"].as_str().unwrap().to_owned();
     let status = fx.run(&["status"]);
-    assert_eq!(status.stdout.matches("drift (not HEAD)").count(), 2, "{}", status.stdout);
+    assert_eq!(
+        status.stdout.matches("drift (not HEAD)").count(),
+        2,
+        "{}",
+        status.stdout
+    );
     let drift = fx.run(&["verify"]);
     assert_eq!(drift.code, 1, "{}", drift.stderr);
     assert!(
@@ -577,8 +592,15 @@ fn status_and_verify_compare_the_cluster_with_head() {
     std::fs::write(fx.root().join("app.txt"), "next").unwrap();
     let dirty = fx.run(&["verify"]);
     assert_eq!(dirty.code, 1);
-    assert!(dirty.stderr.contains("runs a dirty build"), "{}", dirty.stderr);
-    assert!(fx.run(&["status"]).stdout.contains("dirty (an uncommitted build)"));
+    assert!(
+        dirty.stderr.contains("runs a dirty build"),
+        "{}",
+        dirty.stderr
+    );
+    assert!(fx
+        .run(&["status"])
+        .stdout
+        .contains("dirty (an uncommitted build)"));
 }
 
 #[test]
@@ -599,8 +621,12 @@ fn rollback_undoes_the_last_deploy_and_to_redeploys_recorded_digests() {
     let run = fx.run(&undo);
     run.assert_ok();
     assert_eq!(fx.image_of("fxweb"), first_image);
-    let web = fx.call_index(&["rollout", "undo", "deployment/fxweb"]).unwrap();
-    let api = fx.call_index(&["rollout", "undo", "deployment/fxapi"]).unwrap();
+    let web = fx
+        .call_index(&["rollout", "undo", "deployment/fxweb"])
+        .unwrap();
+    let api = fx
+        .call_index(&["rollout", "undo", "deployment/fxapi"])
+        .unwrap();
     assert!(web < api);
     let last = fx.history().pop().unwrap();
     assert_eq!(last["kind"], "rollback");
@@ -631,7 +657,11 @@ fn rollback_undoes_the_last_deploy_and_to_redeploys_recorded_digests() {
     never.extend_from_slice(&["--to", &unbuilt]);
     let refused = fx.run(&never);
     assert_eq!(refused.code, 2, "{}", refused.stderr);
-    assert!(refused.stderr.contains("not in the registry"), "{}", refused.stderr);
+    assert!(
+        refused.stderr.contains("not in the registry"),
+        "{}",
+        refused.stderr
+    );
     assert!(fx.calls()[calls..]
         .iter()
         .all(|c| !c.contains(&"apply".to_owned())));
@@ -648,13 +678,21 @@ fn wait_for_call(fx: &Fixture, after: usize, words: &[&str]) {
             .any(|argv| words.iter().all(|w| argv.iter().any(|a| a == w)))
     };
     while !seen() {
-        assert!(Instant::now() < deadline, "no call {words:?}: {:?}", fx.calls());
+        assert!(
+            Instant::now() < deadline,
+            "no call {words:?}: {:?}",
+            fx.calls()
+        );
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
 }
 
 fn signal(child: &std::process::Child, name: &str) {
-    ok(Path::new("."), "kill", &[&format!("-{name}"), &child.id().to_string()]);
+    ok(
+        Path::new("."),
+        "kill",
+        &[&format!("-{name}"), &child.id().to_string()],
+    );
 }
 
 #[test]
@@ -671,7 +709,8 @@ fn an_interrupted_deploy_records_where_it_stopped_and_frees_the_lock() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(130), "{stderr}");
     assert!(
-        stderr.contains("interrupted during apply deployment/fxweb") && stderr.contains("fxapi, fxweb"),
+        stderr.contains("interrupted during apply deployment/fxweb")
+            && stderr.contains("fxapi, fxweb"),
         "{stderr}"
     );
     let state = fx.state();
@@ -684,7 +723,9 @@ fn an_interrupted_deploy_records_where_it_stopped_and_frees_the_lock() {
     let status = fx.run(&["status"]);
     status.assert_ok();
     assert!(
-        status.stdout.contains("interrupted (at: apply deployment/fxweb)")
+        status
+            .stdout
+            .contains("interrupted (at: apply deployment/fxweb)")
             && status.stderr.contains("did not finish"),
         "{}\n{}",
         status.stdout,
@@ -702,14 +743,20 @@ fn an_interrupted_deploy_records_where_it_stopped_and_frees_the_lock() {
     std::thread::sleep(std::time::Duration::from_millis(500));
     signal(&child, "KILL");
     child.wait_with_output().unwrap();
-    assert_ne!(fx.state()["lease"], Value::Null, "a killed deploy leaves its lock");
+    assert_ne!(
+        fx.state()["lease"],
+        Value::Null,
+        "a killed deploy leaves its lock"
+    );
     assert!(fx.run(&["status"]).stdout.contains("deploy lock: held by"));
     fx.edit_state(|state| {
         state["lease"]["spec"]["renewTime"] = json!("2020-01-01T00:00:00.000000Z");
     });
     let status = fx.run(&["status"]);
     assert!(
-        status.stdout.contains("killed without a result (at: apply deployment/fxweb)"),
+        status
+            .stdout
+            .contains("killed without a result (at: apply deployment/fxweb)"),
         "{}",
         status.stdout
     );
@@ -721,6 +768,128 @@ fn an_interrupted_deploy_records_where_it_stopped_and_frees_the_lock() {
         "{}",
         next.stderr
     );
+}
+
+const SEEDED_WEB: &str = "seed = { build_arg = \"API_URL\", service = \"fxapi\" }";
+
+#[test]
+fn a_seeded_image_is_built_once_its_service_has_an_address() {
+    // The LoadBalancer takes a few reads to get its address.
+    let fx = Fixture::with_web_config(json!({"namespaces": ["fx"], "lb_after": 3}), SEEDED_WEB);
+    let run = fx.xtask(&[]);
+    run.assert_ok();
+    let err = &run.stderr;
+    let api = err
+        .find("apply and roll out deployment/fxapi done")
+        .unwrap();
+    let waited = err
+        .find("service/fxapi: waiting for a LoadBalancer address")
+        .unwrap();
+    let seeded = err
+        .find("build and push fxweb with API_URL=http://fxapi.elb.example")
+        .unwrap_or_else(|| panic!("{err}"));
+    let web = err.find("apply and roll out deployment/fxweb").unwrap();
+    assert!(api < waited && waited < seeded && seeded < web, "{err}");
+    let bake = std::fs::read_to_string(fx.root().join("target/xtask/bake.json")).unwrap();
+    assert!(bake.contains("http://fxapi.elb.example"), "{bake}");
+    let reads = fx
+        .calls()
+        .iter()
+        .filter(|c| c.contains(&"service".to_owned()))
+        .count();
+    assert_eq!(reads, 4, "polled until the address came");
+    assert_eq!(
+        fx.image_of("fxweb"),
+        format!(
+            "{}/fxweb@{}",
+            fx.registry,
+            fx.digests()["fxweb"].as_str().unwrap()
+        ),
+        "the seeded build's digest is what runs"
+    );
+
+    // Built ahead (--from), the value must come from the configuration.
+    let file = fx
+        .root()
+        .join("target/xtask/build.json")
+        .display()
+        .to_string();
+    let refused = fx.xtask(&["--from", &file]);
+    assert_eq!(refused.code, 2, "{}", refused.stderr);
+    assert!(
+        refused.stderr.contains("seed_args.API_URL") && refused.stderr.contains("fxapi"),
+        "{}",
+        refused.stderr
+    );
+    let plan = fx.xtask(&["--dry-run"]);
+    plan.assert_ok();
+    assert!(
+        plan.stdout
+            .contains("# then build and push fxweb with API_URL= the address of service fxapi"),
+        "{}",
+        plan.stdout
+    );
+}
+
+#[test]
+fn a_seed_service_that_never_gets_an_address_fails_within_its_bound() {
+    let fx = Fixture::with_web_config(
+        json!({"existing": existing(), "namespaces": ["fx"], "lb_after": 1000}),
+        SEEDED_WEB,
+    );
+    let run = fx.xtask(&["--seed-timeout", "1"]);
+    assert_eq!(run.code, 1, "{}", run.stderr);
+    assert!(
+        run.stderr
+            .contains("service/fxapi has no external address after 1s"),
+        "{}",
+        run.stderr
+    );
+    assert!(run.stderr.contains("rolled back"), "{}", run.stderr);
+    assert_eq!(fx.image_of("fxapi"), "registry/fxapi@sha256:old");
+}
+
+#[test]
+fn deploy_and_status_json_stream_only_documented_events() {
+    let fx = Fixture::new(json!({"namespaces": ["fx"]}));
+    let plan = fx.xtask(&["--dry-run", "--json"]);
+    plan.assert_ok();
+    let events = parse_events(&plan.stdout);
+    let commands = events_of(&events, "command");
+    assert!(commands.iter().all(|c| c["dry_run"] == true));
+    assert!(commands
+        .iter()
+        .any(|c| c["line"].as_str().unwrap().contains("apply --server-side")));
+    assert!(events_of(&events, "manifests")[0]["yaml"]
+        .as_str()
+        .unwrap()
+        .contains("aiq.dev/revision"));
+    assert_eq!(events_of(&events, "diff").len(), 1);
+
+    let run = fx.xtask(&["--json"]);
+    run.assert_ok();
+    let events = parse_events(&run.stdout);
+    let digests = fx.digests();
+    let verified = events_of(&events, "verified");
+    assert_eq!(verified.len(), 2);
+    for v in verified {
+        assert_eq!(v["digest"], digests[v["deployment"].as_str().unwrap()]);
+    }
+    assert_eq!(events_of(&events, "image_pushed").len(), 2);
+    assert!(!events_of(&events, "rollout").is_empty());
+
+    let status = fx.run(&["status", "--json"]);
+    status.assert_ok();
+    let events = parse_events(&status.stdout);
+    let components = events_of(&events, "component");
+    assert_eq!(components.len(), 2);
+    assert!(components.iter().all(|c| c["state"] == "ok (HEAD)"));
+    assert_eq!(events_of(&events, "history").len(), 1);
+    let verify = fx.run(&["verify", "--json"]);
+    verify.assert_ok();
+    assert!(events_of(&parse_events(&verify.stdout), "verified")
+        .iter()
+        .all(|v| v["ok"] == true));
 }
 
 fn time_string(epoch: i64) -> String {
@@ -736,14 +905,38 @@ fn time_string(epoch: i64) -> String {
 /// connect, never on a flag or usage error.
 #[test]
 fn real_kubectl_accepts_every_emitted_command_line() {
-    // A failed-and-rolled-back run, a first deploy and a dry run cover
-    // every verb the deploy emits.
+    // A failed-and-rolled-back run; a first deploy over an expired lock,
+    // a second one, status, verify, both rollbacks; the seed flow; dry
+    // runs: together every verb the xtask emits.
+    // A rollout that stays unready past one lock renewal (every 15 s),
+    // run meanwhile.
+    let slow = Fixture::failing("never-ready");
+    let renewing = slow.spawn(&["deploy", "--poll-interval", "0.5", "--grace", "17"]);
     let ok_run = Fixture::failing("crashloop");
     ok_run.xtask(&[]);
-    let fresh = Fixture::new(json!({}));
+    let expired = json!({"metadata": {"name": "xtask-deploy-lock", "resourceVersion": "7"}, "spec": {"holderIdentity": "bob@ci", "renewTime": "2020-01-01T00:00:00Z", "leaseDurationSeconds": 60}});
+    let fresh = Fixture::new(json!({ "lease": expired }));
     fresh.xtask(&[]).assert_ok();
+    let first = git(fresh.root(), &["rev-parse", "HEAD"]);
+    std::fs::write(fresh.root().join("app.txt"), "second").unwrap();
+    commit_all(fresh.root(), "second");
+    fresh.xtask(&[]).assert_ok();
+    fresh.run(&["status"]).assert_ok();
+    fresh.run(&["verify"]).assert_ok();
+    fresh.run(&["rollback"]).assert_ok();
+    fresh.run(&["rollback", "--to", &first]).assert_ok();
+    let seeded = Fixture::with_web_config(json!({"lb_after": 1}), SEEDED_WEB);
+    seeded.xtask(&[]).assert_ok();
     let dry = Fixture::new(json!({"namespaces": ["fx"]}));
     dry.xtask(&["--dry-run"]).assert_ok();
+    dry.run(&["rollback", "--dry-run", "--to", "HEAD"]);
+    let slow_run = renewing.wait_with_output().unwrap();
+    assert_eq!(
+        slow_run.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&slow_run.stderr)
+    );
     let real = which("kubectl");
     let kubeconfig = TempDir::new("kubeconfig");
     let config_path = kubeconfig.path().join("config");
@@ -755,7 +948,7 @@ fn real_kubectl_accepts_every_emitted_command_line() {
     let lease = r#"{"apiVersion":"coordination.k8s.io/v1","kind":"Lease","metadata":{"name":"xtask-deploy-lock"},"spec":{"holderIdentity":"x"}}"#;
     let mut checked = 0;
     let mut distinct = std::collections::BTreeSet::new();
-    for fx in [&ok_run, &fresh, &dry] {
+    for fx in [&ok_run, &fresh, &seeded, &dry, &slow] {
         for argv in fx.calls() {
             // The verb: the first word after the global `--context C` and
             // `--namespace NS` pairs.
@@ -777,7 +970,12 @@ fn real_kubectl_accepts_every_emitted_command_line() {
                 .filter(|a| a.starts_with("--"))
                 .map(String::as_str)
                 .collect();
-            distinct.insert(format!("{verb} {}", flags.join(" ")));
+            let kind = argv.get(argv.iter().position(|a| a == verb).unwrap() + 1);
+            distinct.insert(format!(
+                "{verb} {} {}",
+                kind.map_or("", |k| k.as_str()),
+                flags.join(" ")
+            ));
             let mut child = std::process::Command::new(&real)
                 .args(&argv)
                 .arg("--request-timeout=5s")
@@ -801,13 +999,26 @@ fn real_kubectl_accepts_every_emitted_command_line() {
             checked += 1;
         }
     }
-    assert!(checked >= 15, "replayed {checked} lines");
+    assert!(checked >= 40, "replayed {checked} lines");
     for shape in [
-        "apply", "rollout", "create", "patch", "delete", "get", "diff", "logs", "version",
+        "apply", "rollout", "create", "replace", "patch", "delete", "get", "diff", "logs",
+        "version",
     ] {
         assert!(
             distinct.iter().any(|d| d.starts_with(shape)),
             "no `{shape}` line was replayed: {distinct:?}"
+        );
+    }
+    for kind in [
+        "get service",
+        "get configmap",
+        "get lease",
+        "patch lease",
+        "patch configmap",
+    ] {
+        assert!(
+            distinct.iter().any(|d| d.starts_with(kind)),
+            "no `{kind}` line was replayed: {distinct:?}"
         );
     }
 }

@@ -59,7 +59,7 @@ impl Build {
             docker::preflight(exec)?;
             let config = Config::load(exec, &self.flags.overrides)?;
             exec.sh.change_dir(&config.root);
-            let images = config.with_seed_values(config.select_images(&self.images)?);
+            let images = config.with_seed_values(config.select_images(&self.images)?, &exec.output);
             let rev = git::revision(exec, self.flags.allow_dirty)?;
             Ok((config, images, rev))
         })?;

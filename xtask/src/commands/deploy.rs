@@ -59,8 +59,9 @@ impl Deploy {
             let (kube, reachable) =
                 Kube::connect(exec, &config, self.context.as_deref(), !exec.dry_run)?;
             if !reachable {
-                exec.output
-                    .result("# the cluster is not reachable: the plan below is printed without a diff");
+                exec.output.result(
+                    "# the cluster is not reachable: the plan below is printed without a diff",
+                );
             }
             let from = match &self.from {
                 Some(path) => Some(self.load_build_file(exec, &config, path, &rev)?),
@@ -105,7 +106,7 @@ impl Deploy {
         } else {
             Vec::new()
         };
-        report_unfinished(&past);
+        report_unfinished(exec, &past);
         // Images built now; seeded ones without a configured value wait for
         // their Service (the seed flow).
         let opts = self.flags.options(config, true);
@@ -119,10 +120,16 @@ impl Deploy {
             Some(file) => file.images,
             None => {
                 let mode = if opts.cache { "cached" } else { "fresh" };
-                let mut built = exec.step(
-                    format!("build and push ({mode}) at {}", rev.tag()),
-                    || docker::build(exec, config, &config.with_seed_values(ahead), rev, &opts),
-                )?;
+                let mut built =
+                    exec.step(format!("build and push ({mode}) at {}", rev.tag()), || {
+                        docker::build(
+                            exec,
+                            config,
+                            &config.with_seed_values(ahead, &exec.output),
+                            rev,
+                            &opts,
+                        )
+                    })?;
                 built.extend(seeded.iter().map(|image| BuiltImage {
                     name: image.name.clone(),
                     reference: config.image_ref(&image.name, &rev.tag()),
@@ -168,7 +175,10 @@ impl Deploy {
                 .find(|i| i.name == name)
                 .with_context(|| format!("{name} has no pushed digest"))?;
             let pushed = self.build_seeded(kube, config, rev, seed_image, &opts)?;
-            let digest = pushed.digest.clone().context("the seeded build has no digest")?;
+            let digest = pushed
+                .digest
+                .clone()
+                .context("the seeded build has no digest")?;
             built.retain(|b| b.name != name);
             built.push(pushed);
             render_overlay(exec, kube, config, &built, rev, &cause)?;
@@ -235,16 +245,31 @@ impl Deploy {
         let seed = image.seed.as_ref().context("not a seeded image")?;
         let address = exec.step(
             format!("wait for service/{}'s external address", seed.service),
-            || wait_for_address(kube, &seed.service, self.seed_timeout, self.wait.poll_interval),
+            || {
+                wait_for_address(
+                    kube,
+                    &seed.service,
+                    self.seed_timeout,
+                    self.wait.poll_interval,
+                )
+            },
         )?;
         let value = seed.template.replace("{address}", &address);
         let mut image = image.clone();
-        image.build_args.insert(seed.build_arg.clone(), value.clone());
+        image
+            .build_args
+            .insert(seed.build_arg.clone(), value.clone());
         let built = exec.step(
-            format!("build and push {} with {}={value}", image.name, seed.build_arg),
+            format!(
+                "build and push {} with {}={value}",
+                image.name, seed.build_arg
+            ),
             || docker::build(exec, config, &[image.clone()], rev, opts),
         )?;
-        built.into_iter().next().context("the seeded build built nothing")
+        built
+            .into_iter()
+            .next()
+            .context("the seeded build built nothing")
     }
 
     /// Reads a build file and checks it holds the expected revision, that
@@ -340,13 +365,13 @@ fn wait_for_address(kube: &Kube, service: &str, timeout: u64, poll: f64) -> Resu
 }
 
 /// Tells about a previous deploy that never finished.
-fn report_unfinished(past: &[(String, Entry)]) {
+fn report_unfinished(exec: &Exec, past: &[(String, Entry)]) {
     // This run holds the lock, so an "in progress" entry is a killed run.
     if let Some((_, last)) = past.last().filter(|(_, e)| e.unfinished(false)) {
-        eprintln!(
-            "warning: the previous run did not finish: {}",
+        exec.output.warn(&format!(
+            "the previous run did not finish: {}",
             last.describe(false)
-        );
+        ));
     }
 }
 

@@ -35,7 +35,11 @@ impl Rollback {
         let (config, kube, reachable, target) = exec.step("preflight", || {
             let config = Config::load(exec, &self.overrides)?;
             exec.sh.change_dir(&config.root);
-            let target = self.to.as_deref().map(|rev| git::commit(exec, rev)).transpose()?;
+            let target = self
+                .to
+                .as_deref()
+                .map(|rev| git::commit(exec, rev))
+                .transpose()?;
             let (kube, reachable) =
                 Kube::connect(exec, &config, self.context.as_deref(), !exec.dry_run)?;
             Ok((config, kube, reachable, target))
@@ -58,7 +62,8 @@ impl Rollback {
     fn redeploy(&self, kube: &Kube, config: &Config, rev: &Revision) -> Result<()> {
         let exec = kube.exec;
         let entries = history::read(kube)?;
-        let images = digests_for(exec, config, &entries, rev).map_err(|e| refuse(format!("{e:#}")))?;
+        let images =
+            digests_for(exec, config, &entries, rev).map_err(|e| refuse(format!("{e:#}")))?;
         let cause = format!("cargo xtask rollback --to {}", rev.tag());
         let overlay = exec.step("render the digest-pinned overlay", || {
             render_overlay(exec, kube, config, &images, rev, &cause)
@@ -88,10 +93,18 @@ impl Rollback {
             .run(&order, &overlay, &mut digest_for)
             .map_err(|e| e.context(format!("rollback to {} failed", rev.tag())))?;
         for v in &rollout.verified {
-            exec.output
-                .result(&format!("{:<14} {:<12} {} {}", v.name, rev.tag(), v.digest, v.ready));
+            exec.output.result(&format!(
+                "{:<14} {:<12} {} {}",
+                v.name,
+                rev.tag(),
+                v.digest,
+                v.ready
+            ));
         }
-        eprintln!("rolled back to {}: every ready pod runs its recorded digests", rev.tag());
+        eprintln!(
+            "rolled back to {}: every ready pod runs its recorded digests",
+            rev.tag()
+        );
         Ok(())
     }
 
@@ -142,7 +155,10 @@ impl Rollback {
                 record.entry.revision = running.revision.clone().unwrap_or_default();
                 record.entry.tag = running.tag.clone().unwrap_or_default();
                 record.entry.dirty = running.dirty;
-                record.entry.digests.insert(name.clone(), running.digest.clone());
+                record
+                    .entry
+                    .digests
+                    .insert(name.clone(), running.digest.clone());
                 exec.output.result(&format!(
                     "{name:<14} {:<12} {}",
                     record.entry.tag,

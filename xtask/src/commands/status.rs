@@ -7,8 +7,7 @@ use serde_json::json;
 use crate::{
     config::{Config, Overrides},
     exec::Exec,
-    git,
-    history,
+    git, history,
     kube::{Kube, Running},
     lock,
 };
@@ -55,7 +54,10 @@ impl Status {
                     format!("{}/{}", r.ready, r.desired),
                     r.age_secs.map_or("-".into(), age),
                 )),
-                None => out.result(&format!("{name:<14} {:<26} {:<20} {:>7} {:>8}  {state}", "-", "-", "-", "-")),
+                None => out.result(&format!(
+                    "{name:<14} {:<26} {:<20} {:>7} {:>8}  {state}",
+                    "-", "-", "-", "-"
+                )),
             }
             out.event(
                 "component",
@@ -69,9 +71,16 @@ impl Status {
         }
         out.event("lock", json!({ "holder": holder }));
         let entries = history::read(&kube)?;
-        out.result(&format!("last {} deploys (newest last):", self.history.min(entries.len())));
+        out.result(&format!(
+            "last {} deploys (newest last):",
+            self.history.min(entries.len())
+        ));
         let newest = entries.len().saturating_sub(1);
-        for (index, (key, entry)) in entries.iter().enumerate().skip(entries.len().saturating_sub(self.history)) {
+        for (index, (key, entry)) in entries
+            .iter()
+            .enumerate()
+            .skip(entries.len().saturating_sub(self.history))
+        {
             // Only the newest entry can belong to a run still holding the lock.
             let held = index == newest && holder.is_some();
             out.result(&format!("  {}", entry.describe(held)));
@@ -80,13 +89,16 @@ impl Status {
                 json!({"key": key, "entry": entry, "unfinished": entry.unfinished(held)}),
             );
         }
-        if let Some((_, last)) = entries.last().filter(|(_, e)| e.unfinished(holder.is_some())) {
-            eprintln!(
-                "warning: the last {} did not finish (at: {}); changed: {}. Deploy again, or `cargo xtask rollback`",
+        if let Some((_, last)) = entries
+            .last()
+            .filter(|(_, e)| e.unfinished(holder.is_some()))
+        {
+            out.warn(&format!(
+                "the last {} did not finish (at: {}); changed: {}. Deploy again, or `cargo xtask rollback`",
                 last.kind,
                 last.step,
                 if last.changed.is_empty() { "nothing".into() } else { last.changed.join(", ") }
-            );
+            ));
         }
         Ok(())
     }

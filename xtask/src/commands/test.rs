@@ -44,16 +44,16 @@ impl Test {
             Ok(registry)
         })?;
         exec.step("cargo test", || {
-        let _registry = exec.sh.push_env("XTASK_TEST_REGISTRY", &registry);
-        let _base = exec
-            .sh
-            .push_env("XTASK_BASE_REGISTRY", format!("{registry}/library"));
-        let cargo = crate::exec::cargo();
-        exec.run_anyway(
-            &Cmd::new(cargo)
-                .args(["test", "--workspace", "--locked", "--all-targets"])
-                .args(&self.cargo_args),
-        )
+            let _registry = exec.sh.push_env("XTASK_TEST_REGISTRY", &registry);
+            let _base = exec
+                .sh
+                .push_env("XTASK_BASE_REGISTRY", format!("{registry}/library"));
+            let cargo = crate::exec::cargo();
+            exec.run_anyway(
+                &Cmd::new(cargo)
+                    .args(["test", "--workspace", "--locked", "--all-targets"])
+                    .args(&self.cargo_args),
+            )
         })
     }
 }

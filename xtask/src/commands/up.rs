@@ -155,7 +155,10 @@ impl Up {
             },
         )?;
         let out = exec.output;
-        out.result(&format!("frontend  http://127.0.0.1:{}", self.frontend_port));
+        out.result(&format!(
+            "frontend  http://127.0.0.1:{}",
+            self.frontend_port
+        ));
         out.result(&format!("backend   http://127.0.0.1:{}", self.backend_port));
         out.result(&format!(
             "revision  {}{}",

@@ -233,3 +233,66 @@ pub fn wait_http(addr: &str, path: &str, secs: u64) {
         std::thread::sleep(Duration::from_millis(200));
     }
 }
+
+/// Parses a `--json` stdout: every line must be one JSON event carrying
+/// the fields the README documents for its kind. Returns the events.
+pub fn parse_events(stdout: &str) -> Vec<serde_json::Value> {
+    let required: &[(&str, &[&str])] = &[
+        ("step_started", &["step", "name"]),
+        ("step_finished", &["step", "name", "outcome", "seconds"]),
+        ("command", &["argv", "line", "dry_run"]),
+        (
+            "image_built",
+            &["name", "reference", "tag", "revision", "dirty"],
+        ),
+        (
+            "image_pushed",
+            &["name", "reference", "tag", "digest", "revision", "dirty"],
+        ),
+        (
+            "rollout",
+            &["deployment", "desired", "updated", "ready", "available"],
+        ),
+        ("verified", &["deployment"]),
+        ("manifests", &["path", "yaml"]),
+        ("diff", &["diff"]),
+        ("component", &["name", "state", "running", "head"]),
+        ("lock", &["holder"]),
+        ("history", &["key", "entry", "unfinished"]),
+        ("stack_up", &["frontend", "backend", "revision", "dirty"]),
+        ("warning", &["message"]),
+        ("result", &["ok", "exit_code", "error", "seconds"]),
+    ];
+    assert!(!stdout.trim().is_empty(), "no events on stdout");
+    let events: Vec<serde_json::Value> = stdout
+        .lines()
+        .map(|line| {
+            serde_json::from_str(line)
+                .unwrap_or_else(|e| panic!("stdout line is not JSON ({e}): {line:?}"))
+        })
+        .collect();
+    for event in &events {
+        let kind = event["event"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no `event` field: {event}"));
+        assert!(event["time"].is_string(), "no `time`: {event}");
+        let (_, fields) = required
+            .iter()
+            .find(|(k, _)| *k == kind)
+            .unwrap_or_else(|| panic!("undocumented event kind {kind}: {event}"));
+        for field in *fields {
+            assert!(
+                event.get(*field).is_some(),
+                "{kind} event lacks `{field}`: {event}"
+            );
+        }
+    }
+    let last = events.last().unwrap();
+    assert_eq!(last["event"], "result", "the stream ends with its result");
+    events
+}
+
+/// The events of one kind.
+pub fn events_of<'a>(events: &'a [serde_json::Value], kind: &str) -> Vec<&'a serde_json::Value> {
+    events.iter().filter(|e| e["event"] == kind).collect()
+}
