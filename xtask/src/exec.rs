@@ -116,11 +116,30 @@ impl<'a> Exec<'a> {
     /// Runs `cmd` even in a dry run: for the setup commands of tests and CI
     /// that only have a real mode.
     pub fn run_anyway(&self, cmd: &Cmd) -> Result<()> {
+        self.spawn(cmd, false)
+    }
+
+    /// Like [`Exec::run`], but stderr passes through a pipe that keeps its
+    /// last lines, which a failure's message then carries: for failures the
+    /// caller must tell apart (a registry hiccup from a compile error). The
+    /// child sees no terminal, so its progress is plain.
+    pub fn run_keeping_stderr(&self, cmd: &Cmd) -> Result<()> {
+        if self.dry_run {
+            self.output.command(cmd, true);
+            return Ok(());
+        }
+        self.spawn(cmd, true)
+    }
+
+    fn spawn(&self, cmd: &Cmd, keep_stderr: bool) -> Result<()> {
         self.output.command(cmd, false);
         let mut command: std::process::Command = cmd.to_xshell(self.sh).into();
         command.stdout(Stdio::from(std::io::stderr()));
         if cmd.stdin.is_some() {
             command.stdin(Stdio::piped());
+        }
+        if keep_stderr {
+            command.stderr(Stdio::piped());
         }
         let mut child = command
             .spawn()
@@ -130,9 +149,27 @@ impl<'a> Exec<'a> {
                 .write_all(bytes)
                 .with_context(|| format!("feeding stdin to `{}`", cmd.argv[0]))?;
         }
+        let tail = child.stderr.take().map(|pipe| {
+            std::thread::spawn(move || {
+                use std::io::BufRead;
+                let mut last: std::collections::VecDeque<String> = Default::default();
+                for line in std::io::BufReader::new(pipe).lines().map_while(Result::ok) {
+                    eprintln!("{line}");
+                    if last.len() == 12 {
+                        last.pop_front();
+                    }
+                    last.push_back(line);
+                }
+                Vec::from(last).join("\n")
+            })
+        });
         let status = child.wait()?;
+        let tail = tail.and_then(|t| t.join().ok()).unwrap_or_default();
         if !status.success() {
-            bail!("`{cmd}` failed ({status})");
+            if tail.is_empty() {
+                bail!("`{cmd}` failed ({status})");
+            }
+            bail!("`{cmd}` failed ({status}):\n{tail}");
         }
         Ok(())
     }

@@ -395,3 +395,165 @@ fn build_json_streams_only_documented_events_on_stdout() {
         .unwrap()
         .contains("uncommitted changes"));
 }
+
+/// The flaky-registry fixture in front of the test registry; stopped when
+/// dropped.
+struct FlakyRegistry {
+    child: std::process::Child,
+    address: String,
+    log: std::path::PathBuf,
+    _dir: TempDir,
+}
+
+impl FlakyRegistry {
+    fn start(flags: &[&str]) -> FlakyRegistry {
+        use std::io::BufRead;
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let dir = TempDir::new("flaky");
+        let log = dir.path().join("requests.log");
+        let script =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/flaky-registry");
+        let mut child = std::process::Command::new(script)
+            .arg(port.to_string())
+            .arg(registry())
+            .arg(&log)
+            .args(flags)
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("starting the flaky registry");
+        let mut ready = String::new();
+        std::io::BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut ready)
+            .unwrap();
+        assert_eq!(ready.trim(), "ready");
+        FlakyRegistry {
+            child,
+            address: format!("127.0.0.1:{port}"),
+            log,
+            _dir: dir,
+        }
+    }
+
+    /// How many requests matched `method path-fragment status`.
+    fn count(&self, method: &str, fragment: &str, status: &str) -> usize {
+        std::fs::read_to_string(&self.log)
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| {
+                let words: Vec<&str> = l.split(' ').collect();
+                words[0] == method && words[1].contains(fragment) && words[2] == status
+            })
+            .count()
+    }
+}
+
+impl Drop for FlakyRegistry {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn a_registry_hiccup_is_retried_from_this_builds_cache() {
+    let image = unique("flaky");
+    let repo = fixture(&image);
+    let root = repo.path();
+    let flaky = FlakyRegistry::start(&["--fail-manifest-puts", "1"]);
+    let registry_flag = format!("{}/fixtures", flaky.address);
+    let run = xtask(
+        root,
+        &["build", "--push", "--registry", &registry_flag],
+        &[],
+    );
+    run.assert_ok();
+    assert!(
+        run.stderr.contains("503 Service Unavailable")
+            && run
+                .stderr
+                .contains("attempt 1 of 3); retrying in 2s from this build's cache"),
+        "{}",
+        run.stderr
+    );
+    let bakes: Vec<&str> = run
+        .stderr
+        .lines()
+        .filter(|l| l.starts_with("$ docker buildx bake"))
+        .collect();
+    assert_eq!(bakes.len(), 2, "{bakes:?}");
+    assert!(
+        bakes[0].contains("--no-cache --pull"),
+        "the first build is fresh"
+    );
+    assert!(
+        !bakes[1].contains("--no-cache") && bakes[1].contains("--pull"),
+        "the retry reuses what was just built, from the same base"
+    );
+    assert_eq!(flaky.count("PUT", "/manifests/", "503"), 1);
+    let digest = build_file(root)["images"][0]["digest"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let short = &git(root, &["rev-parse", "HEAD"])[..12];
+    assert_eq!(
+        registry_digest(&format!("fixtures/{image}"), short).as_deref(),
+        Some(digest.as_str())
+    );
+}
+
+#[test]
+fn immutable_tags_skip_latest_and_refuse_another_build_under_a_sha_tag() {
+    let image = unique("immutable");
+    let repo = fixture(&image);
+    let root = repo.path();
+    let flaky = FlakyRegistry::start(&["--immutable"]);
+    let registry_flag = format!("{}/fixtures", flaky.address);
+    let push = ["build", "--push", "--registry", registry_flag.as_str()];
+    xtask(root, &push, &[]).assert_ok();
+    let repository = format!("fixtures/{image}");
+    let first_latest = registry_digest(&repository, "latest").unwrap();
+
+    // A new commit: :latest exists and cannot move.
+    std::fs::write(root.join("app.txt"), "second").unwrap();
+    let second = commit_all(root, "second");
+    let run = xtask(root, &push, &[]);
+    run.assert_ok();
+    assert!(
+        run.stderr.contains("tag invalid")
+            && run.stderr.contains("pushing again without :latest")
+            && run.stderr.contains("already holds this exact build"),
+        "{}",
+        run.stderr
+    );
+    assert_eq!(
+        registry_digest(&repository, "latest").unwrap(),
+        first_latest
+    );
+    let digest = build_file(root)["images"][0]["digest"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert_eq!(
+        registry_digest(&repository, &second[..12]).as_deref(),
+        Some(digest.as_str()),
+        "the SHA tag holds the build recorded in build.json"
+    );
+
+    // A fresh rebuild of the same commit is another build: refused.
+    let again = xtask(root, &push, &[]);
+    assert_eq!(again.code, 1, "{}", again.stderr);
+    assert!(
+        again.stderr.contains("already exists with another build"),
+        "{}",
+        again.stderr
+    );
+    assert_eq!(
+        registry_digest(&repository, &second[..12]).as_deref(),
+        Some(digest.as_str()),
+        "the published build is untouched"
+    );
+}

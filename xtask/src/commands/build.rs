@@ -49,6 +49,7 @@ impl BuildFlags {
             builder: self.builder.clone(),
             cache_from: config.cache_from.clone(),
             cache_to: config.cache_to.clone(),
+            retry: false,
         }
     }
 }
