@@ -385,7 +385,7 @@ fn push(
                 return Err(explain_base_image_failure(exec, config, images).unwrap_or(error));
             }
         }
-        if failures >= PUSH_ATTEMPTS + 1 {
+        if failures > PUSH_ATTEMPTS {
             return Err(error.context("the push kept failing"));
         }
         // What this run built is in BuildKit's cache: reuse it rather than
