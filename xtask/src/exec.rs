@@ -90,6 +90,8 @@ pub struct Exec<'a> {
     pub dry_run: bool,
     pub output: Output,
     step: Cell<usize>,
+    /// Each finished step's name and seconds, for end-of-run summaries.
+    timings: std::cell::RefCell<Vec<(String, f64)>>,
 }
 
 impl<'a> Exec<'a> {
@@ -99,6 +101,7 @@ impl<'a> Exec<'a> {
             dry_run,
             output,
             step: Cell::new(0),
+            timings: Default::default(),
         }
     }
 
@@ -211,6 +214,11 @@ impl<'a> Exec<'a> {
 
     /// Starts a numbered step; its elapsed time is printed when the guard
     /// drops.
+    /// The steps finished so far: name and seconds.
+    pub fn timings(&self) -> Vec<(String, f64)> {
+        self.timings.borrow().clone()
+    }
+
     /// Runs one numbered step of the work: announced, timed, and reported
     /// as done or failed (on stderr, and as events under `--json`).
     pub fn step<T>(&self, name: impl Into<String>, work: impl FnOnce() -> Result<T>) -> Result<T> {
@@ -228,6 +236,7 @@ impl<'a> Exec<'a> {
             Err(_) => ("failed", RED),
         };
         let line = format!("[{number}] {name} {outcome} in {seconds:.1}s");
+        self.timings.borrow_mut().push((name.clone(), seconds));
         eprintln!("{}", out.paint(colour, &line));
         out.event(
             "step_finished",

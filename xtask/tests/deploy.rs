@@ -240,6 +240,12 @@ fn healthy_deploy_pins_digests_applies_in_order_verifies_and_records() {
             && fx.calls()[api].iter().any(|a| a == "xtask")
     );
     assert!(fx.calls().iter().all(|c| !c.contains(&"undo".to_owned())));
+    assert!(
+        run.stderr.contains("seconds  step")
+            && run.stderr.contains("  apply and roll out deployment/fxweb"),
+        "the summary times each step: {}",
+        run.stderr
+    );
     assert_eq!(state["lease"], Value::Null);
     let history = &state["configmaps"]["xtask-deploy-history"];
     let entry: Value = serde_json::from_str(

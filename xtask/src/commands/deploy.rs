@@ -390,4 +390,8 @@ fn print_summary(exec: &Exec, rev: &Revision, verified: &[crate::rollout::Verifi
             v.ready
         ));
     }
+    eprintln!("\n{:>8}  step", "seconds");
+    for (name, seconds) in exec.timings() {
+        eprintln!("{seconds:>8.1}  {name}");
+    }
 }
