@@ -557,3 +557,41 @@ fn immutable_tags_skip_latest_and_refuse_another_build_under_a_sha_tag() {
         "the published build is untouched"
     );
 }
+
+/// Runs the xtask on a pseudo-terminal (util-linux `script`), as a person
+/// at a terminal would; returns what the terminal showed.
+fn on_terminal(root: &std::path::Path, args: &str, env: &[(&str, &str)]) -> String {
+    let command = format!("{} {args}", env!("CARGO_BIN_EXE_xtask"));
+    let mut cmd = std::process::Command::new("script");
+    cmd.args(["--quiet", "--return", "--command", &command, "/dev/null"])
+        .current_dir(root)
+        .env_remove("CI")
+        .env_remove("NO_COLOR");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().expect("running script(1)");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn colour_only_on_a_terminal_without_ci_or_no_color() {
+    let repo = fixture(&unique("colour"));
+    let root = repo.path();
+    let escape = "\u{1b}[";
+    let terminal = on_terminal(root, "build --dry-run", &[]);
+    assert!(
+        terminal.contains(&format!("{escape}1m[1] preflight")),
+        "bold step lines on a terminal: {terminal:?}"
+    );
+    for (key, value) in [("NO_COLOR", "1"), ("CI", "true")] {
+        let plain = on_terminal(root, "build --dry-run", &[(key, value)]);
+        assert!(plain.contains("[1] preflight"), "{plain:?}");
+        assert!(!plain.contains(escape), "{key} set: plain lines: {plain:?}");
+        assert!(plain.contains("--progress=plain"), "BuildKit plain too: {plain:?}");
+    }
+    // Not a terminal: plain, whatever the environment.
+    let piped = xtask(root, &["build", "--dry-run"], &[]);
+    assert!(!piped.stderr.contains(escape) && !piped.stdout.contains(escape));
+    assert!(piped.stdout.contains("--progress=plain"));
+}

@@ -244,7 +244,12 @@ fn real_images_build_fresh_run_by_digest_and_never_serve_stale_code() {
     assert_ne!(source, changed);
     std::fs::write(&main_rs, changed).unwrap();
     let second = commit_all(root, "backend: add a marker route");
-    up(root, &[]).assert_ok();
+    let json = up(root, &["--json"]);
+    json.assert_ok();
+    let events = parse_events(&json.stdout);
+    let stack = events_of(&events, "stack_up");
+    assert_eq!(stack[0]["revision"], second.as_str());
+    assert_eq!(stack[0]["backend"], format!("http://{}", backend()));
     assert_eq!(revision_at(&backend(), "/version"), second);
     let (status, body) = http_get(&frontend(), "/api/marker").unwrap();
     assert_eq!(
