@@ -69,7 +69,22 @@ pub struct Rollout<'k, 'a> {
     pub verified: Vec<Verified>,
 }
 
-impl Rollout<'_, '_> {
+impl<'k, 'a> Rollout<'k, 'a> {
+    /// Starts a rollout: its history entry is written "in progress" first.
+    pub fn start(
+        kube: &'k Kube<'a>,
+        flags: &'k WaitFlags,
+        entry: crate::history::Entry,
+        past: &[(String, crate::history::Entry)],
+    ) -> Result<Rollout<'k, 'a>> {
+        Ok(Rollout {
+            kube,
+            flags,
+            record: Record::start(kube, entry, past)?,
+            verified: Vec::new(),
+        })
+    }
+
     /// Applies `order` one deployment at a time from `overlay`, each waited
     /// for and verified before the next. `digest_for` gives the digest each
     /// must run (and may build it first: the seed flow). On failure the
@@ -273,17 +288,33 @@ pub fn verify_pods(kube: &Kube, name: &str, digest: &str) -> Result<usize> {
 /// are forced on purpose: after a `rollout undo` the image field belongs to
 /// kubectl's rollback manager, and the deploy must take it back.
 pub fn apply_command(kube: &Kube, overlay: &str, name: &str) -> Cmd {
+    server_side(kube, "apply", overlay).args(["--selector", &format!("{NAME_LABEL}={name}")])
+}
+
+/// `kubectl VERB --server-side` of the overlay, as the deploy's field
+/// manager.
+fn server_side(kube: &Kube, verb: &str, overlay: &str) -> Cmd {
     kube.global(&[
-        "apply",
+        verb,
         "--server-side",
         "--field-manager",
         FIELD_MANAGER,
         "--force-conflicts",
         "--kustomize",
         overlay,
-        "--selector",
-        &format!("{NAME_LABEL}={name}"),
     ])
+}
+
+/// A dry run's view of what would change: `kubectl diff --server-side`.
+pub fn print_diff(kube: &Kube, overlay: &str) -> Result<()> {
+    let diff = kube.exec.read_all(&server_side(kube, "diff", overlay))?;
+    let out = kube.exec.output;
+    out.result("# kubectl diff --server-side of what would change:");
+    for line in diff.lines() {
+        out.result(&format!("# {line}"));
+    }
+    out.event("diff", json!({ "diff": diff }));
+    Ok(())
 }
 
 /// Writes `target/xtask/deploy/kustomization.yaml` over the base, pinning

@@ -588,7 +588,10 @@ fn colour_only_on_a_terminal_without_ci_or_no_color() {
         let plain = on_terminal(root, "build --dry-run", &[(key, value)]);
         assert!(plain.contains("[1] preflight"), "{plain:?}");
         assert!(!plain.contains(escape), "{key} set: plain lines: {plain:?}");
-        assert!(plain.contains("--progress=plain"), "BuildKit plain too: {plain:?}");
+        assert!(
+            plain.contains("--progress=plain"),
+            "BuildKit plain too: {plain:?}"
+        );
     }
     // Not a terminal: plain, whatever the environment.
     let piped = xtask(root, &["build", "--dry-run"], &[]);

@@ -9,7 +9,6 @@ use std::{
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use serde::Deserialize;
-use serde_json::json;
 
 use crate::{
     commands::build::BuildFlags,
@@ -17,10 +16,10 @@ use crate::{
     docker::{self, BuildFile, BuildOptions, BuiltImage},
     exec::{catch_interrupts, check_interrupted, refuse, Cmd, Exec},
     git::{self, Revision},
-    history::{self, Entry, Record},
-    kube::{Kube, FIELD_MANAGER},
+    history::{self, Entry},
+    kube::Kube,
     lock::Lock,
-    rollout::{apply_command, render_overlay, Rollout, WaitFlags},
+    rollout::{apply_command, print_diff, render_overlay, Rollout, WaitFlags},
 };
 
 /// Build, push, apply and verify: exits 0 only when the cluster runs HEAD
@@ -155,13 +154,8 @@ impl Deploy {
         }
 
         // 5-8. Apply in order, wait, verify, roll back on failure, record.
-        let record = Record::start(kube, Entry::new("deploy", rev, &built), &past)?;
-        let mut rollout = Rollout {
-            kube,
-            flags: &self.wait,
-            record,
-            verified: Vec::new(),
-        };
+        let entry = Entry::new("deploy", rev, &built);
+        let mut rollout = Rollout::start(kube, &self.wait, entry, &past)?;
         let mut digest_for = |name: &str| -> Result<String> {
             let image = built
                 .iter()
@@ -212,21 +206,7 @@ impl Deploy {
             exec.run(&apply_command(kube, overlay, name))?;
         }
         if reachable {
-            let diff = exec.read_all(&kube.global(&[
-                "diff",
-                "--server-side",
-                "--field-manager",
-                FIELD_MANAGER,
-                "--force-conflicts",
-                "--kustomize",
-                overlay,
-            ]))?;
-            exec.output
-                .result("# kubectl diff --server-side of what would change:");
-            for line in diff.lines() {
-                exec.output.result(&format!("# {line}"));
-            }
-            exec.output.event("diff", json!({ "diff": diff }));
+            print_diff(kube, overlay)?;
         }
         Ok(Vec::new())
     }

@@ -11,7 +11,9 @@ use crate::{
     history::{self, Entry, Record, SUCCEEDED},
     kube::Kube,
     lock::Lock,
-    rollout::{apply_command, digests_for, render_overlay, roll_back, Rollout, WaitFlags},
+    rollout::{
+        apply_command, digests_for, print_diff, render_overlay, roll_back, Rollout, WaitFlags,
+    },
 };
 
 /// Undo the last deploy, or with --to redeploy an earlier revision's digests (no rebuild)
@@ -73,15 +75,10 @@ impl Rollback {
             for name in &order {
                 exec.run(&apply_command(kube, &overlay, name))?;
             }
-            return Ok(());
+            return print_diff(kube, &overlay);
         }
-        let record = Record::start(kube, Entry::new("rollback", rev, &images), &entries)?;
-        let mut rollout = Rollout {
-            kube,
-            flags: &self.wait,
-            record,
-            verified: Vec::new(),
-        };
+        let entry = Entry::new("rollback", rev, &images);
+        let mut rollout = Rollout::start(kube, &self.wait, entry, &entries)?;
         let mut digest_for = |name: &str| -> Result<String> {
             images
                 .iter()
