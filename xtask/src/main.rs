@@ -52,7 +52,12 @@ fn main() -> ExitCode {
     let output = exec::Output::detect(cli.json);
     let started = std::time::Instant::now();
     let outcome = run(cli, output);
-    let code = outcome.as_ref().err().map_or(0, exec::exit_code);
+    let mut code = outcome.as_ref().err().map_or(0, exec::exit_code);
+    // A child killed by the same Ctrl-C fails its own way; the cause is the
+    // interrupt.
+    if code != 0 && exec::was_interrupted() {
+        code = 130;
+    }
     let error = outcome.as_ref().err().map(|e| format!("{e:#}"));
     if let Some(error) = &error {
         eprintln!("{} {error}", output.paint(exec::RED, "error:"));

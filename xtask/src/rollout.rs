@@ -142,6 +142,11 @@ impl<'k, 'a> Rollout<'k, 'a> {
         for name in order {
             check_interrupted()?;
             let digest = digest_for(name)?;
+            // A seeded image's digest is known only now.
+            self.record
+                .entry
+                .digests
+                .insert(name.clone(), Some(digest.clone()));
             self.record
                 .step(kube, &format!("apply deployment/{name}"))?;
             let before: Option<Deployment> = kube.get("deployment", name)?;

@@ -640,10 +640,19 @@ fn rollback_undoes_the_last_deploy_and_to_redeploys_recorded_digests() {
     assert_eq!(last["revision"], first, "the entry names what runs now");
     assert_eq!(fx.run(&["verify"]).code, 1, "HEAD is not running any more");
 
-    // A second undo has nothing of a deploy to undo.
+    // A second undo has nothing of a deploy to undo: refused before the
+    // lock, so nothing at all is written.
+    let calls = fx.calls().len();
     let again = fx.run(&undo);
     assert_eq!(again.code, 2, "{}", again.stderr);
     assert!(again.stderr.contains("pass --to"), "{}", again.stderr);
+    assert!(
+        fx.calls()[calls..]
+            .iter()
+            .all(|c| !c.contains(&"create".to_owned())),
+        "no lock taken: {:?}",
+        &fx.calls()[calls..]
+    );
 
     // --to: the recorded digests, applied and verified, nothing built.
     let mut to = undo.clone();
@@ -812,6 +821,11 @@ fn a_seeded_image_is_built_once_its_service_has_an_address() {
             fx.digests()["fxweb"].as_str().unwrap()
         ),
         "the seeded build's digest is what runs"
+    );
+    assert_eq!(
+        fx.history().pop().unwrap()["digests"],
+        fx.digests(),
+        "and what the history records"
     );
 
     // Built ahead (--from), the value must come from the configuration.

@@ -6,9 +6,10 @@ use clap::Args;
 
 use crate::{
     config::{Config, Overrides},
-    exec::{catch_interrupts, refuse, Exec},
+    docker::BuiltImage,
+    exec::{catch_interrupts, refuse, rollback_failed, Exec},
     git::{self, Revision},
-    history::{self, Entry, Record, SUCCEEDED},
+    history::{self, Entry, Record, IN_PROGRESS, SUCCEEDED},
     kube::Kube,
     lock::Lock,
     rollout::{
@@ -31,10 +32,22 @@ pub struct Rollback {
     pub overrides: Overrides,
 }
 
+/// What the rollback will do, settled before the lock is taken.
+enum Plan {
+    /// Redeploy `rev`'s images by digest.
+    Redeploy {
+        rev: Revision,
+        images: Vec<BuiltImage>,
+    },
+    /// `kubectl rollout undo` of what the newest deploy changed.
+    Undo { last: Entry },
+}
+
 impl Rollback {
     pub fn run(self, exec: &Exec) -> Result<()> {
         self.wait.check()?;
-        let (config, kube, reachable, target) = exec.step("preflight", || {
+        // Everything that can refuse is checked before the lock.
+        let (config, kube, reachable, entries, plan) = exec.step("preflight", || {
             let config = Config::load(exec, &self.overrides)?;
             exec.sh.change_dir(&config.root);
             let target = self
@@ -44,15 +57,32 @@ impl Rollback {
                 .transpose()?;
             let (kube, reachable) =
                 Kube::connect(exec, &config, self.context.as_deref(), !exec.dry_run)?;
-            Ok((config, kube, reachable, target))
+            let entries = if reachable {
+                history::read(&kube)?
+            } else {
+                Vec::new()
+            };
+            let plan = match target {
+                Some(rev) => {
+                    let images = digests_for(exec, &config, &entries, &rev)
+                        .map_err(|e| refuse(format!("{e:#}")))?;
+                    Plan::Redeploy { rev, images }
+                }
+                None => Plan::Undo {
+                    last: undoable(&entries)?,
+                },
+            };
+            Ok((config, kube, reachable, entries, plan))
         })?;
         catch_interrupts()?;
         let lock = exec.step(format!("lock namespace {}", config.namespace), || {
             Lock::take(&kube, reachable)
         })?;
-        let outcome = match &target {
-            Some(rev) => self.redeploy(&kube, &config, rev),
-            None => self.undo_last(&kube),
+        let outcome = match plan {
+            Plan::Redeploy { rev, images } => {
+                self.redeploy(&kube, &config, &entries, &rev, &images)
+            }
+            Plan::Undo { last } => self.undo(&kube, &entries, last),
         };
         let released = lock.release(&kube);
         outcome?;
@@ -61,14 +91,18 @@ impl Rollback {
 
     /// Redeploys `rev`'s images by digest: the deploy's render, apply,
     /// wait and verify, without building.
-    fn redeploy(&self, kube: &Kube, config: &Config, rev: &Revision) -> Result<()> {
+    fn redeploy(
+        &self,
+        kube: &Kube,
+        config: &Config,
+        entries: &[(String, Entry)],
+        rev: &Revision,
+        images: &[BuiltImage],
+    ) -> Result<()> {
         let exec = kube.exec;
-        let entries = history::read(kube)?;
-        let images =
-            digests_for(exec, config, &entries, rev).map_err(|e| refuse(format!("{e:#}")))?;
         let cause = format!("cargo xtask rollback --to {}", rev.tag());
         let overlay = exec.step("render the digest-pinned overlay", || {
-            render_overlay(exec, kube, config, &images, rev, &cause)
+            render_overlay(exec, kube, config, images, rev, &cause)
         })?;
         let order = config.rollout();
         if exec.dry_run {
@@ -77,8 +111,8 @@ impl Rollback {
             }
             return print_diff(kube, &overlay);
         }
-        let entry = Entry::new("rollback", rev, &images);
-        let mut rollout = Rollout::start(kube, &self.wait, entry, &entries)?;
+        let entry = Entry::new("rollback", rev, images);
+        let mut rollout = Rollout::start(kube, &self.wait, entry, entries)?;
         let mut digest_for = |name: &str| -> Result<String> {
             images
                 .iter()
@@ -105,22 +139,9 @@ impl Rollback {
         Ok(())
     }
 
-    /// `kubectl rollout undo` of what the newest deploy changed.
-    fn undo_last(&self, kube: &Kube) -> Result<()> {
+    /// `kubectl rollout undo` of what `last` changed, newest first.
+    fn undo(&self, kube: &Kube, entries: &[(String, Entry)], last: Entry) -> Result<()> {
         let exec = kube.exec;
-        let entries = history::read(kube)?;
-        let Some((_, last)) = entries.last() else {
-            return Err(refuse("the deploy history is empty: nothing to undo"));
-        };
-        let undoable = last.kind == "deploy"
-            && !last.changed.is_empty()
-            && !last.result.contains("rolled back");
-        if !undoable {
-            return Err(refuse(format!(
-                "the newest history entry is not a deploy that changed anything still in place ({}): pass --to <revision>",
-                last.describe(false)
-            )));
-        }
         let changed = last.changed.clone();
         if exec.dry_run {
             for name in changed.iter().rev() {
@@ -128,20 +149,19 @@ impl Rollback {
             }
             return Ok(());
         }
-        let mut entry = Entry {
+        let entry = Entry {
             kind: "rollback".into(),
-            changed: changed.clone(),
+            result: IN_PROGRESS.into(),
+            step: format!("undo {}", changed.join(", ")),
             ..last.clone()
         };
-        entry.result = history::IN_PROGRESS.into();
-        entry.step = format!("undo {}", changed.join(", "));
-        let mut record = Record::start(kube, entry, &entries)?;
+        let mut record = Record::start(kube, entry, entries)?;
         let undone = exec.step(format!("undo {}", changed.join(", ")), || {
             roll_back(kube, &self.wait, &changed)
         });
         if let Err(error) = undone {
             record.finish(kube, "failed")?;
-            return Err(crate::exec::rollback_failed(format!(
+            return Err(rollback_failed(format!(
                 "{error:#}\nThe cluster may run a mix of revisions: inspect with `kubectl --namespace {} get deployments,replicasets,pods`",
                 kube.namespace
             )));
@@ -167,4 +187,19 @@ impl Rollback {
         eprintln!("undid the deploy of {}", last.tag);
         Ok(())
     }
+}
+
+/// The newest history entry, if it is a deploy whose changes are still in
+/// place (not rolled back already).
+fn undoable(entries: &[(String, Entry)]) -> Result<Entry> {
+    let Some((_, last)) = entries.last() else {
+        return Err(refuse("the deploy history is empty: nothing to undo"));
+    };
+    if last.kind != "deploy" || last.changed.is_empty() || last.result.contains("rolled back") {
+        return Err(refuse(format!(
+            "the newest history entry is not a deploy that changed anything still in place ({}): pass --to <revision>",
+            last.describe(false)
+        )));
+    }
+    Ok(last.clone())
 }
