@@ -5,7 +5,7 @@
 
 use std::collections::BTreeMap;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
@@ -95,7 +95,8 @@ impl Entry {
     }
 }
 
-/// Every entry, oldest first.
+/// Every entry, oldest first. An entry that does not parse (edited by
+/// hand?) is skipped with a warning rather than blocking every deploy.
 pub fn read(kube: &Kube) -> Result<Vec<(String, Entry)>> {
     #[derive(Deserialize)]
     struct ConfigMap {
@@ -105,14 +106,19 @@ pub fn read(kube: &Kube) -> Result<Vec<(String, Entry)>> {
     let Some(map) = kube.get::<ConfigMap>("configmap", HISTORY_NAME)? else {
         return Ok(Vec::new());
     };
-    map.data
+    Ok(map
+        .data
         .into_iter()
-        .map(|(key, value)| {
-            let entry = serde_json::from_str(&value)
-                .with_context(|| format!("parsing deploy history entry {key}"))?;
-            Ok((key, entry))
+        .filter_map(|(key, value)| match serde_json::from_str(&value) {
+            Ok(entry) => Some((key, entry)),
+            Err(e) => {
+                kube.exec.output.warn(&format!(
+                    "skipping deploy history entry {key} of configmap/{HISTORY_NAME}: {e}"
+                ));
+                None
+            }
         })
-        .collect()
+        .collect())
 }
 
 /// One entry of the history, written as the run goes.

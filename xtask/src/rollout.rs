@@ -328,7 +328,7 @@ pub fn print_diff(kube: &Kube, overlay: &str) -> Result<()> {
 /// directory.
 pub fn render_overlay(
     exec: &Exec,
-    kube: &Kube,
+    kubectl: &str,
     config: &Config,
     built: &[BuiltImage],
     rev: &Revision,
@@ -371,7 +371,7 @@ pub fn render_overlay(
     std::fs::write(&path, serde_json::to_string_pretty(&kustomization)? + "\n")
         .with_context(|| format!("writing {}", path.display()))?;
     let dir_str = dir.display().to_string();
-    let rendered = exec.read(&Cmd::new(&kube.kubectl).args(["kustomize", &dir_str]))?;
+    let rendered = exec.read(&Cmd::new(kubectl).args(["kustomize", &dir_str]))?;
     std::fs::write(dir.join("rendered.yaml"), &rendered)?;
     if exec.dry_run {
         let out = exec.output;

@@ -556,8 +556,19 @@ fn status_and_verify_compare_the_cluster_with_head() {
         "{}",
         verified.stdout
     );
+    // An entry someone broke by hand is skipped, not fatal.
+    fx.edit_state(|state| {
+        state["configmaps"]["xtask-deploy-history"]["0-hand-edited"] = json!("{not json");
+    });
     let status = fx.run(&["status"]);
     status.assert_ok();
+    assert!(
+        status
+            .stderr
+            .contains("skipping deploy history entry 0-hand-edited"),
+        "{}",
+        status.stderr
+    );
     assert_eq!(
         status.stdout.matches("ok (HEAD)").count(),
         2,

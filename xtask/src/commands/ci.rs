@@ -11,6 +11,7 @@ use crate::{
     config::{Config, Overrides},
     docker,
     exec::{require_tool, Cmd, Exec},
+    rollout::render_overlay,
 };
 
 /// One gate step; boxed so the list reads in the order it runs.
@@ -95,10 +96,30 @@ fn validate_manifests(exec: &Exec, config: &Config) -> Result<()> {
     require_tool("kubernetes-validate", "`pip install kubernetes-validate`")?;
     let manifests = config.manifests.display().to_string();
     let rendered = exec.read(&Cmd::new("kubectl").args(["kustomize", &manifests]))?;
-    let out = docker::out_dir(config).join("rendered-base.yaml");
+    let base = docker::out_dir(config).join("rendered-base.yaml");
     std::fs::create_dir_all(docker::out_dir(config))?;
-    std::fs::write(&out, rendered).with_context(|| format!("writing {}", out.display()))?;
-    exec.run_anyway(&Cmd::new("kubernetes-validate").args(["--strict", &out.display().to_string()]))
+    std::fs::write(&base, rendered).with_context(|| format!("writing {}", base.display()))?;
+    // The overlay a deploy of HEAD would apply, with a made-up digest.
+    let rev = crate::git::commit(exec, "HEAD")?;
+    let images: Vec<docker::BuiltImage> = config
+        .images
+        .iter()
+        .map(|image| docker::BuiltImage {
+            name: image.name.clone(),
+            reference: config.image_ref(&image.name, &rev.tag()),
+            tag: rev.tag(),
+            digest: Some(format!("sha256:{}", "0".repeat(64))),
+            revision: rev.sha.clone(),
+            dirty: false,
+        })
+        .collect();
+    let overlay = render_overlay(exec, "kubectl", config, &images, &rev, "cargo xtask ci")?;
+    let overlay = std::path::Path::new(&overlay).join("rendered.yaml");
+    exec.run_anyway(&Cmd::new("kubernetes-validate").args([
+        "--strict",
+        &base.display().to_string(),
+        &overlay.display().to_string(),
+    ]))
 }
 
 fn actionlint(exec: &Exec) -> Result<()> {

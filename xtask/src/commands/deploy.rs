@@ -146,7 +146,7 @@ impl Deploy {
         // 4. Render the digest-pinned overlay.
         let cause = format!("cargo xtask deploy {}", rev.tag());
         let overlay = exec.step("render the digest-pinned overlay", || {
-            render_overlay(exec, kube, config, &built, rev, &cause)
+            render_overlay(exec, &kube.kubectl, config, &built, rev, &cause)
         })?;
         let order = config.rollout();
         if exec.dry_run {
@@ -175,7 +175,7 @@ impl Deploy {
                 .context("the seeded build has no digest")?;
             built.retain(|b| b.name != name);
             built.push(pushed);
-            render_overlay(exec, kube, config, &built, rev, &cause)?;
+            render_overlay(exec, &kube.kubectl, config, &built, rev, &cause)?;
             docker::write_build_file(config, rev, &built)?;
             Ok(digest)
         };

@@ -102,7 +102,7 @@ impl Rollback {
         let exec = kube.exec;
         let cause = format!("cargo xtask rollback --to {}", rev.tag());
         let overlay = exec.step("render the digest-pinned overlay", || {
-            render_overlay(exec, kube, config, images, rev, &cause)
+            render_overlay(exec, &kube.kubectl, config, images, rev, &cause)
         })?;
         let order = config.rollout();
         if exec.dry_run {
