@@ -513,7 +513,7 @@ pub fn ecr_login(exec: &Exec, registry: &str) -> Result<()> {
     exec.run(
         &Cmd::new("docker")
             .args(["login", "--username", "AWS", "--password-stdin", host])
-            .stdin(password),
+            .hidden_stdin(password),
     )
     .map_err(|e| refuse(format!("docker login to {host} failed: {e:#}")))
 }

@@ -19,6 +19,8 @@ use xshell::Shell;
 pub struct Cmd {
     argv: Vec<String>,
     stdin: Option<Vec<u8>>,
+    /// Whether the echoed line shows what stdin gets (never for a secret).
+    show_stdin: bool,
 }
 
 impl Cmd {
@@ -26,6 +28,7 @@ impl Cmd {
         Cmd {
             argv: vec![program.into()],
             stdin: None,
+            show_stdin: false,
         }
     }
 
@@ -43,10 +46,19 @@ impl Cmd {
         self
     }
 
-    /// Feeds `bytes` on stdin: how a secret reaches a command without
-    /// appearing in argv or in any log.
-    pub fn stdin(mut self, bytes: impl Into<Vec<u8>>) -> Cmd {
+    /// Feeds bytes on stdin that the echoed line does not show: a secret
+    /// (never in argv, the echo or any log), or data no one would read.
+    pub fn hidden_stdin(mut self, bytes: impl Into<Vec<u8>>) -> Cmd {
         self.stdin = Some(bytes.into());
+        self.show_stdin = false;
+        self
+    }
+
+    /// Feeds `text` on stdin, shown in the echoed line as
+    /// `printf '%s\n' '...' | cmd` so a dry run's line can be pasted.
+    pub fn stdin(mut self, text: impl Into<String>) -> Cmd {
+        self.stdin = Some(text.into().into_bytes());
+        self.show_stdin = true;
         self
     }
 
@@ -64,9 +76,14 @@ impl Cmd {
     }
 }
 
-/// The copy-pasteable form: every argument quoted for a POSIX shell.
+/// The copy-pasteable form: every argument quoted for a POSIX shell, and
+/// a shown stdin piped in.
 impl fmt::Display for Cmd {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if let (Some(stdin), true) = (&self.stdin, self.show_stdin) {
+            let text = String::from_utf8_lossy(stdin);
+            write!(f, "printf '%s\\n' {} | ", shell_quote(&text))?;
+        }
         let quoted: Vec<String> = self.argv.iter().map(|a| shell_quote(a)).collect();
         f.write_str(&quoted.join(" "))
     }
@@ -452,6 +469,20 @@ mod tests {
         let printed = String::from_utf8(out.stdout).unwrap();
         let expected: String = words.iter().map(|w| format!("{w}\n")).collect();
         assert_eq!(printed, expected, "line was: {line}");
+    }
+
+    #[test]
+    fn shown_stdin_is_piped_in_and_hidden_stdin_never_shows() {
+        let lease = r#"{"kind": "Lease", "note": "it's"}"#;
+        let cmd = Cmd::new("cat").stdin(lease);
+        let out = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(cmd.to_string())
+            .output()
+            .unwrap();
+        assert_eq!(String::from_utf8(out.stdout).unwrap(), format!("{lease}\n"));
+        let secret = Cmd::new("docker").arg("login").hidden_stdin("hunter2");
+        assert_eq!(secret.to_string(), "docker login");
     }
 
     #[test]

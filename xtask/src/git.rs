@@ -135,7 +135,7 @@ fn dirty_hash(exec: &Exec, changes: &[Change]) -> Result<String> {
     let hash = exec.read(
         &Cmd::new("git")
             .args(["hash-object", "--stdin"])
-            .stdin(material),
+            .hidden_stdin(material),
     )?;
     Ok(hash[..8].to_owned())
 }

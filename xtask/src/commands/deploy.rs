@@ -17,7 +17,7 @@ use crate::{
     exec::{catch_interrupts, check_interrupted, refuse, Cmd, Exec},
     git::{self, Revision},
     history::{self, Entry},
-    kube::Kube,
+    kube::{Kube, HISTORY_NAME},
     lock::Lock,
     rollout::{apply_command, print_diff, render_overlay, Rollout, WaitFlags},
 };
@@ -204,7 +204,13 @@ impl Deploy {
                 ));
             }
             exec.run(&apply_command(kube, overlay, name))?;
+            exec.output.result(&format!(
+                "# then wait for deployment/{name} (failing fast), verify every ready pod runs its digest; on failure roll back what changed"
+            ));
         }
+        exec.output.result(&format!(
+            "# the deploy is recorded in configmap/{HISTORY_NAME} as it goes"
+        ));
         if reachable {
             print_diff(kube, overlay)?;
         }
