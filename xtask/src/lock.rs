@@ -5,12 +5,12 @@
 use std::{
     sync::{
         atomic::{AtomicBool, Ordering},
-        Arc,
+        Arc, Mutex,
     },
     time::{Duration, Instant},
 };
 
-use anyhow::Result;
+use anyhow::{bail, Result};
 use serde_json::json;
 
 use crate::{
@@ -33,6 +33,35 @@ pub struct Lock {
     renewer: Option<(Arc<AtomicBool>, std::thread::JoinHandle<()>)>,
 }
 
+/// Why this run no longer holds its lock, once the renewer finds out.
+static LOST: Mutex<Option<String>> = Mutex::new(None);
+
+/// Fails once the lock was lost (taken over, deleted, or not renewed for
+/// so long it may have expired): the namespace may belong to another
+/// deploy now, so this one must stop touching it.
+pub fn check_held() -> Result<()> {
+    match LOST.lock().map(|lost| lost.clone()) {
+        Ok(Some(why)) => bail!("lost the deploy lock: {why}"),
+        _ => Ok(()),
+    }
+}
+
+pub fn is_lost() -> bool {
+    LOST.lock().is_ok_and(|lost| lost.is_some())
+}
+
+fn lose(why: String) {
+    if let Ok(mut lost) = LOST.lock() {
+        lost.get_or_insert(why);
+    }
+}
+
+/// This run's identity in the lease: who, where, and which process, so two
+/// deploys from one machine are told apart.
+fn holder() -> String {
+    format!("{} (pid {})", who(), std::process::id())
+}
+
 impl Lock {
     pub fn take(kube: &Kube, reachable: bool) -> Result<Lock> {
         let exec = kube.exec;
@@ -51,7 +80,7 @@ impl Lock {
         {
             exec.run(&kube.global(&["create", "namespace", &kube.namespace]))?;
         }
-        let lease = lease_json(kube, &who());
+        let lease = lease_json(kube, &holder());
         let create = kube
             .cmd(&["create", "--filename", "-"])
             .stdin(lease.to_string());
@@ -67,10 +96,15 @@ impl Lock {
         })
     }
 
+    /// Stops renewing and deletes the lease, unless it was lost: then it
+    /// is someone else's.
     pub fn release(self, kube: &Kube) -> Result<()> {
         if let Some((stop, renewer)) = self.renewer {
             stop.store(true, Ordering::SeqCst);
             let _ = renewer.join();
+        }
+        if is_lost() {
+            return Ok(());
         }
         kube.exec
             .run(&kube.cmd(&["delete", "lease", LOCK_NAME, "--ignore-not-found"]))
@@ -115,24 +149,65 @@ fn take_over_expired(
 }
 
 /// Renews the lease every RENEW_EVERY on a thread of its own (with its own
-/// Shell: `Exec` is not `Send`) until the returned flag is set.
+/// Shell: `Exec` is not `Send`) until the returned flag is set. Before each
+/// renewal it checks the lease is still this run's; when it is not, or
+/// renewals have failed so long that it may have expired, the lock is lost
+/// and the deploy stops at its next check.
 fn start_renewing(kube: &Kube) -> (Arc<AtomicBool>, std::thread::JoinHandle<()>) {
     let stop = Arc::new(AtomicBool::new(false));
+    let read = kube.cmd(&[
+        "get",
+        "lease",
+        LOCK_NAME,
+        "--ignore-not-found",
+        "--output",
+        "json",
+    ]);
     let renew = kube.cmd(&["patch", "lease", LOCK_NAME, "--type", "merge", "--patch"]);
     let flag = stop.clone();
     let output = kube.exec.output;
+    let ours = holder();
     let renewer = std::thread::spawn(move || {
         let Ok(sh) = xshell::Shell::new() else { return };
         let exec = Exec::new(&sh, false, output);
-        let mut last = Instant::now();
+        let mut last_try = Instant::now();
+        let mut last_renewal = Instant::now();
         while !flag.load(Ordering::SeqCst) {
             std::thread::sleep(Duration::from_millis(200));
-            if last.elapsed() >= RENEW_EVERY {
-                let patch = json!({"spec": {"renewTime": micro_time(now_epoch())}}).to_string();
-                if let Err(e) = exec.read(&renew.clone().arg(patch)) {
-                    output.warn(&format!("renewing the deploy lock failed: {e:#}"));
+            if last_try.elapsed() < RENEW_EVERY {
+                continue;
+            }
+            last_try = Instant::now();
+            let renewed = exec.read(&read).and_then(|json| {
+                let lease: serde_json::Value = if json.trim().is_empty() {
+                    serde_json::Value::Null
+                } else {
+                    serde_json::from_str(&json)?
+                };
+                match lease["spec"]["holderIdentity"].as_str() {
+                    None => lose("the lease was deleted".into()),
+                    Some(holder) if holder != ours => lose(format!("{holder} holds it now")),
+                    Some(_) => {
+                        let now = micro_time(now_epoch());
+                        let patch = json!({"spec": {"renewTime": now}}).to_string();
+                        exec.read(&renew.clone().arg(patch))?;
+                        last_renewal = Instant::now();
+                    }
                 }
-                last = Instant::now();
+                Ok(())
+            });
+            if let Err(e) = renewed {
+                output.warn(&format!("renewing the deploy lock failed: {e:#}"));
+            }
+            let limit = Duration::from_secs(LOCK_SECONDS as u64) - RENEW_EVERY;
+            if last_renewal.elapsed() > limit {
+                lose(format!(
+                    "not renewed for {}s, so it may have expired",
+                    limit.as_secs()
+                ));
+            }
+            if is_lost() {
+                return;
             }
         }
     });

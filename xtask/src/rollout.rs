@@ -102,6 +102,19 @@ impl<'k, 'a> Rollout<'k, 'a> {
             return self.record.finish(kube, SUCCEEDED);
         };
         let changed = self.record.entry.changed.clone();
+        if crate::lock::is_lost() {
+            // The namespace may be another deploy's now: touch nothing more
+            // than this run's own history entry.
+            let _ = self.record.finish(kube, "failed: lost the deploy lock");
+            return Err(failure.context(format!(
+                "stopped without rolling back; changed so far: {}. See `cargo xtask status`",
+                if changed.is_empty() {
+                    "nothing".into()
+                } else {
+                    changed.join(", ")
+                }
+            )));
+        }
         if was_interrupted() {
             self.record.finish(kube, INTERRUPTED)?;
             let step = &self.record.entry.step;
@@ -141,6 +154,7 @@ impl<'k, 'a> Rollout<'k, 'a> {
         let kube = self.kube;
         for name in order {
             check_interrupted()?;
+            crate::lock::check_held()?;
             let digest = digest_for(name)?;
             // A seeded image's digest is known only now.
             self.record
@@ -186,6 +200,7 @@ pub fn wait(
     let mut last = None;
     loop {
         check_interrupted()?;
+        crate::lock::check_held()?;
         let deployment: Deployment = kube
             .get("deployment", name)?
             .with_context(|| format!("deployment/{name} does not exist"))?;

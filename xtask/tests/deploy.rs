@@ -796,6 +796,42 @@ fn an_interrupted_deploy_records_where_it_stopped_and_frees_the_lock() {
     );
 }
 
+#[test]
+fn a_deploy_that_loses_its_lock_stops_and_leaves_the_new_holder_alone() {
+    let fx = Fixture::failing("never-ready");
+    let child = fx.spawn(&["deploy", "--poll-interval", "0.2", "--grace", "60"]);
+    wait_for_call(&fx, 0, &["apply", &selector("fxweb")]);
+    let ours = fx.state()["lease"]["spec"]["holderIdentity"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(
+        ours.contains("(pid "),
+        "holders are told apart by pid: {ours}"
+    );
+    fx.edit_state(|state| {
+        state["lease"]["spec"]["holderIdentity"] = json!("mallory@elsewhere (pid 1)");
+    });
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("lost the deploy lock: mallory@elsewhere (pid 1) holds it now")
+            && stderr.contains("stopped without rolling back"),
+        "{stderr}"
+    );
+    assert_eq!(fx.call_index(&["rollout", "undo"]), None);
+    assert_eq!(
+        fx.state()["lease"]["spec"]["holderIdentity"],
+        "mallory@elsewhere (pid 1)",
+        "the new holder's lock is not deleted"
+    );
+    assert_eq!(
+        fx.history().pop().unwrap()["result"],
+        "failed: lost the deploy lock"
+    );
+}
+
 const SEEDED_WEB: &str = "seed = { build_arg = \"API_URL\", service = \"fxapi\" }";
 
 #[test]
