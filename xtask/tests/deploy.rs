@@ -543,6 +543,30 @@ fn deploy_from_a_build_file_checks_revision_and_registry() {
         "{}",
         missing.stderr
     );
+
+    // A file without one of the configured images is refused too.
+    let mut partial = old_rev.clone();
+    partial["images"].as_array_mut().unwrap().pop();
+    std::fs::write(&file, partial.to_string()).unwrap();
+    let calls = fx.calls().len();
+    let incomplete = fx.xtask(&[
+        "--from",
+        &file,
+        "--rev",
+        old_rev["revision"].as_str().unwrap(),
+    ]);
+    assert_eq!(incomplete.code, 2, "{}", incomplete.stderr);
+    assert!(
+        incomplete.stderr.contains("has no image"),
+        "{}",
+        incomplete.stderr
+    );
+    assert!(
+        fx.calls()[calls..]
+            .iter()
+            .all(|c| !c.contains(&"create".to_owned())),
+        "refused before the lock"
+    );
 }
 
 #[test]

@@ -283,6 +283,13 @@ impl Deploy {
             )));
         }
         for image in &config.images {
+            if !file.images.iter().any(|b| b.name == image.name) {
+                return Err(refuse(format!(
+                    "{} has no image {}: build every configured image with `cargo xtask build --push`",
+                    path.display(),
+                    image.name
+                )));
+            }
             if let (Some(seed), None) = (&image.seed, config.seed_value(image)) {
                 return Err(refuse(format!(
                     "{} takes {} from service {}'s address, which a build made ahead cannot know: set environments.{}.seed_args.{} in [workspace.metadata.xtask], or deploy without --from",
