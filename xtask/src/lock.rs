@@ -63,7 +63,21 @@ fn holder() -> String {
 }
 
 impl Lock {
-    pub fn take(kube: &Kube, reachable: bool) -> Result<Lock> {
+    /// Runs `work` holding the namespace's lock (taken as a numbered step,
+    /// after Ctrl-C is caught), and releases it whatever `work` returns.
+    /// `work`'s error wins over a failed release.
+    pub fn hold<T>(kube: &Kube, reachable: bool, work: impl FnOnce() -> Result<T>) -> Result<T> {
+        crate::exec::catch_interrupts()?;
+        let step = format!("lock namespace {}", kube.namespace);
+        let lock = kube.exec.step(step, || Lock::take(kube, reachable))?;
+        let outcome = work();
+        let released = lock.release(kube);
+        let value = outcome?;
+        released?;
+        Ok(value)
+    }
+
+    fn take(kube: &Kube, reachable: bool) -> Result<Lock> {
         let exec = kube.exec;
         // Unreachable is allowed only in a dry run, which then plans blind.
         if reachable
@@ -98,7 +112,7 @@ impl Lock {
 
     /// Stops renewing and deletes the lease, unless it was lost: then it
     /// is someone else's.
-    pub fn release(self, kube: &Kube) -> Result<()> {
+    fn release(self, kube: &Kube) -> Result<()> {
         if let Some((stop, renewer)) = self.renewer {
             stop.store(true, Ordering::SeqCst);
             let _ = renewer.join();

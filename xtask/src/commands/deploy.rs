@@ -14,7 +14,7 @@ use crate::{
     commands::build::BuildFlags,
     config::{Config, Image},
     docker::{self, BuildFile, BuildOptions, BuiltImage},
-    exec::{catch_interrupts, check_interrupted, refuse, Cmd, Exec},
+    exec::{check_interrupted, refuse, Cmd, Exec},
     git::{self, Revision},
     history::{self, Entry},
     kube::{Kube, HISTORY_NAME},
@@ -69,16 +69,10 @@ impl Deploy {
             docker::ecr_login(exec, &config.registry)?;
             Ok((config, rev, kube, reachable, from))
         })?;
-        catch_interrupts()?;
-
-        // 2. Lock.
-        let lock = exec.step(format!("lock namespace {}", config.namespace), || {
-            Lock::take(&kube, reachable)
+        // 2. Lock, then steps 3 to 8.
+        let verified = Lock::hold(&kube, reachable, || {
+            self.locked(&kube, &config, &rev, from, reachable)
         })?;
-        let outcome = self.locked(&kube, &config, &rev, from, reachable);
-        let released = lock.release(&kube);
-        let verified = outcome?;
-        released?;
         if !exec.dry_run {
             let seconds = started.elapsed().as_secs_f64();
             eprintln!(

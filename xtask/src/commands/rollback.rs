@@ -7,7 +7,7 @@ use clap::Args;
 use crate::{
     config::{Config, Overrides},
     docker::BuiltImage,
-    exec::{catch_interrupts, refuse, rollback_failed, Exec},
+    exec::{refuse, rollback_failed, Exec},
     git::{self, Revision},
     history::{self, Entry, Record, IN_PROGRESS, SUCCEEDED},
     kube::Kube,
@@ -74,19 +74,12 @@ impl Rollback {
             };
             Ok((config, kube, reachable, entries, plan))
         })?;
-        catch_interrupts()?;
-        let lock = exec.step(format!("lock namespace {}", config.namespace), || {
-            Lock::take(&kube, reachable)
-        })?;
-        let outcome = match plan {
+        Lock::hold(&kube, reachable, || match plan {
             Plan::Redeploy { rev, images } => {
                 self.redeploy(&kube, &config, &entries, &rev, &images)
             }
             Plan::Undo { last } => self.undo(&kube, &entries, last),
-        };
-        let released = lock.release(&kube);
-        outcome?;
-        released
+        })
     }
 
     /// Redeploys `rev`'s images by digest: the deploy's render, apply,
