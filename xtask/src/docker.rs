@@ -68,6 +68,19 @@ pub struct BuiltImage {
 }
 
 impl BuiltImage {
+    /// `name` built at `rev`, tagged `<registry>/<name>:<sha tag>`; `digest`
+    /// once it is in the registry.
+    pub fn new(config: &Config, name: &str, rev: &Revision, digest: Option<String>) -> BuiltImage {
+        BuiltImage {
+            name: name.to_owned(),
+            reference: config.image_ref(name, &rev.tag()),
+            tag: rev.tag(),
+            digest,
+            revision: rev.sha.clone(),
+            dirty: rev.is_dirty(),
+        }
+    }
+
     /// `<registry>/<name>`: the reference without its tag.
     pub fn repository(&self) -> &str {
         self.reference
@@ -245,28 +258,21 @@ pub fn build(
     std::fs::write(&bake_path, bake).with_context(|| format!("writing {}", bake_path.display()))?;
     let _ = std::fs::remove_file(&metadata_path);
 
-    let tagged: Vec<(&Image, Vec<String>)> =
-        images.iter().map(|i| (i, tags(config, i, rev))).collect();
-    let cmd = bake_command(&bake_path, &metadata_path, &tagged, opts);
     // Digests exist only in a registry: without a push there is none.
-    let digests = if !opts.push {
+    let digests = if opts.push {
+        push(exec, config, images, rev, opts, &bake_path, &metadata_path)?
+    } else {
+        let tagged: Vec<(&Image, Vec<String>)> =
+            images.iter().map(|i| (i, tags(config, i, rev))).collect();
+        let cmd = bake_command(&bake_path, &metadata_path, &tagged, opts);
         if let Err(error) = exec.run(&cmd) {
             return Err(explain_base_image_failure(exec, config, images).unwrap_or(error));
         }
         BTreeMap::new()
-    } else {
-        push(exec, config, images, rev, opts, &bake_path, &metadata_path)?
     };
     let built: Vec<BuiltImage> = images
         .iter()
-        .map(|image| BuiltImage {
-            name: image.name.clone(),
-            reference: config.image_ref(&image.name, &rev.tag()),
-            tag: rev.tag(),
-            digest: digests.get(&image.name).cloned(),
-            revision: rev.sha.clone(),
-            dirty: rev.is_dirty(),
-        })
+        .map(|image| BuiltImage::new(config, &image.name, rev, digests.get(&image.name).cloned()))
         .collect();
     for image in &built {
         let kind = if image.digest.is_some() {
@@ -331,18 +337,13 @@ fn push(
     let mut digests = BTreeMap::new();
     let mut remaining: Vec<Image> = images.to_vec();
     let mut opts = opts.clone();
-    let mut latest = true;
+    // Immutable tags turn `push_latest` off for the attempts that follow.
+    let mut config = config.clone();
     let mut failures = 0;
     loop {
         let tagged: Vec<(&Image, Vec<String>)> = remaining
             .iter()
-            .map(|i| {
-                let mut tags = tags(config, i, rev);
-                if !latest {
-                    tags.retain(|t| !t.ends_with(":latest"));
-                }
-                (i, tags)
-            })
+            .map(|i| (i, tags(&config, i, rev)))
             .collect();
         let cmd = bake_command(bake_path, metadata_path, &tagged, &opts);
         let error = match exec.run_keeping_stderr(&cmd) {
@@ -359,13 +360,13 @@ fn push(
         // The message is the command line, then the last lines it printed.
         let printed = format!("{error:#}");
         match push_failure(printed.split_once('\n').map_or("", |(_, tail)| tail)) {
-            Some(PushFailure::Immutable) if latest && config.push_latest && !rev.is_dirty() => {
+            Some(PushFailure::Immutable) if config.push_latest && !rev.is_dirty() => {
                 exec.output.warn("the registry refuses to move a tag (immutable tags): pushing again without :latest, which nothing deployed uses (set push_latest = false for this registry)");
-                latest = false;
+                config.push_latest = false;
             }
             Some(PushFailure::Immutable) => {
                 for image in &remaining {
-                    if let Some(digest) = already_published(exec, config, image, rev)? {
+                    if let Some(digest) = already_published(exec, &config, image, rev)? {
                         digests.insert(image.name.clone(), digest);
                     }
                 }
@@ -382,7 +383,7 @@ fn push(
                 std::thread::sleep(std::time::Duration::from_secs(wait));
             }
             _ => {
-                return Err(explain_base_image_failure(exec, config, images).unwrap_or(error));
+                return Err(explain_base_image_failure(exec, &config, images).unwrap_or(error));
             }
         }
         if failures > PUSH_ATTEMPTS {
@@ -457,27 +458,29 @@ pub fn write_build_file(config: &Config, rev: &Revision, built: &[BuiltImage]) -
 }
 
 /// What the registry holds under `reference`: its manifest digest and the
-/// revision label of its image config.
+/// revision label of its image config (one `imagetools inspect`).
 pub fn resolve(exec: &Exec, reference: &str) -> Result<(String, Option<String>)> {
-    let inspect = |format: &str| {
-        exec.read(&Cmd::new("docker").args([
-            "buildx",
-            "imagetools",
-            "inspect",
-            reference,
-            "--format",
-            format,
-        ]))
-    };
     #[derive(Deserialize)]
-    struct Manifest {
+    struct Descriptor {
         digest: String,
     }
-    let manifest: Manifest = serde_json::from_str(&inspect("{{json .Manifest}}")?)
-        .with_context(|| format!("parsing the manifest of {reference}"))?;
+    #[derive(Deserialize)]
+    struct Inspected {
+        manifest: Descriptor,
+        #[serde(default)]
+        image: serde_json::Value,
+    }
+    let json = exec.read(&Cmd::new("docker").args([
+        "buildx",
+        "imagetools",
+        "inspect",
+        reference,
+        "--format",
+        "{{json .}}",
+    ]))?;
+    let Inspected { manifest, image } = serde_json::from_str(&json)
+        .with_context(|| format!("parsing `imagetools inspect` of {reference}"))?;
     // A single image answers its config; an index answers one per platform.
-    let image: serde_json::Value = serde_json::from_str(&inspect("{{json .Image}}")?)
-        .with_context(|| format!("parsing the image config of {reference}"))?;
     let config = if image.get("config").is_some() {
         Some(&image)
     } else {

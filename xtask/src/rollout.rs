@@ -433,14 +433,7 @@ pub fn digests_for(
                     digest
                 }
             };
-            Ok(BuiltImage {
-                name: image.name.clone(),
-                reference,
-                tag: rev.tag(),
-                digest: Some(digest),
-                revision: rev.sha.clone(),
-                dirty: false,
-            })
+            Ok(BuiltImage::new(config, &image.name, rev, Some(digest)))
         })
         .collect()
 }

@@ -101,17 +101,11 @@ fn validate_manifests(exec: &Exec, config: &Config) -> Result<()> {
     std::fs::write(&base, rendered).with_context(|| format!("writing {}", base.display()))?;
     // The overlay a deploy of HEAD would apply, with a made-up digest.
     let rev = crate::git::commit(exec, "HEAD")?;
+    let digest = format!("sha256:{}", "0".repeat(64));
     let images: Vec<docker::BuiltImage> = config
         .images
         .iter()
-        .map(|image| docker::BuiltImage {
-            name: image.name.clone(),
-            reference: config.image_ref(&image.name, &rev.tag()),
-            tag: rev.tag(),
-            digest: Some(format!("sha256:{}", "0".repeat(64))),
-            revision: rev.sha.clone(),
-            dirty: false,
-        })
+        .map(|image| docker::BuiltImage::new(config, &image.name, &rev, Some(digest.clone())))
         .collect();
     let overlay = render_overlay(exec, "kubectl", config, &images, &rev, "cargo xtask ci")?;
     let overlay = std::path::Path::new(&overlay).join("rendered.yaml");

@@ -123,14 +123,12 @@ impl Deploy {
                             &opts,
                         )
                     })?;
-                built.extend(seeded.iter().map(|image| BuiltImage {
-                    name: image.name.clone(),
-                    reference: config.image_ref(&image.name, &rev.tag()),
-                    tag: rev.tag(),
-                    digest: None,
-                    revision: rev.sha.clone(),
-                    dirty: rev.is_dirty(),
-                }));
+                // Seeded images get their digest once built, mid-rollout.
+                built.extend(
+                    seeded
+                        .iter()
+                        .map(|image| BuiltImage::new(config, &image.name, rev, None)),
+                );
                 if !exec.dry_run {
                     docker::write_build_file(config, rev, &built)?;
                 }
