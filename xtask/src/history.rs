@@ -77,15 +77,23 @@ impl Entry {
         } else {
             self.result.clone()
         };
-        let changed = if self.changed.is_empty() {
-            "none".to_owned()
+        format!(
+            "{}  {:<8} {:<24} {:<20} changed: {}; {result}",
+            self.time,
+            self.kind,
+            self.tag,
+            self.who,
+            self.changed_list()
+        )
+    }
+
+    /// The deployments this run changed, for messages: "nothing" if none.
+    pub fn changed_list(&self) -> String {
+        if self.changed.is_empty() {
+            "nothing".to_owned()
         } else {
             self.changed.join(", ")
-        };
-        format!(
-            "{}  {:<8} {:<24} {:<20} changed: {changed}; {result}",
-            self.time, self.kind, self.tag, self.who
-        )
+        }
     }
 
     /// Whether this run stopped before it could finish: interrupted, or
@@ -95,30 +103,55 @@ impl Entry {
     }
 }
 
-/// Every entry, oldest first. An entry that does not parse (edited by
-/// hand?) is skipped with a warning rather than blocking every deploy.
-pub fn read(kube: &Kube) -> Result<Vec<(String, Entry)>> {
-    #[derive(Deserialize)]
-    struct ConfigMap {
-        #[serde(default)]
-        data: BTreeMap<String, String>,
-    }
-    let Some(map) = kube.get::<ConfigMap>("configmap", HISTORY_NAME)? else {
-        return Ok(Vec::new());
-    };
-    Ok(map
-        .data
-        .into_iter()
-        .filter_map(|(key, value)| match serde_json::from_str(&value) {
-            Ok(entry) => Some((key, entry)),
-            Err(e) => {
-                kube.exec.output.warn(&format!(
-                    "skipping deploy history entry {key} of configmap/{HISTORY_NAME}: {e}"
-                ));
-                None
-            }
+/// The namespace's history as read once: whether its ConfigMap exists yet,
+/// and its entries, oldest first.
+#[derive(Debug, Default)]
+pub struct History {
+    exists: bool,
+    pub entries: Vec<(String, Entry)>,
+}
+
+impl History {
+    /// Reads the ConfigMap. An entry that does not parse (edited by hand?)
+    /// is skipped with a warning rather than blocking every deploy.
+    pub fn read(kube: &Kube) -> Result<History> {
+        #[derive(Deserialize)]
+        struct ConfigMap {
+            #[serde(default)]
+            data: BTreeMap<String, String>,
+        }
+        let Some(map) = kube.get::<ConfigMap>("configmap", HISTORY_NAME)? else {
+            return Ok(History::default());
+        };
+        let entries = map
+            .data
+            .into_iter()
+            .filter_map(|(key, value)| match serde_json::from_str(&value) {
+                Ok(entry) => Some((key, entry)),
+                Err(e) => {
+                    kube.exec.output.warn(&format!(
+                        "skipping deploy history entry {key} of configmap/{HISTORY_NAME}: {e}"
+                    ));
+                    None
+                }
+            })
+            .collect();
+        Ok(History {
+            exists: true,
+            entries,
         })
-        .collect())
+    }
+
+    /// Warns when the newest entry never finished (interrupted, or killed
+    /// if nobody holds the lock), saying what it had got to.
+    pub fn warn_unfinished(&self, out: &crate::exec::Output, lock_held: bool) {
+        if let Some((_, last)) = self.entries.last().filter(|(_, e)| e.unfinished(lock_held)) {
+            out.warn(&format!(
+                "the previous run did not finish: {}. Deploy again, or `cargo xtask rollback` to undo what it changed",
+                last.describe(lock_held)
+            ));
+        }
+    }
 }
 
 /// One entry of the history, written as the run goes.
@@ -131,14 +164,12 @@ impl Record {
     /// Writes `entry` as a new "in progress" entry, creating the ConfigMap
     /// on a first deploy and dropping entries beyond the newest [`KEEP`]
     /// (a ConfigMap holds at most 1 MiB).
-    pub fn start(kube: &Kube, entry: Entry, existing: &[(String, Entry)]) -> Result<Record> {
-        if kube
-            .get::<serde_json::Value>("configmap", HISTORY_NAME)?
-            .is_none()
-        {
+    pub fn start(kube: &Kube, entry: Entry, history: &History) -> Result<Record> {
+        if !history.exists {
             kube.exec
                 .run(&kube.cmd(&["create", "configmap", HISTORY_NAME]))?;
         }
+        let existing = &history.entries;
         let key = format!(
             "{}-{}",
             now_epoch(),
@@ -201,11 +232,9 @@ pub fn who() -> String {
 
 /// The digests a clean build of `sha` was deployed with, from the newest
 /// entry that has all of them.
-pub fn recorded_digests(
-    entries: &[(String, Entry)],
-    sha: &str,
-) -> Option<BTreeMap<String, String>> {
-    entries
+pub fn recorded_digests(history: &History, sha: &str) -> Option<BTreeMap<String, String>> {
+    history
+        .entries
         .iter()
         .rev()
         .filter(|(_, e)| e.revision == sha && !e.dirty)

@@ -75,7 +75,7 @@ impl<'k, 'a> Rollout<'k, 'a> {
         kube: &'k Kube<'a>,
         flags: &'k WaitFlags,
         entry: crate::history::Entry,
-        past: &[(String, crate::history::Entry)],
+        past: &crate::history::History,
     ) -> Result<Rollout<'k, 'a>> {
         Ok(Rollout {
             kube,
@@ -102,25 +102,20 @@ impl<'k, 'a> Rollout<'k, 'a> {
             return self.record.finish(kube, SUCCEEDED);
         };
         let changed = self.record.entry.changed.clone();
+        let changed_list = self.record.entry.changed_list();
         if crate::lock::is_lost() {
             // The namespace may be another deploy's now: touch nothing more
             // than this run's own history entry.
             let _ = self.record.finish(kube, "failed: lost the deploy lock");
             return Err(failure.context(format!(
-                "stopped without rolling back; changed so far: {}. See `cargo xtask status`",
-                if changed.is_empty() {
-                    "nothing".into()
-                } else {
-                    changed.join(", ")
-                }
+                "stopped without rolling back; changed so far: {changed_list}. See `cargo xtask status`"
             )));
         }
         if was_interrupted() {
             self.record.finish(kube, INTERRUPTED)?;
             let step = &self.record.entry.step;
             return Err(failure.context(format!(
-                "interrupted during {step}; changed so far: {}. Nothing was rolled back: see `cargo xtask status`, then deploy again or `cargo xtask rollback`",
-                if changed.is_empty() { "nothing".into() } else { changed.join(", ") }
+                "interrupted during {step}; changed so far: {changed_list}. Nothing was rolled back: see `cargo xtask status`, then deploy again or `cargo xtask rollback`"
             )));
         }
         if self.flags.no_rollback {
@@ -408,10 +403,10 @@ pub fn render_overlay(
 pub fn digests_for(
     exec: &Exec,
     config: &Config,
-    entries: &[(String, crate::history::Entry)],
+    history: &crate::history::History,
     rev: &Revision,
 ) -> Result<Vec<BuiltImage>> {
-    let recorded = crate::history::recorded_digests(entries, &rev.sha);
+    let recorded = crate::history::recorded_digests(history, &rev.sha);
     config
         .images
         .iter()

@@ -16,7 +16,7 @@ use crate::{
     docker::{self, BuildFile, BuildOptions, BuiltImage},
     exec::{check_interrupted, refuse, Cmd, Exec},
     git::{self, Revision},
-    history::{self, Entry},
+    history::{Entry, History},
     kube::{Kube, HISTORY_NAME},
     lock::Lock,
     rollout::{apply_command, print_diff, render_overlay, Rollout, WaitFlags},
@@ -95,11 +95,12 @@ impl Deploy {
     ) -> Result<Vec<crate::rollout::Verified>> {
         let exec = kube.exec;
         let past = if reachable {
-            history::read(kube)?
+            History::read(kube)?
         } else {
-            Vec::new()
+            History::default()
         };
-        report_unfinished(exec, &past);
+        // This run holds the lock, so an "in progress" entry is a killed run.
+        past.warn_unfinished(&exec.output, false);
         // Images built now; seeded ones without a configured value wait for
         // their Service (the seed flow).
         let opts = self.flags.options(config, true);
@@ -346,17 +347,6 @@ fn wait_for_address(kube: &Kube, service: &str, timeout: u64, poll: f64) -> Resu
         }
         eprintln!("service/{service}: waiting for a LoadBalancer address");
         std::thread::sleep(Duration::from_secs_f64(poll));
-    }
-}
-
-/// Tells about a previous deploy that never finished.
-fn report_unfinished(exec: &Exec, past: &[(String, Entry)]) {
-    // This run holds the lock, so an "in progress" entry is a killed run.
-    if let Some((_, last)) = past.last().filter(|(_, e)| e.unfinished(false)) {
-        exec.output.warn(&format!(
-            "the previous run did not finish: {}",
-            last.describe(false)
-        ));
     }
 }
 

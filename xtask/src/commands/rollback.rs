@@ -9,7 +9,7 @@ use crate::{
     docker::BuiltImage,
     exec::{refuse, rollback_failed, Exec},
     git::{self, Revision},
-    history::{self, Entry, Record, IN_PROGRESS, SUCCEEDED},
+    history::{Entry, History, Record, IN_PROGRESS, SUCCEEDED},
     kube::Kube,
     lock::Lock,
     rollout::{
@@ -47,7 +47,7 @@ impl Rollback {
     pub fn run(self, exec: &Exec) -> Result<()> {
         self.wait.check()?;
         // Everything that can refuse is checked before the lock.
-        let (config, kube, reachable, entries, plan) = exec.step("preflight", || {
+        let (config, kube, reachable, history, plan) = exec.step("preflight", || {
             let config = Config::load(exec, &self.overrides)?;
             exec.sh.change_dir(&config.root);
             let target = self
@@ -57,28 +57,28 @@ impl Rollback {
                 .transpose()?;
             let (kube, reachable) =
                 Kube::connect(exec, &config, self.context.as_deref(), !exec.dry_run)?;
-            let entries = if reachable {
-                history::read(&kube)?
+            let history = if reachable {
+                History::read(&kube)?
             } else {
-                Vec::new()
+                History::default()
             };
             let plan = match target {
                 Some(rev) => {
-                    let images = digests_for(exec, &config, &entries, &rev)
+                    let images = digests_for(exec, &config, &history, &rev)
                         .map_err(|e| refuse(format!("{e:#}")))?;
                     Plan::Redeploy { rev, images }
                 }
                 None => Plan::Undo {
-                    last: undoable(&entries)?,
+                    last: undoable(&history)?,
                 },
             };
-            Ok((config, kube, reachable, entries, plan))
+            Ok((config, kube, reachable, history, plan))
         })?;
         Lock::hold(&kube, reachable, || match plan {
             Plan::Redeploy { rev, images } => {
-                self.redeploy(&kube, &config, &entries, &rev, &images)
+                self.redeploy(&kube, &config, &history, &rev, &images)
             }
-            Plan::Undo { last } => self.undo(&kube, &entries, last),
+            Plan::Undo { last } => self.undo(&kube, &history, last),
         })
     }
 
@@ -88,7 +88,7 @@ impl Rollback {
         &self,
         kube: &Kube,
         config: &Config,
-        entries: &[(String, Entry)],
+        history: &History,
         rev: &Revision,
         images: &[BuiltImage],
     ) -> Result<()> {
@@ -105,7 +105,7 @@ impl Rollback {
             return print_diff(kube, &overlay);
         }
         let entry = Entry::new("rollback", rev, images);
-        let mut rollout = Rollout::start(kube, &self.wait, entry, entries)?;
+        let mut rollout = Rollout::start(kube, &self.wait, entry, history)?;
         let mut digest_for = |name: &str| -> Result<String> {
             images
                 .iter()
@@ -133,7 +133,7 @@ impl Rollback {
     }
 
     /// `kubectl rollout undo` of what `last` changed, newest first.
-    fn undo(&self, kube: &Kube, entries: &[(String, Entry)], last: Entry) -> Result<()> {
+    fn undo(&self, kube: &Kube, history: &History, last: Entry) -> Result<()> {
         let exec = kube.exec;
         let changed = last.changed.clone();
         if exec.dry_run {
@@ -148,7 +148,7 @@ impl Rollback {
             step: format!("undo {}", changed.join(", ")),
             ..last.clone()
         };
-        let mut record = Record::start(kube, entry, entries)?;
+        let mut record = Record::start(kube, entry, history)?;
         let undone = exec.step(format!("undo {}", changed.join(", ")), || {
             roll_back(kube, &self.wait, &changed)
         });
@@ -184,8 +184,8 @@ impl Rollback {
 
 /// The newest history entry, if it is a deploy whose changes are still in
 /// place (not rolled back already).
-fn undoable(entries: &[(String, Entry)]) -> Result<Entry> {
-    let Some((_, last)) = entries.last() else {
+fn undoable(history: &History) -> Result<Entry> {
+    let Some((_, last)) = history.entries.last() else {
         return Err(refuse("the deploy history is empty: nothing to undo"));
     };
     if last.kind != "deploy" || last.changed.is_empty() || last.result.contains("rolled back") {

@@ -7,7 +7,8 @@ use serde_json::json;
 use crate::{
     config::{Config, Overrides},
     exec::Exec,
-    git, history,
+    git,
+    history::History,
     kube::{Kube, Running},
     lock,
 };
@@ -70,7 +71,8 @@ impl Status {
             None => out.result("deploy lock: free"),
         }
         out.event("lock", json!({ "holder": holder }));
-        let entries = history::read(&kube)?;
+        let history = History::read(&kube)?;
+        let entries = &history.entries;
         out.result(&format!(
             "last {} deploys (newest last):",
             self.history.min(entries.len())
@@ -89,17 +91,7 @@ impl Status {
                 json!({"key": key, "entry": entry, "unfinished": entry.unfinished(held)}),
             );
         }
-        if let Some((_, last)) = entries
-            .last()
-            .filter(|(_, e)| e.unfinished(holder.is_some()))
-        {
-            out.warn(&format!(
-                "the last {} did not finish (at: {}); changed: {}. Deploy again, or `cargo xtask rollback`",
-                last.kind,
-                last.step,
-                if last.changed.is_empty() { "nothing".into() } else { last.changed.join(", ") }
-            ));
-        }
+        history.warn_unfinished(&out, holder.is_some());
         Ok(())
     }
 }

@@ -8,7 +8,8 @@ use crate::{
     commands::status::state,
     config::{Config, Overrides},
     exec::Exec,
-    git, history,
+    git,
+    history::History,
     kube::Kube,
     rollout::digests_for,
 };
@@ -29,8 +30,8 @@ impl Verify {
         exec.sh.change_dir(&config.root);
         let head = git::commit(exec, "HEAD")?;
         let (kube, _) = Kube::connect(exec, &config, self.context.as_deref(), true)?;
-        let entries = history::read(&kube)?;
-        let expected = digests_for(exec, &config, &entries, &head)?;
+        let history = History::read(&kube)?;
+        let expected = digests_for(exec, &config, &history, &head)?;
         let out = exec.output;
         let mut failures = Vec::new();
         for image in &expected {
