@@ -229,8 +229,6 @@ impl<'a> Exec<'a> {
         self.capture(cmd).is_ok_and(|o| o.status.success())
     }
 
-    /// Starts a numbered step; its elapsed time is printed when the guard
-    /// drops.
     /// The steps finished so far: name and seconds.
     pub fn timings(&self) -> Vec<(String, f64)> {
         self.timings.borrow().clone()
@@ -411,7 +409,7 @@ pub fn catch_interrupts() -> Result<()> {
 
 /// Fails with exit code 130 once an interrupt arrived.
 pub fn check_interrupted() -> Result<()> {
-    if INTERRUPTED.load(std::sync::atomic::Ordering::SeqCst) {
+    if was_interrupted() {
         return Err(anyhow::Error::new(ExitCode {
             code: 130,
             message: "interrupted".into(),

@@ -148,8 +148,7 @@ impl<'k, 'a> Rollout<'k, 'a> {
     ) -> Result<()> {
         let kube = self.kube;
         for name in order {
-            check_interrupted()?;
-            crate::lock::check_held()?;
+            keep_going()?;
             let digest = digest_for(name)?;
             // A seeded image's digest is known only now.
             self.record
@@ -182,6 +181,13 @@ impl<'k, 'a> Rollout<'k, 'a> {
     }
 }
 
+/// Fails once the run must stop touching the cluster: interrupted, or its
+/// lock lost. Checked between steps and at every poll.
+pub fn keep_going() -> Result<()> {
+    check_interrupted()?;
+    crate::lock::check_held()
+}
+
 /// Polls until `name` has rolled out; with `digest`, fails as soon as a
 /// new pod shows a state that will not fix itself. Reports progress as it
 /// changes.
@@ -194,8 +200,7 @@ pub fn wait(
 ) -> Result<()> {
     let mut last = None;
     loop {
-        check_interrupted()?;
-        crate::lock::check_held()?;
+        keep_going()?;
         let deployment: Deployment = kube
             .get("deployment", name)?
             .with_context(|| format!("deployment/{name} does not exist"))?;
