@@ -14,12 +14,12 @@ use crate::{
     commands::build::BuildFlags,
     config::{Config, Image},
     docker::{self, BuildFile, BuildOptions, BuiltImage},
-    exec::{check_interrupted, refuse, Cmd, Exec},
+    exec::{refuse, Cmd, Exec},
     git::{self, Revision},
     history::{Entry, History},
     kube::{Kube, HISTORY_NAME},
     lock::Lock,
-    rollout::{apply_command, print_diff, render_overlay, Rollout, WaitFlags},
+    rollout::{apply_command, keep_going, print_diff, render_overlay, Rollout, WaitFlags},
 };
 
 /// Build, push, apply and verify: exits 0 only when the cluster runs HEAD
@@ -324,7 +324,7 @@ fn wait_for_address(kube: &Kube, service: &str, timeout: u64, poll: f64) -> Resu
     }
     let deadline = Instant::now() + Duration::from_secs(timeout);
     loop {
-        check_interrupted()?;
+        keep_going()?;
         if let Some(svc) = kube.get::<Service>("service", service)? {
             let ingress = svc
                 .status
