@@ -5,7 +5,7 @@ use anyhow::{Context, Result};
 use serde::Deserialize;
 
 use crate::{
-    config::Config,
+    config::{Config, Overrides},
     exec::{refuse, Cmd, Exec},
 };
 
@@ -17,6 +17,33 @@ pub const NAME_LABEL: &str = "app.kubernetes.io/name";
 pub const REVISION_ANNOTATION: &str = "aiq.dev/revision";
 pub const TAG_ANNOTATION: &str = "aiq.dev/tag";
 pub const DIRTY_ANNOTATION: &str = "aiq.dev/dirty";
+
+/// Which cluster a command reads or changes: the configuration (with
+/// `--env`) and, to go elsewhere on purpose, `--context`.
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct ClusterFlags {
+    /// Kube context to use; needed for any but the configured one
+    #[arg(long, value_name = "CONTEXT")]
+    pub context: Option<String>,
+    #[command(flatten)]
+    pub overrides: Overrides,
+}
+
+impl ClusterFlags {
+    /// Loads the configuration, works from the workspace root, and connects
+    /// (see [`Kube::connect`]).
+    pub fn connect<'a>(
+        &self,
+        exec: &'a Exec<'a>,
+        need_reachable: bool,
+    ) -> Result<(Config, Kube<'a>, bool)> {
+        let config = Config::load(exec, &self.overrides)?;
+        exec.sh.change_dir(&config.root);
+        let (kube, reachable) =
+            Kube::connect(exec, &config, self.context.as_deref(), need_reachable)?;
+        Ok((config, kube, reachable))
+    }
+}
 
 /// kubectl bound to one context and namespace.
 pub struct Kube<'a> {

@@ -5,12 +5,12 @@ use anyhow::Result;
 use clap::Args;
 
 use crate::{
-    config::{Config, Overrides},
+    config::Config,
     docker::BuiltImage,
     exec::{refuse, rollback_failed, Exec},
     git::{self, Revision},
     history::{Entry, History, Record, IN_PROGRESS, SUCCEEDED},
-    kube::Kube,
+    kube::{ClusterFlags, Kube},
     lock::Lock,
     rollout::{
         apply_command, digests_for, print_diff, render_overlay, roll_back, Rollout, WaitFlags,
@@ -23,13 +23,10 @@ pub struct Rollback {
     /// Revision to go back to (a SHA or prefix); default: undo the last deploy
     #[arg(long, value_name = "REV")]
     pub to: Option<String>,
-    /// Kube context; needed for any but the configured one
-    #[arg(long, value_name = "CONTEXT")]
-    pub context: Option<String>,
     #[command(flatten)]
     pub wait: WaitFlags,
     #[command(flatten)]
-    pub overrides: Overrides,
+    pub cluster: ClusterFlags,
 }
 
 /// What the rollback will do, settled before the lock is taken.
@@ -48,15 +45,12 @@ impl Rollback {
         self.wait.check()?;
         // Everything that can refuse is checked before the lock.
         let (config, kube, reachable, history, plan) = exec.step("preflight", || {
-            let config = Config::load(exec, &self.overrides)?;
-            exec.sh.change_dir(&config.root);
+            let (config, kube, reachable) = self.cluster.connect(exec, !exec.dry_run)?;
             let target = self
                 .to
                 .as_deref()
                 .map(|rev| git::commit(exec, rev))
                 .transpose()?;
-            let (kube, reachable) =
-                Kube::connect(exec, &config, self.context.as_deref(), !exec.dry_run)?;
             let history = if reachable {
                 History::read(&kube)?
             } else {

@@ -5,33 +5,27 @@ use clap::Args;
 use serde_json::json;
 
 use crate::{
-    config::{Config, Overrides},
     exec::Exec,
     git,
     history::History,
-    kube::{Kube, Running},
+    kube::{ClusterFlags, Running},
     lock,
 };
 
 /// What each deployment runs (revision, digest, readiness, age), drift from HEAD, the deploy history
 #[derive(Args, Debug)]
 pub struct Status {
-    /// Kube context to read; needed for any but the configured one
-    #[arg(long, value_name = "CONTEXT")]
-    pub context: Option<String>,
     /// History entries to show
     #[arg(long, default_value_t = 5, value_name = "N")]
     pub history: usize,
     #[command(flatten)]
-    pub overrides: Overrides,
+    pub cluster: ClusterFlags,
 }
 
 impl Status {
     pub fn run(self, exec: &Exec) -> Result<()> {
-        let config = Config::load(exec, &self.overrides)?;
-        exec.sh.change_dir(&config.root);
+        let (config, kube, _) = self.cluster.connect(exec, true)?;
         let head = git::commit(exec, "HEAD")?;
-        let (kube, _) = Kube::connect(exec, &config, self.context.as_deref(), true)?;
         let out = exec.output;
         out.result(&format!(
             "namespace {} on {}; HEAD is {}",

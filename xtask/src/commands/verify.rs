@@ -5,31 +5,21 @@ use clap::Args;
 use serde_json::json;
 
 use crate::{
-    commands::status::state,
-    config::{Config, Overrides},
-    exec::Exec,
-    git,
-    history::History,
-    kube::Kube,
+    commands::status::state, exec::Exec, git, history::History, kube::ClusterFlags,
     rollout::digests_for,
 };
 
 /// Exit 0 only if every deployment runs exactly the digests built for HEAD
 #[derive(Args, Debug)]
 pub struct Verify {
-    /// Kube context to check; needed for any but the configured one
-    #[arg(long, value_name = "CONTEXT")]
-    pub context: Option<String>,
     #[command(flatten)]
-    pub overrides: Overrides,
+    pub cluster: ClusterFlags,
 }
 
 impl Verify {
     pub fn run(self, exec: &Exec) -> Result<()> {
-        let config = Config::load(exec, &self.overrides)?;
-        exec.sh.change_dir(&config.root);
+        let (config, kube, _) = self.cluster.connect(exec, true)?;
         let head = git::commit(exec, "HEAD")?;
-        let (kube, _) = Kube::connect(exec, &config, self.context.as_deref(), true)?;
         let history = History::read(&kube)?;
         let expected = digests_for(exec, &config, &history, &head)?;
         let out = exec.output;
