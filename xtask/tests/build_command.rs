@@ -305,12 +305,7 @@ fn missing_docker_is_named_before_anything_starts() {
     std::os::unix::fs::symlink(git_path, bin.path().join("git")).unwrap();
     let path = bin.path().display().to_string();
     let run = xtask(root, &["build"], &[("PATH", &path)]);
-    assert_eq!(run.code, 2, "{}", run.stderr);
-    assert!(
-        run.stderr.contains("`docker` not found on PATH"),
-        "{}",
-        run.stderr
-    );
+    run.assert_fails(2, "`docker` not found on PATH");
 }
 
 fn which_path(program: &str) -> String {
@@ -545,12 +540,7 @@ fn immutable_tags_skip_latest_and_refuse_another_build_under_a_sha_tag() {
 
     // A fresh rebuild of the same commit is another build: refused.
     let again = xtask(root, &push, &[]);
-    assert_eq!(again.code, 1, "{}", again.stderr);
-    assert!(
-        again.stderr.contains("already exists with another build"),
-        "{}",
-        again.stderr
-    );
+    again.assert_fails(1, "already exists with another build");
     assert_eq!(
         registry_digest(&repository, &second[..12]).as_deref(),
         Some(digest.as_str()),

@@ -555,12 +555,7 @@ fn deploy_from_a_build_file_checks_revision_and_registry() {
         "--rev",
         old_rev["revision"].as_str().unwrap(),
     ]);
-    assert_eq!(incomplete.code, 2, "{}", incomplete.stderr);
-    assert!(
-        incomplete.stderr.contains("has no image"),
-        "{}",
-        incomplete.stderr
-    );
+    incomplete.assert_fails(2, "has no image");
     assert!(
         fx.calls()[calls..]
             .iter()
@@ -706,12 +701,7 @@ fn rollback_undoes_the_last_deploy_and_to_redeploys_recorded_digests() {
     let mut never = undo.clone();
     never.extend_from_slice(&["--to", &unbuilt]);
     let refused = fx.run(&never);
-    assert_eq!(refused.code, 2, "{}", refused.stderr);
-    assert!(
-        refused.stderr.contains("not in the registry"),
-        "{}",
-        refused.stderr
-    );
+    refused.assert_fails(2, "not in the registry");
     assert!(fx.calls()[calls..]
         .iter()
         .all(|c| !c.contains(&"apply".to_owned())));
@@ -929,13 +919,7 @@ fn a_seed_service_that_never_gets_an_address_fails_within_its_bound() {
         SEEDED_WEB,
     );
     let run = fx.xtask(&["--seed-timeout", "1"]);
-    assert_eq!(run.code, 1, "{}", run.stderr);
-    assert!(
-        run.stderr
-            .contains("service/fxapi has no external address after 1s"),
-        "{}",
-        run.stderr
-    );
+    run.assert_fails(1, "service/fxapi has no external address after 1s");
     assert!(run.stderr.contains("rolled back"), "{}", run.stderr);
     assert_eq!(fx.image_of("fxapi"), "registry/fxapi@sha256:old");
 }

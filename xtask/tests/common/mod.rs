@@ -148,6 +148,17 @@ impl XtaskRun {
         );
         self
     }
+
+    /// The run exited with `code` and its stderr says `expected`.
+    pub fn assert_fails(&self, code: i32, expected: &str) -> &Self {
+        assert_eq!(self.code, code, "stderr:\n{}", self.stderr);
+        assert!(
+            self.stderr.contains(expected),
+            "stderr lacks {expected:?}:\n{}",
+            self.stderr
+        );
+        self
+    }
 }
 
 /// Runs the xtask binary in `dir` with the tests' registries.
