@@ -340,6 +340,13 @@ fn check_registry(key: &str, value: &str) -> Result<()> {
     Ok(())
 }
 
+/// Where the xtask keeps what outlives a clone and `cargo clean`: the
+/// local registry's data, the test cluster's binaries (`~/.cache/aiq-xtask`).
+pub fn cache_dir() -> PathBuf {
+    let home = std::env::var_os("HOME").map_or_else(std::env::temp_dir, PathBuf::from);
+    home.join(".cache").join("aiq-xtask")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

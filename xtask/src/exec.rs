@@ -194,6 +194,33 @@ impl<'a> Exec<'a> {
         Ok(())
     }
 
+    /// Starts `cmd` in the background as a daemon: its own process group
+    /// (a Ctrl-C to the xtask does not reach it), stdin closed, stdout and
+    /// stderr appended to `log`. Echoed like any command; a dry run only
+    /// prints it. Returns the pid (0 in a dry run).
+    pub fn start_daemon(&self, cmd: &Cmd, log: &std::path::Path) -> Result<u32> {
+        let line = format!("{cmd} >>{} 2>&1 &", shell_quote(&log.display().to_string()));
+        self.output.command_line(&cmd.argv, &line, self.dry_run);
+        if self.dry_run {
+            return Ok(0);
+        }
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .with_context(|| format!("opening {}", log.display()))?;
+        use std::os::unix::process::CommandExt;
+        let mut command: std::process::Command = cmd.to_xshell(self.sh).into();
+        let child = command
+            .stdin(Stdio::null())
+            .stdout(file.try_clone()?)
+            .stderr(file)
+            .process_group(0)
+            .spawn()
+            .with_context(|| format!("could not start `{}`", cmd.argv[0]))?;
+        Ok(child.id())
+    }
+
     /// Runs a query, capturing its output whatever its exit status.
     fn capture(&self, cmd: &Cmd) -> Result<std::process::Output> {
         cmd.to_xshell(self.sh)
@@ -317,10 +344,15 @@ impl Output {
     /// A command about to run (echoed on stderr), or printed as the plan by
     /// a dry run (stdout).
     fn command(&self, cmd: &Cmd, dry_run: bool) {
-        let line = cmd.to_string();
+        self.command_line(&cmd.argv, &cmd.to_string(), dry_run);
+    }
+
+    /// [`Output::command`] for a line that says more than argv (a
+    /// daemon's redirections).
+    fn command_line(&self, argv: &[String], line: &str, dry_run: bool) {
         self.event(
             "command",
-            json!({"argv": cmd.argv, "line": line, "dry_run": dry_run}),
+            json!({"argv": argv, "line": line, "dry_run": dry_run}),
         );
         if dry_run {
             self.result(&format!("$ {line}"));

@@ -316,6 +316,18 @@ impl Deployment {
     }
 }
 
+/// A status condition of a Deployment, a pod or a node.
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Condition {
+    pub r#type: String,
+    pub status: String,
+    #[serde(default)]
+    pub reason: String,
+    #[serde(default)]
+    pub message: String,
+}
+
 #[derive(Debug, Deserialize)]
 pub struct Pod {
     pub metadata: Metadata,

@@ -1,6 +1,7 @@
 //! `cargo xtask`: build, run and deploy this repository so that what runs is
 //! exactly what was committed.
 
+mod cluster;
 mod commands;
 mod config;
 mod docker;
@@ -35,6 +36,7 @@ struct Cli {
 enum Command {
     Build(commands::build::Build),
     Bench(commands::bench::Bench),
+    Cluster(commands::cluster::Cluster),
     Deploy(commands::deploy::Deploy),
     Status(commands::status::Status),
     Verify(commands::verify::Verify),
@@ -80,6 +82,7 @@ fn run(cli: Cli, output: exec::Output) -> anyhow::Result<()> {
     match cli.command {
         Command::Build(cmd) => cmd.run(&exec),
         Command::Bench(cmd) => cmd.run(&exec),
+        Command::Cluster(cmd) => cmd.run(&exec),
         Command::Deploy(cmd) => cmd.run(&exec),
         Command::Status(cmd) => cmd.run(&exec),
         Command::Verify(cmd) => cmd.run(&exec),

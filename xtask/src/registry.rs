@@ -130,20 +130,13 @@ fn start(exec: &Exec) -> Result<()> {
             dir.join("data").display()
         ),
     )?;
-    let log = std::fs::File::create(dir.join("registry.log"))?;
-    eprintln!("$ docker-registry serve {} &", config.display());
-    use std::os::unix::process::CommandExt;
-    let child = std::process::Command::new("docker-registry")
-        .arg("serve")
-        .arg(&config)
-        .stdin(std::process::Stdio::null())
-        .stdout(log.try_clone()?)
-        .stderr(log)
-        // Its own process group: a Ctrl-C to the xtask does not stop it.
-        .process_group(0)
-        .spawn()
-        .context("starting docker-registry")?;
-    std::fs::write(dir.join("registry.pid"), child.id().to_string())?;
+    let pid = exec.start_daemon(
+        &Cmd::new("docker-registry")
+            .arg("serve")
+            .arg(config.display().to_string()),
+        &dir.join("registry.log"),
+    )?;
+    std::fs::write(dir.join("registry.pid"), pid.to_string())?;
     Ok(())
 }
 
@@ -178,6 +171,5 @@ fn remove_container(exec: &Exec) -> Result<()> {
 /// Survives `cargo clean` and fresh clones, so base images seeded once are
 /// reused.
 fn state_dir() -> PathBuf {
-    let home = std::env::var_os("HOME").map_or_else(std::env::temp_dir, PathBuf::from);
-    home.join(".cache").join("aiq-xtask").join("registry")
+    crate::config::cache_dir().join("registry")
 }

@@ -3,6 +3,7 @@
 pub mod bench;
 pub mod build;
 pub mod ci;
+pub mod cluster;
 pub mod deploy;
 pub mod down;
 pub mod local;
