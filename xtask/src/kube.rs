@@ -232,6 +232,10 @@ pub struct Metadata {
     pub generation: i64,
     #[serde(default)]
     pub annotations: std::collections::BTreeMap<String, String>,
+    /// Set once the pod is being deleted; it may stay Ready through its
+    /// `preStop` and grace period, but it no longer serves for long.
+    #[serde(default)]
+    pub deletion_timestamp: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -380,8 +384,12 @@ const FATAL_WAITING: [&str; 5] = [
 ];
 
 impl Pod {
+    /// Ready and not terminating: a pod being deleted stays Ready through
+    /// its `preStop` and grace period, but it is on its way out, so it
+    /// neither proves nor disproves what a rollout runs.
     pub fn is_ready(&self) -> bool {
-        !self.status.container_statuses.is_empty()
+        self.metadata.deletion_timestamp.is_none()
+            && !self.status.container_statuses.is_empty()
             && self.status.container_statuses.iter().all(|c| c.ready)
     }
 
@@ -494,6 +502,16 @@ mod tests {
         );
         assert!(p.wants("sha256:new") && p.runs("sha256:new") && p.is_ready());
         assert!(!p.runs("sha256:old"));
+    }
+
+    #[test]
+    fn a_terminating_pod_is_not_counted_as_ready() {
+        let mut p = with_status(
+            serde_json::json!({"containerStatuses": [{"name": "c", "ready": true, "imageID": "r/aiq-agent@sha256:old"}]}),
+        );
+        assert!(p.is_ready());
+        p.metadata.deletion_timestamp = Some("2026-11-24T22:00:00Z".into());
+        assert!(!p.is_ready());
     }
 
     #[test]

@@ -1,12 +1,14 @@
-//! `cargo xtask test`: makes sure a Docker engine, the local registry and the
-//! base images are there, then runs the whole suite. Without an engine it
-//! fails, and so does every Docker test run any other way
-//! (`common::require_docker`).
+//! `cargo xtask test`: makes sure a Docker engine, the local registry, the
+//! base images and the test cluster are there, then runs the whole suite.
+//! Without an engine or a cluster it fails, and so does every test that
+//! needs one when run any other way (`common::require_docker`,
+//! `common::require_cluster`).
 
 use anyhow::{Context, Result};
 use clap::Args;
 
 use crate::{
+    cluster,
     commands::mirror,
     config::{Config, Overrides},
     docker,
@@ -14,7 +16,7 @@ use crate::{
     registry,
 };
 
-/// Prepare Docker, the local registry and base images, then run every test
+/// Prepare Docker, the local registry, base images and the test cluster, then run every test
 #[derive(Args, Debug, Default)]
 pub struct Test {
     /// Extra arguments for `cargo test` (e.g. a test name filter)
@@ -43,7 +45,15 @@ impl Test {
             mirror::seed(exec, config, &registry, false)?;
             Ok(registry)
         })?;
+        let kubeconfig = cluster::up(exec)?;
         exec.step("cargo test", || {
+            // The cluster's own kubectl first on PATH: client and server match.
+            let path = std::env::join_paths(
+                std::iter::once(cluster::Paths::new().bin)
+                    .chain(std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default())),
+            )?;
+            let _path = exec.sh.push_env("PATH", path);
+            let _kubeconfig = exec.sh.push_env("KUBECONFIG", &kubeconfig);
             let _registry = exec.sh.push_env("XTASK_TEST_REGISTRY", &registry);
             let _base = exec
                 .sh

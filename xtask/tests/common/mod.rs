@@ -182,21 +182,7 @@ pub fn xtask(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> XtaskRun {
 
 /// `GET http://{addr}{path}` → (status, body).
 pub fn http_get(addr: &str, path: &str) -> std::io::Result<(u16, String)> {
-    let mut stream = TcpStream::connect(addr)?;
-    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response)?;
-    let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    Ok((status, body.to_owned()))
+    http_request(addr, "GET", path, "*/*")
 }
 
 /// The `revision` a `/version` endpoint answers.
@@ -306,4 +292,76 @@ pub fn parse_events(stdout: &str) -> Vec<serde_json::Value> {
 /// The events of one kind.
 pub fn events_of<'a>(events: &'a [serde_json::Value], kind: &str) -> Vec<&'a serde_json::Value> {
     events.iter().filter(|e| e["event"] == kind).collect()
+}
+
+/// The context `cargo xtask cluster up` writes into its kubeconfig.
+pub const CLUSTER_CONTEXT: &str = "aiq-test";
+
+/// Panics, with what to do, unless the test cluster answers through the
+/// `KUBECONFIG` that `cargo xtask test` sets (and its kubectl is first on
+/// PATH). Every test that deploys calls it first, so a machine without the
+/// cluster fails loudly.
+pub fn require_cluster() {
+    static CHECKED: std::sync::OnceLock<Result<(), String>> = std::sync::OnceLock::new();
+    let outcome = CHECKED.get_or_init(|| {
+        if std::env::var_os("KUBECONFIG").is_none() {
+            return Err("KUBECONFIG is not set".into());
+        }
+        let out = Command::new("kubectl")
+            .args(["get", "node", "aiq-node", "--request-timeout=10s", "--output", "json"])
+            .output()
+            .map_err(|e| format!("kubectl: {e}"))?;
+        if !out.status.success() {
+            return Err(format!(
+                "the test cluster does not answer: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            ));
+        }
+        Ok(())
+    });
+    if let Err(problem) = outcome {
+        panic!("{problem}: these tests need the real test cluster; run them with `cargo xtask test` (it runs `cargo xtask cluster up` and sets KUBECONFIG and PATH; as root on a new machine: `bash .ci/run`)");
+    }
+}
+
+/// Held by each test that uses the shared cluster, so they run one after
+/// another (two cores; rollouts timed by their own budgets).
+pub fn cluster_turn() -> std::sync::MutexGuard<'static, ()> {
+    static TURN: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    TURN.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// `kubectl ARGS` against the test cluster; stdout, trimmed. Panics on failure.
+pub fn kubectl(args: &[&str]) -> String {
+    ok(Path::new("."), "kubectl", args)
+}
+
+/// `kubectl ARGS --output json`, parsed.
+pub fn kubectl_json(args: &[&str]) -> serde_json::Value {
+    let mut all = args.to_vec();
+    all.extend_from_slice(&["--output", "json"]);
+    let text = kubectl(&all);
+    if text.is_empty() {
+        return serde_json::Value::Null;
+    }
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("kubectl {args:?}: {e}: {text}"))
+}
+
+/// An HTTP request with no body → (status, body).
+pub fn http_request(addr: &str, method: &str, path: &str, accept: &str) -> std::io::Result<(u16, String)> {
+    let mut stream = TcpStream::connect(addr)?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(
+        stream,
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nAccept: {accept}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    Ok((status, body.to_owned()))
 }
