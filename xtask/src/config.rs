@@ -340,6 +340,12 @@ fn check_registry(key: &str, value: &str) -> Result<()> {
     Ok(())
 }
 
+/// An environment variable as the OS gives it, for the few values that
+/// are paths rather than settings (`PATH`).
+pub fn env_os(key: &str) -> Option<std::ffi::OsString> {
+    std::env::var_os(key)
+}
+
 /// Where the xtask keeps what outlives a clone and `cargo clean`: the
 /// local registry's data, the test cluster's binaries (`~/.cache/aiq-xtask`).
 pub fn cache_dir() -> PathBuf {

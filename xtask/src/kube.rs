@@ -54,15 +54,16 @@ pub struct Kube<'a> {
 }
 
 impl<'a> Kube<'a> {
-    /// `XTASK_KUBECTL` if set (the tests' fake), else kubectl from PATH.
-    pub fn find_kubectl() -> Result<String> {
+    /// `XTASK_KUBECTL` if set, else kubectl from the shell's PATH (which
+    /// `test` and `ci` start with the test cluster's own kubectl).
+    pub fn find_kubectl(exec: &Exec) -> Result<String> {
         if let Some(path) = std::env::var("XTASK_KUBECTL")
             .ok()
             .filter(|p| !p.is_empty())
         {
             return Ok(path);
         }
-        which::which("kubectl")
+        which::which_in("kubectl", exec.sh.var_os("PATH"), exec.sh.current_dir())
             .map(|p| p.display().to_string())
             .map_err(|_| refuse("`kubectl` not found on PATH: install it (https://kubernetes.io/docs/tasks/tools/)"))
     }
@@ -78,7 +79,7 @@ impl<'a> Kube<'a> {
         context: Option<&str>,
         need_reachable: bool,
     ) -> Result<(Kube<'a>, bool)> {
-        let kubectl = Kube::find_kubectl()?;
+        let kubectl = Kube::find_kubectl(exec)?;
         let context = match context {
             Some(context) => context.to_owned(),
             None => {
@@ -290,6 +291,8 @@ pub struct DeploymentStatus {
     pub ready_replicas: i64,
     #[serde(default)]
     pub available_replicas: i64,
+    #[serde(default)]
+    pub conditions: Vec<Condition>,
 }
 
 impl Deployment {
@@ -301,6 +304,22 @@ impl Deployment {
             && s.updated_replicas == self.spec.replicas
             && s.available_replicas == self.spec.replicas
             && s.replicas == self.spec.replicas
+    }
+
+    /// Why the controller says this rollout cannot finish, once it has seen
+    /// the current generation (older conditions describe an older
+    /// rollout): `ReplicaFailure` (pods cannot be created: a quota, a
+    /// LimitRange, Pod Security or a webhook refused them) or `Progressing`
+    /// false (`progressDeadlineSeconds` passed), with the API's message.
+    pub fn stalled(&self) -> Option<String> {
+        if self.status.observed_generation < self.metadata.generation {
+            return None;
+        }
+        self.status.conditions.iter().find_map(|c| {
+            let failed = (c.r#type == "ReplicaFailure" && c.status == "True")
+                || (c.r#type == "Progressing" && c.status == "False");
+            failed.then(|| format!("{} {}: {}", c.r#type, c.reason, c.message))
+        })
     }
 
     /// The digest the pod template pins (`name@sha256:...`), if it pins one.
@@ -512,6 +531,40 @@ mod tests {
         assert!(p.is_ready());
         p.metadata.deletion_timestamp = Some("2026-11-24T22:00:00Z".into());
         assert!(!p.is_ready());
+    }
+
+    #[test]
+    fn replica_failures_and_missed_deadlines_stall_the_rollout() {
+        let deployment = |conditions: serde_json::Value, observed: i64| -> Deployment {
+            serde_json::from_value(serde_json::json!({
+                "metadata": {"name": "d", "generation": 2},
+                "spec": {"replicas": 1},
+                "status": {"observedGeneration": observed, "conditions": conditions},
+            }))
+            .unwrap()
+        };
+        let quota = serde_json::json!([
+            {"type": "Progressing", "status": "True", "reason": "ReplicaSetUpdated", "message": "ok"},
+            {"type": "ReplicaFailure", "status": "True", "reason": "FailedCreate", "message": "pods \"d-1\" is forbidden: exceeded quota: q"},
+        ]);
+        assert_eq!(
+            deployment(quota.clone(), 2).stalled().as_deref(),
+            Some("ReplicaFailure FailedCreate: pods \"d-1\" is forbidden: exceeded quota: q")
+        );
+        assert_eq!(
+            deployment(quota, 1).stalled(),
+            None,
+            "an older rollout's condition"
+        );
+        let deadline = serde_json::json!([
+            {"type": "Progressing", "status": "False", "reason": "ProgressDeadlineExceeded", "message": "ReplicaSet \"d-1\" has timed out progressing."},
+        ]);
+        assert!(deployment(deadline, 2)
+            .stalled()
+            .unwrap()
+            .starts_with("Progressing ProgressDeadlineExceeded"));
+        let fine = serde_json::json!([{"type": "Available", "status": "False", "reason": "MinimumReplicasUnavailable", "message": "m"}]);
+        assert_eq!(deployment(fine, 2).stalled(), None);
     }
 
     #[test]

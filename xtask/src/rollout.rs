@@ -204,6 +204,9 @@ pub fn wait(
         let deployment: Deployment = kube
             .get("deployment", name)?
             .with_context(|| format!("deployment/{name} does not exist"))?;
+        if let Some(stalled) = deployment.stalled() {
+            bail!("deployment/{name}: {stalled}");
+        }
         if let Some(digest) = digest {
             for pod in kube.pods(name)?.iter().filter(|p| p.wants(digest)) {
                 if let Some(reason) = pod.failure(now_epoch(), flags.grace) {

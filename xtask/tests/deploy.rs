@@ -59,10 +59,11 @@ impl Fixture {
         )
         .unwrap();
         // The revision goes into the last layer, so each commit's images
-        // differ; the app comes before it.
+        // differ; the apps come before it. Each deployment runs its own
+        // script (`fxapi.sh`, `fxweb.sh`), so a commit can break fxweb alone.
         std::fs::write(
             root.join("Dockerfile"),
-            "ARG BASE_REGISTRY=docker.io/library\nFROM ${BASE_REGISTRY}/debian:bookworm-slim\nCOPY app.sh /app.sh\nARG GIT_REVISION=unknown\nARG API_URL=none\nRUN echo \"$GIT_REVISION $API_URL\" > /revision\nCMD [\"sh\", \"/app.sh\"]\n",
+            "ARG BASE_REGISTRY=docker.io/library\nFROM ${BASE_REGISTRY}/debian:bookworm-slim\nCOPY *.sh /\nARG GIT_REVISION=unknown\nARG API_URL=none\nRUN echo \"$GIT_REVISION $API_URL\" > /revision\n",
         )
         .unwrap();
         std::fs::create_dir(root.join("k8s")).unwrap();
@@ -87,7 +88,7 @@ impl Fixture {
         )
         .unwrap();
         let workload = |name: &str| {
-            format!("apiVersion: apps/v1\nkind: Deployment\nmetadata:\n  name: {name}\n  labels:\n    app.kubernetes.io/name: {name}\nspec:\n  selector:\n    matchLabels:\n      app.kubernetes.io/name: {name}\n  template:\n    metadata:\n      labels:\n        app.kubernetes.io/name: {name}\n    spec:\n      terminationGracePeriodSeconds: 5\n      automountServiceAccountToken: false\n      enableServiceLinks: false\n      containers:\n        - name: {name}\n          image: {name}\n          readinessProbe:\n            exec:\n              command: [cat, /tmp/ready]\n            periodSeconds: 1\n")
+            format!("apiVersion: apps/v1\nkind: Deployment\nmetadata:\n  name: {name}\n  labels:\n    app.kubernetes.io/name: {name}\nspec:\n  selector:\n    matchLabels:\n      app.kubernetes.io/name: {name}\n  template:\n    metadata:\n      labels:\n        app.kubernetes.io/name: {name}\n    spec:\n      terminationGracePeriodSeconds: 5\n      automountServiceAccountToken: false\n      enableServiceLinks: false\n      containers:\n        - name: {name}\n          image: {name}\n          command: [sh, /{name}.sh]\n          readinessProbe:\n            exec:\n              command: [cat, /tmp/ready]\n            periodSeconds: 1\n")
         };
         std::fs::write(
             root.join("k8s/workloads.yaml"),
@@ -95,7 +96,8 @@ impl Fixture {
         )
         .unwrap();
         std::fs::write(root.join(".gitignore"), "/target\n").unwrap();
-        std::fs::write(root.join("app.sh"), HEALTHY_APP).unwrap();
+        std::fs::write(root.join("fxapi.sh"), HEALTHY_APP).unwrap();
+        std::fs::write(root.join("fxweb.sh"), HEALTHY_APP).unwrap();
         std::fs::write(root.join("note.txt"), unique("v")).unwrap();
         init_repo(root);
         commit_all(root, "fixture");
@@ -111,9 +113,10 @@ impl Fixture {
         self.repo.path()
     }
 
-    /// Commits a new revision whose app is `app`.
+    /// Commits a new revision whose fxweb runs `app` (fxapi stays healthy;
+    /// both images change).
     fn commit(&self, app: &str) -> String {
-        std::fs::write(self.root().join("app.sh"), app).unwrap();
+        std::fs::write(self.root().join("fxweb.sh"), app).unwrap();
         std::fs::write(self.root().join("note.txt"), unique("v")).unwrap();
         commit_all(self.root(), "next")
     }
@@ -159,8 +162,7 @@ impl Fixture {
 
     /// The image a deployment's pod template names.
     fn image_of(&self, name: &str) -> String {
-        self.get(&["get", "deployment", name])["spec"]["template"]["spec"]["containers"][0]
-            ["image"]
+        self.get(&["get", "deployment", name])["spec"]["template"]["spec"]["containers"][0]["image"]
             .as_str()
             .unwrap()
             .to_owned()
@@ -176,9 +178,10 @@ impl Fixture {
             .iter()
             .filter(|p| p["metadata"]["deletionTimestamp"].is_null())
             .filter(|p| {
-                p["status"]["conditions"]
-                    .as_array()
-                    .is_some_and(|c| c.iter().any(|c| c["type"] == "Ready" && c["status"] == "True"))
+                p["status"]["conditions"].as_array().is_some_and(|c| {
+                    c.iter()
+                        .any(|c| c["type"] == "Ready" && c["status"] == "True")
+                })
             })
             .map(|p| {
                 (
@@ -206,7 +209,12 @@ impl Fixture {
 
     /// The deploy history entries, oldest first.
     fn history(&self) -> Vec<Value> {
-        let map = self.get(&["get", "configmap", "xtask-deploy-history", "--ignore-not-found"]);
+        let map = self.get(&[
+            "get",
+            "configmap",
+            "xtask-deploy-history",
+            "--ignore-not-found",
+        ]);
         let Some(data) = map["data"].as_object() else {
             return Vec::new();
         };
@@ -264,7 +272,13 @@ impl Drop for Fixture {
         let _ = run(
             Path::new("."),
             "kubectl",
-            &["delete", "namespace", &self.namespace, "--wait=false", "--ignore-not-found"],
+            &[
+                "delete",
+                "namespace",
+                &self.namespace,
+                "--wait=false",
+                "--ignore-not-found",
+            ],
         );
     }
 }
@@ -330,13 +344,20 @@ fn healthy_deploys_run_exactly_the_pushed_digests_and_replace_the_old_revision()
     let rendered =
         std::fs::read_to_string(fx.root().join("target/xtask/deploy/rendered.yaml")).unwrap();
     assert_eq!(
-        rendered.matches(&format!("aiq.dev/revision: {head}")).count(),
+        rendered
+            .matches(&format!("aiq.dev/revision: {head}"))
+            .count(),
         2,
         "{rendered}"
     );
     let status = fx.run(&["status"]);
     status.assert_ok();
-    assert_eq!(status.stdout.matches("ok (HEAD)").count(), 2, "{}", status.stdout);
+    assert_eq!(
+        status.stdout.matches("ok (HEAD)").count(),
+        2,
+        "{}",
+        status.stdout
+    );
     fx.run(&["verify"]).assert_ok();
 
     // A second commit: new digests run, the old ReplicaSet is at 0 and no
@@ -392,14 +413,14 @@ fn assert_failed_and_rolled_back(fx: &Fixture, run: &XtaskRun, reason: &str, pre
     assert!(undo_web < undo_api, "undone newest first");
     for name in ["fxapi", "fxweb"] {
         let digest = previous[name].as_str().unwrap();
-        assert!(fx.image_of(name).ends_with(digest), "{name} pins the previous digest again");
+        assert!(
+            fx.image_of(name).ends_with(digest),
+            "{name} pins the previous digest again"
+        );
         fx.assert_serving(name, digest);
     }
     assert_eq!(fx.lease(), Value::Null, "lock released after a failure");
-    assert_eq!(
-        fx.history().pop().unwrap()["result"],
-        "failed, rolled back"
-    );
+    assert_eq!(fx.history().pop().unwrap()["result"], "failed, rolled back");
 }
 
 /// A fixture already serving its first commit; returns its digests.
@@ -422,7 +443,10 @@ fn a_crash_at_start_fails_fast_names_the_pod_and_rolls_back() {
         "the pod's last log lines: {}",
         run.stderr
     );
-    assert!(started.elapsed() < Duration::from_secs(110), "well before --timeout");
+    assert!(
+        started.elapsed() < Duration::from_secs(110),
+        "well before --timeout"
+    );
 }
 
 #[test]
@@ -490,16 +514,106 @@ fn readiness_that_never_passes_fails_after_the_grace_window() {
 }
 
 #[test]
+fn pods_a_quota_refuses_fail_the_deploy_at_once_with_the_api_message() {
+    let (fx, previous) = serving_first_commit();
+    // Room for the two running pods and no more: the rollout's new pod is
+    // refused, so no pod of it ever exists.
+    fx.kubectl(&["create", "quota", "two-pods", "--hard=pods=2"]);
+    fx.commit(HEALTHY_APP);
+    let started = Instant::now();
+    // The default --timeout (600 s): the failure must name the condition.
+    let run = fx.run(&["deploy", "--poll-interval", "0.5"]);
+    run.assert_fails(1, "deployment/fxapi: ReplicaFailure FailedCreate");
+    assert!(
+        run.stderr.contains("exceeded quota: two-pods"),
+        "{}",
+        run.stderr
+    );
+    assert!(!run.stderr.contains("--timeout"), "{}", run.stderr);
+    assert!(
+        started.elapsed() < Duration::from_secs(90),
+        "failed at once, not at the timeout"
+    );
+    assert!(run.stderr.contains("rolled back"), "{}", run.stderr);
+    fx.assert_serving("fxapi", previous["fxapi"].as_str().unwrap());
+}
+
+#[test]
 fn no_rollback_leaves_the_failure_for_inspection() {
     let (fx, previous) = serving_first_commit();
     fx.commit(CRASHING_APP);
     let run = fx.deploy(&["--no-rollback"]);
     run.assert_fails(1, "CrashLoopBackOff");
     assert!(!run.stderr.contains("rollout undo"), "{}", run.stderr);
-    assert!(!fx.image_of("fxweb").ends_with(previous["fxweb"].as_str().unwrap()));
+    assert!(!fx
+        .image_of("fxweb")
+        .ends_with(previous["fxweb"].as_str().unwrap()));
     assert_eq!(
         fx.history().pop().unwrap()["result"],
         "failed, left for inspection (--no-rollback)"
+    );
+}
+
+#[test]
+fn a_rollback_the_cluster_refuses_exits_3_and_says_so() {
+    let (fx, previous) = serving_first_commit();
+    // An admission policy that forbids going back to the first fxweb build
+    // (as a policy banning a revision would): the deploy's apply passes,
+    // its rollback's `rollout undo` is denied by the API server.
+    let old = previous["fxweb"].as_str().unwrap();
+    let name = format!("{}-no-return", fx.namespace);
+    let policy = json!({
+        "apiVersion": "admissionregistration.k8s.io/v1",
+        "kind": "ValidatingAdmissionPolicy",
+        "metadata": {"name": name},
+        "spec": {
+            "failurePolicy": "Fail",
+            "matchConstraints": {"resourceRules": [{
+                "apiGroups": ["apps"], "apiVersions": ["v1"],
+                "operations": ["UPDATE"], "resources": ["deployments"],
+            }]},
+            "validations": [{
+                "expression": format!("!object.spec.template.spec.containers.exists(c, c.image.endsWith('{old}'))"),
+                "message": "the server is on fire",
+            }],
+        },
+    });
+    let binding = json!({
+        "apiVersion": "admissionregistration.k8s.io/v1",
+        "kind": "ValidatingAdmissionPolicyBinding",
+        "metadata": {"name": name},
+        "spec": {
+            "policyName": name,
+            "validationActions": ["Deny"],
+            "matchResources": {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": fx.namespace}}},
+        },
+    });
+    let manifests = TempDir::new("policy");
+    let file = manifests.path().join("policy.json");
+    std::fs::write(
+        &file,
+        json!({"apiVersion": "v1", "kind": "List", "items": [policy, binding]}).to_string(),
+    )
+    .unwrap();
+    kubectl(&["apply", "--filename", &file.display().to_string()]);
+    // The policy takes effect once the apiserver has loaded it.
+    std::thread::sleep(Duration::from_secs(3));
+    fx.commit(CRASHING_APP);
+    let run = fx.deploy(&[]);
+    kubectl(&["delete", "--filename", &file.display().to_string()]);
+    run.assert_fails(3, "ROLLBACK FAILED");
+    assert!(
+        run.stderr.contains("the server is on fire")
+            && run.stderr.contains(&format!(
+                "kubectl --namespace {} get deployments",
+                fx.namespace
+            )),
+        "{}",
+        run.stderr
+    );
+    assert_eq!(
+        fx.history().pop().unwrap()["result"],
+        "failed, rollback failed"
     );
 }
 
@@ -508,10 +622,15 @@ fn a_pod_outside_the_rollout_serving_another_digest_fails_verification() {
     let (fx, previous) = serving_first_commit();
     // Someone's debugging pod that carries the app's label and runs the
     // first build: it serves, but not what the deploy pushed.
-    let old = format!("{}/fxweb@{}", fx.registry, previous["fxweb"].as_str().unwrap());
+    let old = format!(
+        "{}/fxweb@{}",
+        fx.registry,
+        previous["fxweb"].as_str().unwrap()
+    );
     let overrides = json!({"spec": {"containers": [{
         "name": "stray",
         "image": old,
+        "command": ["sh", "/fxweb.sh"],
         "readinessProbe": {"exec": {"command": ["cat", "/tmp/ready"]}, "periodSeconds": 1},
     }]}});
     fx.kubectl(&[
@@ -524,7 +643,12 @@ fn a_pod_outside_the_rollout_serving_another_digest_fails_verification() {
         "--overrides",
         &overrides.to_string(),
     ]);
-    fx.kubectl(&["wait", "pod/stray", "--for=condition=Ready", "--timeout=60s"]);
+    fx.kubectl(&[
+        "wait",
+        "pod/stray",
+        "--for=condition=Ready",
+        "--timeout=60s",
+    ]);
     fx.commit(HEALTHY_APP);
     let run = fx.deploy(&[]);
     assert_failed_and_rolled_back(
@@ -559,11 +683,18 @@ fn status_and_verify_compare_the_cluster_with_head() {
     let status = fx.run(&["status"]);
     status.assert_ok();
     assert!(
-        status.stderr.contains("skipping deploy history entry 0-hand-edited"),
+        status
+            .stderr
+            .contains("skipping deploy history entry 0-hand-edited"),
         "{}",
         status.stderr
     );
-    assert_eq!(status.stdout.matches("ok (HEAD)").count(), 2, "{}", status.stdout);
+    assert_eq!(
+        status.stdout.matches("ok (HEAD)").count(),
+        2,
+        "{}",
+        status.stdout
+    );
     assert!(status.stdout.contains("succeeded") && status.stdout.contains("deploy lock: free"));
 
     // A new commit, built and pushed but not deployed: drift.
@@ -571,7 +702,12 @@ fn status_and_verify_compare_the_cluster_with_head() {
     fx.run(&["build", "--push"]).assert_ok();
     let head_digest = fx.digests()["fxweb"].as_str().unwrap().to_owned();
     let status = fx.run(&["status"]);
-    assert_eq!(status.stdout.matches("drift (not HEAD)").count(), 2, "{}", status.stdout);
+    assert_eq!(
+        status.stdout.matches("drift (not HEAD)").count(),
+        2,
+        "{}",
+        status.stdout
+    );
     let drift = fx.run(&["verify"]);
     assert_eq!(drift.code, 1, "{}", drift.stderr);
     assert!(
@@ -588,8 +724,15 @@ fn status_and_verify_compare_the_cluster_with_head() {
     std::fs::write(fx.root().join("note.txt"), committed).unwrap();
     let dirty = fx.run(&["verify"]);
     assert_eq!(dirty.code, 1);
-    assert!(dirty.stderr.contains("runs a dirty build"), "{}", dirty.stderr);
-    assert!(fx.run(&["status"]).stdout.contains("dirty (an uncommitted build)"));
+    assert!(
+        dirty.stderr.contains("runs a dirty build"),
+        "{}",
+        dirty.stderr
+    );
+    assert!(fx
+        .run(&["status"])
+        .stdout
+        .contains("dirty (an uncommitted build)"));
 }
 
 #[test]
@@ -676,12 +819,13 @@ fn wait_until_applying_fxweb(fx: &Fixture, entries: usize) {
     let deadline = Instant::now() + Duration::from_secs(180);
     loop {
         let history = fx.history();
-        if history.len() > entries
-            && history.last().unwrap()["step"] == "apply deployment/fxweb"
-        {
+        if history.len() > entries && history.last().unwrap()["step"] == "apply deployment/fxweb" {
             return;
         }
-        assert!(Instant::now() < deadline, "the deploy never reached fxweb: {history:?}");
+        assert!(
+            Instant::now() < deadline,
+            "the deploy never reached fxweb: {history:?}"
+        );
         std::thread::sleep(Duration::from_millis(200));
     }
 }
@@ -698,7 +842,15 @@ fn signal(child: &std::process::Child, name: &str) {
 fn deploys_take_turns_and_an_interrupted_or_killed_one_says_where_it_stopped() {
     let (fx, _) = serving_first_commit();
     fx.commit(NEVER_READY_APP);
-    let args = ["deploy", "--poll-interval", "0.2", "--grace", "600", "--timeout", "600"];
+    let args = [
+        "deploy",
+        "--poll-interval",
+        "0.2",
+        "--grace",
+        "600",
+        "--timeout",
+        "600",
+    ];
     let entries = fx.history().len();
     let first = fx.spawn(&args);
     wait_until_applying_fxweb(&fx, entries);
@@ -706,10 +858,16 @@ fn deploys_take_turns_and_an_interrupted_or_killed_one_says_where_it_stopped() {
     // A second deploy meanwhile is refused, naming the holder.
     let second = fx.deploy(&[]);
     second.assert_fails(2, "another deploy holds the lock");
-    let holder = fx.lease()["spec"]["holderIdentity"].as_str().unwrap().to_owned();
+    let holder = fx.lease()["spec"]["holderIdentity"]
+        .as_str()
+        .unwrap()
+        .to_owned();
     assert!(holder.contains("(pid "), "{holder}");
     assert!(second.stderr.contains(&holder), "{}", second.stderr);
-    assert!(!second.stderr.contains("docker buildx bake"), "nothing built");
+    assert!(
+        !second.stderr.contains("docker buildx bake"),
+        "nothing built"
+    );
 
     // Ctrl-C: history says where it stopped, the lease is released.
     signal(&first, "INT");
@@ -728,7 +886,9 @@ fn deploys_take_turns_and_an_interrupted_or_killed_one_says_where_it_stopped() {
     let status = fx.run(&["status"]);
     status.assert_ok();
     assert!(
-        status.stdout.contains("interrupted (at: apply deployment/fxweb)")
+        status
+            .stdout
+            .contains("interrupted (at: apply deployment/fxweb)")
             && status.stderr.contains("did not finish"),
         "{}\n{}",
         status.stdout,
@@ -862,7 +1022,9 @@ fn a_seeded_image_is_built_once_its_service_has_an_address() {
     assigner.join().unwrap();
     run.assert_ok();
     let err = &run.stderr;
-    let api = err.find("apply and roll out deployment/fxapi done").unwrap();
+    let api = err
+        .find("apply and roll out deployment/fxapi done")
+        .unwrap();
     let waited = err
         .find("service/fxapi: waiting for a LoadBalancer address")
         .unwrap_or_else(|| panic!("{err}"));
@@ -876,7 +1038,10 @@ fn a_seeded_image_is_built_once_its_service_has_an_address() {
     let pod = &fx.serving("fxweb")[0].0;
     assert_eq!(
         fx.kubectl(&["exec", pod, "--", "cat", "/revision"]),
-        format!("{} http://fxapi.elb.example", git(fx.root(), &["rev-parse", "HEAD"])),
+        format!(
+            "{} http://fxapi.elb.example",
+            git(fx.root(), &["rev-parse", "HEAD"])
+        ),
         "the running image was built with the address"
     );
     assert_eq!(fx.history().pop().unwrap()["digests"], fx.digests());
@@ -955,7 +1120,7 @@ fn an_unreachable_cluster_is_refused_before_anything_is_built() {
     ];
     let run = xtask(fx.root(), &["deploy"], &env);
     run.assert_fails(2, "is not reachable");
-    assert!(run.stderr.contains("connection refused"), "{}", run.stderr);
+    assert!(run.stderr.contains("was refused"), "{}", run.stderr);
     assert!(!run.stderr.contains("docker buildx bake"));
     let plan = xtask(fx.root(), &["deploy", "--dry-run"], &env);
     plan.assert_ok();
@@ -972,7 +1137,10 @@ fn dry_run_prints_the_plan_manifests_and_diff_without_side_effects() {
     let run = fx.deploy(&["--dry-run"]);
     run.assert_ok();
     let out = &run.stdout;
-    assert!(out.contains("$ docker buildx bake") && out.contains("--no-cache --pull"), "{out}");
+    assert!(
+        out.contains("$ docker buildx bake") && out.contains("--no-cache --pull"),
+        "{out}"
+    );
     assert!(
         out.contains("--server-side --field-manager xtask --force-conflicts --kustomize"),
         "{out}"
@@ -986,7 +1154,14 @@ fn dry_run_prints_the_plan_manifests_and_diff_without_side_effects() {
         );
     }
     assert_eq!(
-        kubectl(&["get", "namespace", &fx.namespace, "--ignore-not-found", "--output", "name"]),
+        kubectl(&[
+            "get",
+            "namespace",
+            &fx.namespace,
+            "--ignore-not-found",
+            "--output",
+            "name"
+        ]),
         "",
         "nothing created, not even the namespace"
     );
@@ -999,7 +1174,11 @@ fn deploy_from_a_build_file_checks_revision_and_registry() {
     let file = fx.build_file();
     let run = fx.deploy(&["--from", &file]);
     run.assert_ok();
-    assert!(!run.stderr.contains("docker buildx bake"), "no rebuild: {}", run.stderr);
+    assert!(
+        !run.stderr.contains("docker buildx bake"),
+        "no rebuild: {}",
+        run.stderr
+    );
     fx.assert_serving("fxweb", fx.digests()["fxweb"].as_str().unwrap());
 
     // A new commit makes the file stale.
@@ -1035,7 +1214,9 @@ fn deploy_and_status_json_stream_only_documented_events() {
     let plan = fx.deploy(&["--dry-run", "--json"]);
     plan.assert_ok();
     let events = parse_events(&plan.stdout);
-    assert!(events_of(&events, "command").iter().all(|c| c["dry_run"] == true));
+    assert!(events_of(&events, "command")
+        .iter()
+        .all(|c| c["dry_run"] == true));
     assert!(events_of(&events, "manifests")[0]["yaml"]
         .as_str()
         .unwrap()

@@ -146,6 +146,79 @@ fn page_state(dom: &str) -> &str {
     &dom[at..at + dom[at..].find('"').unwrap()]
 }
 
+/// The namespace the real manifests deploy to.
+const NAMESPACE: &str = "aiq-agent";
+
+/// Deletes the namespace when the test ends, whatever the outcome.
+struct Namespace(&'static str);
+
+impl Drop for Namespace {
+    fn drop(&mut self) {
+        let _ = run(
+            Path::new("."),
+            "kubectl",
+            &[
+                "delete",
+                "namespace",
+                self.0,
+                "--wait=false",
+                "--ignore-not-found",
+            ],
+        );
+    }
+}
+
+/// Adds a backend route at `path` answering a fresh random string, which
+/// it returns (uncommitted).
+fn add_marker_route(root: &Path, path: &str) -> String {
+    let main_rs = root.join("backend/src/main.rs");
+    let source = std::fs::read_to_string(&main_rs).unwrap();
+    let marker = unique("marker-");
+    let changed = source.replacen(
+        "let app = Router::new()",
+        &format!("let app = Router::new().route(\"{path}\", get(|| async {{ \"{marker}\" }}))"),
+        1,
+    );
+    assert_ne!(source, changed);
+    std::fs::write(&main_rs, changed).unwrap();
+    marker
+}
+
+/// Every ready backend pod's binary holds `marker` (`kubectl exec ... grep`).
+fn assert_marker_running(marker: &str) {
+    let pods = kubectl_json(&[
+        "--namespace",
+        NAMESPACE,
+        "get",
+        "pods",
+        "--selector",
+        "app.kubernetes.io/name=aiq-agent",
+    ]);
+    let ready: Vec<&str> = pods["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|p| p["metadata"]["deletionTimestamp"].is_null())
+        .filter(|p| p["status"]["containerStatuses"][0]["ready"] == true)
+        .map(|p| p["metadata"]["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(ready.len(), 2, "{pods}");
+    for pod in ready {
+        let found = kubectl(&[
+            "--namespace",
+            NAMESPACE,
+            "exec",
+            pod,
+            "--",
+            "grep",
+            "--count",
+            marker,
+            "/usr/local/bin/aiq-agent",
+        ]);
+        assert_ne!(found, "0", "{pod} runs a binary without {marker}");
+    }
+}
+
 #[test]
 fn real_images_build_fresh_run_by_digest_and_never_serve_stale_code() {
     require_docker();
@@ -165,7 +238,10 @@ fn real_images_build_fresh_run_by_digest_and_never_serve_stale_code() {
     git(root, &["config", "user.name", "xtask tests"]);
     let registry_path = format!("{}/realtest", registry());
     let env = [("XTASK_REGISTRY", registry_path.as_str())];
-    let first = git(root, &["rev-parse", "HEAD"]);
+    // The seed's manual check, automated: a random string committed into
+    // the backend's source must be in the binary the cluster runs.
+    let seed_marker = add_marker_route(root, "/api/seed");
+    let first = commit_all(root, "backend: a seed marker");
 
     // Phase 1: a fresh build of both images; tags, labels and /version say HEAD.
     let build = xtask(root, &["build", "--push"], &env);
@@ -211,6 +287,26 @@ fn real_images_build_fresh_run_by_digest_and_never_serve_stale_code() {
     assert_eq!(version["service"], "aiq-agent");
     assert_eq!(version["dirty"], false);
 
+    // Phase 1b: that fresh build deployed to the real cluster: every pod
+    // runs the pushed digests, and the running binary holds the marker.
+    require_cluster();
+    let _turn = cluster_turn();
+    let _namespace = Namespace(NAMESPACE);
+    let deploy = xtask(
+        root,
+        &[
+            "deploy",
+            "--from",
+            "target/xtask/build.json",
+            "--context",
+            CLUSTER_CONTEXT,
+        ],
+        &env,
+    );
+    deploy.assert_ok();
+    assert_marker_running(&seed_marker);
+    xtask(root, &["verify", "--context", CLUSTER_CONTEXT], &env).assert_ok();
+
     // Phase 2: `up` runs the stack; both answer HEAD and the page says "match".
     let _ = xtask(root, &["down", "--project", PROJECT], &[]);
     let started = up(root, &[]);
@@ -231,18 +327,7 @@ fn real_images_build_fresh_run_by_digest_and_never_serve_stale_code() {
     assert!(dom.matches(&first).count() >= 2, "both revisions shown");
 
     // Phase 3: a one-line backend change, committed; a cached `up` serves it.
-    let main_rs = root.join("backend/src/main.rs");
-    let source = std::fs::read_to_string(&main_rs).unwrap();
-    let marker = unique("marker-");
-    let changed = source.replacen(
-        "let app = Router::new()",
-        &format!(
-            "let app = Router::new().route(\"/api/marker\", get(|| async {{ \"{marker}\" }}))"
-        ),
-        1,
-    );
-    assert_ne!(source, changed);
-    std::fs::write(&main_rs, changed).unwrap();
+    let marker = add_marker_route(root, "/api/marker");
     let second = commit_all(root, "backend: add a marker route");
     let json = up(root, &["--json"]);
     json.assert_ok();
@@ -261,6 +346,16 @@ fn real_images_build_fresh_run_by_digest_and_never_serve_stale_code() {
         project_containers(Some(&first)).is_empty(),
         "no container of the old revision is left"
     );
+    // The same commit deployed by a cached build: the cluster runs it.
+    let cached = xtask(
+        root,
+        &["deploy", "--cache", "--context", CLUSTER_CONTEXT],
+        &env,
+    );
+    cached.assert_ok();
+    assert!(!cached.stderr.contains("--no-cache"), "{}", cached.stderr);
+    assert_marker_running(&marker);
+    xtask(root, &["verify", "--context", CLUSTER_CONTEXT], &env).assert_ok();
 
     // Phase 4: the new frontend in front of the old backend says "differ".
     let network = format!("{PROJECT}-net");

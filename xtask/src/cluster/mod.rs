@@ -101,6 +101,14 @@ impl Paths {
     }
 }
 
+/// `PATH` with the cluster's binaries first, so the tests and `ci` run the
+/// kubectl that matches the server.
+pub fn path_with_tools() -> Result<std::ffi::OsString> {
+    let path = crate::config::env_os("PATH").unwrap_or_default();
+    std::env::join_paths(std::iter::once(Paths::new().bin).chain(std::env::split_paths(&path)))
+        .context("building PATH")
+}
+
 /// The daemons, in start order; stopped in reverse.
 const DAEMONS: [&str; 6] = [
     "etcd",

@@ -25,6 +25,9 @@ impl Ci {
     pub fn run(self, exec: &Exec) -> Result<()> {
         let config = Config::load(exec, &Overrides::default())?;
         exec.sh.change_dir(&config.root);
+        // The test cluster's kubectl (built by the test step) renders the
+        // manifests too.
+        let _path = exec.sh.push_env("PATH", crate::cluster::path_with_tools()?);
         let cargo = crate::exec::cargo();
         let mut timings: Vec<(&str, Duration, bool)> = Vec::new();
         let steps: Vec<(&str, CiStep)> = vec![
@@ -89,13 +92,10 @@ fn hadolint(exec: &Exec, config: &Config) -> Result<()> {
 /// Renders the kustomize base and validates every object against
 /// Kubernetes' schemas.
 fn validate_manifests(exec: &Exec, config: &Config) -> Result<()> {
-    require_tool(
-        "kubectl",
-        "install kubectl (https://kubernetes.io/docs/tasks/tools/)",
-    )?;
+    let kubectl = crate::kube::Kube::find_kubectl(exec)?;
     require_tool("kubernetes-validate", "`pip install kubernetes-validate`")?;
     let manifests = config.manifests.display().to_string();
-    let rendered = exec.read(&Cmd::new("kubectl").args(["kustomize", &manifests]))?;
+    let rendered = exec.read(&Cmd::new(&kubectl).args(["kustomize", &manifests]))?;
     let base = docker::out_dir(config).join("rendered-base.yaml");
     std::fs::create_dir_all(docker::out_dir(config))?;
     std::fs::write(&base, rendered).with_context(|| format!("writing {}", base.display()))?;
@@ -107,7 +107,7 @@ fn validate_manifests(exec: &Exec, config: &Config) -> Result<()> {
         .iter()
         .map(|image| docker::BuiltImage::new(config, &image.name, &rev, Some(digest.clone())))
         .collect();
-    let overlay = render_overlay(exec, "kubectl", config, &images, &rev, "cargo xtask ci")?;
+    let overlay = render_overlay(exec, &kubectl, config, &images, &rev, "cargo xtask ci")?;
     let overlay = std::path::Path::new(&overlay).join("rendered.yaml");
     exec.run_anyway(&Cmd::new("kubernetes-validate").args([
         "--strict",

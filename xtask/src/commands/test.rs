@@ -47,12 +47,7 @@ impl Test {
         })?;
         let kubeconfig = cluster::up(exec)?;
         exec.step("cargo test", || {
-            // The cluster's own kubectl first on PATH: client and server match.
-            let path = std::env::join_paths(
-                std::iter::once(cluster::Paths::new().bin)
-                    .chain(std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default())),
-            )?;
-            let _path = exec.sh.push_env("PATH", path);
+            let _path = exec.sh.push_env("PATH", cluster::path_with_tools()?);
             let _kubeconfig = exec.sh.push_env("KUBECONFIG", &kubeconfig);
             let _registry = exec.sh.push_env("XTASK_TEST_REGISTRY", &registry);
             let _base = exec

@@ -308,7 +308,14 @@ pub fn require_cluster() {
             return Err("KUBECONFIG is not set".into());
         }
         let out = Command::new("kubectl")
-            .args(["get", "node", "aiq-node", "--request-timeout=10s", "--output", "json"])
+            .args([
+                "get",
+                "node",
+                "aiq-node",
+                "--request-timeout=10s",
+                "--output",
+                "json",
+            ])
             .output()
             .map_err(|e| format!("kubectl: {e}"))?;
         if !out.status.success() {
@@ -348,7 +355,12 @@ pub fn kubectl_json(args: &[&str]) -> serde_json::Value {
 }
 
 /// An HTTP request with no body → (status, body).
-pub fn http_request(addr: &str, method: &str, path: &str, accept: &str) -> std::io::Result<(u16, String)> {
+pub fn http_request(
+    addr: &str,
+    method: &str,
+    path: &str,
+    accept: &str,
+) -> std::io::Result<(u16, String)> {
     let mut stream = TcpStream::connect(addr)?;
     stream.set_read_timeout(Some(Duration::from_secs(10)))?;
     write!(

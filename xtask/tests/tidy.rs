@@ -1,0 +1,58 @@
+//! Repository invariants that need no Docker and no cluster.
+
+use std::path::Path;
+
+/// The `#[test]` functions of `xtask/tests/*.rs` whose bodies point
+/// `XTASK_KUBECTL` at something: tests that do not run on the real cluster.
+fn tests_off_the_real_cluster() -> Vec<String> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests");
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_none_or(|e| e != "rs") || path.ends_with("tidy.rs") {
+            continue;
+        }
+        let text = std::fs::read_to_string(&path).unwrap();
+        for chunk in text.split("#[test]").skip(1) {
+            let name = chunk
+                .split("fn ")
+                .nth(1)
+                .and_then(|rest| rest.split('(').next())
+                .unwrap()
+                .trim()
+                .to_owned();
+            if chunk.contains("XTASK_KUBECTL") {
+                found.push(name);
+            }
+        }
+    }
+    found.sort();
+    found
+}
+
+/// The tests the README's testing section lists as not on the real
+/// cluster: the backticked names in the bullets under that heading.
+fn listed_in_readme() -> Vec<String> {
+    let readme =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../README.md"))
+            .unwrap();
+    let heading = "### Tests that do not use the real cluster";
+    let section = readme
+        .split(heading)
+        .nth(1)
+        .unwrap_or_else(|| panic!("the README has no {heading:?} section"));
+    let section = section.split("\n#").next().unwrap();
+    let mut listed: Vec<String> = section
+        .lines()
+        .filter_map(|l| l.strip_prefix("- `"))
+        .filter_map(|l| l.split('`').next())
+        .map(str::to_owned)
+        .collect();
+    listed.sort();
+    listed
+}
+
+#[test]
+fn every_test_off_the_real_cluster_is_listed_in_the_readme_with_its_reason() {
+    assert_eq!(tests_off_the_real_cluster(), listed_in_readme());
+}
