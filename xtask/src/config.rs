@@ -234,6 +234,19 @@ impl Config {
                 )));
             }
         }
+        // A name here that no image has would fail only after the build
+        // and the first apply.
+        if let Some(unknown) = self
+            .rollout_order
+            .iter()
+            .find(|name| !self.images.iter().any(|i| &i.name == *name))
+        {
+            let known: Vec<&str> = self.images.iter().map(|i| i.name.as_str()).collect();
+            return Err(refuse(format!(
+                "[workspace.metadata.xtask] rollout_order names {unknown:?}, which is not a configured image ({})",
+                known.join(", ")
+            )));
+        }
         let order = self.rollout();
         let position = |name: &str| order.iter().position(|n| n == name);
         for image in &self.images {
@@ -440,6 +453,20 @@ mod tests {
         let bad_registry = [("XTASK_REGISTRY", "https://x/")];
         let err = load(METADATA, &bad_registry, Overrides::default()).unwrap_err();
         assert!(err.to_string().contains("https://x/"), "{err}");
+    }
+
+    #[test]
+    fn a_rollout_order_naming_no_image_is_refused_at_load() {
+        let json = METADATA.replace(
+            "\"images\"",
+            "\"rollout_order\": [\"aiq-agent\", \"aiq-fronted\"], \"images\"",
+        );
+        let err = load(&json, &[], Overrides::default()).unwrap_err();
+        assert_eq!(crate::exec::exit_code(&err), 2);
+        assert!(
+            format!("{err}").contains("rollout_order names \"aiq-fronted\""),
+            "{err}"
+        );
     }
 
     #[test]

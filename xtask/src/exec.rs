@@ -15,7 +15,7 @@ use xshell::Shell;
 
 /// A command line as data, so it can be echoed with real shell quoting,
 /// printed by `--dry-run`, and checked by tests.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 pub struct Cmd {
     argv: Vec<String>,
     stdin: Option<Vec<u8>>,
@@ -73,6 +73,17 @@ impl Cmd {
             cmd = cmd.stdin(stdin);
         }
         cmd
+    }
+}
+
+/// Never shows what stdin gets: it may be a password (`{:?}` reaches error
+/// messages and logs).
+impl fmt::Debug for Cmd {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Cmd")
+            .field("argv", &self.argv)
+            .field("stdin_bytes", &self.stdin.as_ref().map(Vec::len))
+            .finish()
     }
 }
 
@@ -513,6 +524,8 @@ mod tests {
         assert_eq!(String::from_utf8(out.stdout).unwrap(), format!("{lease}\n"));
         let secret = Cmd::new("docker").arg("login").hidden_stdin("hunter2");
         assert_eq!(secret.to_string(), "docker login");
+        assert!(!format!("{secret:?}").contains("hunter2"), "{secret:?}");
+        assert!(!format!("{:?}", Cmd::new("cat").stdin("lease")).contains("lease"));
     }
 
     #[test]

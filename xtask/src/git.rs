@@ -39,9 +39,22 @@ impl Revision {
 
 /// A commit (`HEAD`, a SHA or a prefix of one), as a clean revision.
 pub fn commit(exec: &Exec, rev: &str) -> Result<Revision> {
+    // A revision from a user (`--to`, a workflow input) must never be read
+    // as an option: `--output=FILE` would make git write a file.
+    if rev.starts_with('-') {
+        return Err(refuse(format!(
+            "{rev:?} is not a git revision: revisions do not start with '-'"
+        )));
+    }
     let spec = format!("{rev}^{{commit}}");
     let line = exec
-        .read(&Cmd::new("git").args(["show", "--no-patch", "--format=%H %ct", &spec]))
+        .read(&Cmd::new("git").args([
+            "show",
+            "--no-patch",
+            "--format=%H %ct",
+            "--end-of-options",
+            &spec,
+        ]))
         .map_err(|e| {
             refuse(format!(
                 "cannot read git revision {rev:?} (is this a git repository that has it?): {e}"

@@ -46,6 +46,11 @@ pub struct Entry {
     /// Deployments this run changed, in the order applied.
     #[serde(default)]
     pub changed: Vec<String>,
+    /// The revision (`deployment.kubernetes.io/revision`) each changed
+    /// deployment had before this run, so undoing returns to exactly that;
+    /// null for one this run created.
+    #[serde(default)]
+    pub previous: BTreeMap<String, Option<String>>,
 }
 
 impl Entry {
@@ -65,6 +70,7 @@ impl Entry {
             result: IN_PROGRESS.into(),
             step: String::new(),
             changed: Vec::new(),
+            previous: BTreeMap::new(),
         }
     }
 
@@ -221,13 +227,20 @@ impl Record {
 
 /// `user@host`: who ran it, for the lock and the history.
 pub fn who() -> String {
-    let user = std::env::var("USER")
-        .or_else(|_| std::env::var("GITHUB_ACTOR"))
-        .unwrap_or_else(|_| "unknown".into());
     let host = std::fs::read_to_string("/etc/hostname")
         .map(|h| h.trim().to_owned())
         .unwrap_or_else(|_| "unknown-host".into());
-    format!("{user}@{host}")
+    format!("{}@{host}", user(|key| std::env::var(key).ok()))
+}
+
+/// In GitHub Actions the person who started the run (`USER` is the
+/// runner's account there); elsewhere the login.
+fn user(env: impl Fn(&str) -> Option<String>) -> String {
+    let actor = env("GITHUB_ACTOR").filter(|_| env("GITHUB_ACTIONS").as_deref() == Some("true"));
+    actor
+        .or_else(|| env("USER"))
+        .or_else(|| env("GITHUB_ACTOR"))
+        .unwrap_or_else(|| "unknown".into())
 }
 
 /// The digests a clean build of `sha` was deployed with, from the newest
@@ -245,4 +258,33 @@ pub fn recorded_digests(history: &History, sha: &str) -> Option<BTreeMap<String,
                 .map(|(k, v)| Some((k, v?)))
                 .collect()
         })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::user;
+
+    #[test]
+    fn github_actions_records_the_actor_not_the_runner_account() {
+        let env = |vars: &'static [(&'static str, &'static str)]| {
+            move |key: &str| {
+                vars.iter()
+                    .find(|(k, _)| *k == key)
+                    .map(|(_, v)| v.to_string())
+            }
+        };
+        assert_eq!(
+            user(env(&[
+                ("USER", "runner"),
+                ("GITHUB_ACTOR", "alice"),
+                ("GITHUB_ACTIONS", "true")
+            ])),
+            "alice"
+        );
+        assert_eq!(
+            user(env(&[("USER", "bob"), ("GITHUB_ACTOR", "alice")])),
+            "bob"
+        );
+        assert_eq!(user(env(&[])), "unknown");
+    }
 }

@@ -195,6 +195,53 @@ impl<'a> Kube<'a> {
         }))
     }
 
+    /// A pod's recent Warning events, oldest first, one `reason: message`
+    /// line each, for failure messages.
+    pub fn warning_events(&self, pod: &str) -> String {
+        #[derive(Deserialize)]
+        struct Events {
+            items: Vec<Event>,
+        }
+        #[derive(Deserialize)]
+        #[serde(rename_all = "camelCase")]
+        struct Event {
+            #[serde(default)]
+            reason: String,
+            #[serde(default)]
+            message: String,
+            #[serde(default)]
+            count: Option<i64>,
+        }
+        let selector = format!("involvedObject.kind=Pod,involvedObject.name={pod},type=Warning");
+        let events = self
+            .exec
+            .read(&self.cmd(&[
+                "get",
+                "events",
+                "--field-selector",
+                &selector,
+                "--output",
+                "json",
+            ]))
+            .ok()
+            .and_then(|json| serde_json::from_str::<Events>(&json).ok());
+        let Some(events) = events.filter(|e| !e.items.is_empty()) else {
+            return "(none)".into();
+        };
+        let lines: Vec<String> = events
+            .items
+            .iter()
+            .rev()
+            .take(5)
+            .rev()
+            .map(|e| match e.count {
+                Some(n) if n > 1 => format!("{}: {} (x{n})", e.reason, e.message.trim()),
+                _ => format!("{}: {}", e.reason, e.message.trim()),
+            })
+            .collect();
+        lines.join("\n")
+    }
+
     /// The last log lines of a pod's container, for failure messages.
     pub fn logs(&self, pod: &str) -> String {
         self.exec
@@ -322,6 +369,14 @@ impl Deployment {
         })
     }
 
+    /// The controller's revision number of the current template.
+    pub fn revision(&self) -> Option<String> {
+        self.metadata
+            .annotations
+            .get("deployment.kubernetes.io/revision")
+            .cloned()
+    }
+
     /// The digest the pod template pins (`name@sha256:...`), if it pins one.
     pub fn pinned_digest(&self) -> Option<&str> {
         let image = &self.spec.template.spec.containers.first()?.image;
@@ -365,6 +420,10 @@ pub struct PodStatus {
     #[serde(default)]
     pub container_statuses: Vec<ContainerStatus>,
     #[serde(default)]
+    pub init_container_statuses: Vec<ContainerStatus>,
+    #[serde(default)]
+    pub conditions: Vec<Condition>,
+    #[serde(default)]
     pub start_time: Option<String>,
 }
 
@@ -372,9 +431,13 @@ pub struct PodStatus {
 #[serde(rename_all = "camelCase")]
 pub struct ContainerStatus {
     #[serde(default)]
+    pub name: String,
+    #[serde(default)]
     pub ready: bool,
     #[serde(default, rename = "imageID")]
     pub image_id: String,
+    #[serde(default)]
+    pub restart_count: i64,
     #[serde(default)]
     pub state: ContainerState,
     #[serde(default)]
@@ -384,22 +447,35 @@ pub struct ContainerStatus {
 #[derive(Debug, Default, Deserialize)]
 pub struct ContainerState {
     pub waiting: Option<Reason>,
+    pub running: Option<Started>,
     pub terminated: Option<Reason>,
 }
 
 #[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
 pub struct Reason {
     #[serde(default)]
     pub reason: String,
+    #[serde(default)]
+    pub exit_code: i64,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Started {
+    pub started_at: Option<String>,
 }
 
 /// Waiting reasons that will not fix themselves: fail at once.
-const FATAL_WAITING: [&str; 5] = [
+const FATAL_WAITING: [&str; 8] = [
     "ImagePullBackOff",
     "ErrImagePull",
     "CrashLoopBackOff",
     "CreateContainerConfigError",
+    "CreateContainerError",
+    "RunContainerError",
     "InvalidImageName",
+    "ErrImageNeverPull",
 ];
 
 impl Pod {
@@ -430,9 +506,39 @@ impl Pod {
                 .all(|c| c.image_id.ends_with(digest))
     }
 
-    /// Why this pod will not become ready, if it shows a fatal state or has
-    /// stayed unready past `grace_secs` since it started.
+    /// The scheduler's message while it cannot place this pod.
+    pub fn unschedulable(&self) -> Option<&str> {
+        self.status
+            .conditions
+            .iter()
+            .find(|c| {
+                c.r#type == "PodScheduled" && c.status == "False" && c.reason == "Unschedulable"
+            })
+            .map(|c| c.message.as_str())
+    }
+
+    /// Why this pod will not become ready: a state that will not fix itself
+    /// (a fatal waiting reason, a failed init container, OOMKilled, any
+    /// restart: a crash or a failing liveness probe), or unready past
+    /// `grace_secs` since its containers started running (not since the
+    /// pod started: that includes the image pull).
     pub fn failure(&self, now: i64, grace_secs: i64) -> Option<String> {
+        for status in &self.status.init_container_statuses {
+            let name = &status.name;
+            if let Some(waiting) = &status.state.waiting {
+                if FATAL_WAITING.contains(&waiting.reason.as_str()) {
+                    return Some(format!("init container {name}: {}", waiting.reason));
+                }
+            }
+            for state in [&status.state, &status.last_state] {
+                if let Some(failed) = state.terminated.as_ref().filter(|t| t.exit_code != 0) {
+                    return Some(format!(
+                        "init container {name} failed ({}, exit code {})",
+                        failed.reason, failed.exit_code
+                    ));
+                }
+            }
+        }
         for status in &self.status.container_statuses {
             if let Some(waiting) = &status.state.waiting {
                 if FATAL_WAITING.contains(&waiting.reason.as_str()) {
@@ -446,18 +552,26 @@ impl Pod {
                     }
                 }
             }
+            if status.restart_count > 0 {
+                let last = status.last_state.terminated.as_ref();
+                return Some(format!(
+                    "container {} restarted {} time(s) (last: {}, exit code {})",
+                    status.name,
+                    status.restart_count,
+                    last.map_or("?", |t| t.reason.as_str()),
+                    last.map_or(0, |t| t.exit_code)
+                ));
+            }
         }
-        let started = self
-            .status
-            .start_time
-            .as_deref()
-            .and_then(crate::time::parse_rfc3339)?;
-        let running = self
+        let running_since = self
             .status
             .container_statuses
             .iter()
-            .any(|c| c.state.waiting.is_none() && c.state.terminated.is_none());
-        if running && !self.is_ready() && now - started > grace_secs {
+            .filter(|c| !c.ready)
+            .filter_map(|c| c.state.running.as_ref()?.started_at.as_deref())
+            .filter_map(crate::time::parse_rfc3339)
+            .max()?;
+        if !self.is_ready() && now - running_since > grace_secs {
             return Some(format!("readiness still failing after {grace_secs}s"));
         }
         None
@@ -482,12 +596,7 @@ mod tests {
 
     #[test]
     fn fatal_states_are_named() {
-        for reason in [
-            "ImagePullBackOff",
-            "ErrImagePull",
-            "CrashLoopBackOff",
-            "CreateContainerConfigError",
-        ] {
+        for reason in FATAL_WAITING {
             let p = with_status(
                 serde_json::json!({"containerStatuses": [{"name": "c", "state": {"waiting": {"reason": reason}}}]}),
             );
@@ -501,6 +610,32 @@ mod tests {
             serde_json::json!({"containerStatuses": [{"name": "c", "state": {"waiting": {"reason": "ContainerCreating"}}}]}),
         );
         assert_eq!(creating.failure(0, 30), None);
+        let init = with_status(
+            serde_json::json!({"initContainerStatuses": [{"name": "migrate", "state": {"waiting": {"reason": "PodInitializing"}}, "lastState": {"terminated": {"reason": "Error", "exitCode": 4}}}], "containerStatuses": [{"name": "c", "state": {"waiting": {"reason": "PodInitializing"}}}]}),
+        );
+        assert_eq!(
+            init.failure(0, 30).as_deref(),
+            Some("init container migrate failed (Error, exit code 4)")
+        );
+        let restarted = with_status(
+            serde_json::json!({"containerStatuses": [{"name": "c", "restartCount": 1, "state": {"running": {}}, "lastState": {"terminated": {"reason": "Error", "exitCode": 137}}}]}),
+        );
+        assert_eq!(
+            restarted.failure(0, 30).as_deref(),
+            Some("container c restarted 1 time(s) (last: Error, exit code 137)")
+        );
+    }
+
+    #[test]
+    fn unschedulable_pods_carry_the_schedulers_message() {
+        let p = with_status(
+            serde_json::json!({"conditions": [{"type": "PodScheduled", "status": "False", "reason": "Unschedulable", "message": "0/1 nodes are available: 1 Insufficient cpu."}]}),
+        );
+        assert_eq!(
+            p.unschedulable(),
+            Some("0/1 nodes are available: 1 Insufficient cpu.")
+        );
+        assert_eq!(p.failure(0, 30), None, "a budget of its own, in the wait");
     }
 
     #[test]
@@ -508,10 +643,18 @@ mod tests {
         let start = "2026-11-23T20:00:00Z";
         let t0 = crate::time::parse_rfc3339(start).unwrap();
         let p = with_status(
-            serde_json::json!({"startTime": start, "containerStatuses": [{"name": "c", "ready": false, "state": {"running": {}}}]}),
+            serde_json::json!({"startTime": "2026-11-23T19:59:00Z", "containerStatuses": [{"name": "c", "ready": false, "state": {"running": {"startedAt": start}}}]}),
         );
-        assert_eq!(p.failure(t0 + 10, 30), None);
+        assert_eq!(
+            p.failure(t0 + 10, 30),
+            None,
+            "the minute the image took to pull does not count"
+        );
         assert!(p.failure(t0 + 31, 30).unwrap().contains("readiness"));
+        let pulling = with_status(
+            serde_json::json!({"startTime": "2026-11-23T19:00:00Z", "containerStatuses": [{"name": "c", "ready": false, "state": {"waiting": {"reason": "ContainerCreating"}}}]}),
+        );
+        assert_eq!(pulling.failure(t0, 30), None, "not running yet");
     }
 
     #[test]

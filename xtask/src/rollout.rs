@@ -37,6 +37,9 @@ pub struct WaitFlags {
     /// How long a running pod may stay unready before the deploy fails, in seconds
     #[arg(long, default_value_t = 30, value_name = "SECONDS")]
     pub grace: i64,
+    /// How long a new pod may stay unschedulable (a cluster autoscaler may add a node), in seconds
+    #[arg(long, default_value_t = 60, value_name = "SECONDS")]
+    pub unschedulable_timeout: u64,
 }
 
 impl WaitFlags {
@@ -102,6 +105,7 @@ impl<'k, 'a> Rollout<'k, 'a> {
             return self.record.finish(kube, SUCCEEDED);
         };
         let changed = self.record.entry.changed.clone();
+        let previous = self.record.entry.previous.clone();
         let changed_list = self.record.entry.changed_list();
         if crate::lock::is_lost() {
             // The namespace may be another deploy's now: touch nothing more
@@ -126,7 +130,7 @@ impl<'k, 'a> Rollout<'k, 'a> {
         let undone = kube
             .exec
             .step(format!("roll back {}", changed.join(", ")), || {
-                roll_back(kube, self.flags, &changed)
+                roll_back(kube, self.flags, &changed, &previous)
             });
         if let Err(rollback) = undone {
             let _ = self.record.finish(kube, "failed, rollback failed");
@@ -136,7 +140,7 @@ impl<'k, 'a> Rollout<'k, 'a> {
             )));
         }
         self.record.finish(kube, "failed, rolled back")?;
-        Err(failure.context("rolled back: the previous version is serving"))
+        Err(failure.context("rolled back: the cluster is as it was before this deploy"))
     }
 
     fn apply_all(
@@ -166,6 +170,10 @@ impl<'k, 'a> Rollout<'k, 'a> {
                     != after.as_ref().map(|d| d.metadata.generation)
                 {
                     self.record.entry.changed.push(name.clone());
+                    self.record
+                        .entry
+                        .previous
+                        .insert(name.clone(), before.as_ref().and_then(Deployment::revision));
                 }
                 wait(kube, self.flags, name, Some(&digest), deadline)?;
                 let ready = verify_pods(kube, name, &digest)?;
@@ -199,6 +207,8 @@ pub fn wait(
     deadline: Instant,
 ) -> Result<()> {
     let mut last = None;
+    // When each new pod was first seen unschedulable, on our own clock.
+    let mut unschedulable: std::collections::HashMap<String, Instant> = Default::default();
     loop {
         keep_going()?;
         let deployment: Deployment = kube
@@ -209,12 +219,29 @@ pub fn wait(
         }
         if let Some(digest) = digest {
             for pod in kube.pods(name)?.iter().filter(|p| p.wants(digest)) {
-                if let Some(reason) = pod.failure(now_epoch(), flags.grace) {
+                let pod_name = &pod.metadata.name;
+                let mut reason = pod.failure(now_epoch(), flags.grace);
+                match pod.unschedulable() {
+                    Some(message) => {
+                        let since = *unschedulable
+                            .entry(pod_name.clone())
+                            .or_insert_with(Instant::now);
+                        if since.elapsed().as_secs() >= flags.unschedulable_timeout {
+                            reason = Some(format!(
+                                "unschedulable for {}s: {message}",
+                                flags.unschedulable_timeout
+                            ));
+                        }
+                    }
+                    None => {
+                        unschedulable.remove(pod_name);
+                    }
+                }
+                if let Some(reason) = reason {
                     bail!(
-                        "deployment/{name}: pod {} {reason}\n--- last log lines of {} ---\n{}",
-                        pod.metadata.name,
-                        pod.metadata.name,
-                        kube.logs(&pod.metadata.name)
+                        "deployment/{name}: pod {pod_name} {reason}\n--- recent warning events of {pod_name} ---\n{}\n--- last log lines of {pod_name} ---\n{}",
+                        kube.warning_events(pod_name),
+                        kube.logs(pod_name)
                     );
                 }
             }
@@ -257,22 +284,54 @@ pub fn wait(
     }
 }
 
-/// `kubectl rollout undo` of `changed`, newest first, each waited for and
-/// verified to run the digest its restored template pins.
-pub fn roll_back(kube: &Kube, flags: &WaitFlags, changed: &[String]) -> Result<()> {
+/// Returns each of `changed` to the revision it had before (`previous`),
+/// newest first: `kubectl rollout undo --to-revision` of exactly that
+/// revision (a plain undo would undo whatever is newest, a `rollout
+/// restart` for one), each waited for and verified to run the digest its
+/// restored template pins. A deployment the run created is deleted: nothing
+/// served before it. One with no recorded revision (an entry written before
+/// revisions were) gets a plain undo.
+pub fn roll_back(
+    kube: &Kube,
+    flags: &WaitFlags,
+    changed: &[String],
+    previous: &std::collections::BTreeMap<String, Option<String>>,
+) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(flags.timeout);
     for name in changed.iter().rev() {
-        kube.exec
-            .run(&kube.cmd(&["rollout", "undo", &format!("deployment/{name}")]))?;
+        kube.exec.run(&undo_command(kube, name, previous))?;
+        if previous.get(name) == Some(&None) {
+            eprintln!("deployment/{name} did not exist before this deploy: deleted");
+            continue;
+        }
         wait(kube, flags, name, None, deadline)?;
-        let deployment: Deployment = kube
+        let restored: Deployment = kube
             .get("deployment", name)?
             .with_context(|| format!("deployment/{name} does not exist"))?;
-        if let Some(digest) = deployment.pinned_digest() {
+        if let Some(digest) = restored.pinned_digest() {
             verify_pods(kube, name, digest)?;
         }
     }
     Ok(())
+}
+
+/// What returns `name` to its `previous` revision (see [`roll_back`]).
+pub fn undo_command(
+    kube: &Kube,
+    name: &str,
+    previous: &std::collections::BTreeMap<String, Option<String>>,
+) -> Cmd {
+    let deployment = format!("deployment/{name}");
+    match previous.get(name) {
+        Some(None) => kube.cmd(&["delete", &deployment, "--ignore-not-found"]),
+        Some(Some(revision)) => kube.cmd(&[
+            "rollout",
+            "undo",
+            &deployment,
+            &format!("--to-revision={revision}"),
+        ]),
+        None => kube.cmd(&["rollout", "undo", &deployment]),
+    }
 }
 
 /// Every ready pod reports `digest`, and no pod of an older ReplicaSet is

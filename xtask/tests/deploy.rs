@@ -87,14 +87,7 @@ impl Fixture {
             ),
         )
         .unwrap();
-        let workload = |name: &str| {
-            format!("apiVersion: apps/v1\nkind: Deployment\nmetadata:\n  name: {name}\n  labels:\n    app.kubernetes.io/name: {name}\nspec:\n  selector:\n    matchLabels:\n      app.kubernetes.io/name: {name}\n  template:\n    metadata:\n      labels:\n        app.kubernetes.io/name: {name}\n    spec:\n      terminationGracePeriodSeconds: 5\n      automountServiceAccountToken: false\n      enableServiceLinks: false\n      containers:\n        - name: {name}\n          image: {name}\n          command: [sh, /{name}.sh]\n          readinessProbe:\n            exec:\n              command: [cat, /tmp/ready]\n            periodSeconds: 1\n")
-        };
-        std::fs::write(
-            root.join("k8s/workloads.yaml"),
-            format!("{}---\n{}", workload("fxapi"), workload("fxweb")),
-        )
-        .unwrap();
+        std::fs::write(root.join("k8s/workloads.yaml"), workloads("", "")).unwrap();
         std::fs::write(root.join(".gitignore"), "/target\n").unwrap();
         std::fs::write(root.join("fxapi.sh"), HEALTHY_APP).unwrap();
         std::fs::write(root.join("fxweb.sh"), HEALTHY_APP).unwrap();
@@ -119,6 +112,17 @@ impl Fixture {
         std::fs::write(self.root().join("fxweb.sh"), app).unwrap();
         std::fs::write(self.root().join("note.txt"), unique("v")).unwrap();
         commit_all(self.root(), "next")
+    }
+
+    /// Commits fxweb's manifest with `web_container` and `web_pod` added
+    /// (see [`workloads`]) and a new note, so both images change too.
+    fn commit_manifest(&self, web_container: &str, web_pod: &str) -> String {
+        std::fs::write(
+            self.root().join("k8s/workloads.yaml"),
+            workloads(web_container, web_pod),
+        )
+        .unwrap();
+        self.commit(HEALTHY_APP)
     }
 
     /// `deploy` with short waits, then `args`.
@@ -281,6 +285,19 @@ impl Drop for Fixture {
             ],
         );
     }
+}
+
+/// The two Deployments, with `web_container` (YAML at the container's
+/// indent) and `web_pod` (at the pod spec's) added to fxweb.
+fn workloads(web_container: &str, web_pod: &str) -> String {
+    let workload = |name: &str, container: &str, pod: &str| {
+        format!("apiVersion: apps/v1\nkind: Deployment\nmetadata:\n  name: {name}\n  labels:\n    app.kubernetes.io/name: {name}\nspec:\n  selector:\n    matchLabels:\n      app.kubernetes.io/name: {name}\n  template:\n    metadata:\n      labels:\n        app.kubernetes.io/name: {name}\n    spec:\n      terminationGracePeriodSeconds: 5\n      automountServiceAccountToken: false\n      enableServiceLinks: false\n{pod}      containers:\n        - name: {name}\n          image: {name}\n          command: [sh, /{name}.sh]\n          readinessProbe:\n            exec:\n              command: [cat, /tmp/ready]\n            periodSeconds: 1\n{container}")
+    };
+    format!(
+        "{}---\n{}",
+        workload("fxapi", "", ""),
+        workload("fxweb", web_container, web_pod)
+    )
 }
 
 #[derive(Default)]
@@ -539,6 +556,61 @@ fn pods_a_quota_refuses_fail_the_deploy_at_once_with_the_api_message() {
 }
 
 #[test]
+fn a_pod_no_node_can_take_fails_after_the_unschedulable_budget() {
+    let (fx, previous) = serving_first_commit();
+    fx.commit_manifest(
+        "          resources:\n            requests:\n              cpu: \"64\"\n",
+        "",
+    );
+    let run = fx.deploy(&["--unschedulable-timeout", "3"]);
+    assert!(
+        run.stderr.contains("Insufficient cpu"),
+        "the scheduler's message: {}",
+        run.stderr
+    );
+    assert_failed_and_rolled_back(&fx, &run, "unschedulable for 3s", &previous);
+}
+
+#[test]
+fn a_failing_init_container_or_liveness_probe_fails_at_once() {
+    let (fx, previous) = serving_first_commit();
+    fx.commit_manifest(
+        "",
+        "      initContainers:\n        - name: migrate\n          image: fxweb\n          command: [sh, -c, 'echo migration failed >&2; exit 4']\n",
+    );
+    let run = fx.deploy(&["--grace", "600"]);
+    assert_failed_and_rolled_back(
+        &fx,
+        &run,
+        "init container migrate failed (Error, exit code 4)",
+        &previous,
+    );
+    fx.commit_manifest(
+        "          livenessProbe:\n            exec:\n              command: [\"false\"]\n            periodSeconds: 1\n            failureThreshold: 1\n",
+        "",
+    );
+    std::fs::write(fx.root().join("fxweb.sh"), NEVER_READY_APP).unwrap();
+    commit_all(
+        fx.root(),
+        "fxweb: never ready, and its liveness probe fails",
+    );
+    let run = fx.deploy(&["--grace", "600"]);
+    assert!(
+        run.stderr.contains("Liveness probe failed"),
+        "the pod's events: {}",
+        run.stderr
+    );
+    assert_eq!(run.code, 1, "{}", run.stderr);
+    assert!(
+        run.stderr.contains("restarted 1 time(s)") || run.stderr.contains("CrashLoopBackOff"),
+        "{}",
+        run.stderr
+    );
+    assert!(run.stderr.contains("rolled back"), "{}", run.stderr);
+    fx.assert_serving("fxweb", previous["fxweb"].as_str().unwrap());
+}
+
+#[test]
 fn no_rollback_leaves_the_failure_for_inspection() {
     let (fx, previous) = serving_first_commit();
     fx.commit(CRASHING_APP);
@@ -786,6 +858,59 @@ fn rollback_undoes_the_last_deploy_and_to_redeploys_recorded_digests() {
     never.extend_from_slice(&["--to", &unbuilt]);
     fx.run(&never).assert_fails(2, "not in the registry");
     assert_eq!(fx.history().len(), entries);
+
+    // A revision that is really an option never reaches git as one.
+    let written = fx.root().join("target/written-by-git");
+    let mut option = undo.clone();
+    let to = format!("--to=--output={}", written.display());
+    option.push(&to);
+    fx.run(&option).assert_fails(2, "is not a git revision");
+    assert!(!written.exists(), "git wrote a file");
+}
+
+#[test]
+fn a_first_deploy_that_fails_deletes_what_it_created_and_exits_1() {
+    let fx = Fixture::new();
+    fx.commit(CRASHING_APP);
+    let run = fx.deploy(&[]);
+    run.assert_fails(1, "CrashLoopBackOff");
+    assert!(!run.stderr.contains("ROLLBACK FAILED"), "{}", run.stderr);
+    for name in ["fxweb", "fxapi"] {
+        assert!(
+            run.stderr.contains(&format!(
+                "deployment/{name} did not exist before this deploy: deleted"
+            )),
+            "{}",
+            run.stderr
+        );
+    }
+    assert_eq!(fx.kubectl(&["get", "deployments", "--output", "name"]), "");
+    assert_eq!(fx.history().pop().unwrap()["result"], "failed, rolled back");
+}
+
+#[test]
+fn rollback_returns_to_the_revision_before_the_deploy_even_after_a_rollout_restart() {
+    let fx = Fixture::new();
+    fx.deploy(&[]).assert_ok();
+    let first = fx.digests();
+    fx.commit(HEALTHY_APP);
+    fx.deploy(&[]).assert_ok();
+    // A restart after the deploy: a newer revision with the same image,
+    // which a plain `rollout undo` would undo instead of the deploy.
+    fx.kubectl(&["rollout", "restart", "deployment/fxweb"]);
+    fx.kubectl(&["rollout", "status", "deployment/fxweb", "--timeout=60s"]);
+    let mut undo = vec!["rollback"];
+    undo.extend_from_slice(FAST);
+    let run = fx.run(&undo);
+    run.assert_ok();
+    assert!(
+        run.stderr
+            .contains("rollout undo deployment/fxweb --to-revision=1"),
+        "{}",
+        run.stderr
+    );
+    fx.assert_serving("fxweb", first["fxweb"].as_str().unwrap());
+    fx.assert_serving("fxapi", first["fxapi"].as_str().unwrap());
 }
 
 #[test]

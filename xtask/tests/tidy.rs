@@ -56,3 +56,19 @@ fn listed_in_readme() -> Vec<String> {
 fn every_test_off_the_real_cluster_is_listed_in_the_readme_with_its_reason() {
     assert_eq!(tests_off_the_real_cluster(), listed_in_readme());
 }
+
+/// A manifest that names another namespace's Service host would send
+/// traffic across environments when `--env` deploys to another namespace.
+#[test]
+fn manifests_name_services_by_their_short_name() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../k8s");
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(
+            !text.contains(".svc"),
+            "{} names a namespace-qualified host",
+            path.display()
+        );
+    }
+}

@@ -13,7 +13,8 @@ use crate::{
     kube::{ClusterFlags, Kube},
     lock::Lock,
     rollout::{
-        apply_command, digests_for, print_diff, render_overlay, roll_back, Rollout, WaitFlags,
+        apply_command, digests_for, print_diff, render_overlay, roll_back, undo_command, Rollout,
+        WaitFlags,
     },
 };
 
@@ -126,13 +127,14 @@ impl Rollback {
         Ok(())
     }
 
-    /// `kubectl rollout undo` of what `last` changed, newest first.
+    /// Returns what `last` changed to the revisions it had before, newest
+    /// first (see [`roll_back`]).
     fn undo(&self, kube: &Kube, history: &History, last: Entry) -> Result<()> {
         let exec = kube.exec;
         let changed = last.changed.clone();
         if exec.dry_run {
             for name in changed.iter().rev() {
-                exec.run(&kube.cmd(&["rollout", "undo", &format!("deployment/{name}")]))?;
+                exec.run(&undo_command(kube, name, &last.previous))?;
             }
             return Ok(());
         }
@@ -144,7 +146,7 @@ impl Rollback {
         };
         let mut record = Record::start(kube, entry, history)?;
         let undone = exec.step(format!("undo {}", changed.join(", ")), || {
-            roll_back(kube, &self.wait, &changed)
+            roll_back(kube, &self.wait, &changed, &last.previous)
         });
         if let Err(error) = undone {
             record.finish(kube, "failed")?;
