@@ -359,6 +359,18 @@ pub fn env_os(key: &str) -> Option<std::ffi::OsString> {
     std::env::var_os(key)
 }
 
+/// The `auth` (base64 `user:password`) Docker stored for `host` in its
+/// config file (`$DOCKER_CONFIG/config.json`, else `~/.docker/config.json`),
+/// if it stored one there rather than in a credential helper.
+pub fn docker_auth(host: &str) -> Option<String> {
+    let dir = std::env::var_os("DOCKER_CONFIG")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".docker")))?;
+    let text = std::fs::read_to_string(dir.join("config.json")).ok()?;
+    let config: serde_json::Value = serde_json::from_str(&text).ok()?;
+    config["auths"][host]["auth"].as_str().map(str::to_owned)
+}
+
 /// Where the xtask keeps what outlives a clone and `cargo clean`: the
 /// local registry's data, the test cluster's binaries (`~/.cache/aiq-xtask`).
 pub fn cache_dir() -> PathBuf {

@@ -232,6 +232,26 @@ impl<'a> Exec<'a> {
         Ok(child.id())
     }
 
+    /// Like [`Exec::run`], but returns the command's stdout (its stderr
+    /// passes through): for writes whose answer matters, such as the object
+    /// a `kubectl create --output json` made. A dry run prints the line and
+    /// returns an empty string.
+    pub fn run_capturing(&self, cmd: &Cmd) -> Result<String> {
+        self.output.command(cmd, self.dry_run);
+        if self.dry_run {
+            return Ok(String::new());
+        }
+        let output = self.capture(cmd)?;
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        eprint!("{stderr}");
+        if !output.status.success() {
+            let reason = stderr.trim().lines().last().unwrap_or("no output");
+            bail!("`{cmd}` failed ({}): {reason}", output.status);
+        }
+        String::from_utf8(output.stdout)
+            .with_context(|| format!("`{cmd}` printed non-UTF-8 output"))
+    }
+
     /// Runs a query, capturing its output whatever its exit status.
     fn capture(&self, cmd: &Cmd) -> Result<std::process::Output> {
         cmd.to_xshell(self.sh)

@@ -10,6 +10,10 @@ use crate::{
 };
 
 pub const LOCK_NAME: &str = "xtask-deploy-lock";
+/// Tries of a cluster read before its error counts, and the bound on each:
+/// together they ride out about 20 s of API trouble.
+const READ_TRIES: u32 = 3;
+const READ_TIMEOUT_SECS: u32 = 5;
 pub const HISTORY_NAME: &str = "xtask-deploy-history";
 pub const FIELD_MANAGER: &str = "xtask";
 /// The label every workload of the base carries; the deploy selects by it.
@@ -133,10 +137,33 @@ impl<'a> Kube<'a> {
             .args(args.iter().copied())
     }
 
+    /// A read of the cluster that survives a passing API error (a
+    /// restarting apiserver, a dropped connection): up to [`READ_TRIES`]
+    /// tries in a row, each bounded by `--request-timeout`, then the last
+    /// error. One hiccup must not end, and roll back, a deploy.
+    fn read(&self, args: &[&str]) -> Result<String> {
+        let cmd = self
+            .cmd(args)
+            .arg(format!("--request-timeout={READ_TIMEOUT_SECS}s"));
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            match self.exec.read(&cmd) {
+                Ok(out) => return Ok(out),
+                Err(e) if tries < READ_TRIES => {
+                    self.exec.output.warn(&format!(
+                        "reading the cluster failed (try {tries} of {READ_TRIES}), retrying: {e:#}"
+                    ));
+                    std::thread::sleep(std::time::Duration::from_secs(2));
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
     /// `kubectl get KIND NAME -o json`, `None` when it does not exist.
     pub fn get<T: serde::de::DeserializeOwned>(&self, kind: &str, name: &str) -> Result<Option<T>> {
-        let cmd = self.cmd(&["get", kind, name, "--ignore-not-found", "--output", "json"]);
-        let json = self.exec.read(&cmd)?;
+        let json = self.read(&["get", kind, name, "--ignore-not-found", "--output", "json"])?;
         if json.trim().is_empty() {
             return Ok(None);
         }
@@ -151,14 +178,7 @@ impl<'a> Kube<'a> {
             items: Vec<Pod>,
         }
         let selector = format!("{NAME_LABEL}={component}");
-        let json = self.exec.read(&self.cmd(&[
-            "get",
-            "pods",
-            "--selector",
-            &selector,
-            "--output",
-            "json",
-        ]))?;
+        let json = self.read(&["get", "pods", "--selector", &selector, "--output", "json"])?;
         let list: List = serde_json::from_str(&json).context("parsing `kubectl get pods`")?;
         Ok(list.items)
     }
@@ -176,6 +196,12 @@ impl<'a> Kube<'a> {
             .iter()
             .find(|p| !digest.as_deref().is_some_and(|d| p.runs(d)))
             .map(|p| p.metadata.name.clone());
+        let now = crate::time::now_epoch();
+        let stuck_pods = pods
+            .iter()
+            .filter(|p| p.stuck_terminating(now))
+            .map(|p| p.metadata.name.clone())
+            .collect();
         let oldest_start = ready
             .iter()
             .filter_map(|p| p.status.start_time.as_deref())
@@ -192,6 +218,7 @@ impl<'a> Kube<'a> {
             rolled_out: deployment.rolled_out(),
             age_secs: oldest_start.map(|t| crate::time::now_epoch() - t),
             stale_pod: stale,
+            stuck_pods,
         }))
     }
 
@@ -269,6 +296,8 @@ pub struct Running {
     pub age_secs: Option<i64>,
     /// A ready pod that does not run the pinned digest.
     pub stale_pod: Option<String>,
+    /// Pods still there past their deletion time and grace period.
+    pub stuck_pods: Vec<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -315,9 +344,12 @@ fn one() -> i64 {
 }
 
 #[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
 pub struct PodSpec {
     #[serde(default)]
     pub containers: Vec<Container>,
+    #[serde(default)]
+    pub termination_grace_period_seconds: Option<i64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -506,6 +538,18 @@ impl Pod {
                 .all(|c| c.image_id.ends_with(digest))
     }
 
+    /// Still there past its `deletionTimestamp` plus its grace period: a
+    /// finalizer holds it, or its node stopped answering. It serves no
+    /// longer, but it is worth a look.
+    pub fn stuck_terminating(&self, now: i64) -> bool {
+        let grace = self.spec.termination_grace_period_seconds.unwrap_or(30);
+        self.metadata
+            .deletion_timestamp
+            .as_deref()
+            .and_then(crate::time::parse_rfc3339)
+            .is_some_and(|deleted| now > deleted + grace)
+    }
+
     /// The scheduler's message while it cannot place this pod.
     pub fn unschedulable(&self) -> Option<&str> {
         self.status
@@ -664,6 +708,18 @@ mod tests {
         );
         assert!(p.wants("sha256:new") && p.runs("sha256:new") && p.is_ready());
         assert!(!p.runs("sha256:old"));
+    }
+
+    #[test]
+    fn a_pod_past_its_deletion_time_and_grace_is_stuck() {
+        let deleted = "2026-11-24T22:00:00Z";
+        let t = crate::time::parse_rfc3339(deleted).unwrap();
+        let p = pod(serde_json::json!({
+            "metadata": {"name": "p", "deletionTimestamp": deleted},
+            "spec": {"containers": [], "terminationGracePeriodSeconds": 5},
+        }));
+        assert!(!p.stuck_terminating(t + 5));
+        assert!(p.stuck_terminating(t + 6));
     }
 
     #[test]

@@ -10,11 +10,11 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use serde_json::json;
 
 use crate::{
-    exec::{refuse, Exec},
+    exec::{refuse, Cmd, Exec},
     history::who,
     kube::{Kube, LOCK_NAME},
     time::{micro_time, now_epoch},
@@ -31,6 +31,9 @@ const RENEW_EVERY: Duration = Duration::from_secs(15);
 pub struct Lock {
     /// The renewing thread and its stop flag; none in a dry run.
     renewer: Option<(Arc<AtomicBool>, std::thread::JoinHandle<()>)>,
+    /// The lease's resourceVersion after this run's last write of it:
+    /// release deletes the lease only if nobody has written it since.
+    version: Arc<Mutex<String>>,
 }
 
 /// Why this run no longer holds its lock, once the renewer finds out.
@@ -62,6 +65,22 @@ fn holder() -> String {
     format!("{} (pid {})", who(), std::process::id())
 }
 
+/// No call of the lock may hang: a deploy must notice a lost lock in time.
+const REQUEST_TIMEOUT: &str = "--request-timeout=10s";
+
+/// `kubectl --namespace NS ARGS --request-timeout=10s`.
+fn lease_cmd(kube: &Kube, args: &[&str]) -> Cmd {
+    kube.cmd(args).arg(REQUEST_TIMEOUT)
+}
+
+fn resource_version(json: &str) -> Result<String> {
+    let lease: serde_json::Value = serde_json::from_str(json).context("parsing the lease")?;
+    lease["metadata"]["resourceVersion"]
+        .as_str()
+        .map(str::to_owned)
+        .context("the lease has no resourceVersion")
+}
+
 impl Lock {
     /// Runs `work` holding the namespace's lock (taken as a numbered step,
     /// after Ctrl-C is caught), and releases it whatever `work` returns.
@@ -71,10 +90,8 @@ impl Lock {
         let step = format!("lock namespace {}", kube.namespace);
         let lock = kube.exec.step(step, || Lock::take(kube, reachable))?;
         let outcome = work();
-        let released = lock.release(kube);
-        let value = outcome?;
-        released?;
-        Ok(value)
+        lock.release(kube);
+        outcome
     }
 
     fn take(kube: &Kube, reachable: bool) -> Result<Lock> {
@@ -89,95 +106,163 @@ impl Lock {
                     "--ignore-not-found",
                     "--output",
                     "name",
+                    REQUEST_TIMEOUT,
                 ]))?
                 .is_empty()
         {
             exec.run(&kube.global(&["create", "namespace", &kube.namespace]))?;
         }
         let lease = lease_json(kube, &holder());
-        let create = kube
-            .cmd(&["create", "--filename", "-"])
+        let create = lease_cmd(kube, &["create", "--filename", "-", "--output", "json"])
             .stdin(lease.to_string());
         if exec.dry_run {
             exec.run(&create)?;
-            return Ok(Lock { renewer: None });
+            return Ok(Lock {
+                renewer: None,
+                version: Default::default(),
+            });
         }
-        if let Err(error) = exec.run(&create) {
-            take_over_expired(kube, lease, error)?;
-        }
+        let written = match exec.run_capturing(&create) {
+            Ok(written) => written,
+            Err(error) => take_over_expired(kube, &create, lease, error)?,
+        };
+        let version = Arc::new(Mutex::new(resource_version(&written)?));
         Ok(Lock {
-            renewer: Some(start_renewing(kube)),
+            renewer: Some(start_renewing(kube, version.clone())),
+            version,
         })
     }
 
-    /// Stops renewing and deletes the lease, unless it was lost: then it
-    /// is someone else's.
-    fn release(self, kube: &Kube) -> Result<()> {
-        if let Some((stop, renewer)) = self.renewer {
-            stop.store(true, Ordering::SeqCst);
-            let _ = renewer.join();
-        }
+    /// Stops renewing and deletes the lease, only if it is still exactly
+    /// what this run last wrote (a delete with a resourceVersion
+    /// precondition): a lost or changed lease is someone else's now. A
+    /// lease that cannot be deleted is left to expire, with a warning.
+    fn release(self, kube: &Kube) {
+        let Some((stop, renewer)) = self.renewer else {
+            return;
+        };
+        stop.store(true, Ordering::SeqCst);
+        let _ = renewer.join();
         if is_lost() {
-            return Ok(());
+            return;
         }
-        kube.exec
-            .run(&kube.cmd(&["delete", "lease", LOCK_NAME, "--ignore-not-found"]))
+        let version = self.version.lock().map(|v| v.clone()).unwrap_or_default();
+        let path = format!(
+            "/apis/coordination.k8s.io/v1/namespaces/{}/leases/{LOCK_NAME}",
+            kube.namespace
+        );
+        let options = json!({
+            "apiVersion": "v1",
+            "kind": "DeleteOptions",
+            "preconditions": {"resourceVersion": version},
+        });
+        let delete = kube
+            .global(&["delete", "--raw", &path, "--filename", "-", REQUEST_TIMEOUT])
+            .stdin(options.to_string());
+        if let Err(e) = kube.exec.run_capturing(&delete) {
+            kube.exec.output.warn(&format!(
+                "left the deploy lock as it is (it expires {LOCK_SECONDS}s after its last renewal): {e:#}"
+            ));
+        }
     }
 }
 
-/// After a failed create: refuses while the holder's lease is live, takes
-/// an expired one over with `replace` on the resourceVersion just read, so
-/// two deploys cannot both take it.
+/// After a failed create. A lease that looks live is refused at once, with
+/// its holder. One that looks expired by this machine's clock (which may
+/// be skewed from the holder's) is watched for its full duration on this
+/// machine's monotonic clock, as client-go's leader election does: a live
+/// holder renews it within that time (a new resourceVersion) and this run
+/// is refused; unchanged, it is replaced on the resourceVersion read, so
+/// two deploys cannot both take it. Returns the lease as written.
 fn take_over_expired(
     kube: &Kube,
+    create: &Cmd,
     mut lease: serde_json::Value,
-    create: anyhow::Error,
-) -> Result<()> {
+    create_error: anyhow::Error,
+) -> Result<String> {
     let Some(held) = kube.get::<serde_json::Value>("lease", LOCK_NAME)? else {
-        return Err(create.context("taking the deploy lock"));
+        return Err(create_error.context("taking the deploy lock"));
     };
     let spec = &held["spec"];
-    let holder = spec["holderIdentity"].as_str().unwrap_or("unknown");
+    let holder = spec["holderIdentity"]
+        .as_str()
+        .unwrap_or("unknown")
+        .to_owned();
     let duration = spec["leaseDurationSeconds"]
         .as_i64()
         .unwrap_or(LOCK_SECONDS);
-    if expires(spec) >= now_epoch() {
-        return Err(refuse(format!(
-            "another deploy holds the lock in namespace {}: {holder} since {} (renewed {}); wait for it, or if it died, the lock expires {duration}s after its last renewal",
+    let refuse_held = |how: &str| {
+        refuse(format!(
+            "another deploy holds the lock in namespace {}: {holder} since {} ({how}); wait for it, or if it died, the lock expires {duration}s after its last renewal",
             kube.namespace,
             spec["acquireTime"].as_str().unwrap_or("?"),
-            spec["renewTime"].as_str().unwrap_or("?"),
-        )));
+        ))
+    };
+    if expires(spec) >= now_epoch() {
+        let renewed = format!("renewed {}", spec["renewTime"].as_str().unwrap_or("?"));
+        return Err(refuse_held(&renewed));
     }
-    lease["metadata"]["resourceVersion"] = held["metadata"]["resourceVersion"].clone();
+    let version = held["metadata"]["resourceVersion"].clone();
+    kube.exec.output.warn(&format!(
+        "the lock held by {holder} looks expired; watching it for {duration}s before taking it over"
+    ));
+    let watched = Instant::now();
+    while watched.elapsed() < Duration::from_secs(duration.max(0) as u64) {
+        crate::exec::check_interrupted()?;
+        std::thread::sleep(Duration::from_secs(1));
+        match kube.get::<serde_json::Value>("lease", LOCK_NAME)? {
+            None => {
+                return kube.exec.run_capturing(create).map_err(|e| {
+                    refuse(format!("another deploy took the freed lock first: {e:#}"))
+                })
+            }
+            Some(now) if now["metadata"]["resourceVersion"] != version => {
+                return Err(refuse_held("it was renewed while this deploy watched it"));
+            }
+            Some(_) => {}
+        }
+    }
+    lease["metadata"]["resourceVersion"] = version;
     kube.exec.output.warn(&format!(
         "the lock held by {holder} expired; taking it over"
     ));
     kube.exec
-        .run(
-            &kube
-                .cmd(&["replace", "--filename", "-"])
+        .run_capturing(
+            &lease_cmd(kube, &["replace", "--filename", "-", "--output", "json"])
                 .stdin(lease.to_string()),
         )
         .map_err(|e| refuse(format!("another deploy took the expired lock first: {e:#}")))
 }
 
 /// Renews the lease every RENEW_EVERY on a thread of its own (with its own
-/// Shell: `Exec` is not `Send`) until the returned flag is set. Before each
-/// renewal it checks the lease is still this run's; when it is not, or
-/// renewals have failed so long that it may have expired, the lock is lost
-/// and the deploy stops at its next check.
-fn start_renewing(kube: &Kube) -> (Arc<AtomicBool>, std::thread::JoinHandle<()>) {
+/// Shell: `Exec` is not `Send`) until the returned flag is set. Each
+/// renewal is a JSON patch that first tests the holder is still this run,
+/// so it can never overwrite another deploy's lease; a lease taken over or
+/// deleted, or renewals failing so long that it may have expired, lose the
+/// lock and the deploy stops at its next check. `version` follows each
+/// write.
+fn start_renewing(
+    kube: &Kube,
+    version: Arc<Mutex<String>>,
+) -> (Arc<AtomicBool>, std::thread::JoinHandle<()>) {
     let stop = Arc::new(AtomicBool::new(false));
-    let read = kube.cmd(&[
-        "get",
-        "lease",
-        LOCK_NAME,
-        "--ignore-not-found",
-        "--output",
-        "json",
-    ]);
-    let renew = kube.cmd(&["patch", "lease", LOCK_NAME, "--type", "merge", "--patch"]);
+    let read = lease_cmd(
+        kube,
+        &[
+            "get",
+            "lease",
+            LOCK_NAME,
+            "--ignore-not-found",
+            "--output",
+            "json",
+        ],
+    );
+    let renew = lease_cmd(
+        kube,
+        &[
+            "patch", "lease", LOCK_NAME, "--type", "json", "--output", "json", "--patch",
+        ],
+    );
     let flag = stop.clone();
     let output = kube.exec.output;
     let ours = holder();
@@ -202,9 +287,14 @@ fn start_renewing(kube: &Kube) -> (Arc<AtomicBool>, std::thread::JoinHandle<()>)
                     None => lose("the lease was deleted".into()),
                     Some(holder) if holder != ours => lose(format!("{holder} holds it now")),
                     Some(_) => {
-                        let now = micro_time(now_epoch());
-                        let patch = json!({"spec": {"renewTime": now}}).to_string();
-                        exec.read(&renew.clone().arg(patch))?;
+                        let patch = json!([
+                            {"op": "test", "path": "/spec/holderIdentity", "value": ours},
+                            {"op": "replace", "path": "/spec/renewTime", "value": micro_time(now_epoch())},
+                        ]);
+                        let written = exec.read(&renew.clone().arg(patch.to_string()))?;
+                        if let Ok(mut v) = version.lock() {
+                            *v = resource_version(&written)?;
+                        }
                         last_renewal = Instant::now();
                     }
                 }

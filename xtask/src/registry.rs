@@ -10,7 +10,7 @@ use std::{
 
 use anyhow::{bail, Context, Result};
 
-use crate::exec::{Cmd, Exec};
+use crate::exec::{refuse, Cmd, Exec};
 
 /// Where `up` and the tests put images when `XTASK_LOCAL_REGISTRY` is not
 /// set.
@@ -21,6 +21,16 @@ const REGISTRY_IMAGE: &str = "registry:2";
 /// `GET http://{addr}{path}`; returns the status code and body. Enough for
 /// health probes and the registry API, without an HTTP client dependency.
 pub fn http_get(addr: &str, path: &str, timeout: Duration) -> Result<(u16, String)> {
+    http_get_as(addr, path, timeout, None)
+}
+
+/// [`http_get`] with `Authorization: Basic <auth>` when given.
+fn http_get_as(
+    addr: &str,
+    path: &str,
+    timeout: Duration,
+    auth: Option<&str>,
+) -> Result<(u16, String)> {
     let socket = addr
         .to_socket_addrs()
         .with_context(|| format!("resolving {addr}"))?
@@ -30,9 +40,10 @@ pub fn http_get(addr: &str, path: &str, timeout: Duration) -> Result<(u16, Strin
         .with_context(|| format!("connecting to {addr}"))?;
     stream.set_read_timeout(Some(timeout))?;
     stream.set_write_timeout(Some(timeout))?;
+    let authorization = auth.map_or(String::new(), |a| format!("Authorization: Basic {a}\r\n"));
     write!(
         stream,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nAccept: application/vnd.docker.distribution.manifest.v2+json, application/vnd.oci.image.manifest.v1+json, application/vnd.oci.image.index.v1+json, */*\r\nConnection: close\r\n\r\n"
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\n{authorization}Accept: application/vnd.docker.distribution.manifest.v2+json, application/vnd.oci.image.manifest.v1+json, application/vnd.oci.image.index.v1+json, */*\r\nConnection: close\r\n\r\n"
     )?;
     let mut response = Vec::new();
     stream
@@ -64,15 +75,94 @@ pub fn has_image(addr: &str, repository: &str, tag: &str) -> bool {
     )
 }
 
-/// The local registry's address: `XTASK_LOCAL_REGISTRY` if set (it must
-/// answer), else one on 127.0.0.1:5000, started if nothing answers there.
+/// The host (and port) of a registry reference such as `localhost:5000/team`.
+pub fn host_of(registry: &str) -> &str {
+    registry.split('/').next().unwrap_or(registry)
+}
+
+/// Checks, before anything is built, that `registry` can take a push: it
+/// answers, and, where it wants a login, the one Docker has works. A
+/// registry on this machine is asked `/v2/` over plain HTTP (with Docker's
+/// stored credentials when it answers 401); any other must accept a
+/// connection on its port (its TLS and login are Docker's to check).
+pub fn preflight(registry: &str) -> Result<()> {
+    let host = host_of(registry);
+    let local = ["127.", "localhost", "[::1]"]
+        .iter()
+        .any(|p| host.starts_with(p));
+    let addr = if host
+        .rsplit_once(':')
+        .is_some_and(|(_, port)| port.parse::<u16>().is_ok())
+    {
+        host.to_owned()
+    } else if local {
+        format!("{host}:80")
+    } else {
+        format!("{host}:443")
+    };
+    let unreachable = |e: anyhow::Error| {
+        refuse(format!(
+            "the registry {host} does not answer ({e:#}): nothing was built or pushed"
+        ))
+    };
+    if !local {
+        let socket = addr
+            .to_socket_addrs()
+            .map_err(|e| unreachable(e.into()))?
+            .next()
+            .with_context(|| format!("{addr} resolves to nothing"))?;
+        TcpStream::connect_timeout(&socket, Duration::from_secs(5))
+            .map_err(|e| unreachable(e.into()))?;
+        return Ok(());
+    }
+    let timeout = Duration::from_secs(5);
+    match http_get(&addr, "/v2/", timeout).map_err(unreachable)? {
+        (200, _) => Ok(()),
+        (401, _) => {
+            let Some(auth) = crate::config::docker_auth(host) else {
+                return Err(refuse(format!(
+                    "the registry {host} wants a login and Docker has none for it: run `docker login {host}`; nothing was built"
+                )));
+            };
+            match http_get_as(&addr, "/v2/", timeout, Some(&auth)).map_err(unreachable)? {
+                (200, _) => Ok(()),
+                (status, _) => Err(refuse(format!(
+                    "the registry {host} refuses Docker's login for it (HTTP {status}): run `docker login {host}` again; nothing was built"
+                ))),
+            }
+        }
+        (status, body) => Err(refuse(format!(
+            "the registry {host} answers /v2/ with HTTP {status} ({}): nothing was built",
+            body.trim()
+        ))),
+    }
+}
+
+/// [`preflight`] for a run: a refusal, or in a dry run (which pushes
+/// nothing) a warning.
+pub fn check(exec: &Exec, registry: &str) -> Result<()> {
+    match preflight(registry) {
+        Err(e) if exec.dry_run => {
+            exec.output.warn(&format!("{e:#}"));
+            Ok(())
+        }
+        other => other,
+    }
+}
+
+/// The local registry's address: `XTASK_LOCAL_REGISTRY` if set (its host
+/// must answer; a path after it is where images go), else one on
+/// 127.0.0.1:5000, started if nothing answers there.
 pub fn ensure_local(exec: &Exec) -> Result<String> {
     if let Some(addr) = std::env::var("XTASK_LOCAL_REGISTRY")
         .ok()
         .filter(|v| !v.is_empty())
     {
-        if !exec.dry_run && !answers(&addr) {
-            bail!("XTASK_LOCAL_REGISTRY={addr} does not answer /v2/");
+        if !exec.dry_run && !answers(host_of(&addr)) {
+            bail!(
+                "XTASK_LOCAL_REGISTRY={addr}: {} does not answer /v2/",
+                host_of(&addr)
+            );
         }
         return Ok(addr);
     }
@@ -172,4 +262,19 @@ fn remove_container(exec: &Exec) -> Result<()> {
 /// reused.
 fn state_dir() -> PathBuf {
     crate::config::cache_dir().join("registry")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::host_of;
+
+    #[test]
+    fn a_registry_with_a_path_is_probed_at_its_host() {
+        assert_eq!(host_of("localhost:5000/team"), "localhost:5000");
+        assert_eq!(host_of("127.0.0.1:5000"), "127.0.0.1:5000");
+        assert_eq!(
+            host_of("123456789012.dkr.ecr.eu-west-1.amazonaws.com/aiq"),
+            "123456789012.dkr.ecr.eu-west-1.amazonaws.com"
+        );
+    }
 }

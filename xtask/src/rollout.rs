@@ -62,6 +62,8 @@ pub struct Verified {
     pub name: String,
     pub digest: String,
     pub ready: usize,
+    /// Its pods still there past their deletion time and grace period.
+    pub stuck: Vec<String>,
 }
 
 /// One rollout of a set of deployments, recorded in the history as it goes.
@@ -176,11 +178,12 @@ impl<'k, 'a> Rollout<'k, 'a> {
                         .insert(name.clone(), before.as_ref().and_then(Deployment::revision));
                 }
                 wait(kube, self.flags, name, Some(&digest), deadline)?;
-                let ready = verify_pods(kube, name, &digest)?;
+                let (ready, stuck) = verify_pods(kube, name, &digest)?;
                 self.verified.push(Verified {
                     name: name.clone(),
                     digest: digest.clone(),
                     ready,
+                    stuck,
                 });
                 Ok(())
             })?;
@@ -335,8 +338,9 @@ pub fn undo_command(
 }
 
 /// Every ready pod reports `digest`, and no pod of an older ReplicaSet is
-/// still ready. Returns how many pods are ready.
-pub fn verify_pods(kube: &Kube, name: &str, digest: &str) -> Result<usize> {
+/// still ready. Returns how many pods are ready, and the pods stuck
+/// terminating.
+pub fn verify_pods(kube: &Kube, name: &str, digest: &str) -> Result<(usize, Vec<String>)> {
     let pods = kube.pods(name)?;
     let ready: Vec<_> = pods.iter().filter(|p| p.is_ready()).collect();
     if ready.is_empty() {
@@ -363,7 +367,13 @@ pub fn verify_pods(kube: &Kube, name: &str, digest: &str) -> Result<usize> {
         "verified",
         json!({"deployment": name, "digest": digest, "ready": ready.len()}),
     );
-    Ok(ready.len())
+    let now = now_epoch();
+    let stuck = pods
+        .iter()
+        .filter(|p| p.stuck_terminating(now))
+        .map(|p| p.metadata.name.clone())
+        .collect();
+    Ok((ready.len(), stuck))
 }
 
 /// `kubectl apply --server-side` of one component of the overlay. Conflicts

@@ -588,3 +588,138 @@ fn colour_only_on_a_terminal_without_ci_or_no_color() {
     assert!(!piped.stderr.contains(escape) && !piped.stdout.contains(escape));
     assert!(piped.stdout.contains("--progress=plain"));
 }
+
+/// A Distribution registry that wants a login (htpasswd: user `ci`,
+/// password `s3cret`) on a port of its own; stopped when dropped.
+struct LoginRegistry {
+    child: std::process::Child,
+    address: String,
+    _dir: TempDir,
+}
+
+impl LoginRegistry {
+    fn start() -> LoginRegistry {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let dir = TempDir::new("login-registry");
+        // Distribution reads bcrypt only; glibc's crypt makes it.
+        let hash = ok(
+            dir.path(),
+            "python3",
+            &[
+                "-W",
+                "ignore",
+                "-c",
+                "import crypt; print(crypt.crypt('s3cret', '$2b$05$' + 'abcdefghijklmnopqrstuv'))",
+            ],
+        );
+        std::fs::write(dir.path().join("htpasswd"), format!("ci:{hash}\n")).unwrap();
+        let address = format!("127.0.0.1:{port}");
+        std::fs::write(
+            dir.path().join("config.yml"),
+            format!(
+                "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: {address}\nauth:\n  htpasswd:\n    realm: test\n    path: {}\n",
+                dir.path().join("data").display(),
+                dir.path().join("htpasswd").display()
+            ),
+        )
+        .unwrap();
+        let child = std::process::Command::new("docker-registry")
+            .arg("serve")
+            .arg(dir.path().join("config.yml"))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("starting docker-registry");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while !matches!(http_get(&address, "/v2/"), Ok((401, _))) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the login registry never answered"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        LoginRegistry {
+            child,
+            address,
+            _dir: dir,
+        }
+    }
+}
+
+impl Drop for LoginRegistry {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn a_registry_that_is_down_or_wants_a_login_is_refused_before_anything_is_built() {
+    let repo = fixture(&unique("login"));
+    let root = repo.path();
+    // Nothing listens: refused at once, nothing built.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let started = std::time::Instant::now();
+    let down = xtask(
+        root,
+        &[
+            "build",
+            "--push",
+            "--registry",
+            &format!("127.0.0.1:{closed}/team"),
+        ],
+        &[],
+    );
+    down.assert_fails(
+        2,
+        &format!("the registry 127.0.0.1:{closed} does not answer"),
+    );
+    assert!(
+        !down.stderr.contains("docker buildx bake"),
+        "{}",
+        down.stderr
+    );
+    assert!(started.elapsed() < std::time::Duration::from_secs(10));
+
+    // A registry that wants a login, from an empty Docker config: refused;
+    // with a wrong password: refused; with the right one: pushed.
+    let login = LoginRegistry::start();
+    let registry_flag = format!("{}/team", login.address);
+    let docker_config = TempDir::new("docker-config");
+    let config_dir = docker_config.path().display().to_string();
+    let env = [("DOCKER_CONFIG", config_dir.as_str())];
+    let build = || {
+        xtask(
+            root,
+            &["build", "--push", "--registry", &registry_flag],
+            &env,
+        )
+    };
+    let none = build();
+    none.assert_fails(2, "wants a login and Docker has none for it");
+    assert!(
+        !none.stderr.contains("docker buildx bake"),
+        "{}",
+        none.stderr
+    );
+    let auths = |password: &str| {
+        let token = ok(
+            root,
+            "sh",
+            &["-c", &format!("printf '%s' 'ci:{password}' | base64")],
+        );
+        serde_json::json!({"auths": {login.address.clone(): {"auth": token}}}).to_string()
+    };
+    std::fs::write(docker_config.path().join("config.json"), auths("wrong")).unwrap();
+    build().assert_fails(2, "refuses Docker's login for it (HTTP 401)");
+    std::fs::write(docker_config.path().join("config.json"), auths("s3cret")).unwrap();
+    build().assert_ok();
+}

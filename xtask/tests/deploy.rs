@@ -732,6 +732,49 @@ fn a_pod_outside_the_rollout_serving_another_digest_fails_verification() {
 }
 
 #[test]
+fn a_pod_stuck_terminating_is_named_by_status_and_the_deploy_summary() {
+    let (fx, _) = serving_first_commit();
+    // A finalizer keeps the first revision's pod after it is deleted, as a
+    // stuck controller or a lost node would.
+    let (old_pod, _) = fx.serving("fxweb").remove(0);
+    fx.kubectl(&[
+        "patch",
+        "pod",
+        &old_pod,
+        "--type",
+        "merge",
+        "--patch",
+        r#"{"metadata": {"finalizers": ["aiq.dev/hold"]}}"#,
+    ]);
+    fx.commit(HEALTHY_APP);
+    fx.deploy(&[]).assert_ok();
+    // Past its deletion time (deleted + 5 s of grace) and 5 s more.
+    std::thread::sleep(Duration::from_secs(12));
+    let status = fx.run(&["status"]);
+    status.assert_ok();
+    let stuck = format!("pod {old_pod} is still terminating past its grace period");
+    assert!(status.stdout.contains(&stuck), "{}", status.stdout);
+    let again = fx.deploy(&["--from", &fx.build_file()]);
+    again.assert_ok();
+    assert!(
+        again.stderr.contains(&format!(
+            "pod {old_pod} of deployment/fxweb is still terminating past its grace period"
+        )),
+        "{}",
+        again.stderr
+    );
+    fx.kubectl(&[
+        "patch",
+        "pod",
+        &old_pod,
+        "--type",
+        "merge",
+        "--patch",
+        r#"{"metadata": {"finalizers": null}}"#,
+    ]);
+}
+
+#[test]
 fn status_and_verify_compare_the_cluster_with_head() {
     let fx = Fixture::new();
     fx.deploy(&[]).assert_ok();
@@ -1039,7 +1082,7 @@ fn deploys_take_turns_and_an_interrupted_or_killed_one_says_where_it_stopped() {
         "--type",
         "merge",
         "--patch",
-        r#"{"spec": {"renewTime": "2020-01-01T00:00:00.000000Z"}}"#,
+        r#"{"spec": {"renewTime": "2020-01-01T00:00:00.000000Z", "leaseDurationSeconds": 3}}"#,
     ]);
     let status = fx.run(&["status"]);
     assert!(
@@ -1053,11 +1096,72 @@ fn deploys_take_turns_and_an_interrupted_or_killed_one_says_where_it_stopped() {
     let next = fx.deploy(&[]);
     next.assert_ok();
     assert!(
-        next.stderr.contains("expired; taking it over")
+        next.stderr.contains("looks expired; watching it for 3s")
+            && next.stderr.contains("expired; taking it over")
             && next.stderr.contains("killed without a result"),
         "{}",
         next.stderr
     );
+}
+
+#[test]
+fn a_lease_that_only_looks_expired_is_not_taken_while_its_holder_renews_it() {
+    let fx = Fixture::new();
+    fx.deploy(&[]).assert_ok();
+    // Another machine's deploy whose clock runs years behind: its renewTime
+    // looks long past here, but it keeps renewing.
+    let lease = json!({
+        "apiVersion": "coordination.k8s.io/v1",
+        "kind": "Lease",
+        "metadata": {"name": "xtask-deploy-lock"},
+        "spec": {
+            "holderIdentity": "carol@skewed (pid 7)",
+            "acquireTime": "2020-01-01T00:00:00.000000Z",
+            "renewTime": "2020-01-01T00:00:00.000000Z",
+            "leaseDurationSeconds": 4,
+        },
+    });
+    let dir = TempDir::new("lease");
+    let file = dir.path().join("lease.json");
+    std::fs::write(&file, lease.to_string()).unwrap();
+    fx.kubectl(&["create", "--filename", &file.display().to_string()]);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let renewer = {
+        let (stop, namespace) = (stop.clone(), fx.namespace.clone());
+        std::thread::spawn(move || {
+            let mut second = 0;
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                second += 1;
+                let patch = format!(
+                    r#"{{"spec": {{"renewTime": "2020-01-01T00:00:{:02}.000000Z"}}}}"#,
+                    second % 60
+                );
+                kubectl(&[
+                    "--namespace",
+                    &namespace,
+                    "patch",
+                    "lease",
+                    "xtask-deploy-lock",
+                    "--type",
+                    "merge",
+                    "--patch",
+                    &patch,
+                ]);
+                std::thread::sleep(Duration::from_secs(1));
+            }
+        })
+    };
+    let run = fx.deploy(&[]);
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    renewer.join().unwrap();
+    run.assert_fails(2, "it was renewed while this deploy watched it");
+    assert!(
+        run.stderr.contains("carol@skewed (pid 7)"),
+        "{}",
+        run.stderr
+    );
+    assert!(!run.stderr.contains("docker buildx bake"), "nothing built");
+    assert_eq!(fx.lease()["spec"]["holderIdentity"], "carol@skewed (pid 7)");
 }
 
 #[test]
@@ -1094,6 +1198,43 @@ fn a_deploy_that_loses_its_lock_stops_and_leaves_the_new_holder_alone() {
         fx.history().pop().unwrap()["result"],
         "failed: lost the deploy lock"
     );
+}
+
+/// Resumes a stopped process when dropped, whatever the test's outcome.
+struct Stopped(String);
+
+impl Drop for Stopped {
+    fn drop(&mut self) {
+        let _ = run(Path::new("."), "kill", &["-CONT", &self.0]);
+    }
+}
+
+#[test]
+fn a_passing_api_outage_does_not_end_the_deploy() {
+    let (fx, _) = serving_first_commit();
+    fx.commit("trap 'exit 0' TERM\nsleep 15\ntouch /tmp/ready\nwhile true; do sleep 1; done\n");
+    let entries = fx.history().len();
+    let child = fx.spawn(&["deploy", "--poll-interval", "0.2", "--grace", "60"]);
+    wait_until_applying_fxweb(&fx, entries);
+    std::thread::sleep(Duration::from_secs(2));
+    // The apiserver stops answering for longer than one read may take.
+    let state = Path::new(&std::env::var("KUBECONFIG").unwrap())
+        .parent()
+        .unwrap()
+        .to_owned();
+    let apiserver = std::fs::read_to_string(state.join("run/kube-apiserver.pid")).unwrap();
+    let stopped = Stopped(apiserver.trim().to_owned());
+    ok(Path::new("."), "kill", &["-STOP", &stopped.0]);
+    std::thread::sleep(Duration::from_secs(8));
+    drop(stopped);
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(
+        stderr.contains("reading the cluster failed (try 1 of 3), retrying"),
+        "{stderr}"
+    );
+    fx.assert_serving("fxweb", fx.digests()["fxweb"].as_str().unwrap());
 }
 
 const SEEDED_WEB: &str = "seed = { build_arg = \"API_URL\", service = \"fxapi\" }";

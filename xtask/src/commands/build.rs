@@ -7,7 +7,7 @@ use crate::{
     config::{Config, Overrides},
     docker::{self, BuildOptions, BuiltImage},
     exec::Exec,
-    git,
+    git, registry,
 };
 
 /// Build the images: fresh (--no-cache --pull) and tagged with the git SHA
@@ -67,6 +67,7 @@ impl Build {
         let opts = self.flags.options(&config, self.push);
         if self.push {
             docker::ecr_login(exec, &config.registry)?;
+            registry::check(exec, &config.registry)?;
         }
         let mode = if opts.cache { "cached" } else { "fresh" };
         let built = exec.step(

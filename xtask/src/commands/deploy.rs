@@ -19,6 +19,7 @@ use crate::{
     history::{Entry, History},
     kube::{Kube, HISTORY_NAME},
     lock::Lock,
+    registry,
     rollout::{apply_command, keep_going, print_diff, render_overlay, Rollout, WaitFlags},
 };
 
@@ -62,11 +63,14 @@ impl Deploy {
                     "# the cluster is not reachable: the plan below is printed without a diff",
                 );
             }
+            // Log in first: the build file's digests are checked in the
+            // registry, which a fresh CI runner can read only once logged in.
+            docker::ecr_login(exec, &config.registry)?;
+            registry::check(exec, &config.registry)?;
             let from = match &self.from {
                 Some(path) => Some(self.load_build_file(exec, &config, path, &rev)?),
                 None => None,
             };
-            docker::ecr_login(exec, &config.registry)?;
             Ok((config, rev, kube, reachable, from))
         })?;
         // 2. Lock, then steps 3 to 8.
@@ -364,6 +368,14 @@ fn print_summary(exec: &Exec, rev: &Revision, verified: &[crate::rollout::Verifi
             v.digest,
             v.ready
         ));
+    }
+    for v in verified {
+        for pod in &v.stuck {
+            out.warn(&format!(
+                "pod {pod} of deployment/{} is still terminating past its grace period (a finalizer, or a node that stopped answering)",
+                v.name
+            ));
+        }
     }
     eprintln!("\n{:>8}  step", "seconds");
     for (name, seconds) in exec.timings() {

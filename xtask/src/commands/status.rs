@@ -54,6 +54,11 @@ impl Status {
                     "-", "-", "-", "-"
                 )),
             }
+            for pod in running.iter().flat_map(|r| &r.stuck_pods) {
+                out.result(&format!(
+                    "  pod {pod} is still terminating past its grace period (a finalizer, or a node that stopped answering)"
+                ));
+            }
             out.event(
                 "component",
                 json!({"name": name, "running": running, "state": state, "head": head.sha}),
