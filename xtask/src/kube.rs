@@ -597,9 +597,11 @@ impl Pod {
                 }
             }
             if status.restart_count > 0 {
+                // A crash, or a liveness probe that failed (the pod's
+                // events, which the failure message carries, say which).
                 let last = status.last_state.terminated.as_ref();
                 return Some(format!(
-                    "container {} restarted {} time(s) (last: {}, exit code {})",
+                    "container {} restarted {} time(s) (last exit: {}, code {})",
                     status.name,
                     status.restart_count,
                     last.map_or("?", |t| t.reason.as_str()),
@@ -666,7 +668,7 @@ mod tests {
         );
         assert_eq!(
             restarted.failure(0, 30).as_deref(),
-            Some("container c restarted 1 time(s) (last: Error, exit code 137)")
+            Some("container c restarted 1 time(s) (last exit: Error, code 137)")
         );
     }
 
