@@ -32,7 +32,8 @@ const FAST: &[&str] = &["--poll-interval", "0.2", "--grace", "8", "--timeout", "
 struct Fixture {
     repo: TempDir,
     registry: String,
-    namespace: String,
+    /// Deleted when the test ends, freeing the node for the next one.
+    namespace: Namespace,
     _turn: MutexGuard<'static, ()>,
 }
 
@@ -97,7 +98,7 @@ impl Fixture {
         Fixture {
             repo,
             registry,
-            namespace,
+            namespace: Namespace(namespace),
             _turn: turn,
         }
     }
@@ -153,13 +154,13 @@ impl Fixture {
 
     /// `kubectl --namespace NS ARGS`.
     fn kubectl(&self, args: &[&str]) -> String {
-        let mut all = vec!["--namespace", self.namespace.as_str()];
+        let mut all = vec!["--namespace", self.namespace.0.as_str()];
         all.extend_from_slice(args);
         kubectl(&all)
     }
 
     fn get(&self, args: &[&str]) -> Value {
-        let mut all = vec!["--namespace", self.namespace.as_str()];
+        let mut all = vec!["--namespace", self.namespace.0.as_str()];
         all.extend_from_slice(args);
         kubectl_json(&all)
     }
@@ -175,28 +176,7 @@ impl Fixture {
     /// The ready, not terminating pods of a deployment, with the imageID
     /// the runtime reports for each.
     fn serving(&self, name: &str) -> Vec<(String, String)> {
-        let pods = self.get(&["get", "pods", "--selector", &selector(name)]);
-        pods["items"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .filter(|p| p["metadata"]["deletionTimestamp"].is_null())
-            .filter(|p| {
-                p["status"]["conditions"].as_array().is_some_and(|c| {
-                    c.iter()
-                        .any(|c| c["type"] == "Ready" && c["status"] == "True")
-                })
-            })
-            .map(|p| {
-                (
-                    p["metadata"]["name"].as_str().unwrap().to_owned(),
-                    p["status"]["containerStatuses"][0]["imageID"]
-                        .as_str()
-                        .unwrap()
-                        .to_owned(),
-                )
-            })
-            .collect()
+        serving_pods(&self.namespace.0, &selector(name))
     }
 
     /// Every pod that serves `name` runs `digest`, as the runtime says.
@@ -267,23 +247,6 @@ impl Fixture {
                 )
             })
             .collect()
-    }
-}
-
-impl Drop for Fixture {
-    fn drop(&mut self) {
-        // Frees the node for the next test; nothing waits for it.
-        let _ = run(
-            Path::new("."),
-            "kubectl",
-            &[
-                "delete",
-                "namespace",
-                &self.namespace,
-                "--wait=false",
-                "--ignore-not-found",
-            ],
-        );
     }
 }
 
@@ -649,7 +612,7 @@ fn a_rollback_the_cluster_refuses_exits_3_and_says_so() {
     // (as a policy banning a revision would): the deploy's apply passes,
     // its rollback's `rollout undo` is denied by the API server.
     let old = previous["fxweb"].as_str().unwrap();
-    let name = format!("{}-no-return", fx.namespace);
+    let name = format!("{}-no-return", fx.namespace.0);
     let policy = json!({
         "apiVersion": "admissionregistration.k8s.io/v1",
         "kind": "ValidatingAdmissionPolicy",
@@ -673,7 +636,7 @@ fn a_rollback_the_cluster_refuses_exits_3_and_says_so() {
         "spec": {
             "policyName": name,
             "validationActions": ["Deny"],
-            "matchResources": {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": fx.namespace}}},
+            "matchResources": {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": fx.namespace.0}}},
         },
     });
     let manifests = TempDir::new("policy");
@@ -695,7 +658,7 @@ fn a_rollback_the_cluster_refuses_exits_3_and_says_so() {
         run.stderr.contains("the server is on fire")
             && run.stderr.contains(&format!(
                 "kubectl --namespace {} get deployments",
-                fx.namespace
+                fx.namespace.0
             )),
         "{}",
         run.stderr
@@ -1145,7 +1108,7 @@ fn a_lease_that_only_looks_expired_is_not_taken_while_its_holder_renews_it() {
     fx.kubectl(&["create", "--filename", &file.display().to_string()]);
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let renewer = {
-        let (stop, namespace) = (stop.clone(), fx.namespace.clone());
+        let (stop, namespace) = (stop.clone(), fx.namespace.0.clone());
         std::thread::spawn(move || {
             let mut second = 0;
             while !stop.load(std::sync::atomic::Ordering::SeqCst) {
@@ -1301,7 +1264,7 @@ fn a_seeded_image_is_built_once_its_service_has_an_address() {
         api_service: true,
         ..Options::default()
     });
-    let assigner = assign_load_balancer(fx.namespace.clone());
+    let assigner = assign_load_balancer(fx.namespace.0.clone());
     let run = fx.deploy(&[]);
     assigner.join().unwrap();
     run.assert_ok();
@@ -1351,7 +1314,7 @@ fn a_seed_service_that_never_gets_an_address_fails_within_its_bound() {
         ..Options::default()
     });
     // A first deploy with an address, then a second whose wait runs out.
-    let assigner = assign_load_balancer(fx.namespace.clone());
+    let assigner = assign_load_balancer(fx.namespace.0.clone());
     fx.deploy(&[]).assert_ok();
     assigner.join().unwrap();
     let previous = fx.digests();
@@ -1441,7 +1404,7 @@ fn dry_run_prints_the_plan_manifests_and_diff_without_side_effects() {
         kubectl(&[
             "get",
             "namespace",
-            &fx.namespace,
+            &fx.namespace.0,
             "--ignore-not-found",
             "--output",
             "name"

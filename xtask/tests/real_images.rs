@@ -149,25 +149,6 @@ fn page_state(dom: &str) -> &str {
 /// The namespace the real manifests deploy to.
 const NAMESPACE: &str = "aiq-agent";
 
-/// Deletes the namespace when the test ends, whatever the outcome.
-struct Namespace(&'static str);
-
-impl Drop for Namespace {
-    fn drop(&mut self) {
-        let _ = run(
-            Path::new("."),
-            "kubectl",
-            &[
-                "delete",
-                "namespace",
-                self.0,
-                "--wait=false",
-                "--ignore-not-found",
-            ],
-        );
-    }
-}
-
 /// Adds a backend route at `path` answering a fresh random string, which
 /// it returns (uncommitted).
 fn add_marker_route(root: &Path, path: &str) -> String {
@@ -186,24 +167,9 @@ fn add_marker_route(root: &Path, path: &str) -> String {
 
 /// Every ready backend pod's binary holds `marker` (`kubectl exec ... grep`).
 fn assert_marker_running(marker: &str) {
-    let pods = kubectl_json(&[
-        "--namespace",
-        NAMESPACE,
-        "get",
-        "pods",
-        "--selector",
-        "app.kubernetes.io/name=aiq-agent",
-    ]);
-    let ready: Vec<&str> = pods["items"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|p| p["metadata"]["deletionTimestamp"].is_null())
-        .filter(|p| p["status"]["containerStatuses"][0]["ready"] == true)
-        .map(|p| p["metadata"]["name"].as_str().unwrap())
-        .collect();
-    assert_eq!(ready.len(), 2, "{pods}");
-    for pod in ready {
+    let ready = serving_pods(NAMESPACE, "app.kubernetes.io/name=aiq-agent");
+    assert_eq!(ready.len(), 2, "{ready:?}");
+    for (pod, _) in &ready {
         let found = kubectl(&[
             "--namespace",
             NAMESPACE,
@@ -291,7 +257,7 @@ fn real_images_build_fresh_run_by_digest_and_never_serve_stale_code() {
     // runs the pushed digests, and the running binary holds the marker.
     require_cluster();
     let _turn = cluster_turn();
-    let _namespace = Namespace(NAMESPACE);
+    let _namespace = Namespace(NAMESPACE.to_owned());
     let deploy = xtask(
         root,
         &[

@@ -377,3 +377,57 @@ pub fn http_request(
         .unwrap_or(0);
     Ok((status, body.to_owned()))
 }
+
+/// A namespace of the test cluster, deleted (without waiting) when
+/// dropped, whatever the test's outcome.
+pub struct Namespace(pub String);
+
+impl Drop for Namespace {
+    fn drop(&mut self) {
+        let _ = run(
+            Path::new("."),
+            "kubectl",
+            &[
+                "delete",
+                "namespace",
+                &self.0,
+                "--wait=false",
+                "--ignore-not-found",
+            ],
+        );
+    }
+}
+
+/// The pods of `namespace` matching `selector` that serve: Ready and not
+/// terminating; each with the imageID the runtime reports.
+pub fn serving_pods(namespace: &str, selector: &str) -> Vec<(String, String)> {
+    let pods = kubectl_json(&[
+        "--namespace",
+        namespace,
+        "get",
+        "pods",
+        "--selector",
+        selector,
+    ]);
+    pods["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|p| p["metadata"]["deletionTimestamp"].is_null())
+        .filter(|p| {
+            p["status"]["conditions"].as_array().is_some_and(|c| {
+                c.iter()
+                    .any(|c| c["type"] == "Ready" && c["status"] == "True")
+            })
+        })
+        .map(|p| {
+            (
+                p["metadata"]["name"].as_str().unwrap().to_owned(),
+                p["status"]["containerStatuses"][0]["imageID"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_owned(),
+            )
+        })
+        .collect()
+}
