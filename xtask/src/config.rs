@@ -38,7 +38,21 @@ struct Metadata {
     cache_from: Vec<String>,
     #[serde(default)]
     cache_to: Vec<String>,
+    /// How to log in to the registry before pushing or reading it; derived
+    /// for an ECR registry when not given.
+    #[serde(default)]
+    registry_login: Option<RegistryLogin>,
     images: Vec<Image>,
+}
+
+/// `registry_login = { username = "...", password_command = [...] }`: a
+/// command that prints a short-lived password on stdout, fed to `docker
+/// login --password-stdin`.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct RegistryLogin {
+    pub username: String,
+    pub password_command: Vec<String>,
 }
 
 /// `[workspace.metadata.xtask.environments.NAME]`: what differs per
@@ -138,6 +152,7 @@ pub struct Config {
     pub seed_args: BTreeMap<String, String>,
     pub cache_from: Vec<String>,
     pub cache_to: Vec<String>,
+    pub registry_login: Option<RegistryLogin>,
     pub images: Vec<Image>,
 }
 
@@ -207,6 +222,7 @@ impl Config {
             seed_args,
             cache_from: file.cache_from,
             cache_to: file.cache_to,
+            registry_login: file.registry_login,
             images: file.images,
         };
         config.validate()?;

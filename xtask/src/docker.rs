@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use crate::{
-    config::{Config, Image},
+    config::{Config, Image, RegistryLogin},
     exec::{progress_style, refuse, require_tool, Cmd, Exec},
     git::Revision,
     time::rfc3339,
@@ -492,33 +492,61 @@ pub fn resolve(exec: &Exec, reference: &str) -> Result<(String, Option<String>)>
     Ok((manifest.digest, revision))
 }
 
-/// ECR needs a login before a push: the password goes from `aws` to
-/// `docker login` on stdin, never in argv or a log.
-pub fn ecr_login(exec: &Exec, registry: &str) -> Result<()> {
-    let host = registry.split('/').next().unwrap_or_default();
+/// How to log in to `config.registry`: the configured `registry_login`,
+/// else for an ECR registry `aws ecr get-login-password --region R` as
+/// user `AWS`; none for others (Docker's stored login is used).
+fn registry_login(config: &Config) -> Option<RegistryLogin> {
+    if let Some(login) = &config.registry_login {
+        return Some(login.clone());
+    }
+    let host = crate::registry::host_of(&config.registry);
     let parts: Vec<&str> = host.split('.').collect();
     let is_ecr = parts.len() == 6
         && parts[1] == "dkr"
         && parts[2] == "ecr"
         && host.ends_with(".amazonaws.com");
-    if !is_ecr {
+    is_ecr.then(|| RegistryLogin {
+        username: "AWS".into(),
+        password_command: ["aws", "ecr", "get-login-password", "--region", parts[3]]
+            .map(String::from)
+            .to_vec(),
+    })
+}
+
+/// Logs Docker in to the registry when it needs a login (see
+/// [`registry_login`]): the password goes from the command's stdout to
+/// `docker login --password-stdin`, never into a command line or a log.
+/// Run before anything reads the registry: a fresh CI runner has no login.
+pub fn login(exec: &Exec, config: &Config) -> Result<()> {
+    let Some(login) = registry_login(config) else {
         return Ok(());
-    }
-    let region = parts[3];
-    require_tool("aws", "install the AWS CLI to log in to ECR")?;
+    };
+    let host = crate::registry::host_of(&config.registry);
+    let (program, args) = login
+        .password_command
+        .split_first()
+        .ok_or_else(|| refuse("registry_login.password_command is empty"))?;
+    require_tool(program, &format!("registry_login runs `{program}`"))?;
+    let password_command = Cmd::new(program).args(args);
+    let docker_login = Cmd::new("docker").args([
+        "login",
+        "--username",
+        &login.username,
+        "--password-stdin",
+        host,
+    ]);
     if exec.dry_run {
-        exec.output.result(&format!("$ aws ecr get-login-password --region {region} | docker login --username AWS --password-stdin {host}"));
+        exec.output
+            .result(&format!("$ {password_command} | {docker_login}"));
         return Ok(());
     }
-    let password = exec
-        .read(&Cmd::new("aws").args(["ecr", "get-login-password", "--region", region]))
-        .map_err(|e| refuse(format!("ECR login failed: {e:#}")))?;
-    exec.run(
-        &Cmd::new("docker")
-            .args(["login", "--username", "AWS", "--password-stdin", host])
-            .hidden_stdin(password),
-    )
-    .map_err(|e| refuse(format!("docker login to {host} failed: {e:#}")))
+    let password = exec.read(&password_command).map_err(|e| {
+        refuse(format!(
+            "the registry login's password command failed: {e:#}"
+        ))
+    })?;
+    exec.run(&docker_login.hidden_stdin(password))
+        .map_err(|e| refuse(format!("docker login to {host} failed: {e:#}")))
 }
 
 /// The base images one Dockerfile names as `FROM ${BASE_REGISTRY}/name:tag`.
@@ -580,6 +608,25 @@ pub fn base_images_of(config: &Config, images: &[Image]) -> Result<Vec<String>> 
 mod tests {
     use super::*;
 
+    #[test]
+    fn ecr_registries_log_in_with_aws_and_a_configured_login_wins() {
+        let mut c = config();
+        assert_eq!(registry_login(&c), None, "ghcr.io: Docker's stored login");
+        c.registry = "123456789012.dkr.ecr.eu-west-1.amazonaws.com/aiq".into();
+        let ecr = registry_login(&c).unwrap();
+        assert_eq!(ecr.username, "AWS");
+        assert_eq!(
+            ecr.password_command,
+            ["aws", "ecr", "get-login-password", "--region", "eu-west-1"]
+        );
+        let configured = RegistryLogin {
+            username: "oauth2accesstoken".into(),
+            password_command: vec!["gcloud".into(), "auth".into(), "print-access-token".into()],
+        };
+        c.registry_login = Some(configured.clone());
+        assert_eq!(registry_login(&c), Some(configured));
+    }
+
     fn config() -> Config {
         Config {
             root: "/repo".into(),
@@ -595,6 +642,7 @@ mod tests {
             seed_args: BTreeMap::new(),
             cache_from: vec![],
             cache_to: vec![],
+            registry_login: None,
             images: vec![Image {
                 name: "aiq-agent".into(),
                 dockerfile: "backend/Dockerfile".into(),

@@ -48,13 +48,16 @@ impl Fixture {
         let turn = cluster_turn();
         let repo = TempDir::new("deploy");
         let root = repo.path();
-        let registry = format!("{}/{}", common::registry(), unique("deploy"));
+        let registry = options
+            .registry
+            .unwrap_or_else(|| format!("{}/{}", common::registry(), unique("deploy")));
         let namespace = unique("fx-");
         std::fs::write(
             root.join("Cargo.toml"),
             format!(
-                "[workspace]\nmembers = []\n\n[workspace.metadata.xtask]\nregistry = \"{registry}\"\nnamespace = \"{namespace}\"\ncontext = \"{}\"\nrollout_order = [\"fxapi\", \"fxweb\"]\n\n[[workspace.metadata.xtask.images]]\nname = \"fxweb\"\ndockerfile = \"Dockerfile\"\n{}\n\n[[workspace.metadata.xtask.images]]\nname = \"fxapi\"\ndockerfile = \"Dockerfile\"\n",
+                "[workspace]\nmembers = []\n\n[workspace.metadata.xtask]\nregistry = \"{registry}\"\nnamespace = \"{namespace}\"\ncontext = \"{}\"\nrollout_order = [\"fxapi\", \"fxweb\"]\n{}\n\n[[workspace.metadata.xtask.images]]\nname = \"fxweb\"\ndockerfile = \"Dockerfile\"\n{}\n\n[[workspace.metadata.xtask.images]]\nname = \"fxapi\"\ndockerfile = \"Dockerfile\"\n",
                 options.context.unwrap_or(CLUSTER_CONTEXT),
+                options.config,
                 options.web_config
             ),
         )
@@ -271,6 +274,10 @@ struct Options {
     api_service: bool,
     /// The context the configuration expects, if not the test cluster's.
     context: Option<&'static str>,
+    /// The registry, if not one of its own in the test registry.
+    registry: Option<String>,
+    /// Extra keys for `[workspace.metadata.xtask]`.
+    config: String,
 }
 
 fn selector(name: &str) -> String {
@@ -1453,6 +1460,71 @@ fn deploy_from_a_build_file_checks_revision_and_registry() {
     fx.deploy(&["--from", &file, "--rev", old_rev])
         .assert_fails(2, "has no image");
     assert_eq!(fx.history().len(), entries);
+}
+
+#[test]
+fn deploy_from_a_build_file_logs_in_before_it_reads_the_registry() {
+    // A registry that wants a login, whose password a command prints (as
+    // `aws ecr get-login-password` does; tests/fixtures/aws stands in for
+    // it, since ECR is not reachable from here).
+    let login = LoginRegistry::start();
+    let aws = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/aws");
+    let fx = Fixture::with(Options {
+        registry: Some(format!("{}/team", login.address)),
+        config: format!(
+            "registry_login = {{ username = \"ci\", password_command = [\"{}\", \"ecr\", \"get-login-password\"] }}",
+            aws.display()
+        ),
+        ..Options::default()
+    });
+    let built_with = TempDir::new("docker-config");
+    let config = built_with.path().display().to_string();
+    let registry = format!("{}/team", login.address);
+    let env = [
+        ("XTASK_REGISTRY", registry.as_str()),
+        ("DOCKER_CONFIG", config.as_str()),
+    ];
+    xtask(fx.root(), &["build", "--push"], &env).assert_ok();
+    // A fresh CI runner: an empty Docker config.
+    let runner = TempDir::new("docker-config");
+    let config = runner.path().display().to_string();
+    let env = [
+        ("XTASK_REGISTRY", registry.as_str()),
+        ("DOCKER_CONFIG", config.as_str()),
+    ];
+    let mut args = vec!["deploy", "--from", "target/xtask/build.json"];
+    args.extend_from_slice(FAST);
+    let run = xtask(fx.root(), &args, &env);
+    assert!(
+        !run.stderr.contains("is not in the registry"),
+        "{}",
+        run.stderr
+    );
+    let logged_in = run
+        .stderr
+        .find(&format!(
+            "docker login --username ci --password-stdin {}",
+            login.address
+        ))
+        .unwrap_or_else(|| panic!("no login: {}", run.stderr));
+    let locked = run
+        .stderr
+        .find("lock namespace")
+        .unwrap_or_else(|| panic!("{}", run.stderr));
+    assert!(
+        logged_in < locked,
+        "logged in during preflight: {}",
+        run.stderr
+    );
+    assert!(!run.stderr.contains("s3cret"), "the password never shows");
+    // The node itself has no login for that registry (a cluster would need
+    // an imagePullSecret): the pull is refused and the deploy undone.
+    assert_eq!(run.code, 1, "{}", run.stderr);
+    assert!(
+        run.stderr.contains("ErrImagePull") || run.stderr.contains("ImagePullBackOff"),
+        "{}",
+        run.stderr
+    );
 }
 
 #[test]

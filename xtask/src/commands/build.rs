@@ -66,7 +66,7 @@ impl Build {
         })?;
         let opts = self.flags.options(&config, self.push);
         if self.push {
-            docker::ecr_login(exec, &config.registry)?;
+            docker::login(exec, &config)?;
             registry::check(exec, &config.registry)?;
         }
         let mode = if opts.cache { "cached" } else { "fresh" };

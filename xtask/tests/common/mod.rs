@@ -431,3 +431,71 @@ pub fn serving_pods(namespace: &str, selector: &str) -> Vec<(String, String)> {
         })
         .collect()
 }
+
+/// A Distribution registry that wants a login (htpasswd: user `ci`,
+/// password `s3cret`) on a port of its own; stopped when dropped.
+pub struct LoginRegistry {
+    child: std::process::Child,
+    pub address: String,
+    _dir: TempDir,
+}
+
+impl LoginRegistry {
+    pub fn start() -> LoginRegistry {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let dir = TempDir::new("login-registry");
+        // Distribution reads bcrypt only; glibc's crypt makes it.
+        let hash = ok(
+            dir.path(),
+            "python3",
+            &[
+                "-W",
+                "ignore",
+                "-c",
+                "import crypt; print(crypt.crypt('s3cret', '$2b$05$' + 'abcdefghijklmnopqrstuv'))",
+            ],
+        );
+        std::fs::write(dir.path().join("htpasswd"), format!("ci:{hash}\n")).unwrap();
+        let address = format!("127.0.0.1:{port}");
+        std::fs::write(
+            dir.path().join("config.yml"),
+            format!(
+                "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: {address}\nauth:\n  htpasswd:\n    realm: test\n    path: {}\n",
+                dir.path().join("data").display(),
+                dir.path().join("htpasswd").display()
+            ),
+        )
+        .unwrap();
+        let child = std::process::Command::new("docker-registry")
+            .arg("serve")
+            .arg(dir.path().join("config.yml"))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("starting docker-registry");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while !matches!(http_get(&address, "/v2/"), Ok((401, _))) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the login registry never answered"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        LoginRegistry {
+            child,
+            address,
+            _dir: dir,
+        }
+    }
+}
+
+impl Drop for LoginRegistry {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
