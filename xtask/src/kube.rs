@@ -596,6 +596,14 @@ impl Pod {
                     }
                 }
             }
+            // A service's container never ends by itself: the first exit
+            // is the crash, before the kubelet's back-off says so.
+            if let Some(exited) = &status.state.terminated {
+                return Some(format!(
+                    "container {} exited ({}, exit code {})",
+                    status.name, exited.reason, exited.exit_code
+                ));
+            }
             if status.restart_count > 0 {
                 // A crash, or a liveness probe that failed (the pod's
                 // events, which the failure message carries, say which).
@@ -669,6 +677,17 @@ mod tests {
         assert_eq!(
             restarted.failure(0, 30).as_deref(),
             Some("container c restarted 1 time(s) (last exit: Error, code 137)")
+        );
+    }
+
+    #[test]
+    fn a_container_that_exited_fails_before_any_back_off() {
+        let p = with_status(
+            serde_json::json!({"containerStatuses": [{"name": "c", "restartCount": 0, "state": {"terminated": {"reason": "Error", "exitCode": 3}}}]}),
+        );
+        assert_eq!(
+            p.failure(0, 30).as_deref(),
+            Some("container c exited (Error, exit code 3)")
         );
     }
 

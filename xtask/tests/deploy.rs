@@ -410,15 +410,18 @@ fn assert_failed_and_rolled_back(fx: &Fixture, run: &XtaskRun, reason: &str, pre
     assert_eq!(fx.history().pop().unwrap()["result"], "failed, rolled back");
 }
 
-/// The failure names fxweb's crash: the kubelet's CrashLoopBackOff, or,
-/// when the poll saw the restart first, the restart and its exit code.
+/// The failure names fxweb's crash: its exit code as the first poll after
+/// it saw it (the container's exit, or its restart), or the kubelet's
+/// CrashLoopBackOff.
 fn assert_crash_named(run: &XtaskRun) {
+    let named = [
+        "CrashLoopBackOff",
+        "container fxweb exited (Error, exit code 3)",
+        "container fxweb restarted 1 time(s) (last exit: Error, code 3)",
+    ];
     assert!(
         run.stderr.contains("deployment/fxweb: pod fxweb-")
-            && (run.stderr.contains("CrashLoopBackOff")
-                || run
-                    .stderr
-                    .contains("container fxweb restarted 1 time(s) (last exit: Error, code 3)")),
+            && named.iter().any(|n| run.stderr.contains(n)),
         "{}",
         run.stderr
     );
@@ -587,7 +590,13 @@ fn a_failing_init_container_or_liveness_probe_fails_at_once() {
     );
     assert_eq!(run.code, 1, "{}", run.stderr);
     assert!(
-        run.stderr.contains("restarted 1 time(s)") || run.stderr.contains("CrashLoopBackOff"),
+        [
+            "container fxweb exited",
+            "container fxweb restarted",
+            "CrashLoopBackOff"
+        ]
+        .iter()
+        .any(|n| run.stderr.contains(n)),
         "{}",
         run.stderr
     );
