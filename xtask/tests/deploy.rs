@@ -544,6 +544,52 @@ fn pods_a_quota_refuses_fail_the_deploy_at_once_with_the_api_message() {
 }
 
 #[test]
+fn a_rollout_past_its_progress_deadline_fails_with_the_condition() {
+    let (fx, previous) = serving_first_commit();
+    let manifest = workloads("", "");
+    let (api, web) = manifest.split_once("---\n").unwrap();
+    let web = web.replacen(
+        "spec:\n  selector:",
+        "spec:\n  progressDeadlineSeconds: 3\n  selector:",
+        1,
+    );
+    std::fs::write(
+        fx.root().join("k8s/workloads.yaml"),
+        format!("{api}---\n{web}"),
+    )
+    .unwrap();
+    fx.commit(NEVER_READY_APP);
+    // A grace longer than the deadline: the controller's condition decides.
+    let run = fx.run(&["deploy", "--poll-interval", "0.2", "--grace", "600"]);
+    assert_failed_and_rolled_back(&fx, &run, "Progressing ProgressDeadlineExceeded", &previous);
+}
+
+#[test]
+fn images_that_can_never_start_fail_at_once() {
+    let (fx, previous) = serving_first_commit();
+    for (image, policy, reason) in [
+        ("Not:A:Valid:Name", "IfNotPresent", "InvalidImageName"),
+        (
+            "127.0.0.1:5000/never/pulled:1",
+            "Never",
+            "ErrImageNeverPull",
+        ),
+    ] {
+        fx.commit_manifest(
+            "",
+            &format!("      initContainers:\n        - name: setup\n          image: {image}\n          imagePullPolicy: {policy}\n"),
+        );
+        let run = fx.run(&["deploy", "--poll-interval", "0.2", "--grace", "600"]);
+        assert_failed_and_rolled_back(
+            &fx,
+            &run,
+            &format!("init container setup: {reason}"),
+            &previous,
+        );
+    }
+}
+
+#[test]
 fn a_pod_no_node_can_take_fails_after_the_unschedulable_budget() {
     let (fx, previous) = serving_first_commit();
     fx.commit_manifest(
