@@ -567,6 +567,11 @@ impl Pod {
     /// `grace_secs` since its containers started running (not since the
     /// pod started: that includes the image pull).
     pub fn failure(&self, now: i64, grace_secs: i64) -> Option<String> {
+        // A pod being deleted (an older ReplicaSet's, even one that runs the
+        // same digest) is on its way out: its containers exit on purpose.
+        if self.metadata.deletion_timestamp.is_some() {
+            return None;
+        }
         for status in &self.status.init_container_statuses {
             let name = &status.name;
             if let Some(waiting) = &status.state.waiting {
@@ -689,6 +694,16 @@ mod tests {
             p.failure(0, 30).as_deref(),
             Some("container c exited (Error, exit code 3)")
         );
+    }
+
+    #[test]
+    fn a_pod_being_deleted_is_not_a_failure_of_the_rollout() {
+        let mut p = with_status(
+            serde_json::json!({"containerStatuses": [{"name": "c", "state": {"terminated": {"reason": "Completed", "exitCode": 0}}}]}),
+        );
+        assert!(p.failure(0, 30).is_some());
+        p.metadata.deletion_timestamp = Some("2026-11-24T22:00:00Z".into());
+        assert_eq!(p.failure(0, 30), None);
     }
 
     #[test]

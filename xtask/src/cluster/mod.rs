@@ -121,7 +121,7 @@ const DAEMONS: [&str; 6] = [
 
 /// Whether the cluster `up` started is running: every daemon alive and
 /// the node Ready.
-pub fn is_running(exec: &Exec, paths: &Paths) -> bool {
+fn is_running(exec: &Exec, paths: &Paths) -> bool {
     DAEMONS
         .iter()
         .all(|d| teardown::live_pid(paths, d).is_some())
