@@ -159,7 +159,7 @@ pub fn down(exec: &Exec) -> Result<()> {
 
 /// What the cluster needs from the machine, each named with what installs
 /// it, checked before anything is built or started.
-fn preflight() -> Result<()> {
+pub fn preflight() -> Result<()> {
     let hint = "run `bash .ci/install-packages` as root";
     let uid = std::fs::read_to_string("/proc/self/status")
         .ok()

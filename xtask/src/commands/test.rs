@@ -37,6 +37,8 @@ impl Test {
             "test environment: Docker engine, buildx, local registry, base images",
             || {
             docker::preflight(exec)?;
+            // The cluster's prerequisites too, before minutes of seeding.
+            cluster::preflight()?;
             let server = exec
                 .read(&Cmd::new("docker").args(["version", "--format", "{{.Server.Version}}"]))
                 .context("no Docker engine answers: start one (as root: `bash .ci/start-docker`, or `dockerd &`); the Docker tests fail without it")?;
