@@ -566,7 +566,12 @@ impl Pod {
     /// restart: a crash or a failing liveness probe), or unready past
     /// `grace_secs` since its containers started running (not since the
     /// pod started: that includes the image pull).
-    pub fn failure(&self, now: i64, grace_secs: i64) -> Option<String> {
+    ///
+    /// A pod that existed before this rollout (`new` false: an older
+    /// ReplicaSet's with the same digest, or an unchanged deployment's) is
+    /// judged by its present state only: a restart or an OOM kill days ago
+    /// is its history, not this rollout's failure.
+    pub fn failure(&self, now: i64, grace_secs: i64, new: bool) -> Option<String> {
         // A pod being deleted (an older ReplicaSet's, even one that runs the
         // same digest) is on its way out: its containers exit on purpose.
         if self.metadata.deletion_timestamp.is_some() {
@@ -579,7 +584,12 @@ impl Pod {
                     return Some(format!("init container {name}: {}", waiting.reason));
                 }
             }
-            for state in [&status.state, &status.last_state] {
+            let states = if new {
+                vec![&status.state, &status.last_state]
+            } else {
+                vec![&status.state]
+            };
+            for state in states {
                 if let Some(failed) = state.terminated.as_ref().filter(|t| t.exit_code != 0) {
                     return Some(format!(
                         "init container {name} failed ({}, exit code {})",
@@ -593,6 +603,9 @@ impl Pod {
                 if FATAL_WAITING.contains(&waiting.reason.as_str()) {
                     return Some(waiting.reason.clone());
                 }
+            }
+            if !new {
+                continue;
             }
             for state in [&status.state, &status.last_state] {
                 if let Some(terminated) = &state.terminated {
@@ -659,28 +672,28 @@ mod tests {
             let p = with_status(
                 serde_json::json!({"containerStatuses": [{"name": "c", "state": {"waiting": {"reason": reason}}}]}),
             );
-            assert_eq!(p.failure(0, 30).as_deref(), Some(reason));
+            assert_eq!(p.failure(0, 30, true).as_deref(), Some(reason));
         }
         let oom = with_status(
             serde_json::json!({"containerStatuses": [{"name": "c", "state": {"running": {}}, "lastState": {"terminated": {"reason": "OOMKilled"}}}]}),
         );
-        assert_eq!(oom.failure(0, 30).as_deref(), Some("OOMKilled"));
+        assert_eq!(oom.failure(0, 30, true).as_deref(), Some("OOMKilled"));
         let creating = with_status(
             serde_json::json!({"containerStatuses": [{"name": "c", "state": {"waiting": {"reason": "ContainerCreating"}}}]}),
         );
-        assert_eq!(creating.failure(0, 30), None);
+        assert_eq!(creating.failure(0, 30, true), None);
         let init = with_status(
             serde_json::json!({"initContainerStatuses": [{"name": "migrate", "state": {"waiting": {"reason": "PodInitializing"}}, "lastState": {"terminated": {"reason": "Error", "exitCode": 4}}}], "containerStatuses": [{"name": "c", "state": {"waiting": {"reason": "PodInitializing"}}}]}),
         );
         assert_eq!(
-            init.failure(0, 30).as_deref(),
+            init.failure(0, 30, true).as_deref(),
             Some("init container migrate failed (Error, exit code 4)")
         );
         let restarted = with_status(
             serde_json::json!({"containerStatuses": [{"name": "c", "restartCount": 1, "state": {"running": {}}, "lastState": {"terminated": {"reason": "Error", "exitCode": 137}}}]}),
         );
         assert_eq!(
-            restarted.failure(0, 30).as_deref(),
+            restarted.failure(0, 30, true).as_deref(),
             Some("container c restarted 1 time(s) (last exit: Error, code 137)")
         );
     }
@@ -691,8 +704,24 @@ mod tests {
             serde_json::json!({"containerStatuses": [{"name": "c", "restartCount": 0, "state": {"terminated": {"reason": "Error", "exitCode": 3}}}]}),
         );
         assert_eq!(
-            p.failure(0, 30).as_deref(),
+            p.failure(0, 30, true).as_deref(),
             Some("container c exited (Error, exit code 3)")
+        );
+    }
+
+    #[test]
+    fn a_pod_from_before_the_rollout_is_judged_by_its_present_state() {
+        let restarted_long_ago = with_status(
+            serde_json::json!({"containerStatuses": [{"name": "c", "ready": true, "restartCount": 1, "state": {"running": {}}, "lastState": {"terminated": {"reason": "OOMKilled", "exitCode": 137}}}]}),
+        );
+        assert!(restarted_long_ago.failure(0, 30, true).is_some());
+        assert_eq!(restarted_long_ago.failure(0, 30, false), None);
+        let crash_looping = with_status(
+            serde_json::json!({"containerStatuses": [{"name": "c", "restartCount": 9, "state": {"waiting": {"reason": "CrashLoopBackOff"}}}]}),
+        );
+        assert_eq!(
+            crash_looping.failure(0, 30, false).as_deref(),
+            Some("CrashLoopBackOff")
         );
     }
 
@@ -701,9 +730,9 @@ mod tests {
         let mut p = with_status(
             serde_json::json!({"containerStatuses": [{"name": "c", "state": {"terminated": {"reason": "Completed", "exitCode": 0}}}]}),
         );
-        assert!(p.failure(0, 30).is_some());
+        assert!(p.failure(0, 30, true).is_some());
         p.metadata.deletion_timestamp = Some("2026-11-24T22:00:00Z".into());
-        assert_eq!(p.failure(0, 30), None);
+        assert_eq!(p.failure(0, 30, true), None);
     }
 
     #[test]
@@ -715,7 +744,11 @@ mod tests {
             p.unschedulable(),
             Some("0/1 nodes are available: 1 Insufficient cpu.")
         );
-        assert_eq!(p.failure(0, 30), None, "a budget of its own, in the wait");
+        assert_eq!(
+            p.failure(0, 30, true),
+            None,
+            "a budget of its own, in the wait"
+        );
     }
 
     #[test]
@@ -726,15 +759,15 @@ mod tests {
             serde_json::json!({"startTime": "2026-11-23T19:59:00Z", "containerStatuses": [{"name": "c", "ready": false, "state": {"running": {"startedAt": start}}}]}),
         );
         assert_eq!(
-            p.failure(t0 + 10, 30),
+            p.failure(t0 + 10, 30, true),
             None,
             "the minute the image took to pull does not count"
         );
-        assert!(p.failure(t0 + 31, 30).unwrap().contains("readiness"));
+        assert!(p.failure(t0 + 31, 30, true).unwrap().contains("readiness"));
         let pulling = with_status(
             serde_json::json!({"startTime": "2026-11-23T19:00:00Z", "containerStatuses": [{"name": "c", "ready": false, "state": {"waiting": {"reason": "ContainerCreating"}}}]}),
         );
-        assert_eq!(pulling.failure(t0, 30), None, "not running yet");
+        assert_eq!(pulling.failure(t0, 30, true), None, "not running yet");
     }
 
     #[test]

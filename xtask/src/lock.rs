@@ -83,8 +83,8 @@ fn resource_version(json: &str) -> Result<String> {
 
 impl Lock {
     /// Runs `work` holding the namespace's lock (taken as a numbered step,
-    /// after Ctrl-C is caught), and releases it whatever `work` returns.
-    /// `work`'s error wins over a failed release.
+    /// after Ctrl-C is caught), and releases it whatever `work` returns (a
+    /// release that fails only warns: the lease then expires).
     pub fn hold<T>(kube: &Kube, reachable: bool, work: impl FnOnce() -> Result<T>) -> Result<T> {
         crate::exec::catch_interrupts()?;
         let step = format!("lock namespace {}", kube.namespace);
@@ -112,9 +112,7 @@ impl Lock {
         {
             exec.run(&kube.global(&["create", "namespace", &kube.namespace]))?;
         }
-        let lease = lease_json(kube, &holder());
-        let create = lease_cmd(kube, &["create", "--filename", "-", "--output", "json"])
-            .stdin(lease.to_string());
+        let create = create_command(kube);
         if exec.dry_run {
             exec.run(&create)?;
             return Ok(Lock {
@@ -124,7 +122,7 @@ impl Lock {
         }
         let written = match exec.run_capturing(&create) {
             Ok(written) => written,
-            Err(error) => take_over_expired(kube, &create, lease, error)?,
+            Err(error) => take_over_expired(kube, error)?,
         };
         let version = Arc::new(Mutex::new(resource_version(&written)?));
         Ok(Lock {
@@ -174,17 +172,12 @@ impl Lock {
 /// holder renews it within that time (a new resourceVersion) and this run
 /// is refused; unchanged, it is replaced on the resourceVersion read, so
 /// two deploys cannot both take it. Returns the lease as written.
-fn take_over_expired(
-    kube: &Kube,
-    create: &Cmd,
-    mut lease: serde_json::Value,
-    create_error: anyhow::Error,
-) -> Result<String> {
+fn take_over_expired(kube: &Kube, create_error: anyhow::Error) -> Result<String> {
     let Some(held) = kube.get::<serde_json::Value>("lease", LOCK_NAME)? else {
         return Err(create_error.context("taking the deploy lock"));
     };
     let spec = &held["spec"];
-    let holder = spec["holderIdentity"]
+    let held_by = spec["holderIdentity"]
         .as_str()
         .unwrap_or("unknown")
         .to_owned();
@@ -193,7 +186,7 @@ fn take_over_expired(
         .unwrap_or(LOCK_SECONDS);
     let refuse_held = |how: &str| {
         refuse(format!(
-            "another deploy holds the lock in namespace {}: {holder} since {} ({how}); wait for it, or if it died, the lock expires {duration}s after its last renewal",
+            "another deploy holds the lock in namespace {}: {held_by} since {} ({how}); wait for it, or if it died, the lock expires {duration}s after its last renewal",
             kube.namespace,
             spec["acquireTime"].as_str().unwrap_or("?"),
         ))
@@ -204,7 +197,7 @@ fn take_over_expired(
     }
     let version = held["metadata"]["resourceVersion"].clone();
     kube.exec.output.warn(&format!(
-        "the lock held by {holder} looks expired; watching it for {duration}s before taking it over"
+        "the lock held by {held_by} looks expired; watching it for {duration}s before taking it over"
     ));
     let watched = Instant::now();
     while watched.elapsed() < Duration::from_secs(duration.max(0) as u64) {
@@ -212,7 +205,7 @@ fn take_over_expired(
         std::thread::sleep(Duration::from_secs(1));
         match kube.get::<serde_json::Value>("lease", LOCK_NAME)? {
             None => {
-                return kube.exec.run_capturing(create).map_err(|e| {
+                return kube.exec.run_capturing(&create_command(kube)).map_err(|e| {
                     refuse(format!("another deploy took the freed lock first: {e:#}"))
                 })
             }
@@ -222,9 +215,12 @@ fn take_over_expired(
             Some(_) => {}
         }
     }
+    // Acquired and renewed now, not when this run first tried: the watch
+    // took a lease duration.
+    let mut lease = lease_json(kube, &holder());
     lease["metadata"]["resourceVersion"] = version;
     kube.exec.output.warn(&format!(
-        "the lock held by {holder} expired; taking it over"
+        "the lock held by {held_by} expired; taking it over"
     ));
     kube.exec
         .run_capturing(
@@ -257,12 +253,19 @@ fn start_renewing(
             "json",
         ],
     );
-    let renew = lease_cmd(
-        kube,
-        &[
-            "patch", "lease", LOCK_NAME, "--type", "json", "--output", "json", "--patch",
-        ],
-    );
+    // `--patch` takes the next word: the JSON is appended last, after the
+    // request timeout.
+    let renew = kube.cmd(&[
+        "patch",
+        "lease",
+        LOCK_NAME,
+        "--type",
+        "json",
+        "--output",
+        "json",
+        REQUEST_TIMEOUT,
+        "--patch",
+    ]);
     let flag = stop.clone();
     let output = kube.exec.output;
     let ours = holder();
@@ -316,6 +319,12 @@ fn start_renewing(
         }
     });
     (stop, renewer)
+}
+
+/// Creates the lease for this run, acquired and renewed now.
+fn create_command(kube: &Kube) -> Cmd {
+    lease_cmd(kube, &["create", "--filename", "-", "--output", "json"])
+        .stdin(lease_json(kube, &holder()).to_string())
 }
 
 fn lease_json(kube: &Kube, holder: &str) -> serde_json::Value {

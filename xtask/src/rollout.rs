@@ -3,7 +3,10 @@
 //! failing fast, verify the digests, undo on failure, and keep the history
 //! entry up to date all along.
 
-use std::time::{Duration, Instant};
+use std::{
+    collections::HashSet,
+    time::{Duration, Instant},
+};
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
@@ -164,6 +167,13 @@ impl<'k, 'a> Rollout<'k, 'a> {
             self.record
                 .step(kube, &format!("apply deployment/{name}"))?;
             let before: Option<Deployment> = kube.get("deployment", name)?;
+            // Pods from before the apply are judged by their present state
+            // only (see `Pod::failure`).
+            let existing: HashSet<String> = kube
+                .pods(name)?
+                .into_iter()
+                .map(|p| p.metadata.name)
+                .collect();
             let step = format!("apply and roll out deployment/{name}");
             kube.exec.step(step, || {
                 kube.exec.run(&apply_command(kube, overlay, name))?;
@@ -172,12 +182,23 @@ impl<'k, 'a> Rollout<'k, 'a> {
                     != after.as_ref().map(|d| d.metadata.generation)
                 {
                     self.record.entry.changed.push(name.clone());
-                    self.record
-                        .entry
-                        .previous
-                        .insert(name.clone(), before.as_ref().and_then(Deployment::revision));
+                    // None: it did not exist. One without a revision
+                    // annotation gets no entry, so a plain undo.
+                    match &before {
+                        None => {
+                            self.record.entry.previous.insert(name.clone(), None);
+                        }
+                        Some(existed) => {
+                            if let Some(revision) = existed.revision() {
+                                self.record
+                                    .entry
+                                    .previous
+                                    .insert(name.clone(), Some(revision));
+                            }
+                        }
+                    }
                 }
-                wait(kube, self.flags, name, Some(&digest), deadline)?;
+                wait(kube, self.flags, name, Some((&digest, &existing)), deadline)?;
                 let (ready, stuck) = verify_pods(kube, name, &digest)?;
                 self.verified.push(Verified {
                     name: name.clone(),
@@ -199,14 +220,14 @@ pub fn keep_going() -> Result<()> {
     crate::lock::check_held()
 }
 
-/// Polls until `name` has rolled out; with `digest`, fails as soon as a
-/// new pod shows a state that will not fix itself. Reports progress as it
-/// changes.
+/// Polls until `name` has rolled out; with `digest` (and the pods that
+/// existed before the apply), fails as soon as a pod of that digest shows a
+/// state that will not fix itself. Reports progress as it changes.
 pub fn wait(
     kube: &Kube,
     flags: &WaitFlags,
     name: &str,
-    digest: Option<&str>,
+    watched: Option<(&str, &HashSet<String>)>,
     deadline: Instant,
 ) -> Result<()> {
     let mut last = None;
@@ -220,10 +241,11 @@ pub fn wait(
         if let Some(stalled) = deployment.stalled() {
             bail!("deployment/{name}: {stalled}");
         }
-        if let Some(digest) = digest {
+        if let Some((digest, existing)) = watched {
             for pod in kube.pods(name)?.iter().filter(|p| p.wants(digest)) {
                 let pod_name = &pod.metadata.name;
-                let mut reason = pod.failure(now_epoch(), flags.grace);
+                let new = !existing.contains(pod_name);
+                let mut reason = pod.failure(now_epoch(), flags.grace, new);
                 match pod.unschedulable() {
                     Some(message) => {
                         let since = *unschedulable

@@ -1065,6 +1065,19 @@ fn deploys_take_turns_and_an_interrupted_or_killed_one_says_where_it_stopped() {
     let entries = fx.history().len();
     let first = fx.spawn(&args);
     wait_until_applying_fxweb(&fx, entries);
+    // The holder renews its lease every 15 s.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let spec = fx.lease()["spec"].clone();
+        if spec["renewTime"] != spec["acquireTime"] {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the lease was never renewed: {spec}"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
 
     // A second deploy meanwhile is refused, naming the holder.
     let second = fx.deploy(&[]);
@@ -1085,6 +1098,10 @@ fn deploys_take_turns_and_an_interrupted_or_killed_one_says_where_it_stopped() {
     let out = first.wait_with_output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(130), "{stderr}");
+    assert!(
+        !stderr.contains("renewing the deploy lock failed"),
+        "{stderr}"
+    );
     assert!(
         stderr.contains("interrupted during apply deployment/fxweb"),
         "{stderr}"

@@ -166,10 +166,12 @@ state = "{run}"
         certs = state("containerd/certs.d"),
     );
     write("containerd/config.toml", containerd)?;
+    // containerd keys hosts by registry host: a path is the repository's.
+    let host = crate::registry::host_of(registry);
     write(
-        &format!("containerd/certs.d/{registry}/hosts.toml"),
+        &format!("containerd/certs.d/{host}/hosts.toml"),
         format!(
-            "server = \"http://{registry}\"\n\n[host.\"http://{registry}\"]\n  capabilities = [\"pull\", \"resolve\"]\n"
+            "server = \"http://{host}\"\n\n[host.\"http://{host}\"]\n  capabilities = [\"pull\", \"resolve\"]\n"
         ),
     )?;
 

@@ -16,8 +16,8 @@ use super::{Paths, BRIDGE, DAEMONS, NODE_LINK};
 use crate::exec::{Cmd, Exec};
 
 /// The pid in `daemon`'s pid file, if that process is alive and is still
-/// ours: its command line names the state directory or the cached binary
-/// (a pid file can outlive its process, and pids are reused).
+/// ours: its command line names the state directory (a pid file can
+/// outlive its process, and pids are reused).
 pub fn live_pid(paths: &Paths, daemon: &str) -> Option<u32> {
     let pid: u32 = std::fs::read_to_string(paths.pid_file(daemon))
         .ok()?
