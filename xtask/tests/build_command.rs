@@ -403,11 +403,7 @@ struct FlakyRegistry {
 impl FlakyRegistry {
     fn start(flags: &[&str]) -> FlakyRegistry {
         use std::io::BufRead;
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let port = free_port();
         let dir = TempDir::new("flaky");
         let log = dir.path().join("requests.log");
         let script =
@@ -594,11 +590,7 @@ fn a_registry_that_is_down_or_wants_a_login_is_refused_before_anything_is_built(
     let repo = fixture(&unique("login"));
     let root = repo.path();
     // Nothing listens: refused at once, nothing built.
-    let closed = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let closed = free_port();
     let started = std::time::Instant::now();
     let down = xtask(
         root,

@@ -248,6 +248,8 @@ fn ready(exec: &Exec, paths: &Paths, daemon: &str) -> Result<bool> {
             "--namespace",
             "default",
         ])),
+        // No serving port (--secure-port=0): alive is all it can show; the
+        // tests' first pod proves it schedules.
         "kube-scheduler" => true,
         "containerd" => Path::new(&paths.containerd_socket()).exists(),
         "kubelet" => node_ready(exec, paths)?,

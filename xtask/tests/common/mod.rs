@@ -432,6 +432,15 @@ pub fn serving_pods(namespace: &str, selector: &str) -> Vec<(String, String)> {
         .collect()
 }
 
+/// A loopback port nothing listens on (the kernel's pick, released).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
 /// A Distribution registry that wants a login (htpasswd: user `ci`,
 /// password `s3cret`) on a port of its own; stopped when dropped.
 pub struct LoginRegistry {
@@ -442,11 +451,7 @@ pub struct LoginRegistry {
 
 impl LoginRegistry {
     pub fn start() -> LoginRegistry {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let port = free_port();
         let dir = TempDir::new("login-registry");
         // Distribution reads bcrypt only; glibc's crypt makes it.
         let hash = ok(
