@@ -1,16 +1,21 @@
-//! What both services share: the revision baked in at build time, the health
-//! endpoints, and a graceful shutdown that drains streams on SIGTERM.
+//! The backend's service plumbing: the revision baked in at build time, the
+//! health endpoints, and a graceful shutdown that drains streams on SIGTERM.
+//! It lives in the library so that a new revision, baked into the thin
+//! `main.rs`, recompiles only that file.
 
 use std::time::Duration;
 
-use axum::{http::StatusCode, routing::get, Json, Router};
+use axum::{
+    http::{header, StatusCode},
+    routing::get,
+    Json, Router,
+};
 use serde::Serialize;
 use tokio::sync::watch;
 
 /// The build's identity. The values come from the Dockerfile's build args
 /// through [`version!`], which expands in the binary crate: a new commit
-/// then recompiles only the thin `main.rs` files, not this library or the
-/// frontend's logic.
+/// then recompiles only the thin `main.rs`, not this library.
 #[derive(Clone, Debug, Serialize)]
 pub struct Version {
     pub service: &'static str,
@@ -96,7 +101,14 @@ pub fn health_routes<S: Clone + Send + Sync + 'static>(
                 }
             }),
         )
-        .route("/version", get(move || async move { Json(version) }))
+        // Any origin may read it: a frontend built with the backend's public
+        // address (the seed flow) asks from its own origin.
+        .route(
+            "/version",
+            get(move || async move {
+                ([(header::ACCESS_CONTROL_ALLOW_ORIGIN, "*")], Json(version))
+            }),
+        )
 }
 
 /// Serves `app` on `0.0.0.0:$PORT` until shutdown, then gives open

@@ -95,6 +95,10 @@ pub struct Image {
     /// A build arg taken from a deployed Service's external address.
     #[serde(default)]
     pub seed: Option<Seed>,
+    /// `Cargo.lock` or `package-lock.json`: its packages enter the build
+    /// from a dependency store, as the `deps` build context.
+    #[serde(default)]
+    pub lockfile: Option<PathBuf>,
 }
 
 /// The seed flow: `build_arg` is set from the LoadBalancer address of
@@ -249,6 +253,15 @@ impl Config {
                     image.name
                 )));
             }
+            if let Some(lockfile) = &image.lockfile {
+                if crate::deps::Kind::of(lockfile).is_none() {
+                    return Err(refuse(format!(
+                        "[workspace.metadata.xtask] images: {}'s lockfile {} must be a Cargo.lock or a package-lock.json",
+                        image.name,
+                        lockfile.display()
+                    )));
+                }
+            }
         }
         // A name here that no image has would fail only after the build
         // and the first apply.
@@ -388,10 +401,31 @@ pub fn docker_auth(host: &str) -> Option<String> {
 }
 
 /// Where the xtask keeps what outlives a clone and `cargo clean`: the
-/// local registry's data, the test cluster's binaries (`~/.cache/aiq-xtask`).
+/// local registry's data, the test cluster's binaries, the dependency
+/// stores (`~/.cache/aiq-xtask`).
 pub fn cache_dir() -> PathBuf {
     let home = std::env::var_os("HOME").map_or_else(std::env::temp_dir, PathBuf::from);
     home.join(".cache").join("aiq-xtask")
+}
+
+/// Where dependency stores live: `XTASK_DEPS_DIR`, else `<cache>/deps`.
+pub fn deps_dir() -> PathBuf {
+    std::env::var_os("XTASK_DEPS_DIR")
+        .filter(|dir| !dir.is_empty())
+        .map_or_else(|| cache_dir().join("deps"), PathBuf::from)
+}
+
+/// Cargo's home, where it keeps downloaded crates: `CARGO_HOME`, else
+/// `~/.cargo`.
+pub fn cargo_home() -> PathBuf {
+    std::env::var_os("CARGO_HOME")
+        .filter(|dir| !dir.is_empty())
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            std::env::var_os("HOME")
+                .map_or_else(std::env::temp_dir, PathBuf::from)
+                .join(".cargo")
+        })
 }
 
 #[cfg(test)]

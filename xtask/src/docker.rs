@@ -12,6 +12,7 @@ use serde_json::json;
 
 use crate::{
     config::{Config, Image, RegistryLogin},
+    deps::{self, Store},
     exec::{progress_style, refuse, require_tool, Cmd, Exec},
     git::Revision,
     time::rfc3339,
@@ -52,6 +53,8 @@ pub struct BuildOptions {
     /// resolves as it did) but drops `--no-cache`, reusing what the failed
     /// attempt built instead of compiling again.
     pub retry: bool,
+    /// Never download dependencies: each lockfile's store must exist.
+    pub offline: bool,
 }
 
 /// One built image, as recorded in `target/xtask/build.json`.
@@ -122,13 +125,15 @@ pub fn labels(image: &Image, rev: &Revision, source: &str) -> BTreeMap<String, S
     .collect()
 }
 
-/// The bake definition for `images`: one target each, tags, labels and the
-/// build args that bake the revision into the binaries.
+/// The bake definition for `images`: one target each, tags, labels, the
+/// build args that bake the revision into the binaries, and each image's
+/// dependency store as its `deps` context.
 pub fn bake_file(
     config: &Config,
     images: &[Image],
     rev: &Revision,
     source: &str,
+    stores: &[(String, Store)],
 ) -> serde_json::Value {
     let mut targets = serde_json::Map::new();
     for image in images {
@@ -139,15 +144,16 @@ pub fn bake_file(
             ("GIT_COMMIT_TIME".to_owned(), rfc3339(rev.commit_time)),
         ]);
         args.extend(image.build_args.clone());
-        targets.insert(
-            image.name.clone(),
-            json!({
-                "context": config.root.join(&image.context),
-                "dockerfile": config.root.join(&image.dockerfile),
-                "args": args,
-                "labels": labels(image, rev, source),
-            }),
-        );
+        let mut target = json!({
+            "context": config.root.join(&image.context),
+            "dockerfile": config.root.join(&image.dockerfile),
+            "args": args,
+            "labels": labels(image, rev, source),
+        });
+        if let Some((_, store)) = stores.iter().find(|(name, _)| *name == image.name) {
+            target["contexts"] = json!({ "deps": store.dir });
+        }
+        targets.insert(image.name.clone(), target);
     }
     let names: Vec<&str> = images.iter().map(|i| i.name.as_str()).collect();
     json!({
@@ -254,7 +260,8 @@ pub fn build(
         .unwrap_or_else(|| "unknown".into());
     let bake_path = out.join("bake.json");
     let metadata_path = out.join("bake-metadata.json");
-    let bake = serde_json::to_string_pretty(&bake_file(config, images, rev, &source))?;
+    let stores = deps::ensure_all(exec, config, images, opts.offline)?;
+    let bake = serde_json::to_string_pretty(&bake_file(config, images, rev, &source, &stores))?;
     std::fs::write(&bake_path, bake).with_context(|| format!("writing {}", bake_path.display()))?;
     let _ = std::fs::remove_file(&metadata_path);
 
@@ -649,6 +656,7 @@ mod tests {
                 context: ".".into(),
                 build_args: BTreeMap::from([("EXTRA".into(), "1".into())]),
                 seed: None,
+                lockfile: None,
             }],
         }
     }
@@ -664,7 +672,7 @@ mod tests {
     #[test]
     fn bake_file_tags_labels_and_args() {
         let c = config();
-        let bake = bake_file(&c, &c.images, &rev(None), "https://example.com/repo");
+        let bake = bake_file(&c, &c.images, &rev(None), "https://example.com/repo", &[]);
         let target = &bake["target"]["aiq-agent"];
         assert_eq!(
             tags(&c, &c.images[0], &rev(None)),
@@ -691,7 +699,7 @@ mod tests {
     #[test]
     fn dirty_builds_never_move_latest() {
         let c = config();
-        let bake = bake_file(&c, &c.images, &rev(Some("deadbeef")), "x");
+        let bake = bake_file(&c, &c.images, &rev(Some("deadbeef")), "x", &[]);
         assert_eq!(
             tags(&c, &c.images[0], &rev(Some("deadbeef"))),
             ["ghcr.io/acme/aiq-agent:0123456789ab-dirty-deadbeef"]
@@ -721,7 +729,7 @@ mod tests {
             builder: Some("remote".into()),
             cache_from: vec!["type=registry,ref=r/cache:aiq".into()],
             cache_to: vec!["type=registry,ref=r/cache:aiq,mode=max".into()],
-            retry: false,
+            ..BuildOptions::default()
         };
         let cached = bake_command(Path::new("b.json"), Path::new("m.json"), &tagged, &opts);
         assert!(cached.to_string().contains(

@@ -4,6 +4,7 @@
 mod cluster;
 mod commands;
 mod config;
+mod deps;
 mod docker;
 mod exec;
 mod git;

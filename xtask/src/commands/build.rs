@@ -35,6 +35,9 @@ pub struct BuildFlags {
     /// buildx builder to use, e.g. a remote BuildKit
     #[arg(long, value_name = "NAME")]
     pub builder: Option<String>,
+    /// Never download dependencies: the stores for the lockfiles must exist (or cargo's cache must hold the crates)
+    #[arg(long)]
+    pub offline: bool,
     #[command(flatten)]
     pub overrides: Overrides,
 }
@@ -50,6 +53,7 @@ impl BuildFlags {
             cache_from: config.cache_from.clone(),
             cache_to: config.cache_to.clone(),
             retry: false,
+            offline: self.offline,
         }
     }
 }

@@ -1,6 +1,6 @@
 //! `cargo xtask mirror`: seeds a local registry with the base images the
 //! Dockerfiles name, built from Debian's packages and this machine's Rust
-//! toolchain, for machines that cannot reach Docker Hub.
+//! toolchain and Node.js, for machines that cannot reach Docker Hub.
 
 use std::path::Path;
 
@@ -62,11 +62,22 @@ pub fn seed(exec: &Exec, config: &Config, registry: &str, force: bool) -> Result
                     "ENV CARGO_HOME=/usr/local/cargo".into(),
                 ],
             ),
-            other => bail!("cannot seed base image {other}: the mirror knows how to make debian and rust images only"),
+            "node" => (
+                &[],
+                vec![
+                    "ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into(),
+                    // Node.js reads the CA bundle only through this variable.
+                    format!("ENV NODE_EXTRA_CA_CERTS={CA_BUNDLE}"),
+                    "CMD [\"node\"]".into(),
+                ],
+            ),
+            other => bail!("cannot seed base image {other}: the mirror knows how to make debian, rust and node images only"),
         };
         make_rootfs(exec, &rootfs, suite, packages)?;
-        if name == "rust" {
-            copy_toolchain(exec, &rootfs)?;
+        match name {
+            "rust" => copy_toolchain(exec, &rootfs)?,
+            "node" => copy_node(exec, &rootfs, tag)?,
+            _ => {}
         }
         let tarball = rootfs.with_extension("tar");
         let reference = format!("{registry}/library/{base}");
@@ -140,6 +151,35 @@ fn copy_toolchain(exec: &Exec, rootfs: &Path) -> Result<()> {
     Ok(())
 }
 
+/// This machine's Node.js and npm under /usr/local, if its major version is
+/// the one `tag` names (`20` in `20-bookworm-slim`).
+fn copy_node(exec: &Exec, rootfs: &Path, tag: &str) -> Result<()> {
+    let node = require_tool("node", "install Node.js (https://nodejs.org/en/download)")?;
+    let version = exec.read(&Cmd::new(path_str(&node)).arg("--version"))?;
+    let major = version.trim_start_matches('v').split('.').next().unwrap_or("");
+    let wanted = tag.split('-').next().unwrap_or("");
+    if major != wanted {
+        bail!("cannot seed node:{tag}: this machine's Node.js is {version}, the tag names major version {wanted}");
+    }
+    let npm = exec.read(&Cmd::new("node").args([
+        "--print",
+        "require('path').dirname(require.resolve('npm/package.json', { paths: [require('path').join(process.execPath, '../../lib/node_modules')] }))",
+    ]))?;
+    let bin = rootfs.join("usr/local/bin");
+    let modules = rootfs.join("usr/local/lib/node_modules");
+    exec.run(&Cmd::new("mkdir").args(["-p", &path_str(&bin), &path_str(&modules)]))?;
+    exec.run(&Cmd::new("cp").args([&path_str(&node), &path_str(&bin.join("node"))]))?;
+    exec.run(&Cmd::new("cp").args(["-a", &npm, &path_str(&modules.join("npm"))]))?;
+    for (link, target) in [("npm", "npm-cli.js"), ("npx", "npx-cli.js")] {
+        exec.run(&Cmd::new("ln").args([
+            "-sf",
+            &format!("../lib/node_modules/npm/bin/{target}"),
+            &path_str(&bin.join(link)),
+        ]))?;
+    }
+    Ok(())
+}
+
 /// The Debian release a tag names: `bookworm` in `1.95-bookworm` and in
 /// `bookworm-slim`.
 fn debian_suite(tag: &str) -> &str {
@@ -161,5 +201,6 @@ mod tests {
         assert_eq!(super::debian_suite("1.95-bookworm"), "bookworm");
         assert_eq!(super::debian_suite("bookworm-slim"), "bookworm");
         assert_eq!(super::debian_suite("trixie"), "trixie");
+        assert_eq!(super::debian_suite("20-bookworm-slim"), "bookworm");
     }
 }
