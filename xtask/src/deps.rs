@@ -143,7 +143,13 @@ impl Store {
             Kind::Npm => Cmd::new("npm")
                 .args(["ci", "--cache"])
                 .arg(partial.display().to_string())
-                .args(["--ignore-scripts", "--no-audit", "--no-fund", "--prefix"])
+                .args([
+                    "--ignore-scripts",
+                    "--no-audit",
+                    "--no-fund",
+                    "--logs-max=0",
+                ])
+                .arg("--prefix")
                 .arg(partial.join("install").display().to_string()),
         }
     }
@@ -216,10 +222,7 @@ impl Store {
                 .with_context(|| format!("copying {}", file.display()))?;
         }
         exec.run(&self.fetch_command(partial, false))?;
-        for scratch in [install, partial.join("_logs")] {
-            let _ = std::fs::remove_dir_all(scratch);
-        }
-        Ok(())
+        std::fs::remove_dir_all(&install).with_context(|| format!("removing {}", install.display()))
     }
 }
 

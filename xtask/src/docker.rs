@@ -584,15 +584,18 @@ fn explain_base_image_failure(
 ) -> Option<anyhow::Error> {
     for base in base_images_of(config, images).ok()? {
         let reference = format!("{}/{base}", config.base_registry);
-        let probe =
-            Cmd::new("docker").args(["buildx", "imagetools", "inspect", "--raw", &reference]);
-        if !exec.succeeds(&probe) {
+        if !can_pull(exec, &reference) {
             return Some(anyhow::anyhow!(
                 "base image {reference} cannot be pulled: point XTASK_BASE_REGISTRY at a mirror that has it (`cargo xtask mirror` seeds one on 127.0.0.1:5000; then XTASK_BASE_REGISTRY=127.0.0.1:5000/library)"
             ));
         }
     }
     None
+}
+
+/// Whether the registry serves `reference` (a read of its manifest).
+pub fn can_pull(exec: &Exec, reference: &str) -> bool {
+    exec.succeeds(&Cmd::new("docker").args(["buildx", "imagetools", "inspect", "--raw", reference]))
 }
 
 /// The base images `images`' Dockerfiles name, each once.

@@ -499,6 +499,18 @@ pub fn cargo() -> String {
     std::env::var("CARGO").unwrap_or_else(|_| "cargo".into())
 }
 
+/// Whether this process runs as root (real uid 0).
+pub fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("Uid:"))
+                .and_then(|l| l.split_whitespace().next().map(|uid| uid == "0"))
+        })
+        .unwrap_or(false)
+}
+
 /// Finds a tool on PATH, or refuses naming it and how to install it.
 pub fn require_tool(name: &str, install_hint: &str) -> Result<std::path::PathBuf> {
     which::which(name).map_err(|_| refuse(format!("`{name}` not found on PATH: {install_hint}")))

@@ -161,14 +161,7 @@ pub fn down(exec: &Exec) -> Result<()> {
 /// it, checked before anything is built or started.
 pub fn preflight() -> Result<()> {
     let hint = "run `bash .ci/install-packages` as root";
-    let uid = std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("Uid:"))
-                .and_then(|l| l.split_whitespace().next().map(str::to_owned))
-        });
-    if uid.as_deref() != Some("0") {
+    if !crate::exec::is_root() {
         return Err(refuse(
             "the test cluster needs root (it runs a kubelet, containerd and network setup)",
         ));

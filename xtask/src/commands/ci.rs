@@ -9,7 +9,7 @@ use clap::Args;
 use crate::{
     commands::test::Test,
     config::{Config, Overrides},
-    docker,
+    deps, docker,
     exec::{require_tool, Cmd, Exec},
     rollout::render_overlay,
 };
@@ -17,7 +17,7 @@ use crate::{
 /// One gate step; boxed so the list reads in the order it runs.
 type CiStep<'a> = Box<dyn Fn() -> Result<()> + 'a>;
 
-/// Run the whole gate: fmt, clippy, tests, Dockerfile, manifest, workflow and shell lint
+/// Run the whole gate: fmt, clippy, the frontend's tsc and ESLint, tests, Dockerfile, manifest, workflow and shell lint
 #[derive(Args, Debug, Default)]
 pub struct Ci {}
 
@@ -50,6 +50,10 @@ impl Ci {
                 }),
             ),
             (
+                "frontend: tsc, eslint",
+                Box::new(|| frontend_checks(exec, &config)),
+            ),
+            (
                 "cargo xtask test",
                 Box::new(|| Test::default().run_in(exec, &config)),
             ),
@@ -78,6 +82,48 @@ impl Ci {
         }
         result
     }
+}
+
+/// TypeScript's check and ESLint for every npm package an image builds,
+/// with its packages installed offline from the image's dependency store.
+fn frontend_checks(exec: &Exec, config: &Config) -> Result<()> {
+    let _telemetry = exec.sh.push_env("NEXT_TELEMETRY_DISABLED", "1");
+    let mut checked = 0;
+    for image in &config.images {
+        let Some(store) = deps::Store::of(exec, config, image)? else {
+            continue;
+        };
+        if store.kind != deps::Kind::Npm {
+            continue;
+        }
+        store.ensure(exec, false)?;
+        let dir = store
+            .lockfile
+            .parent()
+            .context("lockfile has a directory")?;
+        let _in_package = exec.sh.push_dir(dir);
+        exec.run_anyway(
+            &Cmd::new("npm")
+                .args([
+                    "ci",
+                    "--offline",
+                    "--ignore-scripts",
+                    "--no-audit",
+                    "--no-fund",
+                    "--logs-max=0",
+                ])
+                .arg("--cache")
+                .arg(store.dir.display().to_string()),
+        )?;
+        exec.run_anyway(&Cmd::new("npm").args(["run", "typecheck"]))?;
+        exec.run_anyway(&Cmd::new("npm").args(["run", "lint"]))?;
+        checked += 1;
+    }
+    anyhow::ensure!(
+        checked > 0,
+        "no image builds an npm package: nothing to check"
+    );
+    Ok(())
 }
 
 fn hadolint(exec: &Exec, config: &Config) -> Result<()> {

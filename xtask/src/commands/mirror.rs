@@ -10,7 +10,7 @@ use clap::Args;
 use crate::{
     config::{Config, Overrides},
     docker,
-    exec::{require_tool, Cmd, Exec},
+    exec::{refuse, require_tool, Cmd, Exec},
     registry,
 };
 
@@ -37,6 +37,50 @@ impl Mirror {
         );
         Ok(())
     }
+}
+
+/// The base registry `up` and `test` build on: the configured one when it
+/// serves every base image; otherwise the local mirror in `registry`, seeded
+/// now if it lacks one and this machine can (root and debootstrap). `build`
+/// and `deploy` never call this: an image for an environment is built only
+/// on the bases its configuration names.
+pub fn usable_base_registry(exec: &Exec, config: &Config, registry: &str) -> Result<String> {
+    let bases = docker::base_images_of(config, &config.images)?;
+    let mirror = format!("{registry}/library");
+    if config.base_registry != mirror
+        && bases
+            .iter()
+            .all(|base| docker::can_pull(exec, &format!("{}/{base}", config.base_registry)))
+    {
+        return Ok(config.base_registry.clone());
+    }
+    let mirrored = |base: &String| {
+        base.split_once(':').is_some_and(|(name, tag)| {
+            registry::has_image(registry, &format!("library/{name}"), tag)
+        })
+    };
+    if bases.iter().all(mirrored) {
+        if config.base_registry != mirror {
+            eprintln!(
+                "base images cannot be pulled from {}; using the local mirror {mirror}",
+                config.base_registry
+            );
+        }
+        return Ok(mirror);
+    }
+    if !crate::exec::is_root() || which::which("debootstrap").is_err() {
+        return Err(refuse(format!(
+            "base images cannot be pulled from {} and the local mirror lacks some: run `cargo xtask mirror` as root (it needs debootstrap), or set XTASK_BASE_REGISTRY to a registry that has {}",
+            config.base_registry,
+            bases.join(", ")
+        )));
+    }
+    eprintln!(
+        "base images cannot be pulled from {}; seeding the local mirror {mirror} (debootstrap, once)",
+        config.base_registry
+    );
+    seed(exec, config, registry, false)?;
+    Ok(mirror)
 }
 
 /// Builds and pushes every base image the Dockerfiles name that the registry
@@ -156,7 +200,11 @@ fn copy_toolchain(exec: &Exec, rootfs: &Path) -> Result<()> {
 fn copy_node(exec: &Exec, rootfs: &Path, tag: &str) -> Result<()> {
     let node = require_tool("node", "install Node.js (https://nodejs.org/en/download)")?;
     let version = exec.read(&Cmd::new(path_str(&node)).arg("--version"))?;
-    let major = version.trim_start_matches('v').split('.').next().unwrap_or("");
+    let major = version
+        .trim_start_matches('v')
+        .split('.')
+        .next()
+        .unwrap_or("");
     let wanted = tag.split('-').next().unwrap_or("");
     if major != wanted {
         bail!("cannot seed node:{tag}: this machine's Node.js is {version}, the tag names major version {wanted}");

@@ -1,5 +1,6 @@
 //! `cargo xtask test`: makes sure a Docker engine, the local registry, the
-//! base images and the test cluster are there, then runs the whole suite.
+//! base images, the dependency stores and the test cluster are there, then
+//! runs the whole suite.
 //! Without an engine or a cluster it fails, and so does every test that
 //! needs one when run any other way (`common::require_docker`,
 //! `common::require_cluster`).
@@ -11,12 +12,12 @@ use crate::{
     cluster,
     commands::mirror,
     config::{Config, Overrides},
-    docker,
+    deps, docker,
     exec::{Cmd, Exec},
     registry,
 };
 
-/// Prepare Docker, the local registry, base images and the test cluster, then run every test
+/// Prepare Docker, the local registry, base images, dependency stores and the test cluster, then run every test
 #[derive(Args, Debug, Default)]
 pub struct Test {
     /// Extra arguments for `cargo test` (e.g. a test name filter)
@@ -34,7 +35,7 @@ impl Test {
     /// The tests of the workspace `config` describes (`ci` has it loaded).
     pub fn run_in(self, exec: &Exec, config: &Config) -> Result<()> {
         let registry = exec.step(
-            "test environment: Docker engine, buildx, local registry, base images",
+            "test environment: Docker engine, buildx, local registry, base images, dependency stores",
             || {
             docker::preflight(exec)?;
             // The cluster's prerequisites too, before minutes of seeding.
@@ -45,6 +46,9 @@ impl Test {
             eprintln!("Docker engine {server}");
             let registry = registry::ensure_local(exec)?;
             mirror::seed(exec, config, &registry, false)?;
+            // The only downloads of the run: the tests' builds then take
+            // every package from the stores, with no network.
+            deps::ensure_all(exec, config, &config.images, false)?;
             Ok(registry)
         })?;
         let kubeconfig = cluster::up(exec)?;

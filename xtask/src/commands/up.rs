@@ -14,6 +14,7 @@ use crate::{
             network_name, networks, remove_containers, COMPONENT_LABEL, PROJECT_LABEL,
             REVISION_LABEL, SLOT_LABEL,
         },
+        mirror,
     },
     config::Config,
     docker::{self, BuiltImage},
@@ -91,6 +92,9 @@ impl Up {
             Ok((config, git::revision(exec, self.flags.allow_dirty)?))
         })?;
         config.registry = exec.step("local registry", || registry::ensure_local(exec))?;
+        config.base_registry = exec.step("base images", || {
+            mirror::usable_base_registry(exec, &config, &config.registry)
+        })?;
         eprintln!(
             "images go to {} (never to the deploy registry)",
             config.registry
