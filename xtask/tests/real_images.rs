@@ -1,7 +1,7 @@
 //! The real `backend` and `frontend` images, built once fresh from a clone of
-//! HEAD and then driven through `up`, new commits, a readiness failure, the
-//! page in headless Chromium, and `down`. One test, in phases, so the fresh
-//! build is shared and the suite stays short.
+//! HEAD and then driven through the cluster, `up`, new commits, the seed
+//! flow, a readiness failure, the page in headless Chromium, and `down`. One
+//! test, in phases, so the fresh build is shared and the suite stays short.
 
 mod common;
 
@@ -165,6 +165,89 @@ fn add_marker_route(root: &Path, path: &str) -> String {
     marker
 }
 
+/// Puts a fresh random string into the page component in place of any
+/// earlier one, and returns it (uncommitted).
+fn set_page_marker(root: &Path) -> String {
+    let page = root.join("frontend/app/page.tsx");
+    let source = std::fs::read_to_string(&page).unwrap();
+    let marker = unique("page-marker-");
+    let heading = "<h1>Which code is running?</h1>";
+    let kept: String = source
+        .lines()
+        .filter(|line| !line.contains("page-marker-"))
+        .map(|line| format!("{line}\n"))
+        .collect();
+    let changed = kept.replacen(
+        heading,
+        &format!("{heading}\n      <p className=\"marker\">{marker}</p>"),
+        1,
+    );
+    assert_ne!(kept, changed);
+    std::fs::write(&page, changed).unwrap();
+    marker
+}
+
+/// The files under the image's `/app/.next` that hold `marker`.
+fn next_output_holding(image: &str, marker: &str) -> String {
+    ok(
+        Path::new("."),
+        "docker",
+        &[
+            "run",
+            "--rm",
+            "--entrypoint",
+            "grep",
+            image,
+            "-r",
+            "-l",
+            "-F",
+            marker,
+            "/app/.next",
+        ],
+    )
+}
+
+/// Every ready frontend pod has `marker` in its `.next` output and serves
+/// it on `/`, and no longer serves `stale` (the previous commit's marker).
+fn assert_page_marker_running(marker: &str, stale: Option<&str>) {
+    let ready = serving_pods(NAMESPACE, "app.kubernetes.io/name=aiq-frontend");
+    assert_eq!(ready.len(), 2, "{ready:?}");
+    for (pod, _) in &ready {
+        let files = kubectl(&[
+            "--namespace",
+            NAMESPACE,
+            "exec",
+            pod,
+            "--",
+            "grep",
+            "-r",
+            "-l",
+            "-F",
+            marker,
+            "/app/.next",
+        ]);
+        assert!(!files.is_empty(), "{pod}'s .next output lacks {marker}");
+        let ip = kubectl(&[
+            "--namespace",
+            NAMESPACE,
+            "get",
+            "pod",
+            pod,
+            "--output",
+            "jsonpath={.status.podIP}",
+        ]);
+        let (status, page) = http_get(&format!("{ip}:3000"), "/").unwrap();
+        assert_eq!(status, 200, "{pod}: {page}");
+        assert!(
+            page.contains(marker),
+            "{pod} serves a page without {marker}"
+        );
+        if let Some(stale) = stale {
+            assert!(!page.contains(stale), "{pod} still serves {stale}");
+        }
+    }
+}
+
 /// Every ready backend pod's binary holds `marker` (`kubectl exec ... grep`).
 fn assert_marker_running(marker: &str) {
     let ready = serving_pods(NAMESPACE, "app.kubernetes.io/name=aiq-agent");
@@ -188,26 +271,17 @@ fn assert_marker_running(marker: &str) {
 #[test]
 fn real_images_build_fresh_run_by_digest_and_never_serve_stale_code() {
     require_docker();
-    let clone = TempDir::new("real");
+    let clone = clone_project("real");
     let root = clone.path();
-    ok(
-        Path::new("."),
-        "git",
-        &[
-            "clone",
-            "--quiet",
-            &project_root().display().to_string(),
-            &root.display().to_string(),
-        ],
-    );
-    git(root, &["config", "user.email", "tests@example.com"]);
-    git(root, &["config", "user.name", "xtask tests"]);
     let registry_path = format!("{}/realtest", registry());
     let env = [("XTASK_REGISTRY", registry_path.as_str())];
     // The seed's manual check, automated: a random string committed into
-    // the backend's source must be in the binary the cluster runs.
+    // the backend's source must be in the binary the cluster runs, and one
+    // committed into a page component in the frontend's .next output and
+    // in the page it serves.
     let seed_marker = add_marker_route(root, "/api/seed");
-    let first = commit_all(root, "backend: a seed marker");
+    let page_marker = set_page_marker(root);
+    let first = commit_all(root, "backend and frontend: seed markers");
 
     // Phase 1: a fresh build of both images; tags, labels and /version say HEAD.
     let build = xtask(root, &["build", "--push"], &env);
@@ -218,6 +292,7 @@ fn real_images_build_fresh_run_by_digest_and_never_serve_stale_code() {
     )
     .unwrap();
     let mut old_backend = String::new();
+    let mut first_frontend = String::new();
     for image in file["images"].as_array().unwrap() {
         let name = image["name"].as_str().unwrap();
         let digest = image["digest"].as_str().unwrap();
@@ -242,8 +317,40 @@ fn real_images_build_fresh_run_by_digest_and_never_serve_stale_code() {
         assert_eq!(label, first, "{name} revision label");
         if name == "aiq-agent" {
             old_backend = pinned;
+        } else {
+            first_frontend = pinned;
         }
     }
+    // Every build step ran without a network and took its packages from
+    // the dependency stores, checked against the lockfiles.
+    assert!(
+        build.stderr.contains("crates match Cargo.lock")
+            && build.stderr.contains("packages match package-lock.json"),
+        "{}",
+        build.stderr
+    );
+    let files = next_output_holding(&first_frontend, &page_marker);
+    assert!(
+        files.contains("/app/.next/server/"),
+        "the marker is in the server output: {files}"
+    );
+    let (container, addr) = run_ready(
+        &["--read-only", "--env", "BACKEND_URL=http://127.0.0.1:9"],
+        &first_frontend,
+        Some(3000),
+    );
+    let addr = addr.unwrap();
+    let (_, page) = http_get(&addr, "/").unwrap();
+    let frontend_version = revision_at(&addr, "/version");
+    let (unreachable, reason) = http_get(&addr, "/backend/version").unwrap();
+    ok(root, "docker", &["rm", "--force", &container]);
+    assert!(page.contains(&page_marker), "{page}");
+    assert_eq!(frontend_version, first);
+    assert_eq!(unreachable, 502, "{reason}");
+    assert!(
+        reason.contains("http://127.0.0.1:9 unreachable"),
+        "{reason}"
+    );
     let (container, addr) = run_ready(&[], &old_backend, Some(8000));
     let addr = addr.unwrap();
     let version: serde_json::Value =
@@ -271,12 +378,40 @@ fn real_images_build_fresh_run_by_digest_and_never_serve_stale_code() {
     );
     deploy.assert_ok();
     assert_marker_running(&seed_marker);
+    assert_page_marker_running(&page_marker, None);
     xtask(root, &["verify", "--context", CLUSTER_CONTEXT], &env).assert_ok();
 
-    // Phase 2: `up` runs the stack; both answer HEAD and the page says "match".
+    // Phase 2: `up` runs the stack; both answer HEAD and the page says
+    // "match". The configured base registry cannot be reached (no Docker
+    // Hub here), so `up` takes the base images from the local mirror.
     let _ = xtask(root, &["down", "--project", PROJECT], &[]);
-    let started = up(root, &[]);
+    let unreachable_bases = format!("127.0.0.1:{}/library", free_port());
+    let started = xtask(
+        root,
+        &[
+            "up",
+            "--cache",
+            "--project",
+            PROJECT,
+            "--frontend-port",
+            FRONTEND_PORT,
+            "--backend-port",
+            BACKEND_PORT,
+        ],
+        &[
+            ("XTASK_LOCAL_REGISTRY", &registry()),
+            ("XTASK_BASE_REGISTRY", &unreachable_bases),
+        ],
+    );
     started.assert_ok();
+    assert!(
+        started.stderr.contains(&format!(
+            "base images cannot be pulled from {unreachable_bases}; using the local mirror {}/library",
+            registry()
+        )),
+        "{}",
+        started.stderr
+    );
     assert!(
         started
             .stdout
@@ -292,9 +427,11 @@ fn real_images_build_fresh_run_by_digest_and_never_serve_stale_code() {
     assert_eq!(page_state(&dom), "match", "{dom}");
     assert!(dom.matches(&first).count() >= 2, "both revisions shown");
 
-    // Phase 3: a one-line backend change, committed; a cached `up` serves it.
+    // Phase 3: a one-line change to each service, committed; a cached `up`
+    // serves it.
     let marker = add_marker_route(root, "/api/marker");
-    let second = commit_all(root, "backend: add a marker route");
+    let second_page_marker = set_page_marker(root);
+    let second = commit_all(root, "backend and frontend: new markers");
     let json = up(root, &["--json"]);
     json.assert_ok();
     let events = parse_events(&json.stdout);
@@ -307,6 +444,11 @@ fn real_images_build_fresh_run_by_digest_and_never_serve_stale_code() {
         (status, body.as_str()),
         (200, marker.as_str()),
         "the new code serves, through the frontend's proxy"
+    );
+    let (_, page) = http_get(&frontend(), "/").unwrap();
+    assert!(
+        page.contains(&second_page_marker) && !page.contains(&page_marker),
+        "the cached build serves the new page: {page}"
     );
     assert!(
         project_containers(Some(&first)).is_empty(),
@@ -321,6 +463,7 @@ fn real_images_build_fresh_run_by_digest_and_never_serve_stale_code() {
     cached.assert_ok();
     assert!(!cached.stderr.contains("--no-cache"), "{}", cached.stderr);
     assert_marker_running(&marker);
+    assert_page_marker_running(&second_page_marker, Some(&page_marker));
     xtask(root, &["verify", "--context", CLUSTER_CONTEXT], &env).assert_ok();
 
     // Phase 4: the new frontend in front of the old backend says "differ".
@@ -356,7 +499,71 @@ fn real_images_build_fresh_run_by_digest_and_never_serve_stale_code() {
     let mixed_addr = mixed_addr.unwrap();
     wait_http(&mixed_addr, "/backend/version", 20);
     let dom = browse(&format!("http://{mixed_addr}/"), "page-differ.png");
+    // SIGTERM: the frontend drains, not ready but alive, before it exits.
+    ok(root, "docker", &["kill", "--signal", "TERM", &mixed]);
+    let readiness = http_get(&mixed_addr, "/readyz").unwrap();
+    let liveness = http_get(&mixed_addr, "/healthz").unwrap();
     ok(root, "docker", &["rm", "--force", &old, &mixed]);
+    assert_eq!(page_state(&dom), "differ", "{dom}");
+    assert_eq!(readiness, (503, "draining".to_owned()));
+    assert_eq!(liveness.0, 200);
+
+    // Phase 4b: the seed flow. An environment that knows the backend's
+    // public address bakes it into the frontend as NEXT_PUBLIC_BACKEND_URL,
+    // and the page asks the backend there, not through the frontend's proxy
+    // (which points nowhere here).
+    let cargo_toml = root.join("Cargo.toml");
+    let manifest = std::fs::read_to_string(&cargo_toml).unwrap();
+    let seeded = manifest.replacen(
+        "lockfile = \"frontend/package-lock.json\"",
+        "lockfile = \"frontend/package-lock.json\"\nseed = { build_arg = \"NEXT_PUBLIC_BACKEND_URL\", service = \"aiq-agent\" }",
+        1,
+    ) + &format!(
+        "\n[workspace.metadata.xtask.environments.seeded]\nseed_args = {{ NEXT_PUBLIC_BACKEND_URL = \"http://{}\" }}\n",
+        backend()
+    );
+    assert_ne!(manifest, seeded);
+    std::fs::write(&cargo_toml, seeded).unwrap();
+    commit_all(root, "a seeded environment");
+    xtask(
+        root,
+        &[
+            "build",
+            "--cache",
+            "--push",
+            "--env",
+            "seeded",
+            "aiq-frontend",
+        ],
+        &env,
+    )
+    .assert_ok();
+    let file: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(root.join("target/xtask/build.json")).unwrap(),
+    )
+    .unwrap();
+    let seeded_frontend = format!(
+        "{registry_path}/aiq-frontend@{}",
+        file["images"][0]["digest"].as_str().unwrap()
+    );
+    let (seeded, seeded_addr) = run_ready(
+        &["--env", "BACKEND_URL=http://127.0.0.1:9"],
+        &seeded_frontend,
+        Some(3000),
+    );
+    let dom = browse(
+        &format!("http://{}/", seeded_addr.unwrap()),
+        "page-seeded.png",
+    );
+    ok(root, "docker", &["rm", "--force", &seeded]);
+    assert!(
+        dom.contains(&format!("http://{}/version", backend())),
+        "the page names the baked address: {dom}"
+    );
+    assert!(
+        dom.contains(&format!("id=\"backend-revision\">{second}<")),
+        "the backend answered at its public address: {dom}"
+    );
     assert_eq!(page_state(&dom), "differ", "{dom}");
 
     // Phase 5: a backend that never becomes ready is refused; the previous

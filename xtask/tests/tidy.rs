@@ -72,3 +72,25 @@ fn manifests_name_services_by_their_short_name() {
         );
     }
 }
+
+/// The services' builds reach nothing: every RUN step of their Dockerfiles
+/// has no network (dependencies come from the stores), and the real fresh
+/// build in `real_images.rs` succeeds that way.
+#[test]
+fn every_build_step_of_the_services_runs_without_a_network() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    for dockerfile in ["backend/Dockerfile", "frontend/Dockerfile"] {
+        let text = std::fs::read_to_string(root.join(dockerfile)).unwrap();
+        let runs: Vec<&str> = text
+            .lines()
+            .filter(|l| l.trim_start().to_ascii_uppercase().starts_with("RUN "))
+            .collect();
+        assert!(!runs.is_empty(), "{dockerfile} has RUN steps");
+        for run in runs {
+            assert!(
+                run.contains("--network=none"),
+                "{dockerfile}: `{run}` may reach the network"
+            );
+        }
+    }
+}

@@ -126,6 +126,24 @@ pub fn init_repo(dir: &Path) {
     git(dir, &["config", "user.name", "xtask tests"]);
 }
 
+/// A clone of the project's HEAD, with a committer set.
+pub fn clone_project(label: &str) -> TempDir {
+    let clone = TempDir::new(label);
+    ok(
+        Path::new("."),
+        "git",
+        &[
+            "clone",
+            "--quiet",
+            &project_root().display().to_string(),
+            &clone.path().display().to_string(),
+        ],
+    );
+    git(clone.path(), &["config", "user.email", "tests@example.com"]);
+    git(clone.path(), &["config", "user.name", "xtask tests"]);
+    clone
+}
+
 pub fn commit_all(dir: &Path, message: &str) -> String {
     git(dir, &["add", "--all"]);
     git(dir, &["commit", "--quiet", "--message", message]);
