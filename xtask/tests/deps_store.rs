@@ -184,7 +184,7 @@ fn a_changed_lockfile_names_a_new_store_and_offline_never_downloads() {
     );
     assert!(dry.stdout.contains("$ npm ci --cache"), "{}", dry.stdout);
     assert!(
-        dry.stdout.contains("$ cargo fetch --locked"),
+        dry.stdout.contains("cargo fetch --locked --manifest-path"),
         "{}",
         dry.stdout
     );
