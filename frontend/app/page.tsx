@@ -1,7 +1,10 @@
 import { version } from "@/lib/version";
 import { BackendCheck } from "./backend-check";
 
-// Prerendered at build time: the frontend's revision is in the HTML itself.
+// The frontend's revision is in the HTML itself. Rendered per request with
+// no-store, so no CDN can keep an old page after a deploy.
+export const dynamic = "force-dynamic";
+
 export default function Home() {
   return (
     <main data-revision={version.revision}>

@@ -20,6 +20,8 @@ const REGISTRY_IMAGE: &str = "registry:2";
 
 /// `GET http://{addr}{path}`; returns the status code and body. Enough for
 /// health probes and the registry API, without an HTTP client dependency.
+/// HTTP/1.0, so the answer comes whole, never chunked (Next.js chunks
+/// HTTP/1.1 answers).
 pub fn http_get(addr: &str, path: &str, timeout: Duration) -> Result<(u16, String)> {
     http_get_as(addr, path, timeout, None)
 }
@@ -43,7 +45,7 @@ fn http_get_as(
     let authorization = auth.map_or(String::new(), |a| format!("Authorization: Basic {a}\r\n"));
     write!(
         stream,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\n{authorization}Accept: application/vnd.docker.distribution.manifest.v2+json, application/vnd.oci.image.manifest.v1+json, application/vnd.oci.image.index.v1+json, */*\r\nConnection: close\r\n\r\n"
+        "GET {path} HTTP/1.0\r\nHost: {addr}\r\n{authorization}Accept: application/vnd.docker.distribution.manifest.v2+json, application/vnd.oci.image.manifest.v1+json, application/vnd.oci.image.index.v1+json, */*\r\n\r\n"
     )?;
     let mut response = Vec::new();
     stream

@@ -1,8 +1,9 @@
 import { version } from "@/lib/version";
 
-// Rendered once at build time: the revision this image was built from.
-export const dynamic = "force-static";
+// The revision this image was built from (inlined at build time). Answered
+// per request with no-store, so no CDN can keep an old one after a deploy.
+export const dynamic = "force-dynamic";
 
 export function GET(): Response {
-  return Response.json(version);
+  return Response.json(version, { headers: { "cache-control": "no-store" } });
 }

@@ -372,7 +372,8 @@ pub fn kubectl_json(args: &[&str]) -> serde_json::Value {
     serde_json::from_str(&text).unwrap_or_else(|e| panic!("kubectl {args:?}: {e}: {text}"))
 }
 
-/// An HTTP request with no body → (status, body).
+/// An HTTP request with no body → (status, body). HTTP/1.0, so the
+/// answer comes whole, never chunked.
 pub fn http_request(
     addr: &str,
     method: &str,
@@ -383,7 +384,7 @@ pub fn http_request(
     stream.set_read_timeout(Some(Duration::from_secs(10)))?;
     write!(
         stream,
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nAccept: {accept}\r\nConnection: close\r\n\r\n"
+        "{method} {path} HTTP/1.0\r\nHost: {addr}\r\nAccept: {accept}\r\n\r\n"
     )?;
     let mut response = String::new();
     stream.read_to_string(&mut response)?;
