@@ -13,6 +13,7 @@ use serde::Deserialize;
 
 use crate::{
     config::{self, Config, Image},
+    docker,
     exec::{refuse, Cmd, Exec},
 };
 
@@ -49,6 +50,9 @@ pub struct Store {
     pub lockfile: PathBuf,
     /// `<cache>/deps/<kind>-<first 16 hex digits of the lockfile's sha256>`.
     pub dir: PathBuf,
+    /// Where npm runs to fill an npm store on a machine without npm: the
+    /// image's first base image (Docker is all a newcomer needs).
+    npm_image: Option<String>,
 }
 
 impl Store {
@@ -65,10 +69,14 @@ impl Store {
             .with_context(|| format!("hashing {}", lockfile.display()))?;
         let key = sum.get(..16).context("sha256sum printed no sum")?;
         let dir = config::deps_dir().join(format!("{}-{key}", kind.name()));
+        let npm_image = docker::base_images_of(config, std::slice::from_ref(image))?
+            .first()
+            .map(|base| format!("{}/{base}", config.base_registry));
         Ok(Some(Store {
             kind,
             lockfile,
             dir,
+            npm_image,
         }))
     }
 
@@ -127,7 +135,8 @@ impl Store {
     }
 
     /// The download: `cargo fetch` into cargo's own cache, or `npm ci` with
-    /// the store as its cache (in a scratch copy of the package files).
+    /// the store as its cache (in a scratch copy of the package files; in a
+    /// container of the image's base when this machine has no npm).
     fn fetch_command(&self, partial: &Path, offline: bool) -> Cmd {
         match self.kind {
             Kind::Cargo => {
@@ -140,17 +149,25 @@ impl Store {
                 }
                 cmd
             }
-            Kind::Npm => Cmd::new("npm")
-                .args(["ci", "--cache"])
-                .arg(partial.display().to_string())
-                .args([
-                    "--ignore-scripts",
-                    "--no-audit",
-                    "--no-fund",
-                    "--logs-max=0",
-                ])
-                .arg("--prefix")
-                .arg(partial.join("install").display().to_string()),
+            Kind::Npm => {
+                let ci = ["ci", "--ignore-scripts", "--no-audit", "--no-fund", "--logs-max=0"];
+                match (which::which("npm"), &self.npm_image) {
+                    (Err(_), Some(image)) => Cmd::new("docker")
+                        .args(["run", "--rm", "--user"])
+                        .arg(crate::exec::user_and_group().unwrap_or_else(|| "0:0".into()))
+                        .args(["--env", "HOME=/tmp", "--volume"])
+                        .arg(format!("{}:/store", partial.display()))
+                        .args(["--workdir", "/store/install", image, "npm"])
+                        .args(ci)
+                        .args(["--cache", "/store"]),
+                    _ => Cmd::new("npm")
+                        .args(ci)
+                        .arg("--cache")
+                        .arg(partial.display().to_string())
+                        .arg("--prefix")
+                        .arg(partial.join("install").display().to_string()),
+                }
+            }
         }
     }
 

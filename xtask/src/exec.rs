@@ -499,16 +499,21 @@ pub fn cargo() -> String {
     std::env::var("CARGO").unwrap_or_else(|_| "cargo".into())
 }
 
+/// This process's real user and group ids, as `uid:gid`.
+pub fn user_and_group() -> Option<String> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let id = |key: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(key))
+            .and_then(|l| l.split_whitespace().next().map(str::to_owned))
+    };
+    Some(format!("{}:{}", id("Uid:")?, id("Gid:")?))
+}
+
 /// Whether this process runs as root (real uid 0).
 pub fn is_root() -> bool {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("Uid:"))
-                .and_then(|l| l.split_whitespace().next().map(|uid| uid == "0"))
-        })
-        .unwrap_or(false)
+    user_and_group().is_some_and(|ids| ids.starts_with("0:"))
 }
 
 /// Finds a tool on PATH, or refuses naming it and how to install it.
