@@ -150,7 +150,14 @@ impl Store {
                 cmd
             }
             Kind::Npm => {
-                let ci = ["ci", "--ignore-scripts", "--no-audit", "--no-fund", "--logs-max=0"];
+                let ci = [
+                    "ci",
+                    "--ignore-scripts",
+                    "--no-audit",
+                    "--no-fund",
+                    "--no-update-notifier",
+                    "--logs-max=0",
+                ];
                 match (which::which("npm"), &self.npm_image) {
                     (Err(_), Some(image)) => Cmd::new("docker")
                         .args(["run", "--rm", "--user"])
