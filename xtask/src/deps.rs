@@ -178,6 +178,22 @@ impl Store {
         }
     }
 
+    /// `npm ci` of an npm store's package, offline, from the store; run in
+    /// the lockfile's directory.
+    pub fn install_offline(&self) -> Cmd {
+        Cmd::new("npm")
+            .args([
+                "ci",
+                "--offline",
+                "--ignore-scripts",
+                "--no-audit",
+                "--no-fund",
+                "--logs-max=0",
+                "--cache",
+            ])
+            .arg(self.dir.display().to_string())
+    }
+
     /// Every `.crate` the lockfile pins, copied from cargo's download cache
     /// after `cargo fetch` (which verifies each download's checksum).
     fn fill_cargo(&self, exec: &Exec, partial: &Path, offline: bool) -> Result<()> {

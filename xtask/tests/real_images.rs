@@ -207,25 +207,20 @@ fn next_output_holding(image: &str, marker: &str) -> String {
     )
 }
 
+/// `kubectl exec` of `command` in `pod` of the real manifests' namespace.
+fn exec_in(pod: &str, command: &[&str]) -> String {
+    let mut args = vec!["--namespace", NAMESPACE, "exec", pod, "--"];
+    args.extend_from_slice(command);
+    kubectl(&args)
+}
+
 /// Every ready frontend pod has `marker` in its `.next` output and serves
 /// it on `/`, and no longer serves `stale` (the previous commit's marker).
 fn assert_page_marker_running(marker: &str, stale: Option<&str>) {
     let ready = serving_pods(NAMESPACE, "app.kubernetes.io/name=aiq-frontend");
     assert_eq!(ready.len(), 2, "{ready:?}");
     for (pod, _) in &ready {
-        let files = kubectl(&[
-            "--namespace",
-            NAMESPACE,
-            "exec",
-            pod,
-            "--",
-            "grep",
-            "-r",
-            "-l",
-            "-F",
-            marker,
-            "/app/.next",
-        ]);
+        let files = exec_in(pod, &["grep", "-r", "-l", "-F", marker, "/app/.next"]);
         assert!(!files.is_empty(), "{pod}'s .next output lacks {marker}");
         let ip = kubectl(&[
             "--namespace",
@@ -253,17 +248,10 @@ fn assert_marker_running(marker: &str) {
     let ready = serving_pods(NAMESPACE, "app.kubernetes.io/name=aiq-agent");
     assert_eq!(ready.len(), 2, "{ready:?}");
     for (pod, _) in &ready {
-        let found = kubectl(&[
-            "--namespace",
-            NAMESPACE,
-            "exec",
+        let found = exec_in(
             pod,
-            "--",
-            "grep",
-            "--count",
-            marker,
-            "/usr/local/bin/aiq-agent",
-        ]);
+            &["grep", "--count", marker, "/usr/local/bin/aiq-agent"],
+        );
         assert_ne!(found, "0", "{pod} runs a binary without {marker}");
     }
 }

@@ -102,19 +102,7 @@ fn frontend_checks(exec: &Exec, config: &Config) -> Result<()> {
             .parent()
             .context("lockfile has a directory")?;
         let _in_package = exec.sh.push_dir(dir);
-        exec.run_anyway(
-            &Cmd::new("npm")
-                .args([
-                    "ci",
-                    "--offline",
-                    "--ignore-scripts",
-                    "--no-audit",
-                    "--no-fund",
-                    "--logs-max=0",
-                ])
-                .arg("--cache")
-                .arg(store.dir.display().to_string()),
-        )?;
+        exec.run_anyway(&store.install_offline())?;
         exec.run_anyway(&Cmd::new("npm").args(["run", "typecheck"]))?;
         exec.run_anyway(&Cmd::new("npm").args(["run", "lint"]))?;
         checked += 1;
