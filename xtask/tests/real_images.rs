@@ -59,12 +59,50 @@ fn project_containers(revision: Option<&str>) -> Vec<String> {
         .collect()
 }
 
+/// The label of the containers this test starts by hand.
+const STARTED_HERE: &str = "org.aiq.test=real-images";
+
+/// Removes every container this test started by hand when dropped, so a
+/// failed phase leaves none behind (and an earlier failed run's are gone
+/// when it is created).
+struct StartedHere;
+
+impl StartedHere {
+    fn new() -> StartedHere {
+        StartedHere.remove_all();
+        StartedHere
+    }
+
+    fn remove_all(&self) {
+        let ids = ok(
+            Path::new("."),
+            "docker",
+            &[
+                "ps",
+                "--all",
+                "--quiet",
+                "--filter",
+                &format!("label={STARTED_HERE}"),
+            ],
+        );
+        for id in ids.lines() {
+            let _ = run(Path::new("."), "docker", &["rm", "--force", id]);
+        }
+    }
+}
+
+impl Drop for StartedHere {
+    fn drop(&mut self) {
+        self.remove_all();
+    }
+}
+
 /// `docker run --detach` of `image` with `args`; with `port`, publishes it
 /// on an ephemeral loopback port and waits for `/readyz` there. Returns the
 /// container id and that address.
 fn run_ready(args: &[&str], image: &str, port: Option<u16>) -> (String, Option<String>) {
     let publish = port.map(|p| format!("127.0.0.1::{p}"));
-    let mut all = vec!["run", "--detach"];
+    let mut all = vec!["run", "--detach", "--label", STARTED_HERE];
     all.extend_from_slice(args);
     if let Some(publish) = &publish {
         all.extend(["--publish", publish]);
@@ -259,6 +297,7 @@ fn assert_marker_running(marker: &str) {
 #[test]
 fn real_images_build_fresh_run_by_digest_and_never_serve_stale_code() {
     require_docker();
+    let _started_here = StartedHere::new();
     let clone = clone_project("real");
     let root = clone.path();
     let registry_path = format!("{}/realtest", registry());
