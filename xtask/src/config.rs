@@ -7,7 +7,10 @@ use anyhow::{Context, Result};
 use clap::Args;
 use serde::Deserialize;
 
-use crate::exec::{refuse, Cmd, Exec};
+use crate::{
+    exec::{Cmd, Exec},
+    exit::refuse,
+};
 
 /// The table as written in the root `Cargo.toml`.
 #[derive(Debug, Deserialize)]
@@ -304,7 +307,7 @@ impl Config {
     /// `images` with the environment's seed values set as build args; a
     /// seeded image without a value keeps its Dockerfile default, and is
     /// reported so.
-    pub fn with_seed_values(&self, images: Vec<Image>, out: &crate::exec::Output) -> Vec<Image> {
+    pub fn with_seed_values(&self, images: Vec<Image>, out: &crate::output::Output) -> Vec<Image> {
         images
             .into_iter()
             .map(|mut image| {
@@ -510,7 +513,7 @@ mod tests {
         let typo = METADATA.replace("\"registry\"", "\"registy\"");
         let err = load(&typo, &[], Overrides::default()).unwrap_err();
         assert!(err.to_string().contains("registy"), "{err}");
-        assert_eq!(crate::exec::exit_code(&err), 2);
+        assert_eq!(crate::exit::exit_code(&err), 2);
 
         let bad_registry = [("XTASK_REGISTRY", "https://x/")];
         let err = load(METADATA, &bad_registry, Overrides::default()).unwrap_err();
@@ -524,7 +527,7 @@ mod tests {
             "\"rollout_order\": [\"aiq-agent\", \"aiq-fronted\"], \"images\"",
         );
         let err = load(&json, &[], Overrides::default()).unwrap_err();
-        assert_eq!(crate::exec::exit_code(&err), 2);
+        assert_eq!(crate::exit::exit_code(&err), 2);
         assert!(
             format!("{err}").contains("rollout_order names \"aiq-fronted\""),
             "{err}"

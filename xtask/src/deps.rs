@@ -14,7 +14,8 @@ use serde::Deserialize;
 use crate::{
     config::{self, Config, Image},
     docker,
-    exec::{refuse, Cmd, Exec},
+    exec::{Cmd, Exec},
+    exit::refuse,
 };
 
 /// What kind of packages a lockfile pins, from its file name.

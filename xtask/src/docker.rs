@@ -13,8 +13,10 @@ use serde_json::json;
 use crate::{
     config::{Config, Image, RegistryLogin},
     deps::{self, Store},
-    exec::{progress_style, refuse, require_tool, Cmd, Exec},
+    exec::{require_tool, Cmd, Exec},
+    exit::refuse,
     git::Revision,
+    output::progress_style,
     time::rfc3339,
 };
 

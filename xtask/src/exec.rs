@@ -1,17 +1,17 @@
 //! The one place external commands are echoed, run, or (with `--dry-run`)
-//! only printed; step timing; the error type that picks the exit code.
+//! only printed: `Cmd` and its shell quoting, the runner, numbered and
+//! timed steps, and finding tools.
 
-use std::{
-    cell::Cell,
-    fmt,
-    io::{IsTerminal, Write},
-    process::Stdio,
-    time::Instant,
-};
+use std::{cell::Cell, fmt, io::Write, process::Stdio, time::Instant};
 
 use anyhow::{bail, Context, Result};
 use serde_json::json;
 use xshell::Shell;
+
+use crate::{
+    exit::refuse,
+    output::{Output, BOLD, GREEN, RED},
+};
 
 /// A command line as data, so it can be echoed with real shell quoting,
 /// printed by `--dry-run`, and checked by tests.
@@ -62,7 +62,6 @@ impl Cmd {
         self
     }
 
-    #[cfg(test)]
     pub fn argv(&self) -> &[String] {
         &self.argv
     }
@@ -319,181 +318,6 @@ impl<'a> Exec<'a> {
     }
 }
 
-const BOLD: &str = "1";
-pub const GREEN: &str = "32";
-pub const RED: &str = "31";
-
-/// Where output goes and how it looks. Human output is on stderr, with
-/// colour only on a terminal without `CI` or `NO_COLOR`. Stdout carries
-/// either the human results (dry-run lines, summaries) or, with `--json`,
-/// newline-delimited JSON events and nothing else.
-#[derive(Clone, Copy, Debug)]
-pub struct Output {
-    pub json: bool,
-    pub colour: bool,
-}
-
-impl Output {
-    pub fn detect(json: bool) -> Output {
-        Output {
-            json,
-            colour: !plain_terminal(),
-        }
-    }
-
-    /// One event on stdout, when `--json` asked for them.
-    pub fn event(&self, kind: &str, fields: serde_json::Value) {
-        if !self.json {
-            return;
-        }
-        let mut event =
-            json!({"event": kind, "time": crate::time::rfc3339(crate::time::now_epoch())});
-        if let (Some(event), serde_json::Value::Object(fields)) = (event.as_object_mut(), fields) {
-            event.extend(fields);
-        }
-        let mut stdout = std::io::stdout().lock();
-        let _ = writeln!(stdout, "{event}");
-        let _ = stdout.flush();
-    }
-
-    /// A result line: stdout for people and scripts, stderr under `--json`
-    /// (where the same facts travel as events).
-    pub fn result(&self, line: &str) {
-        if self.json {
-            eprintln!("{line}");
-        } else {
-            println!("{line}");
-        }
-    }
-
-    /// A warning: on stderr, and as an event under `--json`.
-    pub fn warn(&self, message: &str) {
-        eprintln!("{} {message}", self.paint("33", "warning:"));
-        self.event("warning", json!({ "message": message }));
-    }
-
-    /// A command about to run (echoed on stderr), or printed as the plan by
-    /// a dry run (stdout).
-    fn command(&self, cmd: &Cmd, dry_run: bool) {
-        self.command_line(&cmd.argv, &cmd.to_string(), dry_run);
-    }
-
-    /// [`Output::command`] for a line that says more than argv (a
-    /// daemon's redirections).
-    fn command_line(&self, argv: &[String], line: &str, dry_run: bool) {
-        self.event(
-            "command",
-            json!({"argv": argv, "line": line, "dry_run": dry_run}),
-        );
-        if dry_run {
-            self.result(&format!("$ {line}"));
-        } else {
-            eprintln!("{}", self.paint("2", &format!("$ {line}")));
-        }
-    }
-
-    /// `text` in an ANSI colour when colour is on.
-    pub fn paint(&self, colour: &str, text: &str) -> String {
-        if self.colour {
-            format!("\x1b[{colour}m{text}\x1b[0m")
-        } else {
-            text.to_owned()
-        }
-    }
-}
-
-/// Plain lines, no colour or live progress: when `CI` or `NO_COLOR` is set,
-/// or stderr is not a terminal.
-fn plain_terminal() -> bool {
-    std::env::var_os("CI").is_some()
-        || std::env::var_os("NO_COLOR").is_some()
-        || !std::io::stderr().is_terminal()
-}
-
-/// BuildKit's progress style: live on a terminal, plain lines elsewhere.
-pub fn progress_style() -> &'static str {
-    if plain_terminal() {
-        "plain"
-    } else {
-        "auto"
-    }
-}
-
-/// A failure whose exit code is not the default 1; `main` exits with the
-/// code of the first one in an error's chain.
-#[derive(Debug)]
-pub struct ExitCode {
-    pub code: u8,
-    pub message: String,
-}
-
-impl fmt::Display for ExitCode {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.message)
-    }
-}
-
-impl std::error::Error for ExitCode {}
-
-/// A refusal before anything started (bad usage, configuration, a missing
-/// tool, a dirty tree): exit code 2.
-pub fn refuse(message: impl Into<String>) -> anyhow::Error {
-    anyhow::Error::new(ExitCode {
-        code: 2,
-        message: message.into(),
-    })
-}
-
-/// A deploy failed and so did its rollback, so the cluster is in neither the
-/// old nor the new state: exit code 3.
-pub fn rollback_failed(message: impl Into<String>) -> anyhow::Error {
-    anyhow::Error::new(ExitCode {
-        code: 3,
-        message: message.into(),
-    })
-}
-
-/// Set by the first Ctrl-C or SIGTERM once [`catch_interrupts`] ran.
-static INTERRUPTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
-
-/// Turns Ctrl-C and SIGTERM (a cancelled CI job) into a flag the deploy
-/// checks between steps and at every poll, so it can write "interrupted"
-/// into the history and release its lock before exiting 130. A second
-/// signal exits at once; the lock then expires by itself.
-pub fn catch_interrupts() -> Result<()> {
-    ctrlc::set_handler(|| {
-        if INTERRUPTED.swap(true, std::sync::atomic::Ordering::SeqCst) {
-            std::process::exit(130);
-        }
-        eprintln!("interrupted: recording it in the deploy history and releasing the lock (again to quit at once)");
-    })
-    .context("installing the Ctrl-C handler")
-}
-
-/// Fails with exit code 130 once an interrupt arrived.
-pub fn check_interrupted() -> Result<()> {
-    if was_interrupted() {
-        return Err(anyhow::Error::new(ExitCode {
-            code: 130,
-            message: "interrupted".into(),
-        }));
-    }
-    Ok(())
-}
-
-/// Whether the work stopped because of an interrupt.
-pub fn was_interrupted() -> bool {
-    INTERRUPTED.load(std::sync::atomic::Ordering::SeqCst)
-}
-
-/// The exit code an error calls for: its [`ExitCode`], else 1 (failed work).
-pub fn exit_code(error: &anyhow::Error) -> u8 {
-    error
-        .chain()
-        .find_map(|cause| cause.downcast_ref::<ExitCode>())
-        .map_or(1, |e| e.code)
-}
-
 /// The cargo that runs us (`cargo xtask` sets CARGO), else the one on PATH.
 pub fn cargo() -> String {
     std::env::var("CARGO").unwrap_or_else(|_| "cargo".into())
@@ -574,13 +398,5 @@ mod tests {
         );
         assert_eq!(shell_quote("a b"), "'a b'");
         assert_eq!(shell_quote("it's"), r"'it'\''s'");
-    }
-
-    #[test]
-    fn refusals_exit_2_and_failures_exit_1() {
-        assert_eq!(exit_code(&refuse("no")), 2);
-        assert_eq!(exit_code(&refuse("no").context("while building")), 2);
-        assert_eq!(exit_code(&anyhow::anyhow!("push failed")), 1);
-        assert_eq!(exit_code(&rollback_failed("x")), 3);
     }
 }

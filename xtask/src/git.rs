@@ -2,7 +2,10 @@
 
 use anyhow::{Context, Result};
 
-use crate::exec::{refuse, Cmd, Exec};
+use crate::{
+    exec::{Cmd, Exec},
+    exit::refuse,
+};
 
 /// Short SHAs in tags are 12 hex digits: unambiguous in any real repository,
 /// short enough to read.

@@ -150,7 +150,7 @@ impl History {
 
     /// Warns when the newest entry never finished (interrupted, or killed
     /// if nobody holds the lock), saying what it had got to.
-    pub fn warn_unfinished(&self, out: &crate::exec::Output, lock_held: bool) {
+    pub fn warn_unfinished(&self, out: &crate::output::Output, lock_held: bool) {
         if let Some((_, last)) = self.entries.last().filter(|(_, e)| e.unfinished(lock_held)) {
             out.warn(&format!(
                 "the previous run did not finish: {}. Deploy again, or `cargo xtask rollback` to undo what it changed",

@@ -6,7 +6,8 @@ use serde::Deserialize;
 
 use crate::{
     config::{Config, Overrides},
-    exec::{refuse, Cmd, Exec},
+    exec::{Cmd, Exec},
+    exit::refuse,
 };
 
 pub const LOCK_NAME: &str = "xtask-deploy-lock";

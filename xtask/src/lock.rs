@@ -14,7 +14,8 @@ use anyhow::{bail, Context, Result};
 use serde_json::json;
 
 use crate::{
-    exec::{refuse, Cmd, Exec},
+    exec::{Cmd, Exec},
+    exit::refuse,
     history::who,
     kube::{Kube, LOCK_NAME},
     time::{micro_time, now_epoch},
@@ -86,7 +87,7 @@ impl Lock {
     /// after Ctrl-C is caught), and releases it whatever `work` returns (a
     /// release that fails only warns: the lease then expires).
     pub fn hold<T>(kube: &Kube, reachable: bool, work: impl FnOnce() -> Result<T>) -> Result<T> {
-        crate::exec::catch_interrupts()?;
+        crate::exit::catch_interrupts()?;
         let step = format!("lock namespace {}", kube.namespace);
         let lock = kube.exec.step(step, || Lock::take(kube, reachable))?;
         let outcome = work();
@@ -201,7 +202,7 @@ fn take_over_expired(kube: &Kube, create_error: anyhow::Error) -> Result<String>
     ));
     let watched = Instant::now();
     while watched.elapsed() < Duration::from_secs(duration.max(0) as u64) {
-        crate::exec::check_interrupted()?;
+        crate::exit::check_interrupted()?;
         std::thread::sleep(Duration::from_secs(1));
         match kube.get::<serde_json::Value>("lease", LOCK_NAME)? {
             None => {

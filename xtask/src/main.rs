@@ -7,10 +7,12 @@ mod config;
 mod deps;
 mod docker;
 mod exec;
+mod exit;
 mod git;
 mod history;
 mod kube;
 mod lock;
+mod output;
 mod registry;
 mod rollout;
 mod time;
@@ -52,18 +54,18 @@ enum Command {
 fn main() -> ExitCode {
     // clap exits by itself: 0 for --help/--version, 2 for usage errors.
     let cli = Cli::parse();
-    let output = exec::Output::detect(cli.json);
+    let output = output::Output::detect(cli.json);
     let started = std::time::Instant::now();
     let outcome = run(cli, output);
-    let mut code = outcome.as_ref().err().map_or(0, exec::exit_code);
+    let mut code = outcome.as_ref().err().map_or(0, exit::exit_code);
     // A child killed by the same Ctrl-C fails its own way; the cause is the
     // interrupt.
-    if code != 0 && exec::was_interrupted() {
+    if code != 0 && exit::was_interrupted() {
         code = 130;
     }
     let error = outcome.as_ref().err().map(|e| format!("{e:#}"));
     if let Some(error) = &error {
-        eprintln!("{} {error}", output.paint(exec::RED, "error:"));
+        eprintln!("{} {error}", output.paint(output::RED, "error:"));
     }
     output.event(
         "result",
@@ -77,7 +79,7 @@ fn main() -> ExitCode {
     ExitCode::from(code)
 }
 
-fn run(cli: Cli, output: exec::Output) -> anyhow::Result<()> {
+fn run(cli: Cli, output: output::Output) -> anyhow::Result<()> {
     let sh = Shell::new()?;
     let exec = exec::Exec::new(&sh, cli.dry_run, output);
     match cli.command {

@@ -10,7 +10,10 @@ use std::{
 
 use anyhow::{bail, Context, Result};
 
-use crate::exec::{refuse, Cmd, Exec};
+use crate::{
+    exec::{Cmd, Exec},
+    exit::refuse,
+};
 
 /// Where `up` and the tests put images when `XTASK_LOCAL_REGISTRY` is not
 /// set.

@@ -15,7 +15,8 @@ use serde_json::json;
 use crate::{
     config::Config,
     docker::{self, BuiltImage},
-    exec::{check_interrupted, refuse, rollback_failed, was_interrupted, Cmd, Exec},
+    exec::{Cmd, Exec},
+    exit::{check_interrupted, refuse, rollback_failed, was_interrupted},
     git::Revision,
     history::{Record, INTERRUPTED, SUCCEEDED},
     kube::{

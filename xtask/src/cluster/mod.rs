@@ -21,7 +21,10 @@ use std::{
 use anyhow::{bail, Context, Result};
 use serde::Deserialize;
 
-use crate::exec::{refuse, Cmd, Exec};
+use crate::{
+    exec::{Cmd, Exec},
+    exit::refuse,
+};
 
 /// One pinned Kubernetes release for every binary. 1.34 is the newest
 /// minor whose kubelet still starts on cgroup v1 hosts without

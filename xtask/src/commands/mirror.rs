@@ -10,7 +10,8 @@ use clap::Args;
 use crate::{
     config::{Config, Overrides},
     docker,
-    exec::{refuse, require_tool, Cmd, Exec},
+    exec::{require_tool, Cmd, Exec},
+    exit::refuse,
     registry,
 };
 

@@ -7,7 +7,8 @@ use clap::Args;
 use crate::{
     config::Config,
     docker::BuiltImage,
-    exec::{refuse, rollback_failed, Exec},
+    exec::Exec,
+    exit::{refuse, rollback_failed},
     git::{self, Revision},
     history::{Entry, History, Record, IN_PROGRESS, SUCCEEDED},
     kube::{ClusterFlags, Kube},

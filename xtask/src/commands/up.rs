@@ -18,7 +18,8 @@ use crate::{
     },
     config::Config,
     docker::{self, BuiltImage},
-    exec::{refuse, Cmd, Exec},
+    exec::{Cmd, Exec},
+    exit::refuse,
     git::{self, Revision},
     registry,
 };
