@@ -167,7 +167,7 @@ impl Config {
     /// Reads the workspace's metadata through `cargo metadata` (run from the
     /// current directory, so any directory inside the workspace works).
     pub fn load(exec: &Exec, overrides: &Overrides) -> Result<Config> {
-        let cargo = crate::exec::cargo();
+        let cargo = crate::config::cargo();
         let json = exec
             .read(&Cmd::new(cargo).args(["metadata", "--format-version", "1", "--no-deps"]))
             .map_err(|e| refuse(format!("cannot read the workspace metadata: {e:#}")))?;
@@ -385,6 +385,63 @@ fn check_registry(key: &str, value: &str) -> Result<()> {
     Ok(())
 }
 
+// The settings read from the process environment rather than the workspace
+// metadata. Every environment variable the xtask reads is read here.
+
+/// Plain lines, no colour or live progress, asked for by `CI` or `NO_COLOR`.
+pub fn plain_output_requested() -> bool {
+    std::env::var_os("CI").is_some() || std::env::var_os("NO_COLOR").is_some()
+}
+
+/// The cargo that runs us (`cargo xtask` sets CARGO), else the one on PATH.
+pub fn cargo() -> String {
+    std::env::var("CARGO").unwrap_or_else(|_| "cargo".into())
+}
+
+/// `USE_CACHE=true` (or `1`): the same as `--cache`.
+pub fn use_cache_requested() -> bool {
+    std::env::var("USE_CACHE").is_ok_and(|v| v.eq_ignore_ascii_case("true") || v == "1")
+}
+
+/// `SOURCE_DATE_EPOCH`, for the images' `created` label.
+pub fn source_date_epoch() -> Option<i64> {
+    std::env::var("SOURCE_DATE_EPOCH").ok()?.parse().ok()
+}
+
+/// `GITHUB_RUN_ID`: the CI run a deploy is recorded with.
+pub fn ci_run_id() -> Option<String> {
+    std::env::var("GITHUB_RUN_ID").ok()
+}
+
+/// `XTASK_LOCAL_REGISTRY`: the local registry `up` and the tests use.
+pub fn local_registry() -> Option<String> {
+    std::env::var("XTASK_LOCAL_REGISTRY")
+        .ok()
+        .filter(|v| !v.is_empty())
+}
+
+/// `XTASK_KUBECTL`: the kubectl to run instead of the one on PATH.
+pub fn kubectl_override() -> Option<String> {
+    std::env::var("XTASK_KUBECTL")
+        .ok()
+        .filter(|v| !v.is_empty())
+}
+
+/// Who runs this, for the lock and the history.
+pub fn operator() -> String {
+    operator_from(|key| std::env::var(key).ok())
+}
+
+/// In GitHub Actions the person who started the run (`USER` is the
+/// runner's account there); elsewhere the login.
+fn operator_from(env: impl Fn(&str) -> Option<String>) -> String {
+    let actor = env("GITHUB_ACTOR").filter(|_| env("GITHUB_ACTIONS").as_deref() == Some("true"));
+    actor
+        .or_else(|| env("USER"))
+        .or_else(|| env("GITHUB_ACTOR"))
+        .unwrap_or_else(|| "unknown".into())
+}
+
 /// An environment variable as the OS gives it, for the few values that
 /// are paths rather than settings (`PATH`).
 pub fn env_os(key: &str) -> Option<std::ffi::OsString> {
@@ -543,5 +600,29 @@ mod tests {
             "unknown image \"nope\"; known images: aiq-agent"
         );
         assert_eq!(config.select_images(&[]).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn github_actions_records_the_actor_not_the_runner_account() {
+        let env = |vars: &'static [(&'static str, &'static str)]| {
+            move |key: &str| {
+                vars.iter()
+                    .find(|(k, _)| *k == key)
+                    .map(|(_, v)| v.to_string())
+            }
+        };
+        assert_eq!(
+            operator_from(env(&[
+                ("USER", "runner"),
+                ("GITHUB_ACTOR", "alice"),
+                ("GITHUB_ACTIONS", "true")
+            ])),
+            "alice"
+        );
+        assert_eq!(
+            operator_from(env(&[("USER", "bob"), ("GITHUB_ACTOR", "alice")])),
+            "bob"
+        );
+        assert_eq!(operator_from(env(&[])), "unknown");
     }
 }

@@ -142,7 +142,7 @@ impl Store {
         match self.kind {
             Kind::Cargo => {
                 let manifest = self.lockfile.with_file_name("Cargo.toml");
-                let mut cmd = Cmd::new(crate::exec::cargo())
+                let mut cmd = Cmd::new(crate::config::cargo())
                     .args(["fetch", "--locked", "--manifest-path"])
                     .arg(manifest.display().to_string());
                 if offline {
@@ -216,7 +216,7 @@ impl Store {
             source: Option<String>,
         }
         let json = exec.read(
-            &Cmd::new(crate::exec::cargo())
+            &Cmd::new(crate::config::cargo())
                 .args(["metadata", "--format-version", "1", "--locked", "--offline"])
                 .arg("--manifest-path")
                 .arg(manifest.display().to_string()),

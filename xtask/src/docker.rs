@@ -111,10 +111,7 @@ pub struct BuildFile {
 /// The OCI labels every image carries. `created` is the commit time (or
 /// SOURCE_DATE_EPOCH), so the same commit always describes itself the same.
 pub fn labels(image: &Image, rev: &Revision, source: &str) -> BTreeMap<String, String> {
-    let created = std::env::var("SOURCE_DATE_EPOCH")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(rev.commit_time);
+    let created = crate::config::source_date_epoch().unwrap_or(rev.commit_time);
     [
         ("org.opencontainers.image.revision", rev.sha.clone()),
         ("org.opencontainers.image.source", source.to_owned()),

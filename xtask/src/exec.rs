@@ -318,11 +318,6 @@ impl<'a> Exec<'a> {
     }
 }
 
-/// The cargo that runs us (`cargo xtask` sets CARGO), else the one on PATH.
-pub fn cargo() -> String {
-    std::env::var("CARGO").unwrap_or_else(|_| "cargo".into())
-}
-
 /// This process's real user and group ids, as `uid:gid`.
 pub fn user_and_group() -> Option<String> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;

@@ -66,7 +66,7 @@ impl Entry {
                 .collect(),
             time: rfc3339(now_epoch()),
             who: who(),
-            ci_run: std::env::var("GITHUB_RUN_ID").ok(),
+            ci_run: crate::config::ci_run_id(),
             result: IN_PROGRESS.into(),
             step: String::new(),
             changed: Vec::new(),
@@ -230,17 +230,7 @@ pub fn who() -> String {
     let host = std::fs::read_to_string("/etc/hostname")
         .map(|h| h.trim().to_owned())
         .unwrap_or_else(|_| "unknown-host".into());
-    format!("{}@{host}", user(|key| std::env::var(key).ok()))
-}
-
-/// In GitHub Actions the person who started the run (`USER` is the
-/// runner's account there); elsewhere the login.
-fn user(env: impl Fn(&str) -> Option<String>) -> String {
-    let actor = env("GITHUB_ACTOR").filter(|_| env("GITHUB_ACTIONS").as_deref() == Some("true"));
-    actor
-        .or_else(|| env("USER"))
-        .or_else(|| env("GITHUB_ACTOR"))
-        .unwrap_or_else(|| "unknown".into())
+    format!("{}@{host}", crate::config::operator())
 }
 
 /// The digests a clean build of `sha` was deployed with, from the newest
@@ -258,33 +248,4 @@ pub fn recorded_digests(history: &History, sha: &str) -> Option<BTreeMap<String,
                 .map(|(k, v)| Some((k, v?)))
                 .collect()
         })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::user;
-
-    #[test]
-    fn github_actions_records_the_actor_not_the_runner_account() {
-        let env = |vars: &'static [(&'static str, &'static str)]| {
-            move |key: &str| {
-                vars.iter()
-                    .find(|(k, _)| *k == key)
-                    .map(|(_, v)| v.to_string())
-            }
-        };
-        assert_eq!(
-            user(env(&[
-                ("USER", "runner"),
-                ("GITHUB_ACTOR", "alice"),
-                ("GITHUB_ACTIONS", "true")
-            ])),
-            "alice"
-        );
-        assert_eq!(
-            user(env(&[("USER", "bob"), ("GITHUB_ACTOR", "alice")])),
-            "bob"
-        );
-        assert_eq!(user(env(&[])), "unknown");
-    }
 }

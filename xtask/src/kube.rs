@@ -62,10 +62,7 @@ impl<'a> Kube<'a> {
     /// `XTASK_KUBECTL` if set, else kubectl from the shell's PATH (which
     /// `test` and `ci` start with the test cluster's own kubectl).
     pub fn find_kubectl(exec: &Exec) -> Result<String> {
-        if let Some(path) = std::env::var("XTASK_KUBECTL")
-            .ok()
-            .filter(|p| !p.is_empty())
-        {
+        if let Some(path) = crate::config::kubectl_override() {
             return Ok(path);
         }
         which::which_in("kubectl", exec.sh.var_os("PATH"), exec.sh.current_dir())

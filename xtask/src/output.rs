@@ -92,9 +92,7 @@ impl Output {
 /// Plain lines, no colour or live progress: when `CI` or `NO_COLOR` is set,
 /// or stderr is not a terminal.
 fn plain_terminal() -> bool {
-    std::env::var_os("CI").is_some()
-        || std::env::var_os("NO_COLOR").is_some()
-        || !std::io::stderr().is_terminal()
+    crate::config::plain_output_requested() || !std::io::stderr().is_terminal()
 }
 
 /// BuildKit's progress style: live on a terminal, plain lines elsewhere.

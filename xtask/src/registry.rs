@@ -159,10 +159,7 @@ pub fn check(exec: &Exec, registry: &str) -> Result<()> {
 /// must answer; a path after it is where images go), else one on
 /// 127.0.0.1:5000, started if nothing answers there.
 pub fn ensure_local(exec: &Exec) -> Result<String> {
-    if let Some(addr) = std::env::var("XTASK_LOCAL_REGISTRY")
-        .ok()
-        .filter(|v| !v.is_empty())
-    {
+    if let Some(addr) = crate::config::local_registry() {
         if !exec.dry_run && !answers(host_of(&addr)) {
             bail!(
                 "XTASK_LOCAL_REGISTRY={addr}: {} does not answer /v2/",

@@ -94,3 +94,48 @@ fn every_build_step_of_the_services_runs_without_a_network() {
         }
     }
 }
+
+/// Every `.rs` file under `xtask/src`, with its path relative to it.
+fn xtask_sources() -> Vec<(String, String)> {
+    fn walk(dir: &Path, root: &Path, found: &mut Vec<(String, String)>) {
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                walk(&path, root, found);
+            } else if path.extension() == Some("rs".as_ref()) {
+                let relative = path.strip_prefix(root).unwrap().display().to_string();
+                found.push((relative, std::fs::read_to_string(&path).unwrap()));
+            }
+        }
+    }
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    let mut found = Vec::new();
+    walk(&root, &root, &mut found);
+    found
+}
+
+/// Configuration, environment variables included, is read in one place,
+/// and processes are made in one place, so a reader finds both by name.
+#[test]
+fn environment_reads_live_in_config_and_processes_are_made_by_exec() {
+    let sources = xtask_sources();
+    assert!(sources.iter().any(|(path, _)| path == "exec.rs"));
+    for (path, text) in &sources {
+        if path != "config.rs" && path != "main.rs" {
+            for pattern in ["env::var", "env::vars"] {
+                assert!(
+                    !text.contains(pattern),
+                    "{path} reads the environment ({pattern}); read it in config.rs"
+                );
+            }
+        }
+        if path != "exec.rs" {
+            for pattern in ["process::Command", "Command::new(", "cmd!("] {
+                assert!(
+                    !text.contains(pattern),
+                    "{path} makes a process ({pattern}); go through exec.rs"
+                );
+            }
+        }
+    }
+}

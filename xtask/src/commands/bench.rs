@@ -59,7 +59,7 @@ impl Bench {
             .context("locating the xtask binary")?
             .display()
             .to_string();
-        let cargo = crate::exec::cargo();
+        let cargo = crate::config::cargo();
         let _registry = exec.sh.push_env("XTASK_REGISTRY", "bench.invalid/aiq");
         let _base = exec
             .sh

@@ -44,10 +44,8 @@ pub struct BuildFlags {
 
 impl BuildFlags {
     pub fn options(&self, config: &Config, push: bool) -> BuildOptions {
-        let use_cache_env =
-            std::env::var("USE_CACHE").is_ok_and(|v| v.eq_ignore_ascii_case("true") || v == "1");
         BuildOptions {
-            cache: self.cache || use_cache_env,
+            cache: self.cache || crate::config::use_cache_requested(),
             push,
             builder: self.builder.clone(),
             cache_from: config.cache_from.clone(),

@@ -28,7 +28,7 @@ impl Ci {
         // The test cluster's kubectl (built by the test step) renders the
         // manifests too.
         let _path = exec.sh.push_env("PATH", crate::cluster::path_with_tools()?);
-        let cargo = crate::exec::cargo();
+        let cargo = crate::config::cargo();
         let mut timings: Vec<(&str, Duration, bool)> = Vec::new();
         let steps: Vec<(&str, CiStep)> = vec![
             (

@@ -59,7 +59,7 @@ impl Test {
             let _base = exec
                 .sh
                 .push_env("XTASK_BASE_REGISTRY", format!("{registry}/library"));
-            let cargo = crate::exec::cargo();
+            let cargo = crate::config::cargo();
             exec.run_anyway(
                 &Cmd::new(cargo)
                     .args(["test", "--workspace", "--locked", "--all-targets"])
