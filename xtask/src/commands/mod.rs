@@ -1,9 +1,10 @@
-//! One file per subcommand.
+//! One file per subcommand, and the flags several of them share.
 
 pub mod bench;
 pub mod build;
 pub mod ci;
 pub mod cluster;
+pub mod cluster_flags;
 pub mod deploy;
 pub mod down;
 pub mod local;

@@ -5,13 +5,14 @@ use anyhow::Result;
 use clap::Args;
 
 use crate::{
+    commands::cluster_flags::ClusterFlags,
     config::Config,
     docker::BuiltImage,
     exec::Exec,
     exit::{refuse, rollback_failed},
     git::{self, Revision},
     history::{Entry, History, Record, IN_PROGRESS, SUCCEEDED},
-    kube::{ClusterFlags, Kube},
+    kube::Kube,
     lock::Lock,
     rollout::{
         apply_command, digests_for, print_diff, render_overlay, roll_back, undo_command, Rollout,

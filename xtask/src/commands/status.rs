@@ -5,11 +5,7 @@ use clap::Args;
 use serde_json::json;
 
 use crate::{
-    exec::Exec,
-    git,
-    history::History,
-    kube::{ClusterFlags, Running},
-    lock,
+    commands::cluster_flags::ClusterFlags, exec::Exec, git, history::History, kube::Running, lock,
 };
 
 /// What each deployment runs (revision, digest, readiness, age), drift from HEAD, the deploy history

@@ -5,8 +5,8 @@ use clap::Args;
 use serde_json::json;
 
 use crate::{
-    commands::status::state, exec::Exec, git, history::History, kube::ClusterFlags,
-    rollout::digests_for,
+    commands::cluster_flags::ClusterFlags, commands::status::state, exec::Exec, git,
+    history::History, rollout::digests_for,
 };
 
 /// Exit 0 only if every deployment runs exactly the digests built for HEAD

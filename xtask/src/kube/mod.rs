@@ -1,0 +1,256 @@
+//! kubectl: every command line the xtask runs against a cluster is built
+//! here, by the private `global` and `cmd`; reads come back through the
+//! types in `objects.rs`.
+
+mod objects;
+
+pub use objects::*;
+
+use anyhow::{Context, Result};
+use serde::Deserialize;
+
+use crate::{
+    config::Config,
+    exec::{Cmd, Exec},
+    exit::refuse,
+};
+
+pub const LOCK_NAME: &str = "xtask-deploy-lock";
+/// Tries of a cluster read before its error counts, and the bound on each:
+/// together they ride out about 20 s of API trouble.
+const READ_TRIES: u32 = 3;
+const READ_TIMEOUT_SECS: u32 = 5;
+pub const HISTORY_NAME: &str = "xtask-deploy-history";
+pub const FIELD_MANAGER: &str = "xtask";
+/// The label every workload of the base carries; the deploy selects by it.
+pub const NAME_LABEL: &str = "app.kubernetes.io/name";
+pub const REVISION_ANNOTATION: &str = "aiq.dev/revision";
+pub const TAG_ANNOTATION: &str = "aiq.dev/tag";
+pub const DIRTY_ANNOTATION: &str = "aiq.dev/dirty";
+
+/// kubectl bound to one context and namespace.
+pub struct Kube<'a> {
+    pub exec: &'a Exec<'a>,
+    pub kubectl: String,
+    pub context: Option<String>,
+    pub namespace: String,
+}
+
+impl<'a> Kube<'a> {
+    /// `XTASK_KUBECTL` if set, else kubectl from the shell's PATH (which
+    /// `test` and `ci` start with the test cluster's own kubectl).
+    pub fn find_kubectl(exec: &Exec) -> Result<String> {
+        if let Some(path) = crate::config::kubectl_override() {
+            return Ok(path);
+        }
+        which::which_in("kubectl", exec.sh.var_os("PATH"), exec.sh.current_dir())
+            .map(|p| p.display().to_string())
+            .map_err(|_| refuse("`kubectl` not found on PATH: install it (https://kubernetes.io/docs/tasks/tools/)"))
+    }
+
+    /// kubectl bound to the configured namespace and the chosen context,
+    /// after the wrong-cluster guard: `--context` if given, else the current
+    /// context, which must be the one the configuration expects. With
+    /// `need_reachable`, an unreachable cluster is refused; otherwise the
+    /// second value says whether it answered.
+    pub fn connect(
+        exec: &'a Exec<'a>,
+        config: &Config,
+        context: Option<&str>,
+        need_reachable: bool,
+    ) -> Result<(Kube<'a>, bool)> {
+        let kubectl = Kube::find_kubectl(exec)?;
+        let context = match context {
+            Some(context) => context.to_owned(),
+            None => {
+                let current = exec
+                    .read(&Cmd::new(&kubectl).args(["config", "current-context"]))
+                    .map_err(|e| refuse(format!("no current kube context: {e:#}")))?;
+                if let Some(expected) = config.context.as_ref().filter(|e| **e != current) {
+                    let env = config
+                        .environment
+                        .as_deref()
+                        .map_or(String::new(), |e| format!(" for environment {e}"));
+                    return Err(refuse(format!(
+                        "the current kube context is {current:?} but the configuration expects {expected:?}{env}: switch context, or pass --context {current} to use it on purpose"
+                    )));
+                }
+                current
+            }
+        };
+        let kube = Kube {
+            exec,
+            kubectl,
+            context: Some(context.clone()),
+            namespace: config.namespace.clone(),
+        };
+        let version = kube.global(&["version", "--output", "json", "--request-timeout", "10s"]);
+        match exec.read(&version) {
+            Ok(_) => Ok((kube, true)),
+            Err(e) if !need_reachable => {
+                exec.output
+                    .warn(&format!("cluster {context} is not reachable: {e:#}"));
+                Ok((kube, false))
+            }
+            Err(e) => Err(refuse(format!(
+                "kube context {context} is not reachable: {e:#}"
+            ))),
+        }
+    }
+
+    /// `kubectl [--context C] ARGS`: for cluster-wide calls.
+    pub fn global(&self, args: &[&str]) -> Cmd {
+        let mut cmd = Cmd::new(&self.kubectl);
+        if let Some(context) = &self.context {
+            cmd = cmd.arg("--context").arg(context);
+        }
+        cmd.args(args.iter().copied())
+    }
+
+    /// `kubectl [--context C] --namespace NS ARGS`.
+    pub fn cmd(&self, args: &[&str]) -> Cmd {
+        self.global(&["--namespace", &self.namespace])
+            .args(args.iter().copied())
+    }
+
+    /// A read of the cluster that survives a passing API error (a
+    /// restarting apiserver, a dropped connection): up to [`READ_TRIES`]
+    /// tries in a row, each bounded by `--request-timeout`, then the last
+    /// error. One hiccup must not end, and roll back, a deploy.
+    fn read(&self, args: &[&str]) -> Result<String> {
+        let cmd = self
+            .cmd(args)
+            .arg(format!("--request-timeout={READ_TIMEOUT_SECS}s"));
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            match self.exec.read(&cmd) {
+                Ok(out) => return Ok(out),
+                Err(e) if tries < READ_TRIES => {
+                    self.exec.output.warn(&format!(
+                        "reading the cluster failed (try {tries} of {READ_TRIES}), retrying: {e:#}"
+                    ));
+                    std::thread::sleep(std::time::Duration::from_secs(2));
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// `kubectl get KIND NAME -o json`, `None` when it does not exist.
+    pub fn get<T: serde::de::DeserializeOwned>(&self, kind: &str, name: &str) -> Result<Option<T>> {
+        let json = self.read(&["get", kind, name, "--ignore-not-found", "--output", "json"])?;
+        if json.trim().is_empty() {
+            return Ok(None);
+        }
+        serde_json::from_str(&json)
+            .with_context(|| format!("parsing `kubectl get {kind} {name}`"))
+            .map(Some)
+    }
+
+    pub fn pods(&self, component: &str) -> Result<Vec<Pod>> {
+        #[derive(Deserialize)]
+        struct List {
+            items: Vec<Pod>,
+        }
+        let selector = format!("{NAME_LABEL}={component}");
+        let json = self.read(&["get", "pods", "--selector", &selector, "--output", "json"])?;
+        let list: List = serde_json::from_str(&json).context("parsing `kubectl get pods`")?;
+        Ok(list.items)
+    }
+
+    /// What a deployment runs, read from its pod template stamps and its
+    /// pods; `None` when it does not exist.
+    pub fn running(&self, name: &str) -> Result<Option<Running>> {
+        let Some(deployment) = self.get::<Deployment>("deployment", name)? else {
+            return Ok(None);
+        };
+        let digest = deployment.pinned_digest().map(str::to_owned);
+        let pods = self.pods(name)?;
+        let ready: Vec<&Pod> = pods.iter().filter(|p| p.is_ready()).collect();
+        let stale = ready
+            .iter()
+            .find(|p| !digest.as_deref().is_some_and(|d| p.runs(d)))
+            .map(|p| p.metadata.name.clone());
+        let now = crate::time::now_epoch();
+        let stuck_pods = pods
+            .iter()
+            .filter(|p| p.stuck_terminating(now))
+            .map(|p| p.metadata.name.clone())
+            .collect();
+        let oldest_start = ready
+            .iter()
+            .filter_map(|p| p.status.start_time.as_deref())
+            .filter_map(crate::time::parse_rfc3339)
+            .min();
+        Ok(Some(Running {
+            name: name.to_owned(),
+            revision: deployment.stamp(REVISION_ANNOTATION).map(str::to_owned),
+            tag: deployment.stamp(TAG_ANNOTATION).map(str::to_owned),
+            dirty: deployment.stamp(DIRTY_ANNOTATION) == Some("true"),
+            digest,
+            ready: ready.len(),
+            desired: deployment.spec.replicas,
+            rolled_out: deployment.rolled_out(),
+            age_secs: oldest_start.map(|t| crate::time::now_epoch() - t),
+            stale_pod: stale,
+            stuck_pods,
+        }))
+    }
+
+    /// A pod's recent Warning events, oldest first, one `reason: message`
+    /// line each, for failure messages.
+    pub fn warning_events(&self, pod: &str) -> String {
+        #[derive(Deserialize)]
+        struct Events {
+            items: Vec<Event>,
+        }
+        #[derive(Deserialize)]
+        #[serde(rename_all = "camelCase")]
+        struct Event {
+            #[serde(default)]
+            reason: String,
+            #[serde(default)]
+            message: String,
+            #[serde(default)]
+            count: Option<i64>,
+        }
+        let selector = format!("involvedObject.kind=Pod,involvedObject.name={pod},type=Warning");
+        let events = self
+            .exec
+            .read(&self.cmd(&[
+                "get",
+                "events",
+                "--field-selector",
+                &selector,
+                "--output",
+                "json",
+            ]))
+            .ok()
+            .and_then(|json| serde_json::from_str::<Events>(&json).ok());
+        let Some(events) = events.filter(|e| !e.items.is_empty()) else {
+            return "(none)".into();
+        };
+        let lines: Vec<String> = events
+            .items
+            .iter()
+            .rev()
+            .take(5)
+            .rev()
+            .map(|e| match e.count {
+                Some(n) if n > 1 => format!("{}: {} (x{n})", e.reason, e.message.trim()),
+                _ => format!("{}: {}", e.reason, e.message.trim()),
+            })
+            .collect();
+        lines.join("\n")
+    }
+
+    /// The last log lines of a pod's container, for failure messages.
+    pub fn logs(&self, pod: &str) -> String {
+        self.exec
+            .read_all(&self.cmd(&["logs", pod, "--all-containers", "--tail", "20"]))
+            .unwrap_or_default()
+            .trim_end()
+            .to_owned()
+    }
+}
