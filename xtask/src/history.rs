@@ -172,8 +172,7 @@ impl Record {
     /// (a ConfigMap holds at most 1 MiB).
     pub fn start(kube: &Kube, entry: Entry, history: &History) -> Result<Record> {
         if !history.exists {
-            kube.exec
-                .run(&kube.cmd(&["create", "configmap", HISTORY_NAME]))?;
+            kube.exec.run(&kube.create_configmap(HISTORY_NAME))?;
         }
         let existing = &history.entries;
         let key = format!(
@@ -213,15 +212,8 @@ impl Record {
     ) -> Result<()> {
         data.insert(self.key.clone(), json!(serde_json::to_string(&self.entry)?));
         let patch = json!({ "data": data });
-        kube.exec.run(&kube.cmd(&[
-            "patch",
-            "configmap",
-            HISTORY_NAME,
-            "--type",
-            "merge",
-            "--patch",
-            &patch.to_string(),
-        ]))
+        kube.exec
+            .run(&kube.merge_patch("configmap", HISTORY_NAME, &patch))
     }
 }
 

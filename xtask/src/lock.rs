@@ -66,14 +66,6 @@ fn holder() -> String {
     format!("{} (pid {})", who(), std::process::id())
 }
 
-/// No call of the lock may hang: a deploy must notice a lost lock in time.
-const REQUEST_TIMEOUT: &str = "--request-timeout=10s";
-
-/// `kubectl --namespace NS ARGS --request-timeout=10s`.
-fn lease_cmd(kube: &Kube, args: &[&str]) -> Cmd {
-    kube.cmd(args).arg(REQUEST_TIMEOUT)
-}
-
 fn resource_version(json: &str) -> Result<String> {
     let lease: serde_json::Value = serde_json::from_str(json).context("parsing the lease")?;
     lease["metadata"]["resourceVersion"]
@@ -98,20 +90,8 @@ impl Lock {
     fn take(kube: &Kube, reachable: bool) -> Result<Lock> {
         let exec = kube.exec;
         // Unreachable is allowed only in a dry run, which then plans blind.
-        if reachable
-            && exec
-                .read(&kube.global(&[
-                    "get",
-                    "namespace",
-                    &kube.namespace,
-                    "--ignore-not-found",
-                    "--output",
-                    "name",
-                    REQUEST_TIMEOUT,
-                ]))?
-                .is_empty()
-        {
-            exec.run(&kube.global(&["create", "namespace", &kube.namespace]))?;
+        if reachable && exec.read(&kube.namespace_query())?.is_empty() {
+            exec.run(&kube.create_namespace())?;
         }
         let create = create_command(kube);
         if exec.dry_run {
@@ -146,18 +126,7 @@ impl Lock {
             return;
         }
         let version = self.version.lock().map(|v| v.clone()).unwrap_or_default();
-        let path = format!(
-            "/apis/coordination.k8s.io/v1/namespaces/{}/leases/{LOCK_NAME}",
-            kube.namespace
-        );
-        let options = json!({
-            "apiVersion": "v1",
-            "kind": "DeleteOptions",
-            "preconditions": {"resourceVersion": version},
-        });
-        let delete = kube
-            .global(&["delete", "--raw", &path, "--filename", "-", REQUEST_TIMEOUT])
-            .stdin(options.to_string());
+        let delete = kube.lease_delete_at(LOCK_NAME, &version);
         if let Err(e) = kube.exec.run_capturing(&delete) {
             kube.exec.output.warn(&format!(
                 "left the deploy lock as it is (it expires {LOCK_SECONDS}s after its last renewal): {e:#}"
@@ -224,10 +193,7 @@ fn take_over_expired(kube: &Kube, create_error: anyhow::Error) -> Result<String>
         "the lock held by {held_by} expired; taking it over"
     ));
     kube.exec
-        .run_capturing(
-            &lease_cmd(kube, &["replace", "--filename", "-", "--output", "json"])
-                .stdin(lease.to_string()),
-        )
+        .run_capturing(&kube.lease_write("replace", &lease))
         .map_err(|e| refuse(format!("another deploy took the expired lock first: {e:#}")))
 }
 
@@ -243,30 +209,8 @@ fn start_renewing(
     version: Arc<Mutex<String>>,
 ) -> (Arc<AtomicBool>, std::thread::JoinHandle<()>) {
     let stop = Arc::new(AtomicBool::new(false));
-    let read = lease_cmd(
-        kube,
-        &[
-            "get",
-            "lease",
-            LOCK_NAME,
-            "--ignore-not-found",
-            "--output",
-            "json",
-        ],
-    );
-    // `--patch` takes the next word: the JSON is appended last, after the
-    // request timeout.
-    let renew = kube.cmd(&[
-        "patch",
-        "lease",
-        LOCK_NAME,
-        "--type",
-        "json",
-        "--output",
-        "json",
-        REQUEST_TIMEOUT,
-        "--patch",
-    ]);
+    let read = kube.lease_get(LOCK_NAME);
+    let renew = kube.lease_patch(LOCK_NAME);
     let flag = stop.clone();
     let output = kube.exec.output;
     let ours = holder();
@@ -324,8 +268,7 @@ fn start_renewing(
 
 /// Creates the lease for this run, acquired and renewed now.
 fn create_command(kube: &Kube) -> Cmd {
-    lease_cmd(kube, &["create", "--filename", "-", "--output", "json"])
-        .stdin(lease_json(kube, &holder()).to_string())
+    kube.lease_write("create", &lease_json(kube, &holder()))
 }
 
 fn lease_json(kube: &Kube, holder: &str) -> serde_json::Value {

@@ -15,14 +15,11 @@ use serde_json::json;
 use crate::{
     config::Config,
     docker::{self, BuiltImage},
-    exec::{Cmd, Exec},
+    exec::Exec,
     exit::{check_interrupted, refuse, rollback_failed, was_interrupted},
     git::Revision,
     history::{Record, INTERRUPTED, SUCCEEDED},
-    kube::{
-        Deployment, Kube, DIRTY_ANNOTATION, FIELD_MANAGER, NAME_LABEL, REVISION_ANNOTATION,
-        TAG_ANNOTATION,
-    },
+    kube::{Deployment, Kube, DIRTY_ANNOTATION, REVISION_ANNOTATION, TAG_ANNOTATION},
     time::now_epoch,
 };
 
@@ -177,7 +174,7 @@ impl<'k, 'a> Rollout<'k, 'a> {
                 .collect();
             let step = format!("apply and roll out deployment/{name}");
             kube.exec.step(step, || {
-                kube.exec.run(&apply_command(kube, overlay, name))?;
+                kube.exec.run(&kube.apply(overlay, name))?;
                 let after: Option<Deployment> = kube.get("deployment", name)?;
                 if before.as_ref().map(|d| d.metadata.generation)
                     != after.as_ref().map(|d| d.metadata.generation)
@@ -325,7 +322,7 @@ pub fn roll_back(
 ) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(flags.timeout);
     for name in changed.iter().rev() {
-        kube.exec.run(&undo_command(kube, name, previous))?;
+        kube.exec.run(&kube.undo(name, previous.get(name)))?;
         if previous.get(name) == Some(&None) {
             eprintln!("deployment/{name} did not exist before this deploy: deleted");
             continue;
@@ -339,25 +336,6 @@ pub fn roll_back(
         }
     }
     Ok(())
-}
-
-/// What returns `name` to its `previous` revision (see [`roll_back`]).
-pub fn undo_command(
-    kube: &Kube,
-    name: &str,
-    previous: &std::collections::BTreeMap<String, Option<String>>,
-) -> Cmd {
-    let deployment = format!("deployment/{name}");
-    match previous.get(name) {
-        Some(None) => kube.cmd(&["delete", &deployment, "--ignore-not-found"]),
-        Some(Some(revision)) => kube.cmd(&[
-            "rollout",
-            "undo",
-            &deployment,
-            &format!("--to-revision={revision}"),
-        ]),
-        None => kube.cmd(&["rollout", "undo", &deployment]),
-    }
 }
 
 /// Every ready pod reports `digest`, and no pod of an older ReplicaSet is
@@ -399,30 +377,9 @@ pub fn verify_pods(kube: &Kube, name: &str, digest: &str) -> Result<(usize, Vec<
     Ok((ready.len(), stuck))
 }
 
-/// `kubectl apply --server-side` of one component of the overlay. Conflicts
-/// are forced on purpose: after a `rollout undo` the image field belongs to
-/// kubectl's rollback manager, and the deploy must take it back.
-pub fn apply_command(kube: &Kube, overlay: &str, name: &str) -> Cmd {
-    server_side(kube, "apply", overlay).args(["--selector", &format!("{NAME_LABEL}={name}")])
-}
-
-/// `kubectl VERB --server-side` of the overlay, as the deploy's field
-/// manager.
-fn server_side(kube: &Kube, verb: &str, overlay: &str) -> Cmd {
-    kube.global(&[
-        verb,
-        "--server-side",
-        "--field-manager",
-        FIELD_MANAGER,
-        "--force-conflicts",
-        "--kustomize",
-        overlay,
-    ])
-}
-
 /// A dry run's view of what would change: `kubectl diff --server-side`.
 pub fn print_diff(kube: &Kube, overlay: &str) -> Result<()> {
-    let diff = kube.exec.read_all(&server_side(kube, "diff", overlay))?;
+    let diff = kube.exec.read_all(&kube.diff(overlay))?;
     let out = kube.exec.output;
     out.result("# kubectl diff --server-side of what would change:");
     for line in diff.lines() {
@@ -481,7 +438,7 @@ pub fn render_overlay(
     std::fs::write(&path, serde_json::to_string_pretty(&kustomization)? + "\n")
         .with_context(|| format!("writing {}", path.display()))?;
     let dir_str = dir.display().to_string();
-    let rendered = exec.read(&Cmd::new(kubectl).args(["kustomize", &dir_str]))?;
+    let rendered = exec.read(&crate::kube::kustomize(kubectl, &dir_str))?;
     std::fs::write(dir.join("rendered.yaml"), &rendered)?;
     if exec.dry_run {
         let out = exec.output;

@@ -132,7 +132,7 @@ fn validate_manifests(exec: &Exec, config: &Config) -> Result<()> {
     let kubectl = crate::kube::Kube::find_kubectl(exec)?;
     require_tool("kubernetes-validate", "`pip install kubernetes-validate`")?;
     let manifests = config.manifests.display().to_string();
-    let rendered = exec.read(&Cmd::new(&kubectl).args(["kustomize", &manifests]))?;
+    let rendered = exec.read(&crate::kube::kustomize(&kubectl, &manifests))?;
     let base = docker::out_dir(config).join("rendered-base.yaml");
     std::fs::create_dir_all(docker::out_dir(config))?;
     std::fs::write(&base, rendered).with_context(|| format!("writing {}", base.display()))?;

@@ -21,7 +21,7 @@ use crate::{
     kube::{Kube, HISTORY_NAME},
     lock::Lock,
     registry,
-    rollout::{apply_command, keep_going, print_diff, render_overlay, Rollout, WaitFlags},
+    rollout::{keep_going, print_diff, render_overlay, Rollout, WaitFlags},
 };
 
 /// Build, push, apply and verify: exits 0 only when the cluster runs HEAD
@@ -201,7 +201,7 @@ impl Deploy {
                     seed.build_arg, seed.service
                 ));
             }
-            exec.run(&apply_command(kube, overlay, name))?;
+            exec.run(&kube.apply(overlay, name))?;
             exec.output.result(&format!(
                 "# then wait for deployment/{name} (failing fast), verify every ready pod runs its digest; on failure roll back what changed"
             ));

@@ -14,10 +14,7 @@ use crate::{
     history::{Entry, History, Record, IN_PROGRESS, SUCCEEDED},
     kube::Kube,
     lock::Lock,
-    rollout::{
-        apply_command, digests_for, print_diff, render_overlay, roll_back, undo_command, Rollout,
-        WaitFlags,
-    },
+    rollout::{digests_for, print_diff, render_overlay, roll_back, Rollout, WaitFlags},
 };
 
 /// Undo the last deploy, or with --to redeploy an earlier revision's digests (no rebuild)
@@ -97,7 +94,7 @@ impl Rollback {
         let order = config.rollout();
         if exec.dry_run {
             for name in &order {
-                exec.run(&apply_command(kube, &overlay, name))?;
+                exec.run(&kube.apply(&overlay, name))?;
             }
             return print_diff(kube, &overlay);
         }
@@ -136,7 +133,7 @@ impl Rollback {
         let changed = last.changed.clone();
         if exec.dry_run {
             for name in changed.iter().rev() {
-                exec.run(&undo_command(kube, name, &last.previous))?;
+                exec.run(&kube.undo(name, last.previous.get(name)))?;
             }
             return Ok(());
         }

@@ -21,12 +21,19 @@ pub const LOCK_NAME: &str = "xtask-deploy-lock";
 const READ_TRIES: u32 = 3;
 const READ_TIMEOUT_SECS: u32 = 5;
 pub const HISTORY_NAME: &str = "xtask-deploy-history";
-pub const FIELD_MANAGER: &str = "xtask";
+const FIELD_MANAGER: &str = "xtask";
+/// The bound on each call of the deploy lock.
+const LOCK_REQUEST_TIMEOUT: &str = "--request-timeout=10s";
 /// The label every workload of the base carries; the deploy selects by it.
-pub const NAME_LABEL: &str = "app.kubernetes.io/name";
+const NAME_LABEL: &str = "app.kubernetes.io/name";
 pub const REVISION_ANNOTATION: &str = "aiq.dev/revision";
 pub const TAG_ANNOTATION: &str = "aiq.dev/tag";
 pub const DIRTY_ANNOTATION: &str = "aiq.dev/dirty";
+
+/// `kubectl kustomize DIR`: renders manifests; needs no cluster.
+pub fn kustomize(kubectl: &str, dir: &str) -> Cmd {
+    Cmd::new(kubectl).args(["kustomize", dir])
+}
 
 /// kubectl bound to one context and namespace.
 pub struct Kube<'a> {
@@ -98,8 +105,9 @@ impl<'a> Kube<'a> {
         }
     }
 
-    /// `kubectl [--context C] ARGS`: for cluster-wide calls.
-    pub fn global(&self, args: &[&str]) -> Cmd {
+    /// `kubectl [--context C] ARGS`: for cluster-wide calls. Private: every
+    /// command line is a named verb below.
+    fn global(&self, args: &[&str]) -> Cmd {
         let mut cmd = Cmd::new(&self.kubectl);
         if let Some(context) = &self.context {
             cmd = cmd.arg("--context").arg(context);
@@ -108,9 +116,154 @@ impl<'a> Kube<'a> {
     }
 
     /// `kubectl [--context C] --namespace NS ARGS`.
-    pub fn cmd(&self, args: &[&str]) -> Cmd {
+    fn cmd(&self, args: &[&str]) -> Cmd {
         self.global(&["--namespace", &self.namespace])
             .args(args.iter().copied())
+    }
+
+    /// The namespace's name if it exists, else nothing (bounded like the
+    /// lock's calls).
+    pub fn namespace_query(&self) -> Cmd {
+        self.global(&[
+            "get",
+            "namespace",
+            &self.namespace,
+            "--ignore-not-found",
+            "--output",
+            "name",
+            LOCK_REQUEST_TIMEOUT,
+        ])
+    }
+
+    pub fn create_namespace(&self) -> Cmd {
+        self.global(&["create", "namespace", &self.namespace])
+    }
+
+    /// `kubectl apply --server-side` of the workloads labelled `name` in
+    /// the overlay. Conflicts are forced on purpose: after a `rollout undo`
+    /// the image field belongs to kubectl's rollback manager, and the
+    /// deploy must take it back.
+    pub fn apply(&self, overlay: &str, name: &str) -> Cmd {
+        self.server_side("apply", overlay)
+            .args(["--selector", &format!("{NAME_LABEL}={name}")])
+    }
+
+    /// `kubectl diff --server-side` of the overlay: what an apply would change.
+    pub fn diff(&self, overlay: &str) -> Cmd {
+        self.server_side("diff", overlay)
+    }
+
+    /// `kubectl VERB --server-side` of the overlay, as the deploy's field
+    /// manager.
+    fn server_side(&self, verb: &str, overlay: &str) -> Cmd {
+        self.global(&[
+            verb,
+            "--server-side",
+            "--field-manager",
+            FIELD_MANAGER,
+            "--force-conflicts",
+            "--kustomize",
+            overlay,
+        ])
+    }
+
+    /// What returns deployment `name` to the revision it had before a
+    /// deploy: `previous` is `Some(None)` when the deploy created it (it is
+    /// deleted), `Some(Some(revision))` for an exact `rollout undo
+    /// --to-revision`, and `None` when unknown (a plain `rollout undo`).
+    pub fn undo(&self, name: &str, previous: Option<&Option<String>>) -> Cmd {
+        let deployment = format!("deployment/{name}");
+        match previous {
+            Some(None) => self.cmd(&["delete", &deployment, "--ignore-not-found"]),
+            Some(Some(revision)) => self.cmd(&[
+                "rollout",
+                "undo",
+                &deployment,
+                &format!("--to-revision={revision}"),
+            ]),
+            None => self.cmd(&["rollout", "undo", &deployment]),
+        }
+    }
+
+    pub fn create_configmap(&self, name: &str) -> Cmd {
+        self.cmd(&["create", "configmap", name])
+    }
+
+    /// A JSON merge patch of `kind/name` (a null value deletes a key).
+    pub fn merge_patch(&self, kind: &str, name: &str, patch: &serde_json::Value) -> Cmd {
+        self.cmd(&[
+            "patch",
+            kind,
+            name,
+            "--type",
+            "merge",
+            "--patch",
+            &patch.to_string(),
+        ])
+    }
+
+    /// The lease `name` as JSON, or nothing when it does not exist.
+    pub fn lease_get(&self, name: &str) -> Cmd {
+        self.lease_call(&[
+            "get",
+            "lease",
+            name,
+            "--ignore-not-found",
+            "--output",
+            "json",
+        ])
+    }
+
+    /// Creates (`create`) or, at the resourceVersion it carries, replaces
+    /// (`replace`) the lease `lease`; prints it as written.
+    pub fn lease_write(&self, verb: &str, lease: &serde_json::Value) -> Cmd {
+        self.lease_call(&[verb, "--filename", "-", "--output", "json"])
+            .stdin(lease.to_string())
+    }
+
+    /// A JSON patch of the lease `name`, printed as written. The patch is
+    /// the one word the caller appends, as `--patch`'s value.
+    pub fn lease_patch(&self, name: &str) -> Cmd {
+        self.cmd(&[
+            "patch",
+            "lease",
+            name,
+            "--type",
+            "json",
+            "--output",
+            "json",
+            LOCK_REQUEST_TIMEOUT,
+            "--patch",
+        ])
+    }
+
+    /// Deletes the lease `name` only if it is still at `resource_version`
+    /// (a delete with a precondition, which kubectl offers only raw).
+    pub fn lease_delete_at(&self, name: &str, resource_version: &str) -> Cmd {
+        let path = format!(
+            "/apis/coordination.k8s.io/v1/namespaces/{}/leases/{name}",
+            self.namespace
+        );
+        let options = serde_json::json!({
+            "apiVersion": "v1",
+            "kind": "DeleteOptions",
+            "preconditions": {"resourceVersion": resource_version},
+        });
+        self.global(&[
+            "delete",
+            "--raw",
+            &path,
+            "--filename",
+            "-",
+            LOCK_REQUEST_TIMEOUT,
+        ])
+        .stdin(options.to_string())
+    }
+
+    /// A call of the lock: none may hang, so a deploy notices a lost lock
+    /// in time.
+    fn lease_call(&self, args: &[&str]) -> Cmd {
+        self.cmd(args).arg(LOCK_REQUEST_TIMEOUT)
     }
 
     /// A read of the cluster that survives a passing API error (a
