@@ -164,6 +164,41 @@ pub struct Config {
 }
 
 impl Config {
+    /// A configuration for unit tests: one image, a ghcr.io registry.
+    #[cfg(test)]
+    pub fn example() -> Config {
+        Config {
+            root: "/repo".into(),
+            registry: "ghcr.io/acme".into(),
+            base_registry: "127.0.0.1:5000/library".into(),
+            push_latest: true,
+            source: None,
+            namespace: "aiq-agent".into(),
+            manifests: "k8s".into(),
+            context: None,
+            rollout_order: vec![],
+            environment: None,
+            seed_args: BTreeMap::new(),
+            cache_from: vec![],
+            cache_to: vec![],
+            registry_login: None,
+            images: vec![Image {
+                name: "aiq-agent".into(),
+                dockerfile: "backend/Dockerfile".into(),
+                context: ".".into(),
+                build_args: BTreeMap::from([("EXTRA".into(), "1".into())]),
+                seed: None,
+                lockfile: None,
+            }],
+        }
+    }
+
+    /// Where generated files live: inside `target/`, so they never dirty
+    /// the tree.
+    pub fn out_dir(&self) -> PathBuf {
+        self.root.join("target").join("xtask")
+    }
+
     /// Reads the workspace's metadata through `cargo metadata` (run from the
     /// current directory, so any directory inside the workspace works).
     pub fn load(exec: &Exec, overrides: &Overrides) -> Result<Config> {

@@ -13,7 +13,6 @@ use serde::Deserialize;
 
 use crate::{
     config::{self, Config, Image},
-    docker,
     exec::{Cmd, Exec},
     exit::refuse,
 };
@@ -70,7 +69,7 @@ impl Store {
             .with_context(|| format!("hashing {}", lockfile.display()))?;
         let key = sum.get(..16).context("sha256sum printed no sum")?;
         let dir = config::deps_dir().join(format!("{}-{key}", kind.name()));
-        let npm_image = docker::base_images_of(config, std::slice::from_ref(image))?
+        let npm_image = crate::bases::base_images_of(config, std::slice::from_ref(image))?
             .first()
             .map(|base| format!("{}/{base}", config.base_registry));
         Ok(Some(Store {

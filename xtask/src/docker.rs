@@ -1,17 +1,18 @@
-//! docker buildx: the bake file, the bake command line, its metadata, and the
-//! `build.json` hand-off.
+//! docker buildx: the bake file (with each image's dependency store as its
+//! `deps` context), the bake command line, its metadata, and the
+//! `build.json` hand-off. Pushing is in `push.rs`.
 
 use std::{
     collections::BTreeMap,
     path::{Path, PathBuf},
 };
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use crate::{
-    config::{Config, Image, RegistryLogin},
+    config::{Config, Image},
     deps::{self, Store},
     exec::{require_tool, Cmd, Exec},
     exit::refuse,
@@ -19,12 +20,6 @@ use crate::{
     output::progress_style,
     time::rfc3339,
 };
-
-/// Where generated files live: inside `target/`, so they never dirty the
-/// tree.
-pub fn out_dir(config: &Config) -> PathBuf {
-    config.root.join("target").join("xtask")
-}
 
 /// Finds git, docker and the buildx plugin, or refuses naming what is
 /// missing.
@@ -250,7 +245,7 @@ pub fn build(
     rev: &Revision,
     opts: &BuildOptions,
 ) -> Result<Vec<BuiltImage>> {
-    let out = out_dir(config);
+    let out = config.out_dir();
     std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
     let source = config
         .source
@@ -266,13 +261,15 @@ pub fn build(
 
     // Digests exist only in a registry: without a push there is none.
     let digests = if opts.push {
-        push(exec, config, images, rev, opts, &bake_path, &metadata_path)?
+        crate::push::push(exec, config, images, rev, opts, &bake_path, &metadata_path)?
     } else {
         let tagged: Vec<(&Image, Vec<String>)> =
             images.iter().map(|i| (i, tags(config, i, rev))).collect();
         let cmd = bake_command(&bake_path, &metadata_path, &tagged, opts);
         if let Err(error) = exec.run(&cmd) {
-            return Err(explain_base_image_failure(exec, config, images).unwrap_or(error));
+            return Err(
+                crate::bases::explain_base_image_failure(exec, config, images).unwrap_or(error),
+            );
         }
         BTreeMap::new()
     };
@@ -291,165 +288,6 @@ pub fn build(
     Ok(built)
 }
 
-/// Attempts at a push that fails on the registry's side.
-const PUSH_ATTEMPTS: u32 = 3;
-
-/// How a push failed, read from the last lines BuildKit printed: there is
-/// no machine-readable failure to parse.
-#[derive(Debug, PartialEq, Eq)]
-enum PushFailure {
-    /// The registry hiccuped (5xx, 429, a dropped connection): retry.
-    Transient,
-    /// The registry refuses to overwrite an existing tag (ECR's immutable
-    /// tags).
-    Immutable,
-}
-
-fn push_failure(message: &str) -> Option<PushFailure> {
-    let message = message.to_ascii_lowercase();
-    if message.contains("tag invalid") || message.contains("immutable") {
-        return Some(PushFailure::Immutable);
-    }
-    let transient = [
-        "500 internal server error",
-        "502 bad gateway",
-        "503 service unavailable",
-        "504 gateway timeout",
-        "429 too many requests",
-        "connection reset by peer",
-        "i/o timeout",
-        "tls handshake timeout",
-        "unexpected eof",
-    ];
-    let pushing = message.contains("pushing");
-    (pushing && transient.iter().any(|t| message.contains(t))).then_some(PushFailure::Transient)
-}
-
-/// Builds and pushes in one bake, retrying what the registry gets wrong:
-/// a transient failure is retried (up to [`PUSH_ATTEMPTS`], with backoff)
-/// from BuildKit's cache of this very build, so nothing is compiled twice;
-/// immutable tags skip `:latest` with a warning, and an existing SHA tag
-/// that already holds this exact build counts as published (another build
-/// under it is an error). Returns each image's manifest digest.
-fn push(
-    exec: &Exec,
-    config: &Config,
-    images: &[Image],
-    rev: &Revision,
-    opts: &BuildOptions,
-    bake_path: &Path,
-    metadata_path: &Path,
-) -> Result<BTreeMap<String, String>> {
-    let mut digests = BTreeMap::new();
-    let mut remaining: Vec<Image> = images.to_vec();
-    let mut opts = opts.clone();
-    // Immutable tags turn `push_latest` off for the attempts that follow.
-    let mut config = config.clone();
-    let mut failures = 0;
-    loop {
-        let tagged: Vec<(&Image, Vec<String>)> = remaining
-            .iter()
-            .map(|i| (i, tags(&config, i, rev)))
-            .collect();
-        let cmd = bake_command(bake_path, metadata_path, &tagged, &opts);
-        let error = match exec.run_keeping_stderr(&cmd) {
-            Ok(()) if exec.dry_run => return Ok(digests),
-            Ok(()) => {
-                let metadata = std::fs::read_to_string(metadata_path)
-                    .with_context(|| format!("reading {}", metadata_path.display()))?;
-                digests.extend(parse_metadata(&metadata, &remaining)?);
-                return Ok(digests);
-            }
-            Err(error) => error,
-        };
-        failures += 1;
-        // The message is the command line, then the last lines it printed.
-        let printed = format!("{error:#}");
-        match push_failure(printed.split_once('\n').map_or("", |(_, tail)| tail)) {
-            Some(PushFailure::Immutable) if config.push_latest && !rev.is_dirty() => {
-                exec.output.warn("the registry refuses to move a tag (immutable tags): pushing again without :latest, which nothing deployed uses (set push_latest = false for this registry)");
-                config.push_latest = false;
-            }
-            Some(PushFailure::Immutable) => {
-                for image in &remaining {
-                    if let Some(digest) = already_published(exec, &config, image, rev)? {
-                        digests.insert(image.name.clone(), digest);
-                    }
-                }
-                remaining.retain(|i| !digests.contains_key(&i.name));
-                if remaining.is_empty() {
-                    return Ok(digests);
-                }
-            }
-            Some(PushFailure::Transient) if failures < PUSH_ATTEMPTS => {
-                let wait = 2u64.pow(failures);
-                exec.output.warn(&format!(
-                    "push failed on the registry's side (attempt {failures} of {PUSH_ATTEMPTS}); retrying in {wait}s from this build's cache"
-                ));
-                std::thread::sleep(std::time::Duration::from_secs(wait));
-            }
-            _ => {
-                return Err(explain_base_image_failure(exec, &config, images).unwrap_or(error));
-            }
-        }
-        if failures > PUSH_ATTEMPTS {
-            return Err(error.context("the push kept failing"));
-        }
-        // What this run built is in BuildKit's cache: reuse it rather than
-        // compile again. The result is the same image, byte for byte.
-        opts.retry = true;
-    }
-}
-
-/// When `image`'s SHA tag already exists in the registry: its digest if it
-/// holds the image just built (same config, so same content), an error if
-/// it holds another build. `None` when the tag is not there.
-fn already_published(
-    exec: &Exec,
-    config: &Config,
-    image: &Image,
-    rev: &Revision,
-) -> Result<Option<String>> {
-    #[derive(Deserialize)]
-    struct Descriptor {
-        digest: String,
-    }
-    #[derive(Deserialize)]
-    struct Manifest {
-        config: Descriptor,
-    }
-    #[derive(Deserialize)]
-    struct LocalImage {
-        #[serde(rename = "Id")]
-        id: String,
-    }
-    let reference = config.image_ref(&image.name, &rev.tag());
-    let raw = Cmd::new("docker").args(["buildx", "imagetools", "inspect", "--raw", &reference]);
-    let Ok(manifest) = exec.read(&raw) else {
-        return Ok(None);
-    };
-    let remote: Manifest = serde_json::from_str(&manifest)
-        .with_context(|| format!("parsing the manifest of {reference}"))?;
-    let local = exec
-        .read(&Cmd::new("docker").args(["image", "inspect", "--format", "{{json .}}", &reference]))
-        .ok()
-        .and_then(|json| serde_json::from_str::<LocalImage>(&json).ok())
-        .with_context(|| format!("{reference} already exists and the registry's tags are immutable; this build is not in the local image store to compare it with (a remote builder?)"))?;
-    if local.id != remote.config.digest {
-        bail!(
-            "{reference} already exists with another build (config {}; this build is {}) and the registry's tags are immutable: deploy the published one (`cargo xtask rollback --to {}`), or commit and build a new revision",
-            remote.config.digest,
-            local.id,
-            rev.short()
-        );
-    }
-    let (digest, _) = resolve(exec, &reference)?;
-    exec.output.warn(&format!(
-        "{reference} already holds this exact build ({digest}): counted as published"
-    ));
-    Ok(Some(digest))
-}
-
 /// Writes `target/xtask/build.json`: what `deploy --from` deploys.
 pub fn write_build_file(config: &Config, rev: &Revision, built: &[BuiltImage]) -> Result<PathBuf> {
     let file = BuildFile {
@@ -457,211 +295,15 @@ pub fn write_build_file(config: &Config, rev: &Revision, built: &[BuiltImage]) -
         tag: rev.tag(),
         images: built.to_vec(),
     };
-    let path = out_dir(config).join("build.json");
+    let path = config.out_dir().join("build.json");
     std::fs::write(&path, serde_json::to_string_pretty(&file)? + "\n")
         .with_context(|| format!("writing {}", path.display()))?;
     Ok(path)
 }
 
-/// What the registry holds under `reference`: its manifest digest and the
-/// revision label of its image config (one `imagetools inspect`).
-pub fn resolve(exec: &Exec, reference: &str) -> Result<(String, Option<String>)> {
-    #[derive(Deserialize)]
-    struct Descriptor {
-        digest: String,
-    }
-    #[derive(Deserialize)]
-    struct Inspected {
-        manifest: Descriptor,
-        #[serde(default)]
-        image: serde_json::Value,
-    }
-    let json = exec.read(&Cmd::new("docker").args([
-        "buildx",
-        "imagetools",
-        "inspect",
-        reference,
-        "--format",
-        "{{json .}}",
-    ]))?;
-    let Inspected { manifest, image } = serde_json::from_str(&json)
-        .with_context(|| format!("parsing `imagetools inspect` of {reference}"))?;
-    // A single image answers its config; an index answers one per platform.
-    let config = if image.get("config").is_some() {
-        Some(&image)
-    } else {
-        image.as_object().and_then(|m| m.values().next())
-    };
-    let revision = config
-        .and_then(|c| c["config"]["Labels"]["org.opencontainers.image.revision"].as_str())
-        .map(str::to_owned);
-    Ok((manifest.digest, revision))
-}
-
-/// How to log in to `config.registry`: the configured `registry_login`,
-/// else for an ECR registry `aws ecr get-login-password --region R` as
-/// user `AWS`; none for others (Docker's stored login is used).
-fn registry_login(config: &Config) -> Option<RegistryLogin> {
-    if let Some(login) = &config.registry_login {
-        return Some(login.clone());
-    }
-    let host = crate::registry::host_of(&config.registry);
-    let parts: Vec<&str> = host.split('.').collect();
-    let is_ecr = parts.len() == 6
-        && parts[1] == "dkr"
-        && parts[2] == "ecr"
-        && host.ends_with(".amazonaws.com");
-    is_ecr.then(|| RegistryLogin {
-        username: "AWS".into(),
-        password_command: ["aws", "ecr", "get-login-password", "--region", parts[3]]
-            .map(String::from)
-            .to_vec(),
-    })
-}
-
-/// Logs Docker in to the registry when it needs a login (see
-/// [`registry_login`]): the password goes from the command's stdout to
-/// `docker login --password-stdin`, never into a command line or a log.
-/// Run before anything reads the registry: a fresh CI runner has no login.
-pub fn login(exec: &Exec, config: &Config) -> Result<()> {
-    let Some(login) = registry_login(config) else {
-        return Ok(());
-    };
-    let host = crate::registry::host_of(&config.registry);
-    let (program, args) = login
-        .password_command
-        .split_first()
-        .ok_or_else(|| refuse("registry_login.password_command is empty"))?;
-    require_tool(program, &format!("registry_login runs `{program}`"))?;
-    let password_command = Cmd::new(program).args(args);
-    let docker_login = Cmd::new("docker").args([
-        "login",
-        "--username",
-        &login.username,
-        "--password-stdin",
-        host,
-    ]);
-    if exec.dry_run {
-        exec.output
-            .result(&format!("$ {password_command} | {docker_login}"));
-        return Ok(());
-    }
-    let password = exec.read(&password_command).map_err(|e| {
-        refuse(format!(
-            "the registry login's password command failed: {e:#}"
-        ))
-    })?;
-    exec.run(&docker_login.hidden_stdin(password))
-        .map_err(|e| refuse(format!("docker login to {host} failed: {e:#}")))
-}
-
-/// The base images one Dockerfile names as `FROM ${BASE_REGISTRY}/name:tag`.
-fn base_images(dockerfile: &str) -> Vec<String> {
-    dockerfile
-        .lines()
-        .filter_map(|line| {
-            let mut words = line.split_whitespace();
-            let from = words.next()?;
-            if !from.eq_ignore_ascii_case("FROM") {
-                return None;
-            }
-            words
-                .find(|w| !w.starts_with("--"))?
-                .strip_prefix("${BASE_REGISTRY}/")
-                .map(str::to_owned)
-        })
-        .collect()
-}
-
-/// After a failed build: if a base image cannot be resolved, say so in one
-/// line with the fix, instead of leaving the user to dig through BuildKit's
-/// log.
-fn explain_base_image_failure(
-    exec: &Exec,
-    config: &Config,
-    images: &[Image],
-) -> Option<anyhow::Error> {
-    for base in base_images_of(config, images).ok()? {
-        let reference = format!("{}/{base}", config.base_registry);
-        if !can_pull(exec, &reference) {
-            return Some(anyhow::anyhow!(
-                "base image {reference} cannot be pulled: point XTASK_BASE_REGISTRY at a mirror that has it (`cargo xtask mirror` seeds one on 127.0.0.1:5000; then XTASK_BASE_REGISTRY=127.0.0.1:5000/library)"
-            ));
-        }
-    }
-    None
-}
-
-/// Whether the registry serves `reference` (a read of its manifest).
-pub fn can_pull(exec: &Exec, reference: &str) -> bool {
-    exec.succeeds(&Cmd::new("docker").args(["buildx", "imagetools", "inspect", "--raw", reference]))
-}
-
-/// The base images `images`' Dockerfiles name, each once.
-pub fn base_images_of(config: &Config, images: &[Image]) -> Result<Vec<String>> {
-    let mut bases = Vec::new();
-    for image in images {
-        let path = config.root.join(&image.dockerfile);
-        let dockerfile = std::fs::read_to_string(&path)
-            .with_context(|| format!("reading {}", path.display()))?;
-        for base in base_images(&dockerfile) {
-            if !bases.contains(&base) {
-                bases.push(base);
-            }
-        }
-    }
-    Ok(bases)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn ecr_registries_log_in_with_aws_and_a_configured_login_wins() {
-        let mut c = config();
-        assert_eq!(registry_login(&c), None, "ghcr.io: Docker's stored login");
-        c.registry = "123456789012.dkr.ecr.eu-west-1.amazonaws.com/aiq".into();
-        let ecr = registry_login(&c).unwrap();
-        assert_eq!(ecr.username, "AWS");
-        assert_eq!(
-            ecr.password_command,
-            ["aws", "ecr", "get-login-password", "--region", "eu-west-1"]
-        );
-        let configured = RegistryLogin {
-            username: "oauth2accesstoken".into(),
-            password_command: vec!["gcloud".into(), "auth".into(), "print-access-token".into()],
-        };
-        c.registry_login = Some(configured.clone());
-        assert_eq!(registry_login(&c), Some(configured));
-    }
-
-    fn config() -> Config {
-        Config {
-            root: "/repo".into(),
-            registry: "ghcr.io/acme".into(),
-            base_registry: "127.0.0.1:5000/library".into(),
-            push_latest: true,
-            source: None,
-            namespace: "aiq-agent".into(),
-            manifests: "k8s".into(),
-            context: None,
-            rollout_order: vec![],
-            environment: None,
-            seed_args: BTreeMap::new(),
-            cache_from: vec![],
-            cache_to: vec![],
-            registry_login: None,
-            images: vec![Image {
-                name: "aiq-agent".into(),
-                dockerfile: "backend/Dockerfile".into(),
-                context: ".".into(),
-                build_args: BTreeMap::from([("EXTRA".into(), "1".into())]),
-                seed: None,
-                lockfile: None,
-            }],
-        }
-    }
 
     fn rev(dirty: Option<&str>) -> Revision {
         Revision {
@@ -673,7 +315,7 @@ mod tests {
 
     #[test]
     fn bake_file_tags_labels_and_args() {
-        let c = config();
+        let c = Config::example();
         let bake = bake_file(&c, &c.images, &rev(None), "https://example.com/repo", &[]);
         let target = &bake["target"]["aiq-agent"];
         assert_eq!(
@@ -700,7 +342,7 @@ mod tests {
 
     #[test]
     fn dirty_builds_never_move_latest() {
-        let c = config();
+        let c = Config::example();
         let bake = bake_file(&c, &c.images, &rev(Some("deadbeef")), "x", &[]);
         assert_eq!(
             tags(&c, &c.images[0], &rev(Some("deadbeef"))),
@@ -711,7 +353,7 @@ mod tests {
 
     #[test]
     fn fresh_by_default_cached_on_request() {
-        let c = config();
+        let c = Config::example();
         let tagged = [(&c.images[0], tags(&c, &c.images[0], &rev(None)))];
         let fresh = bake_command(
             Path::new("b.json"),
@@ -759,34 +401,12 @@ mod tests {
     }
 
     #[test]
-    fn push_failures_are_told_apart() {
-        let hiccup = "#8 pushing r/x:1 with docker\nERROR: received unexpected HTTP status: 503 Service Unavailable";
-        assert_eq!(push_failure(hiccup), Some(PushFailure::Transient));
-        let ecr = "ERROR: tag invalid: The image tag 'latest' already exists in the 'aiq' repository and cannot be overwritten because the repository is immutable.";
-        assert_eq!(push_failure(ecr), Some(PushFailure::Immutable));
-        let compile = "ERROR: failed to solve: process \"/bin/sh -c cargo build\" did not complete successfully: exit code: 101";
-        assert_eq!(push_failure(compile), None);
-        let base =
-            "ERROR: failed to solve: 127.0.0.1:5000/library/rust:1.95: 503 Service Unavailable";
-        assert_eq!(push_failure(base), None, "a base image pull is not a push");
-    }
-
-    #[test]
     fn metadata_digests_are_read_per_target() {
-        let c = config();
+        let c = Config::example();
         let json = r#"{"aiq-agent": {"containerimage.digest": "sha256:abc", "image.name": "x"}, "buildx.build.warnings": []}"#;
         let digests = parse_metadata(json, &c.images).unwrap();
         assert_eq!(digests["aiq-agent"], "sha256:abc");
         assert!(parse_metadata("{}", &c.images).is_err());
-    }
-
-    #[test]
-    fn base_images_come_from_from_lines() {
-        let dockerfile = "ARG BASE_REGISTRY=docker.io/library\nFROM ${BASE_REGISTRY}/rust:1.95-bookworm AS builder\nRUN x\nfrom --platform=linux/amd64 ${BASE_REGISTRY}/debian:bookworm-slim\nFROM scratch\n";
-        assert_eq!(
-            base_images(dockerfile),
-            ["rust:1.95-bookworm", "debian:bookworm-slim"]
-        );
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! `cargo xtask`: build, run and deploy this repository so that what runs is
 //! exactly what was committed.
 
+mod bases;
 mod cluster;
 mod commands;
 mod config;
@@ -13,6 +14,7 @@ mod history;
 mod kube;
 mod lock;
 mod output;
+mod push;
 mod registry;
 mod rollout;
 mod time;

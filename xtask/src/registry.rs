@@ -1,5 +1,6 @@
-//! The local registry that `up`, `mirror` and the tests push to, and a
-//! minimal HTTP GET for probing registries and services on loopback.
+//! Registries: the local one that `up`, `mirror` and the tests push to, a
+//! minimal HTTP GET for probing registries and services on loopback, what a
+//! registry holds under a reference, and logging Docker in to one.
 
 use std::{
     io::{Read, Write},
@@ -9,9 +10,11 @@ use std::{
 };
 
 use anyhow::{bail, Context, Result};
+use serde::Deserialize;
 
 use crate::{
-    exec::{Cmd, Exec},
+    config::{Config, RegistryLogin},
+    exec::{require_tool, Cmd, Exec},
     exit::refuse,
 };
 
@@ -266,9 +269,101 @@ fn state_dir() -> PathBuf {
     crate::config::cache_dir().join("registry")
 }
 
+/// What the registry holds under `reference`: its manifest digest and the
+/// revision label of its image config (one `imagetools inspect`).
+pub fn resolve(exec: &Exec, reference: &str) -> Result<(String, Option<String>)> {
+    #[derive(Deserialize)]
+    struct Descriptor {
+        digest: String,
+    }
+    #[derive(Deserialize)]
+    struct Inspected {
+        manifest: Descriptor,
+        #[serde(default)]
+        image: serde_json::Value,
+    }
+    let json = exec.read(&Cmd::new("docker").args([
+        "buildx",
+        "imagetools",
+        "inspect",
+        reference,
+        "--format",
+        "{{json .}}",
+    ]))?;
+    let Inspected { manifest, image } = serde_json::from_str(&json)
+        .with_context(|| format!("parsing `imagetools inspect` of {reference}"))?;
+    // A single image answers its config; an index answers one per platform.
+    let config = if image.get("config").is_some() {
+        Some(&image)
+    } else {
+        image.as_object().and_then(|m| m.values().next())
+    };
+    let revision = config
+        .and_then(|c| c["config"]["Labels"]["org.opencontainers.image.revision"].as_str())
+        .map(str::to_owned);
+    Ok((manifest.digest, revision))
+}
+
+/// How to log in to `config.registry`: the configured `registry_login`,
+/// else for an ECR registry `aws ecr get-login-password --region R` as
+/// user `AWS`; none for others (Docker's stored login is used).
+fn registry_login(config: &Config) -> Option<RegistryLogin> {
+    if let Some(login) = &config.registry_login {
+        return Some(login.clone());
+    }
+    let host = host_of(&config.registry);
+    let parts: Vec<&str> = host.split('.').collect();
+    let is_ecr = parts.len() == 6
+        && parts[1] == "dkr"
+        && parts[2] == "ecr"
+        && host.ends_with(".amazonaws.com");
+    is_ecr.then(|| RegistryLogin {
+        username: "AWS".into(),
+        password_command: ["aws", "ecr", "get-login-password", "--region", parts[3]]
+            .map(String::from)
+            .to_vec(),
+    })
+}
+
+/// Logs Docker in to the registry when it needs a login (see
+/// [`registry_login`]): the password goes from the command's stdout to
+/// `docker login --password-stdin`, never into a command line or a log.
+/// Run before anything reads the registry: a fresh CI runner has no login.
+pub fn login(exec: &Exec, config: &Config) -> Result<()> {
+    let Some(login) = registry_login(config) else {
+        return Ok(());
+    };
+    let host = host_of(&config.registry);
+    let (program, args) = login
+        .password_command
+        .split_first()
+        .ok_or_else(|| refuse("registry_login.password_command is empty"))?;
+    require_tool(program, &format!("registry_login runs `{program}`"))?;
+    let password_command = Cmd::new(program).args(args);
+    let docker_login = Cmd::new("docker").args([
+        "login",
+        "--username",
+        &login.username,
+        "--password-stdin",
+        host,
+    ]);
+    if exec.dry_run {
+        exec.output
+            .result(&format!("$ {password_command} | {docker_login}"));
+        return Ok(());
+    }
+    let password = exec.read(&password_command).map_err(|e| {
+        refuse(format!(
+            "the registry login's password command failed: {e:#}"
+        ))
+    })?;
+    exec.run(&docker_login.hidden_stdin(password))
+        .map_err(|e| refuse(format!("docker login to {host} failed: {e:#}")))
+}
+
 #[cfg(test)]
 mod tests {
-    use super::host_of;
+    use super::*;
 
     #[test]
     fn a_registry_with_a_path_is_probed_at_its_host() {
@@ -278,5 +373,24 @@ mod tests {
             host_of("123456789012.dkr.ecr.eu-west-1.amazonaws.com/aiq"),
             "123456789012.dkr.ecr.eu-west-1.amazonaws.com"
         );
+    }
+
+    #[test]
+    fn ecr_registries_log_in_with_aws_and_a_configured_login_wins() {
+        let mut c = Config::example();
+        assert_eq!(registry_login(&c), None, "ghcr.io: Docker's stored login");
+        c.registry = "123456789012.dkr.ecr.eu-west-1.amazonaws.com/aiq".into();
+        let ecr = registry_login(&c).unwrap();
+        assert_eq!(ecr.username, "AWS");
+        assert_eq!(
+            ecr.password_command,
+            ["aws", "ecr", "get-login-password", "--region", "eu-west-1"]
+        );
+        let configured = RegistryLogin {
+            username: "oauth2accesstoken".into(),
+            password_command: vec!["gcloud".into(), "auth".into(), "print-access-token".into()],
+        };
+        c.registry_login = Some(configured.clone());
+        assert_eq!(registry_login(&c), Some(configured));
     }
 }

@@ -14,7 +14,7 @@ use serde_json::json;
 
 use crate::{
     config::Config,
-    docker::{self, BuiltImage},
+    docker::BuiltImage,
     exec::Exec,
     exit::{check_interrupted, refuse, rollback_failed, was_interrupted},
     git::Revision,
@@ -401,7 +401,7 @@ pub fn render_overlay(
     rev: &Revision,
     cause: &str,
 ) -> Result<String> {
-    let dir = docker::out_dir(config).join("deploy");
+    let dir = config.out_dir().join("deploy");
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     // kustomize takes only relative resource paths: the overlay sits three
     // levels below the root.
@@ -472,7 +472,7 @@ pub fn digests_for(
             let digest = match recorded.as_ref().and_then(|r| r.get(&image.name)) {
                 Some(digest) => digest.clone(),
                 None => {
-                    let (digest, label) = docker::resolve(exec, &reference).map_err(|e| {
+                    let (digest, label) = crate::registry::resolve(exec, &reference).map_err(|e| {
                         anyhow::anyhow!("{} was never deployed from this namespace's history, and {reference} is not in the registry: {e:#}", rev.short())
                     })?;
                     if label.as_deref() != Some(rev.sha.as_str()) {

@@ -350,7 +350,7 @@ fn write_reports(
         "date": date, "machine": machine, "revision": rev.sha, "measurements": results,
         "ratios": ratios.iter().map(|(n, v, t, _)| serde_json::json!({"name": n, "value": v, "target": t, "met": v <= t})).collect::<Vec<_>>(),
     });
-    let out = docker::out_dir(config);
+    let out = config.out_dir();
     std::fs::create_dir_all(&out)?;
     std::fs::write(
         out.join("bench.json"),

@@ -68,7 +68,7 @@ impl Build {
         })?;
         let opts = self.flags.options(&config, self.push);
         if self.push {
-            docker::login(exec, &config)?;
+            registry::login(exec, &config)?;
             registry::check(exec, &config.registry)?;
         }
         let mode = if opts.cache { "cached" } else { "fresh" };

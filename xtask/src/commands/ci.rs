@@ -133,8 +133,8 @@ fn validate_manifests(exec: &Exec, config: &Config) -> Result<()> {
     require_tool("kubernetes-validate", "`pip install kubernetes-validate`")?;
     let manifests = config.manifests.display().to_string();
     let rendered = exec.read(&crate::kube::kustomize(&kubectl, &manifests))?;
-    let base = docker::out_dir(config).join("rendered-base.yaml");
-    std::fs::create_dir_all(docker::out_dir(config))?;
+    let base = config.out_dir().join("rendered-base.yaml");
+    std::fs::create_dir_all(config.out_dir())?;
     std::fs::write(&base, rendered).with_context(|| format!("writing {}", base.display()))?;
     // The overlay a deploy of HEAD would apply, with a made-up digest.
     let rev = crate::git::commit(exec, "HEAD")?;

@@ -66,7 +66,7 @@ impl Deploy {
             }
             // Log in first: the build file's digests are checked in the
             // registry, which a fresh CI runner can read only once logged in.
-            docker::login(exec, &config)?;
+            registry::login(exec, &config)?;
             registry::check(exec, &config.registry)?;
             let from = match &self.from {
                 Some(path) => Some(self.load_build_file(exec, &config, path, &rev)?),

@@ -46,12 +46,12 @@ impl Mirror {
 /// and `deploy` never call this: an image for an environment is built only
 /// on the bases its configuration names.
 pub fn usable_base_registry(exec: &Exec, config: &Config, registry: &str) -> Result<String> {
-    let bases = docker::base_images_of(config, &config.images)?;
+    let bases = crate::bases::base_images_of(config, &config.images)?;
     let mirror = format!("{registry}/library");
     if config.base_registry != mirror
         && bases
             .iter()
-            .all(|base| docker::can_pull(exec, &format!("{}/{base}", config.base_registry)))
+            .all(|base| crate::bases::can_pull(exec, &format!("{}/{base}", config.base_registry)))
     {
         return Ok(config.base_registry.clone());
     }
@@ -87,7 +87,7 @@ pub fn usable_base_registry(exec: &Exec, config: &Config, registry: &str) -> Res
 /// Builds and pushes every base image the Dockerfiles name that the registry
 /// at `registry` does not have yet.
 pub fn seed(exec: &Exec, config: &Config, registry: &str, force: bool) -> Result<()> {
-    for base in docker::base_images_of(config, &config.images)? {
+    for base in crate::bases::base_images_of(config, &config.images)? {
         let (name, tag) = base
             .split_once(':')
             .with_context(|| format!("base image {base} has no tag"))?;

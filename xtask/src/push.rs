@@ -1,0 +1,194 @@
+//! Pushing a build: retries from this build's cache when the registry
+//! hiccups, and the immutable-tag policy (skip `:latest`; an existing SHA
+//! tag counts only if it holds this exact build).
+
+use std::{collections::BTreeMap, path::Path};
+
+use anyhow::{bail, Context, Result};
+use serde::Deserialize;
+
+use crate::{
+    bases::explain_base_image_failure,
+    config::{Config, Image},
+    docker::{bake_command, parse_metadata, tags, BuildOptions},
+    exec::{Cmd, Exec},
+    git::Revision,
+    registry::resolve,
+};
+
+/// Attempts at a push that fails on the registry's side.
+const PUSH_ATTEMPTS: u32 = 3;
+
+/// How a push failed, read from the last lines BuildKit printed: there is
+/// no machine-readable failure to parse.
+#[derive(Debug, PartialEq, Eq)]
+enum PushFailure {
+    /// The registry hiccuped (5xx, 429, a dropped connection): retry.
+    Transient,
+    /// The registry refuses to overwrite an existing tag (ECR's immutable
+    /// tags).
+    Immutable,
+}
+
+fn push_failure(message: &str) -> Option<PushFailure> {
+    let message = message.to_ascii_lowercase();
+    if message.contains("tag invalid") || message.contains("immutable") {
+        return Some(PushFailure::Immutable);
+    }
+    let transient = [
+        "500 internal server error",
+        "502 bad gateway",
+        "503 service unavailable",
+        "504 gateway timeout",
+        "429 too many requests",
+        "connection reset by peer",
+        "i/o timeout",
+        "tls handshake timeout",
+        "unexpected eof",
+    ];
+    let pushing = message.contains("pushing");
+    (pushing && transient.iter().any(|t| message.contains(t))).then_some(PushFailure::Transient)
+}
+
+/// Builds and pushes in one bake, retrying what the registry gets wrong:
+/// a transient failure is retried (up to [`PUSH_ATTEMPTS`], with backoff)
+/// from BuildKit's cache of this very build, so nothing is compiled twice;
+/// immutable tags skip `:latest` with a warning, and an existing SHA tag
+/// that already holds this exact build counts as published (another build
+/// under it is an error). Returns each image's manifest digest.
+pub fn push(
+    exec: &Exec,
+    config: &Config,
+    images: &[Image],
+    rev: &Revision,
+    opts: &BuildOptions,
+    bake_path: &Path,
+    metadata_path: &Path,
+) -> Result<BTreeMap<String, String>> {
+    let mut digests = BTreeMap::new();
+    let mut remaining: Vec<Image> = images.to_vec();
+    let mut opts = opts.clone();
+    // Immutable tags turn `push_latest` off for the attempts that follow.
+    let mut config = config.clone();
+    let mut failures = 0;
+    loop {
+        let tagged: Vec<(&Image, Vec<String>)> = remaining
+            .iter()
+            .map(|i| (i, tags(&config, i, rev)))
+            .collect();
+        let cmd = bake_command(bake_path, metadata_path, &tagged, &opts);
+        let error = match exec.run_keeping_stderr(&cmd) {
+            Ok(()) if exec.dry_run => return Ok(digests),
+            Ok(()) => {
+                let metadata = std::fs::read_to_string(metadata_path)
+                    .with_context(|| format!("reading {}", metadata_path.display()))?;
+                digests.extend(parse_metadata(&metadata, &remaining)?);
+                return Ok(digests);
+            }
+            Err(error) => error,
+        };
+        failures += 1;
+        // The message is the command line, then the last lines it printed.
+        let printed = format!("{error:#}");
+        match push_failure(printed.split_once('\n').map_or("", |(_, tail)| tail)) {
+            Some(PushFailure::Immutable) if config.push_latest && !rev.is_dirty() => {
+                exec.output.warn("the registry refuses to move a tag (immutable tags): pushing again without :latest, which nothing deployed uses (set push_latest = false for this registry)");
+                config.push_latest = false;
+            }
+            Some(PushFailure::Immutable) => {
+                for image in &remaining {
+                    if let Some(digest) = already_published(exec, &config, image, rev)? {
+                        digests.insert(image.name.clone(), digest);
+                    }
+                }
+                remaining.retain(|i| !digests.contains_key(&i.name));
+                if remaining.is_empty() {
+                    return Ok(digests);
+                }
+            }
+            Some(PushFailure::Transient) if failures < PUSH_ATTEMPTS => {
+                let wait = 2u64.pow(failures);
+                exec.output.warn(&format!(
+                    "push failed on the registry's side (attempt {failures} of {PUSH_ATTEMPTS}); retrying in {wait}s from this build's cache"
+                ));
+                std::thread::sleep(std::time::Duration::from_secs(wait));
+            }
+            _ => {
+                return Err(explain_base_image_failure(exec, &config, images).unwrap_or(error));
+            }
+        }
+        if failures > PUSH_ATTEMPTS {
+            return Err(error.context("the push kept failing"));
+        }
+        // What this run built is in BuildKit's cache: reuse it rather than
+        // compile again. The result is the same image, byte for byte.
+        opts.retry = true;
+    }
+}
+
+/// When `image`'s SHA tag already exists in the registry: its digest if it
+/// holds the image just built (same config, so same content), an error if
+/// it holds another build. `None` when the tag is not there.
+fn already_published(
+    exec: &Exec,
+    config: &Config,
+    image: &Image,
+    rev: &Revision,
+) -> Result<Option<String>> {
+    #[derive(Deserialize)]
+    struct Descriptor {
+        digest: String,
+    }
+    #[derive(Deserialize)]
+    struct Manifest {
+        config: Descriptor,
+    }
+    #[derive(Deserialize)]
+    struct LocalImage {
+        #[serde(rename = "Id")]
+        id: String,
+    }
+    let reference = config.image_ref(&image.name, &rev.tag());
+    let raw = Cmd::new("docker").args(["buildx", "imagetools", "inspect", "--raw", &reference]);
+    let Ok(manifest) = exec.read(&raw) else {
+        return Ok(None);
+    };
+    let remote: Manifest = serde_json::from_str(&manifest)
+        .with_context(|| format!("parsing the manifest of {reference}"))?;
+    let local = exec
+        .read(&Cmd::new("docker").args(["image", "inspect", "--format", "{{json .}}", &reference]))
+        .ok()
+        .and_then(|json| serde_json::from_str::<LocalImage>(&json).ok())
+        .with_context(|| format!("{reference} already exists and the registry's tags are immutable; this build is not in the local image store to compare it with (a remote builder?)"))?;
+    if local.id != remote.config.digest {
+        bail!(
+            "{reference} already exists with another build (config {}; this build is {}) and the registry's tags are immutable: deploy the published one (`cargo xtask rollback --to {}`), or commit and build a new revision",
+            remote.config.digest,
+            local.id,
+            rev.short()
+        );
+    }
+    let (digest, _) = resolve(exec, &reference)?;
+    exec.output.warn(&format!(
+        "{reference} already holds this exact build ({digest}): counted as published"
+    ));
+    Ok(Some(digest))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn push_failures_are_told_apart() {
+        let hiccup = "#8 pushing r/x:1 with docker\nERROR: received unexpected HTTP status: 503 Service Unavailable";
+        assert_eq!(push_failure(hiccup), Some(PushFailure::Transient));
+        let ecr = "ERROR: tag invalid: The image tag 'latest' already exists in the 'aiq' repository and cannot be overwritten because the repository is immutable.";
+        assert_eq!(push_failure(ecr), Some(PushFailure::Immutable));
+        let compile = "ERROR: failed to solve: process \"/bin/sh -c cargo build\" did not complete successfully: exit code: 101";
+        assert_eq!(push_failure(compile), None);
+        let base =
+            "ERROR: failed to solve: 127.0.0.1:5000/library/rust:1.95: 503 Service Unavailable";
+        assert_eq!(push_failure(base), None, "a base image pull is not a push");
+    }
+}
