@@ -46,6 +46,31 @@ struct Metadata {
     #[serde(default)]
     registry_login: Option<RegistryLogin>,
     images: Vec<Image>,
+    /// The stack `up` runs on local Docker.
+    #[serde(default)]
+    local: Option<LocalStack>,
+}
+
+/// `[workspace.metadata.xtask.local]`: the stack `up` runs.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct LocalStack {
+    pub backend: LocalService,
+    pub frontend: LocalService,
+    /// The frontend's variable for the backend's address, which `up` sets
+    /// to the backend of the same revision.
+    pub backend_url_env: String,
+    /// Where the frontend answers the backend's `/version`: it must say
+    /// the revision being started, so halves that differ never go live.
+    pub backend_version_path: String,
+}
+
+/// One service of the local stack: its image and its port in the container.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct LocalService {
+    pub image: String,
+    pub port: u16,
 }
 
 /// `registry_login = { username = "...", password_command = [...] }`: a
@@ -161,6 +186,7 @@ pub struct Config {
     pub cache_to: Vec<String>,
     pub registry_login: Option<RegistryLogin>,
     pub images: Vec<Image>,
+    pub local: Option<LocalStack>,
 }
 
 impl Config {
@@ -190,6 +216,7 @@ impl Config {
                 seed: None,
                 lockfile: None,
             }],
+            local: None,
         }
     }
 
@@ -266,6 +293,7 @@ impl Config {
             cache_to: file.cache_to,
             registry_login: file.registry_login,
             images: file.images,
+            local: file.local,
         };
         config.validate()?;
         Ok(config)
@@ -301,18 +329,29 @@ impl Config {
                 }
             }
         }
+        let known: Vec<&str> = self.images.iter().map(|i| i.name.as_str()).collect();
         // A name here that no image has would fail only after the build
         // and the first apply.
         if let Some(unknown) = self
             .rollout_order
             .iter()
-            .find(|name| !self.images.iter().any(|i| &i.name == *name))
+            .find(|name| !known.contains(&name.as_str()))
         {
-            let known: Vec<&str> = self.images.iter().map(|i| i.name.as_str()).collect();
             return Err(refuse(format!(
                 "[workspace.metadata.xtask] rollout_order names {unknown:?}, which is not a configured image ({})",
                 known.join(", ")
             )));
+        }
+        if let Some(local) = &self.local {
+            for service in [&local.backend, &local.frontend] {
+                if !known.contains(&service.image.as_str()) {
+                    return Err(refuse(format!(
+                        "[workspace.metadata.xtask.local] names {:?}, which is not a configured image ({})",
+                        service.image,
+                        known.join(", ")
+                    )));
+                }
+            }
         }
         let order = self.rollout();
         let position = |name: &str| order.iter().position(|n| n == name);
@@ -622,6 +661,27 @@ mod tests {
         assert_eq!(crate::exit::exit_code(&err), 2);
         assert!(
             format!("{err}").contains("rollout_order names \"aiq-fronted\""),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn the_local_stack_comes_from_the_file_and_names_configured_images() {
+        let stack = |backend: &str| {
+            METADATA.replace(
+                "\"images\"",
+                &format!("\"local\": {{\"backend\": {{\"image\": \"{backend}\", \"port\": 8000}}, \"frontend\": {{\"image\": \"aiq-agent\", \"port\": 3000}}, \"backend_url_env\": \"API\", \"backend_version_path\": \"/api/version\"}}, \"images\""),
+            )
+        };
+        let config = load(&stack("aiq-agent"), &[], Overrides::default()).unwrap();
+        let local = config.local.unwrap();
+        assert_eq!((local.backend.port, local.frontend.port), (8000, 3000));
+        assert_eq!(local.backend_url_env, "API");
+        assert_eq!(local.backend_version_path, "/api/version");
+        let err = load(&stack("aiq-backend"), &[], Overrides::default()).unwrap_err();
+        assert_eq!(crate::exit::exit_code(&err), 2);
+        assert!(
+            format!("{err}").contains("[workspace.metadata.xtask.local] names \"aiq-backend\""),
             "{err}"
         );
     }

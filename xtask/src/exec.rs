@@ -146,6 +146,7 @@ impl<'a> Exec<'a> {
     /// Runs `cmd` even in a dry run: for the setup commands of tests and CI
     /// that only have a real mode.
     pub fn run_anyway(&self, cmd: &Cmd) -> Result<()> {
+        self.output.command(cmd, false);
         self.spawn(cmd, false)
     }
 
@@ -158,11 +159,26 @@ impl<'a> Exec<'a> {
             self.output.command(cmd, true);
             return Ok(());
         }
+        self.output.command(cmd, false);
         self.spawn(cmd, true)
     }
 
+    /// `from | into`, where `into` reads what `from` prints (a password):
+    /// echoed as one line, with one `command` event; a dry run only prints
+    /// it. What passes between them is never shown.
+    pub fn pipe(&self, from: &Cmd, into: &Cmd) -> Result<()> {
+        let argv = [from.argv(), &["|".to_owned()], into.argv()].concat();
+        self.output
+            .command_line(&argv, &format!("{from} | {into}"), self.dry_run);
+        if self.dry_run {
+            return Ok(());
+        }
+        let printed = self.read(from)?;
+        self.spawn(&into.clone().hidden_stdin(printed), false)
+    }
+
+    /// Runs `cmd`, already echoed.
     fn spawn(&self, cmd: &Cmd, keep_stderr: bool) -> Result<()> {
-        self.output.command(cmd, false);
         let mut command: std::process::Command = cmd.to_xshell(self.sh).into();
         command.stdout(Stdio::from(std::io::stderr()));
         if cmd.stdin.is_some() {

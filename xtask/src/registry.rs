@@ -347,18 +347,8 @@ pub fn login(exec: &Exec, config: &Config) -> Result<()> {
         "--password-stdin",
         host,
     ]);
-    if exec.dry_run {
-        exec.output
-            .result(&format!("$ {password_command} | {docker_login}"));
-        return Ok(());
-    }
-    let password = exec.read(&password_command).map_err(|e| {
-        refuse(format!(
-            "the registry login's password command failed: {e:#}"
-        ))
-    })?;
-    exec.run(&docker_login.hidden_stdin(password))
-        .map_err(|e| refuse(format!("docker login to {host} failed: {e:#}")))
+    exec.pipe(&password_command, &docker_login)
+        .map_err(|e| refuse(format!("logging in to {host} failed: {e:#}")))
 }
 
 #[cfg(test)]

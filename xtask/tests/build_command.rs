@@ -647,3 +647,72 @@ fn a_registry_that_is_down_or_wants_a_login_is_refused_before_anything_is_built(
     std::fs::write(docker_config.path().join("config.json"), auths("s3cret")).unwrap();
     build().assert_ok();
 }
+
+#[test]
+fn a_registry_login_is_one_echoed_pipeline_that_never_shows_the_password() {
+    let repo = fixture(&unique("pipe"));
+    let root = repo.path();
+    // `tests/fixtures/aws` prints the test registry's password, as
+    // `aws ecr get-login-password` would.
+    let aws = project_root().join("xtask/tests/fixtures/aws");
+    let manifest = std::fs::read_to_string(root.join("Cargo.toml")).unwrap();
+    let with_login = manifest.replacen(
+        "source = ",
+        &format!(
+            "registry_login = {{ username = \"ci\", password_command = [\"{}\", \"ecr\", \"get-login-password\"] }}\nsource = ",
+            aws.display()
+        ),
+        1,
+    );
+    std::fs::write(root.join("Cargo.toml"), with_login).unwrap();
+    commit_all(root, "log in with a password command");
+    let login = LoginRegistry::start();
+    let registry_flag = format!("{}/team", login.address);
+    let docker_config = TempDir::new("docker-config");
+    let config_dir = docker_config.path().display().to_string();
+    let env = [("DOCKER_CONFIG", config_dir.as_str())];
+    let pipeline = format!(
+        "{} ecr get-login-password | docker login --username ci --password-stdin {}",
+        aws.display(),
+        login.address
+    );
+
+    // A dry run prints the pipeline as one command, with its event.
+    let dry = xtask(
+        root,
+        &[
+            "build",
+            "--push",
+            "--dry-run",
+            "--json",
+            "--registry",
+            &registry_flag,
+        ],
+        &env,
+    );
+    dry.assert_ok();
+    let events = parse_events(&dry.stdout);
+    let commands = events_of(&events, "command");
+    let piped = commands
+        .iter()
+        .find(|c| c["line"] == pipeline.as_str())
+        .unwrap_or_else(|| panic!("no login command event: {}", dry.stdout));
+    assert_eq!(piped["dry_run"], true);
+    assert!(piped["argv"].as_array().unwrap().iter().any(|a| a == "|"));
+
+    // For real: echoed once on stderr, logged in, pushed; the password is
+    // nowhere in the output.
+    let real = xtask(
+        root,
+        &["build", "--push", "--registry", &registry_flag],
+        &env,
+    );
+    real.assert_ok();
+    assert_eq!(
+        real.stderr.matches(&format!("$ {pipeline}")).count(),
+        1,
+        "{}",
+        real.stderr
+    );
+    assert!(!real.stderr.contains("s3cret") && !real.stdout.contains("s3cret"));
+}

@@ -24,22 +24,17 @@ use crate::{
     registry,
 };
 
-const BACKEND: &str = "aiq-agent";
-const FRONTEND: &str = "aiq-frontend";
-const BACKEND_PORT: u16 = 8000;
-const FRONTEND_PORT: u16 = 3000;
-
 /// Build fresh, push to a local registry, and run the stack on local Docker
 #[derive(Args, Debug)]
 pub struct Up {
     #[command(flatten)]
     pub flags: BuildFlags,
-    /// Host port for the frontend (on 127.0.0.1)
-    #[arg(long, default_value_t = FRONTEND_PORT, value_name = "PORT")]
-    pub frontend_port: u16,
-    /// Host port for the backend (on 127.0.0.1)
-    #[arg(long, default_value_t = BACKEND_PORT, value_name = "PORT")]
-    pub backend_port: u16,
+    /// Host port for the frontend on 127.0.0.1 (default: its port in the container)
+    #[arg(long, value_name = "PORT")]
+    pub frontend_port: Option<u16>,
+    /// Host port for the backend on 127.0.0.1 (default: its port in the container)
+    #[arg(long, value_name = "PORT")]
+    pub backend_port: Option<u16>,
     /// How long new containers get to become ready, in seconds
     #[arg(long, default_value_t = 60, value_name = "SECONDS")]
     pub ready_timeout: u64,
@@ -76,22 +71,26 @@ struct Component<'a> {
     image: &'a BuiltImage,
     port: u16,
     env: Vec<String>,
+    /// Paths that must answer the revision being started.
+    revision_paths: Vec<&'a str>,
 }
 
 impl Up {
     pub fn run(self, exec: &Exec) -> Result<()> {
-        let (mut config, rev) = exec.step("preflight", || {
+        let (mut config, stack, rev) = exec.step("preflight", || {
             docker::preflight(exec)?;
             let config = Config::load(exec, &self.flags.overrides)?;
             exec.sh.change_dir(&config.root);
-            for name in [BACKEND, FRONTEND] {
-                config.select_images(&[name.to_owned()])?;
-            }
-            if self.frontend_port == self.backend_port {
-                return Err(refuse("--frontend-port and --backend-port must differ"));
-            }
-            Ok((config, git::revision(exec, self.flags.allow_dirty)?))
+            let stack = config.local.clone().ok_or_else(|| {
+                refuse("[workspace.metadata.xtask.local] is missing: `up` needs the backend and frontend images and their ports")
+            })?;
+            Ok((config, stack, git::revision(exec, self.flags.allow_dirty)?))
         })?;
+        let backend_port = self.backend_port.unwrap_or(stack.backend.port);
+        let frontend_port = self.frontend_port.unwrap_or(stack.frontend.port);
+        if frontend_port == backend_port {
+            return Err(refuse("the frontend and the backend need different host ports (--frontend-port, --backend-port)"));
+        }
         config.registry = exec.step("local registry", || registry::ensure_local(exec))?;
         config.base_registry = exec.step("base images", || {
             mirror::usable_base_registry(exec, &config, &config.registry)
@@ -103,7 +102,8 @@ impl Up {
         let opts = self.flags.options(&config, true);
         let mode = if opts.cache { "cached" } else { "fresh" };
         let built = exec.step(format!("build and push ({mode}) at {}", rev.tag()), || {
-            let images = config.select_images(&[BACKEND.to_owned(), FRONTEND.to_owned()])?;
+            let images = config
+                .select_images(&[stack.backend.image.clone(), stack.frontend.image.clone()])?;
             docker::build(exec, &config, &images, &rev, &opts)
         })?;
         let find = |name: &str| {
@@ -112,20 +112,25 @@ impl Up {
                 .find(|b| b.name == name)
                 .expect("built both images")
         };
-        let backend_alias = alias(BACKEND, &rev);
-        let stack = [
+        let backend_alias = alias(&stack.backend.image, &rev);
+        let components = [
             Component {
-                image: find(BACKEND),
-                port: BACKEND_PORT,
+                image: find(&stack.backend.image),
+                port: stack.backend.port,
                 env: vec![],
+                revision_paths: vec!["/version"],
             },
             Component {
-                image: find(FRONTEND),
-                port: FRONTEND_PORT,
-                env: vec![format!("BACKEND_URL=http://{backend_alias}:{BACKEND_PORT}")],
+                image: find(&stack.frontend.image),
+                port: stack.frontend.port,
+                env: vec![format!(
+                    "{}=http://{backend_alias}:{}",
+                    stack.backend_url_env, stack.backend.port
+                )],
+                revision_paths: vec!["/version", &stack.backend_version_path],
             },
         ];
-        let host_ports = [self.backend_port, self.frontend_port];
+        let host_ports = [backend_port, frontend_port];
         let network = network_name(&self.project);
 
         exec.step("start the new revision beside the old one", || {
@@ -137,7 +142,7 @@ impl Up {
                         .arg(&network),
                 )?;
             }
-            let outcome = stack
+            let outcome = components
                 .iter()
                 .try_for_each(|component| self.start(exec, component, &rev, Slot::Candidate));
             if let Err(error) = outcome {
@@ -153,18 +158,15 @@ impl Up {
             "swap: stop the old revision, give the new one the host ports",
             || {
                 remove_containers(exec, &self.project, Some(Slot::Live(0).label()))?;
-                for (component, host_port) in stack.iter().zip(host_ports) {
+                for (component, host_port) in components.iter().zip(host_ports) {
                     self.start(exec, component, &rev, Slot::Live(host_port))?;
                 }
                 remove_containers(exec, &self.project, Some(Slot::Candidate.label()))
             },
         )?;
         let out = exec.output;
-        out.result(&format!(
-            "frontend  http://127.0.0.1:{}",
-            self.frontend_port
-        ));
-        out.result(&format!("backend   http://127.0.0.1:{}", self.backend_port));
+        out.result(&format!("frontend  http://127.0.0.1:{}", frontend_port));
+        out.result(&format!("backend   http://127.0.0.1:{}", backend_port));
         out.result(&format!(
             "revision  {}{}",
             rev.sha,
@@ -173,8 +175,8 @@ impl Up {
         out.event(
             "stack_up",
             serde_json::json!({
-                "frontend": format!("http://127.0.0.1:{}", self.frontend_port),
-                "backend": format!("http://127.0.0.1:{}", self.backend_port),
+                "frontend": format!("http://127.0.0.1:{}", frontend_port),
+                "backend": format!("http://127.0.0.1:{}", backend_port),
                 "revision": rev.sha,
                 "dirty": rev.is_dirty(),
             }),
@@ -273,11 +275,7 @@ impl Up {
             }
             std::thread::sleep(Duration::from_millis(250));
         }
-        let mut paths = vec!["/version"];
-        if component.image.name == FRONTEND {
-            paths.push("/backend/version");
-        }
-        for path in paths {
+        for path in &component.revision_paths {
             let revision = answered_revision(&addr, path)?;
             if revision != rev.sha {
                 return Err(self.failure(
