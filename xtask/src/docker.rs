@@ -305,31 +305,32 @@ pub fn write_build_file(config: &Config, rev: &Revision, built: &[BuiltImage]) -
 mod tests {
     use super::*;
 
-    fn rev(dirty: Option<&str>) -> Revision {
-        Revision {
-            sha: "0123456789abcdef0123456789abcdef01234567".into(),
-            commit_time: 1_795_464_000,
-            dirty_hash: dirty.map(Into::into),
-        }
-    }
-
     #[test]
     fn bake_file_tags_labels_and_args() {
         let c = Config::example();
-        let bake = bake_file(&c, &c.images, &rev(None), "https://example.com/repo", &[]);
+        let bake = bake_file(
+            &c,
+            &c.images,
+            &Revision::example(None),
+            "https://example.com/repo",
+            &[],
+        );
         let target = &bake["target"]["aiq-agent"];
         assert_eq!(
-            tags(&c, &c.images[0], &rev(None)),
+            tags(&c, &c.images[0], &Revision::example(None)),
             [
                 "ghcr.io/acme/aiq-agent:0123456789ab",
                 "ghcr.io/acme/aiq-agent:latest"
             ]
         );
-        assert_eq!(target["args"]["GIT_REVISION"], rev(None).sha);
+        assert_eq!(target["args"]["GIT_REVISION"], Revision::example(None).sha);
         assert_eq!(target["args"]["BASE_REGISTRY"], "127.0.0.1:5000/library");
         assert_eq!(target["args"]["EXTRA"], "1");
         let labels = &target["labels"];
-        assert_eq!(labels["org.opencontainers.image.revision"], rev(None).sha);
+        assert_eq!(
+            labels["org.opencontainers.image.revision"],
+            Revision::example(None).sha
+        );
         assert_eq!(
             labels["org.opencontainers.image.created"],
             "2026-11-23T20:00:00Z"
@@ -343,9 +344,15 @@ mod tests {
     #[test]
     fn dirty_builds_never_move_latest() {
         let c = Config::example();
-        let bake = bake_file(&c, &c.images, &rev(Some("deadbeef")), "x", &[]);
+        let bake = bake_file(
+            &c,
+            &c.images,
+            &Revision::example(Some("deadbeef")),
+            "x",
+            &[],
+        );
         assert_eq!(
-            tags(&c, &c.images[0], &rev(Some("deadbeef"))),
+            tags(&c, &c.images[0], &Revision::example(Some("deadbeef"))),
             ["ghcr.io/acme/aiq-agent:0123456789ab-dirty-deadbeef"]
         );
         assert_eq!(bake["target"]["aiq-agent"]["args"]["GIT_DIRTY"], "true");
@@ -354,7 +361,10 @@ mod tests {
     #[test]
     fn fresh_by_default_cached_on_request() {
         let c = Config::example();
-        let tagged = [(&c.images[0], tags(&c, &c.images[0], &rev(None)))];
+        let tagged = [(
+            &c.images[0],
+            tags(&c, &c.images[0], &Revision::example(None)),
+        )];
         let fresh = bake_command(
             Path::new("b.json"),
             Path::new("m.json"),

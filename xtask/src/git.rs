@@ -22,6 +22,16 @@ pub struct Revision {
 }
 
 impl Revision {
+    /// A revision for unit tests, dirty with `dirty` as its hash.
+    #[cfg(test)]
+    pub fn example(dirty: Option<&str>) -> Revision {
+        Revision {
+            sha: "0123456789abcdef0123456789abcdef01234567".into(),
+            commit_time: 1_795_464_000,
+            dirty_hash: dirty.map(Into::into),
+        }
+    }
+
     pub fn short(&self) -> &str {
         &self.sha[..SHORT_LEN.min(self.sha.len())]
     }
@@ -166,19 +176,14 @@ pub fn origin_url(exec: &Exec) -> Option<String> {
 mod tests {
     use super::*;
 
-    fn rev(dirty: Option<&str>) -> Revision {
-        Revision {
-            sha: "0123456789abcdef0123456789abcdef01234567".into(),
-            commit_time: 0,
-            dirty_hash: dirty.map(Into::into),
-        }
-    }
-
     #[test]
     fn tags_are_short_sha_or_marked_dirty() {
-        assert_eq!(rev(None).tag(), "0123456789ab");
-        assert_eq!(rev(Some("deadbeef")).tag(), "0123456789ab-dirty-deadbeef");
-        assert!(!rev(None).is_dirty());
+        assert_eq!(Revision::example(None).tag(), "0123456789ab");
+        assert_eq!(
+            Revision::example(Some("deadbeef")).tag(),
+            "0123456789ab-dirty-deadbeef"
+        );
+        assert!(!Revision::example(None).is_dirty());
     }
 
     #[test]

@@ -369,11 +369,7 @@ pub fn verify_pods(kube: &Kube, name: &str, digest: &str) -> Result<(usize, Vec<
         json!({"deployment": name, "digest": digest, "ready": ready.len()}),
     );
     let now = now_epoch();
-    let stuck = pods
-        .iter()
-        .filter(|p| p.stuck_terminating(now))
-        .map(|p| p.metadata.name.clone())
-        .collect();
+    let stuck = crate::kube::stuck_terminating(&pods, now);
     Ok((ready.len(), stuck))
 }
 

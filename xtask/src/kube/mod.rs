@@ -326,11 +326,7 @@ impl<'a> Kube<'a> {
             .find(|p| !digest.as_deref().is_some_and(|d| p.runs(d)))
             .map(|p| p.metadata.name.clone());
         let now = crate::time::now_epoch();
-        let stuck_pods = pods
-            .iter()
-            .filter(|p| p.stuck_terminating(now))
-            .map(|p| p.metadata.name.clone())
-            .collect();
+        let stuck_pods = stuck_terminating(&pods, now);
         let oldest_start = ready
             .iter()
             .filter_map(|p| p.status.start_time.as_deref())

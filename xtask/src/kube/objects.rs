@@ -375,6 +375,15 @@ impl Pod {
     }
 }
 
+/// The names of `pods` stuck terminating at `now` (see
+/// [`Pod::stuck_terminating`]).
+pub fn stuck_terminating(pods: &[Pod], now: i64) -> Vec<String> {
+    pods.iter()
+        .filter(|p| p.stuck_terminating(now))
+        .map(|p| p.metadata.name.clone())
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
