@@ -174,13 +174,10 @@ pub fn ensure_local(exec: &Exec) -> Result<String> {
     if answers(DEFAULT_LOCAL) {
         return Ok(DEFAULT_LOCAL.to_owned());
     }
+    start(exec)?;
     if exec.dry_run {
-        exec.output.result(&format!(
-            "# would start a local registry on {DEFAULT_LOCAL}"
-        ));
         return Ok(DEFAULT_LOCAL.to_owned());
     }
-    start(exec)?;
     let deadline = Instant::now() + Duration::from_secs(20);
     while Instant::now() < deadline {
         if answers(DEFAULT_LOCAL) {
@@ -196,7 +193,8 @@ pub fn ensure_local(exec: &Exec) -> Result<String> {
 
 /// Starts a registry: the `registry:2` container when that image is at hand,
 /// else the host's Distribution registry (`docker-registry`, Debian's
-/// package), which needs nothing from Docker Hub.
+/// package), which needs nothing from Docker Hub. A dry run prints the
+/// commands and writes nothing.
 fn start(exec: &Exec) -> Result<()> {
     let image_here = exec.succeeds(&Cmd::new("docker").args(["image", "inspect", REGISTRY_IMAGE]));
     if image_here || which::which("docker-registry").is_err() {
@@ -215,23 +213,27 @@ fn start(exec: &Exec) -> Result<()> {
         ]));
     }
     let dir = state_dir();
-    std::fs::create_dir_all(dir.join("data"))
-        .with_context(|| format!("creating {}", dir.display()))?;
     let config = dir.join("config.yml");
-    std::fs::write(
-        &config,
-        format!(
-            "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: {DEFAULT_LOCAL}\n",
-            dir.join("data").display()
-        ),
-    )?;
+    if !exec.dry_run {
+        std::fs::create_dir_all(dir.join("data"))
+            .with_context(|| format!("creating {}", dir.display()))?;
+        std::fs::write(
+            &config,
+            format!(
+                "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: {DEFAULT_LOCAL}\n",
+                dir.join("data").display()
+            ),
+        )?;
+    }
     let pid = exec.start_daemon(
         &Cmd::new("docker-registry")
             .arg("serve")
             .arg(config.display().to_string()),
         &dir.join("registry.log"),
     )?;
-    std::fs::write(dir.join("registry.pid"), pid.to_string())?;
+    if !exec.dry_run {
+        std::fs::write(dir.join("registry.pid"), pid.to_string())?;
+    }
     Ok(())
 }
 

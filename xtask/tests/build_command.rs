@@ -716,3 +716,44 @@ fn a_registry_login_is_one_echoed_pipeline_that_never_shows_the_password() {
     );
     assert!(!real.stderr.contains("s3cret") && !real.stdout.contains("s3cret"));
 }
+
+#[test]
+fn a_dry_run_shows_the_local_registry_start_as_a_command() {
+    let repo = fixture(&unique("registry-start"));
+    // A network namespace of its own: nothing answers on 127.0.0.1:5000
+    // there, so the local registry would be started; Docker still answers
+    // on its socket.
+    let out = run(
+        repo.path(),
+        "unshare",
+        &[
+            "--net",
+            env!("CARGO_BIN_EXE_xtask"),
+            "mirror",
+            "--dry-run",
+            "--json",
+        ],
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let events = parse_events(&stdout);
+    let start = events_of(&events, "command")
+        .into_iter()
+        .find(|c| {
+            let argv = c["argv"].as_array().unwrap();
+            argv[0] == "docker-registry" || argv.iter().any(|a| a == "registry:2")
+        })
+        .unwrap_or_else(|| panic!("no registry start among the commands: {stdout}"));
+    assert_eq!(start["dry_run"], true);
+    assert!(
+        start["line"]
+            .as_str()
+            .unwrap()
+            .starts_with(start["argv"][0].as_str().unwrap()),
+        "{start}"
+    );
+}
