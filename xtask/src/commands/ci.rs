@@ -11,15 +11,21 @@ use crate::{
     config::{Config, Overrides},
     deps, docker,
     exec::{require_tool, Cmd, Exec},
+    exit::refuse,
     rollout::render_overlay,
 };
 
-/// One gate step; boxed so the list reads in the order it runs.
-type CiStep<'a> = Box<dyn Fn() -> Result<()> + 'a>;
+/// One gate step: its key (for `ci STEP`), its name, and its work, boxed
+/// so the list reads in the order it runs.
+type CiStep<'a> = (&'static str, &'static str, Box<dyn Fn() -> Result<()> + 'a>);
 
 /// Run the whole gate: fmt, clippy, the frontend's tsc and ESLint, tests, Dockerfile, manifest, workflow and shell lint
 #[derive(Args, Debug, Default)]
-pub struct Ci {}
+pub struct Ci {
+    /// Run only these steps, in the gate's order: fmt, clippy, frontend, test, hadolint, manifests, actionlint, shellcheck
+    #[arg(value_name = "STEP")]
+    pub only: Vec<String>,
+}
 
 impl Ci {
     pub fn run(self, exec: &Exec) -> Result<()> {
@@ -30,12 +36,14 @@ impl Ci {
         let _path = exec.sh.push_env("PATH", crate::cluster::path_with_tools()?);
         let cargo = crate::config::cargo();
         let mut timings: Vec<(&str, Duration, bool)> = Vec::new();
-        let steps: Vec<(&str, CiStep)> = vec![
+        let steps: Vec<CiStep> = vec![
             (
+                "fmt",
                 "cargo fmt --check",
                 Box::new(|| exec.run_anyway(&Cmd::new(&cargo).args(["fmt", "--all", "--check"]))),
             ),
             (
+                "clippy",
                 "cargo clippy",
                 Box::new(|| {
                     exec.run_anyway(&Cmd::new(&cargo).args([
@@ -50,20 +58,36 @@ impl Ci {
                 }),
             ),
             (
+                "frontend",
                 "frontend: tsc, eslint",
                 Box::new(|| frontend_checks(exec, &config)),
             ),
             (
+                "test",
                 "cargo xtask test",
                 Box::new(|| Test::default().run_in(exec, &config)),
             ),
-            ("hadolint", Box::new(|| hadolint(exec, &config))),
-            ("manifests", Box::new(|| validate_manifests(exec, &config))),
-            ("actionlint", Box::new(|| actionlint(exec))),
-            ("shellcheck", Box::new(|| shellcheck(exec))),
+            ("hadolint", "hadolint", Box::new(|| hadolint(exec, &config))),
+            (
+                "manifests",
+                "manifests",
+                Box::new(|| validate_manifests(exec, &config)),
+            ),
+            ("actionlint", "actionlint", Box::new(|| actionlint(exec))),
+            ("shellcheck", "shellcheck", Box::new(|| shellcheck(exec))),
         ];
+        let keys: Vec<&str> = steps.iter().map(|(key, _, _)| *key).collect();
+        if let Some(unknown) = self.only.iter().find(|s| !keys.contains(&s.as_str())) {
+            return Err(refuse(format!(
+                "unknown ci step {unknown:?}; steps: {}",
+                keys.join(", ")
+            )));
+        }
         let mut result = Ok(());
-        for (name, step) in &steps {
+        for (key, name, step) in &steps {
+            if !self.only.is_empty() && !self.only.iter().any(|s| s == key) {
+                continue;
+            }
             let started = std::time::Instant::now();
             let outcome = exec.step(*name, step);
             timings.push((name, started.elapsed(), outcome.is_ok()));
