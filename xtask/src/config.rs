@@ -1,5 +1,7 @@
 //! `[workspace.metadata.xtask]` + environment + flags, merged into one
-//! `Config`. Flags beat the environment, which beats the file.
+//! `Config`; flags beat the environment, which beats the file. Every
+//! environment variable the xtask reads is read here (`tests/tidy.rs`
+//! checks it).
 
 use std::{collections::BTreeMap, path::PathBuf};
 

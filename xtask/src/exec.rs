@@ -1,6 +1,6 @@
-//! The one place external commands are echoed, run, or (with `--dry-run`)
-//! only printed: `Cmd` and its shell quoting, the runner, numbered and
-//! timed steps, and finding tools.
+//! The one place processes are made (`tests/tidy.rs` checks it): commands
+//! echoed, run, or (with `--dry-run`) only printed; `Cmd` and its shell
+//! quoting; daemons and pipes; numbered and timed steps; finding tools.
 
 use std::{cell::Cell, fmt, io::Write, process::Stdio, time::Instant};
 
