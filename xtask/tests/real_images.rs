@@ -13,7 +13,9 @@ const PROJECT: &str = "aiqtest";
 const FRONTEND_PORT: &str = "13300";
 const BACKEND_PORT: &str = "13800";
 
-fn up(root: &Path, extra: &[&str]) -> XtaskRun {
+/// A cached `up` of the test's project on its ports, with `extra` flags and
+/// `env` beside the local registry.
+fn up(root: &Path, extra: &[&str], env: &[(&str, &str)]) -> XtaskRun {
     let mut args = vec![
         "up",
         "--cache",
@@ -25,7 +27,10 @@ fn up(root: &Path, extra: &[&str]) -> XtaskRun {
         BACKEND_PORT,
     ];
     args.extend_from_slice(extra);
-    xtask(root, &args, &[("XTASK_LOCAL_REGISTRY", &registry())])
+    let registry = registry();
+    let mut all_env = vec![("XTASK_LOCAL_REGISTRY", registry.as_str())];
+    all_env.extend_from_slice(env);
+    xtask(root, &args, &all_env)
 }
 
 fn backend() -> String {
@@ -413,23 +418,7 @@ fn real_images_build_fresh_run_by_digest_and_never_serve_stale_code() {
     // Hub here), so `up` takes the base images from the local mirror.
     let _ = xtask(root, &["down", "--project", PROJECT], &[]);
     let unreachable_bases = format!("127.0.0.1:{}/library", free_port());
-    let started = xtask(
-        root,
-        &[
-            "up",
-            "--cache",
-            "--project",
-            PROJECT,
-            "--frontend-port",
-            FRONTEND_PORT,
-            "--backend-port",
-            BACKEND_PORT,
-        ],
-        &[
-            ("XTASK_LOCAL_REGISTRY", &registry()),
-            ("XTASK_BASE_REGISTRY", &unreachable_bases),
-        ],
-    );
+    let started = up(root, &[], &[("XTASK_BASE_REGISTRY", &unreachable_bases)]);
     started.assert_ok();
     assert!(
         started.stderr.contains(&format!(
@@ -459,7 +448,7 @@ fn real_images_build_fresh_run_by_digest_and_never_serve_stale_code() {
     let marker = add_marker_route(root, "/api/marker");
     let second_page_marker = set_page_marker(root);
     let second = commit_all(root, "backend and frontend: new markers");
-    let json = up(root, &["--json"]);
+    let json = up(root, &["--json"], &[]);
     json.assert_ok();
     let events = parse_events(&json.stdout);
     let stack = events_of(&events, "stack_up");
@@ -605,7 +594,7 @@ fn real_images_build_fresh_run_by_digest_and_never_serve_stale_code() {
     assert_ne!(lib, broken);
     std::fs::write(&lib_rs, broken).unwrap();
     let third = commit_all(root, "backend: break readiness");
-    let failed = up(root, &["--ready-timeout", "5"]);
+    let failed = up(root, &["--ready-timeout", "5"], &[]);
     assert_eq!(failed.code, 1, "{}", failed.stderr);
     assert!(
         failed.stderr.contains("failed readiness")
