@@ -283,6 +283,21 @@ pub fn ensure_all(
     Ok(stores)
 }
 
+/// The stores of the images whose lockfile is a `package-lock.json`; an
+/// error when there is none.
+pub fn npm_stores(exec: &Exec, config: &Config) -> Result<Vec<Store>> {
+    let mut stores = Vec::new();
+    for image in &config.images {
+        if let Some(store) = Store::of(exec, config, image)? {
+            if store.kind == Kind::Npm {
+                stores.push(store);
+            }
+        }
+    }
+    anyhow::ensure!(!stores.is_empty(), "no image builds an npm package");
+    Ok(stores)
+}
+
 /// `$CARGO_HOME/registry/cache/*`: where cargo keeps downloaded `.crate`s,
 /// one directory per registry.
 fn cargo_download_caches() -> Result<Vec<PathBuf>> {

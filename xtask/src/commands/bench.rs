@@ -144,14 +144,7 @@ impl Bench {
                 "--target-dir",
             ])
             .arg(floor_target.display().to_string());
-        let frontend = config
-            .images
-            .iter()
-            .find_map(|image| {
-                let store = deps::Store::of(exec, &config, image).ok()??;
-                (store.kind == deps::Kind::Npm).then_some(store)
-            })
-            .context("no image builds an npm package")?;
+        let frontend = deps::npm_stores(exec, &config)?.remove(0);
         let package_dir = clone.join(
             frontend
                 .lockfile

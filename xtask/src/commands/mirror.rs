@@ -210,7 +210,7 @@ fn copy_node(exec: &Exec, rootfs: &Path, tag: &str) -> Result<()> {
     if major != wanted {
         bail!("cannot seed node:{tag}: this machine's Node.js is {version}, the tag names major version {wanted}");
     }
-    let npm = exec.read(&Cmd::new("node").args([
+    let npm = exec.read(&Cmd::new(path_str(&node)).args([
         "--print",
         "require('path').dirname(require.resolve('npm/package.json', { paths: [require('path').join(process.execPath, '../../lib/node_modules')] }))",
     ]))?;
