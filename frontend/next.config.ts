@@ -5,6 +5,8 @@ import type { NextConfig } from "next";
 const nextConfig: NextConfig = {
   output: "standalone",
   poweredByHeader: false,
+  // The commit, not a random id: two builds of one commit are one image.
+  generateBuildId: async () => process.env.GIT_REVISION ?? null,
   env: {
     AIQ_REVISION: process.env.GIT_REVISION ?? "unknown",
     AIQ_DIRTY: process.env.GIT_DIRTY ?? "false",

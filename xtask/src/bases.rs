@@ -50,6 +50,45 @@ pub fn can_pull(exec: &Exec, reference: &str) -> bool {
     exec.succeeds(&Cmd::new("docker").args(["buildx", "imagetools", "inspect", "--raw", reference]))
 }
 
+/// Resolves every base image `images` build on, once, at the start of a
+/// build (that is what `--pull` means): reference → manifest digest. The
+/// build then uses exactly these (as named contexts), and `build.json`
+/// records them. A dry run resolves nothing.
+pub fn resolve_all(
+    exec: &Exec,
+    config: &Config,
+    images: &[Image],
+) -> Result<std::collections::BTreeMap<String, String>> {
+    let mut resolved = std::collections::BTreeMap::new();
+    if exec.dry_run {
+        return Ok(resolved);
+    }
+    for base in base_images_of(config, images)? {
+        let reference = format!("{}/{base}", config.base_registry);
+        match crate::registry::resolve(exec, &reference) {
+            Ok((digest, _)) => {
+                resolved.insert(reference, digest);
+            }
+            Err(error) => {
+                return Err(explain_base_image_failure(exec, config, images)
+                    .unwrap_or_else(|| error.context(format!("resolving base image {reference}"))))
+            }
+        }
+    }
+    Ok(resolved)
+}
+
+/// How the Dockerfile frontend names a base image when it looks for a
+/// named context: Docker Hub's `docker.io/library/` prefix dropped.
+pub fn familiar(reference: &str) -> String {
+    let reference = reference
+        .strip_prefix("docker.io/")
+        .or_else(|| reference.strip_prefix("index.docker.io/"))
+        .map(|rest| rest.strip_prefix("library/").unwrap_or(rest))
+        .unwrap_or(reference);
+    reference.to_owned()
+}
+
 /// The base images `images`' Dockerfiles name, each once.
 pub fn base_images_of(config: &Config, images: &[Image]) -> Result<Vec<String>> {
     let mut bases = Vec::new();
@@ -69,6 +108,16 @@ pub fn base_images_of(config: &Config, images: &[Image]) -> Result<Vec<String>> 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn named_contexts_use_the_familiar_name() {
+        assert_eq!(familiar("docker.io/library/rust:1.95"), "rust:1.95");
+        assert_eq!(familiar("docker.io/acme/x:1"), "acme/x:1");
+        assert_eq!(
+            familiar("127.0.0.1:5000/library/debian:bookworm-slim"),
+            "127.0.0.1:5000/library/debian:bookworm-slim"
+        );
+    }
 
     #[test]
     fn base_images_come_from_from_lines() {

@@ -51,6 +51,9 @@ struct Metadata {
     /// The stack `up` runs on local Docker.
     #[serde(default)]
     local: Option<LocalStack>,
+    /// The BuildKit version every build runs on (the pinned builder).
+    #[serde(default = "default_buildkit")]
+    buildkit: String,
 }
 
 /// `[workspace.metadata.xtask.local]`: the stack `up` runs.
@@ -101,6 +104,9 @@ struct Environment {
 
 fn default_base_registry() -> String {
     "docker.io/library".into()
+}
+fn default_buildkit() -> String {
+    crate::builder::DEFAULT_VERSION.into()
 }
 fn default_true() -> bool {
     true
@@ -189,6 +195,8 @@ pub struct Config {
     pub registry_login: Option<RegistryLogin>,
     pub images: Vec<Image>,
     pub local: Option<LocalStack>,
+    /// BuildKit's version, e.g. `v0.34.2`: the pinned builder's.
+    pub buildkit: String,
 }
 
 impl Config {
@@ -219,6 +227,7 @@ impl Config {
                 lockfile: None,
             }],
             local: None,
+            buildkit: "v0.34.2".into(),
         }
     }
 
@@ -296,12 +305,24 @@ impl Config {
             registry_login: file.registry_login,
             images: file.images,
             local: file.local,
+            buildkit: file.buildkit,
         };
         config.validate()?;
         Ok(config)
     }
 
     fn validate(&self) -> Result<()> {
+        let version_ok = self.buildkit.strip_prefix('v').is_some_and(|v| {
+            v.split('.').count() == 3
+                && v.split('.')
+                    .all(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+        });
+        if !version_ok {
+            return Err(refuse(format!(
+                "[workspace.metadata.xtask] buildkit {:?} must be a BuildKit release such as \"v0.34.2\"",
+                self.buildkit
+            )));
+        }
         check_registry("registry", &self.registry)?;
         check_registry("base_registry", &self.base_registry)?;
         if self.images.is_empty() {
@@ -479,9 +500,17 @@ pub fn use_cache_requested() -> bool {
     std::env::var("USE_CACHE").is_ok_and(|v| v.eq_ignore_ascii_case("true") || v == "1")
 }
 
-/// `SOURCE_DATE_EPOCH`, for the images' `created` label.
-pub fn source_date_epoch() -> Option<i64> {
-    std::env::var("SOURCE_DATE_EPOCH").ok()?.parse().ok()
+/// The build secret's file (`XTASK_BUILD_SECRET`), else
+/// `<cache>/secrets/build-key`, made on first use. Keys a build must
+/// generate (Next.js's) are derived from it, so two builds agree and no one
+/// can derive them from the source.
+pub fn build_secret_file() -> PathBuf {
+    std::env::var_os("XTASK_BUILD_SECRET")
+        .filter(|path| !path.is_empty())
+        .map_or_else(
+            || cache_dir().join("secrets").join("build-key"),
+            PathBuf::from,
+        )
 }
 
 /// `GITHUB_RUN_ID`: the CI run a deploy is recorded with.

@@ -1,6 +1,13 @@
-//! docker buildx: the bake file (with each image's dependency store as its
-//! `deps` context), the bake command line, its metadata, and the
-//! `build.json` hand-off. Pushing is in `push.rs`.
+//! docker buildx: the bake file (the exported commit as the context, each
+//! image's dependency store as its `deps` context, base images pinned by
+//! digest), the bake command line on the pinned builder, its metadata, and
+//! the `build.json` hand-off. Pushing is in `push.rs`.
+//!
+//! Two fresh builds of one commit give the same digests: every input is
+//! the commit's (the tree, its time as `SOURCE_DATE_EPOCH`, labels from
+//! the configuration and the commit), base images are resolved once, and
+//! the output clamps file times (`rewrite-timestamp`), names its media
+//! types and compression, and carries no provenance (it records times).
 
 use std::{
     collections::BTreeMap,
@@ -52,6 +59,12 @@ pub struct BuildOptions {
     pub retry: bool,
     /// Never download dependencies: each lockfile's store must exist.
     pub offline: bool,
+    /// Build into BuildKit only, for the digest (no push, no load): how a
+    /// build is compared with what a registry already holds.
+    pub digest_only: bool,
+    /// Base image digests to build from instead of resolving them now: a
+    /// rebuild uses the ones recorded for the build it checks.
+    pub pinned_bases: Option<BTreeMap<String, String>>,
 }
 
 /// One built image, as recorded in `target/xtask/build.json`.
@@ -101,12 +114,31 @@ pub struct BuildFile {
     pub revision: String,
     pub tag: String,
     pub images: Vec<BuiltImage>,
+    /// The BuildKit version that built them.
+    #[serde(default)]
+    pub buildkit: String,
+    /// Each base image as the Dockerfiles name it → the digest it was
+    /// built from.
+    #[serde(default)]
+    pub bases: BTreeMap<String, String>,
 }
 
-/// The OCI labels every image carries. `created` is the commit time (or
-/// SOURCE_DATE_EPOCH), so the same commit always describes itself the same.
+/// What a build ran on and from, beyond the commit: what a rebuild needs
+/// to give the same digests.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Inputs {
+    #[serde(default)]
+    pub buildkit: String,
+    /// Base image reference → the digest it resolved to.
+    #[serde(default)]
+    pub bases: BTreeMap<String, String>,
+}
+
+/// The OCI labels every image carries, from the configuration and the
+/// commit only: `created` is the commit time, whatever the caller's
+/// environment says, so the same commit always describes itself the same.
 pub fn labels(image: &Image, rev: &Revision, source: &str) -> BTreeMap<String, String> {
-    let created = crate::config::source_date_epoch().unwrap_or(rev.commit_time);
+    let created = rev.commit_time;
     [
         ("org.opencontainers.image.revision", rev.sha.clone()),
         ("org.opencontainers.image.source", source.to_owned()),
@@ -120,15 +152,20 @@ pub fn labels(image: &Image, rev: &Revision, source: &str) -> BTreeMap<String, S
 }
 
 /// The bake definition for `images`: one target each, tags, labels, the
-/// build args that bake the revision into the binaries, and each image's
-/// dependency store as its `deps` context.
+/// build args that bake the revision into the binaries (and
+/// `SOURCE_DATE_EPOCH`, the commit time), the exported tree at `tree` as
+/// the context, each image's dependency store as its `deps` context, and
+/// each base image pinned to the digest in `bases`.
 pub fn bake_file(
     config: &Config,
     images: &[Image],
     rev: &Revision,
-    source: &str,
+    tree: &Path,
     stores: &[(String, Store)],
+    bases: &BTreeMap<String, String>,
+    secret: &Path,
 ) -> serde_json::Value {
+    let source = config.source.as_deref().unwrap_or("unknown");
     let mut targets = serde_json::Map::new();
     for image in images {
         let mut args = BTreeMap::from([
@@ -136,16 +173,28 @@ pub fn bake_file(
             ("GIT_REVISION".to_owned(), rev.sha.clone()),
             ("GIT_DIRTY".to_owned(), rev.is_dirty().to_string()),
             ("GIT_COMMIT_TIME".to_owned(), rfc3339(rev.commit_time)),
+            ("SOURCE_DATE_EPOCH".to_owned(), rev.commit_time.to_string()),
         ]);
         args.extend(image.build_args.clone());
+        let mut contexts = serde_json::Map::new();
+        if let Some((_, store)) = stores.iter().find(|(name, _)| *name == image.name) {
+            contexts.insert("deps".into(), json!(store.dir));
+        }
+        for (reference, digest) in bases {
+            contexts.insert(
+                crate::bases::familiar(reference),
+                json!(format!("docker-image://{reference}@{digest}")),
+            );
+        }
         let mut target = json!({
-            "context": config.root.join(&image.context),
-            "dockerfile": config.root.join(&image.dockerfile),
+            "context": tree.join(&image.context),
+            "dockerfile": tree.join(&image.dockerfile),
             "args": args,
             "labels": labels(image, rev, source),
+            "secret": [format!("id={BUILD_SECRET_ID},src={}", secret.display())],
         });
-        if let Some((_, store)) = stores.iter().find(|(name, _)| *name == image.name) {
-            target["contexts"] = json!({ "deps": store.dir });
+        if !contexts.is_empty() {
+            target["contexts"] = serde_json::Value::Object(contexts);
         }
         targets.insert(image.name.clone(), target);
     }
@@ -166,10 +215,52 @@ pub fn tags(config: &Config, image: &Image, rev: &Revision) -> Vec<String> {
     tags
 }
 
-/// The `docker buildx bake` line. Tags are given with `--set` rather than in
-/// the bake file so the printed line shows exactly what gets tagged. Fresh by default: `--no-cache` so no layer
-/// (and no cache mount) survives from an earlier build, `--pull` so base
-/// images are re-resolved.
+/// The build secret's id in `RUN --mount=type=secret`: keys a build must
+/// make (Next.js's) are derived from it, never from the source.
+pub const BUILD_SECRET_ID: &str = "build_key";
+
+/// The build secret's file, made (32 random bytes, readable by its owner
+/// only) the first time a build needs it.
+fn build_secret(exec: &Exec) -> Result<PathBuf> {
+    let path = crate::config::build_secret_file();
+    if exec.dry_run || path.exists() {
+        return Ok(path);
+    }
+    use std::{io::Read, os::unix::fs::OpenOptionsExt};
+    let mut key = [0u8; 32];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut random| random.read_exact(&mut key))
+        .context("reading /dev/urandom for the build secret")?;
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let partial = path.with_extension(format!("partial-{}", std::process::id()));
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&partial)
+        .with_context(|| format!("creating {}", partial.display()))?;
+    std::io::Write::write_all(&mut file, &key)?;
+    // Parallel first builds: whoever renames first wins, the others keep it.
+    if std::fs::hard_link(&partial, &path).is_ok() {
+        eprintln!("made the build secret {}", path.display());
+    }
+    std::fs::remove_file(&partial)?;
+    Ok(path)
+}
+
+/// What every image output says, so the digest depends on nothing
+/// BuildKit would otherwise choose: file times clamped to
+/// `SOURCE_DATE_EPOCH`, OCI media types, gzip.
+const REPRODUCIBLE_OUTPUT: &str = "rewrite-timestamp=true,oci-mediatypes=true,compression=gzip";
+
+/// The `docker buildx bake` line. Tags and outputs are given with `--set`
+/// rather than in the bake file so the printed line shows exactly what gets
+/// tagged and where it goes. Fresh by default: `--no-cache` so no layer (and
+/// no cache mount) survives from an earlier build, `--pull` so base images
+/// are re-resolved. No provenance attestation: it records the build's times
+/// and an invocation id, so no two builds would share a digest.
 pub fn bake_command(
     bake_file: &Path,
     metadata_file: &Path,
@@ -185,7 +276,8 @@ pub fn bake_command(
         .arg(bake_file.display().to_string())
         .arg("--metadata-file")
         .arg(metadata_file.display().to_string())
-        .arg(format!("--progress={}", progress_style()));
+        .arg(format!("--progress={}", progress_style()))
+        .arg("--provenance=false");
     if !opts.cache {
         if !opts.retry {
             cmd = cmd.arg("--no-cache");
@@ -199,12 +291,21 @@ pub fn bake_command(
             cmd = cmd.arg("--set").arg(format!("*.cache-to={to}"));
         }
     }
+    let output = if opts.digest_only {
+        format!("type=image,push=false,{REPRODUCIBLE_OUTPUT}")
+    } else if opts.push {
+        format!("type=image,push=true,{REPRODUCIBLE_OUTPUT}")
+    } else {
+        "type=docker,rewrite-timestamp=true".to_owned()
+    };
     for (image, tags) in images {
         for tag in tags {
             cmd = cmd.arg("--set").arg(format!("{}.tags={tag}", image.name));
         }
+        cmd = cmd
+            .arg("--set")
+            .arg(format!("{}.output={output}", image.name));
     }
-    cmd = cmd.arg(if opts.push { "--push" } else { "--load" });
     cmd.args(images.iter().map(|(i, _)| i.name.clone()))
 }
 
@@ -235,43 +336,59 @@ pub fn parse_metadata(json: &str, images: &[Image]) -> Result<BTreeMap<String, S
         .collect()
 }
 
-/// Builds (and with `push`, pushes) `images` in one bake session, then
-/// writes `target/xtask/build.json`. In a dry run only the bake file is
-/// written and the command printed.
+/// Builds (and with `push`, pushes) `images` in one bake session on the
+/// pinned builder (or `opts.builder`), from the revision's exported tree
+/// and base images resolved now (or as `pinned_bases` recorded them).
+/// Returns the images and what they were built on. In a dry run only the
+/// bake file is written and the commands printed.
 pub fn build(
     exec: &Exec,
     config: &Config,
     images: &[Image],
     rev: &Revision,
     opts: &BuildOptions,
-) -> Result<Vec<BuiltImage>> {
+) -> Result<(Vec<BuiltImage>, Inputs)> {
     let out = config.out_dir();
     std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
-    let source = config
-        .source
-        .clone()
-        .or_else(|| crate::git::origin_url(exec))
-        .unwrap_or_else(|| "unknown".into());
+    let mut opts = opts.clone();
+    if opts.builder.is_none() {
+        opts.builder = Some(crate::builder::ensure(exec, config)?);
+    }
     let bake_path = out.join("bake.json");
     let metadata_path = out.join("bake-metadata.json");
     let stores = deps::ensure_all(exec, config, images, opts.offline)?;
-    let bake = serde_json::to_string_pretty(&bake_file(config, images, rev, &source, &stores))?;
+    let bases = match &opts.pinned_bases {
+        Some(bases) => bases.clone(),
+        None => crate::bases::resolve_all(exec, config, images)?,
+    };
+    let tree = crate::export::export(exec, config, rev)?;
+    let secret = build_secret(exec)?;
+    let bake = serde_json::to_string_pretty(&bake_file(
+        config, images, rev, &tree, &stores, &bases, &secret,
+    ))?;
     std::fs::write(&bake_path, bake).with_context(|| format!("writing {}", bake_path.display()))?;
     let _ = std::fs::remove_file(&metadata_path);
 
-    // Digests exist only in a registry: without a push there is none.
+    // Digests exist only in a registry (or, digest_only, in BuildKit): a
+    // build loaded into Docker has none.
     let digests = if opts.push {
-        crate::push::push(exec, config, images, rev, opts, &bake_path, &metadata_path)?
+        crate::push::push(exec, config, images, rev, &opts, &bake_path, &metadata_path)?
     } else {
         let tagged: Vec<(&Image, Vec<String>)> =
             images.iter().map(|i| (i, tags(config, i, rev))).collect();
-        let cmd = bake_command(&bake_path, &metadata_path, &tagged, opts);
+        let cmd = bake_command(&bake_path, &metadata_path, &tagged, &opts);
         if let Err(error) = exec.run(&cmd) {
             return Err(
                 crate::bases::explain_base_image_failure(exec, config, images).unwrap_or(error),
             );
         }
-        BTreeMap::new()
+        if opts.digest_only && !exec.dry_run {
+            let metadata = std::fs::read_to_string(&metadata_path)
+                .with_context(|| format!("reading {}", metadata_path.display()))?;
+            parse_metadata(&metadata, images)?
+        } else {
+            BTreeMap::new()
+        }
     };
     let built: Vec<BuiltImage> = images
         .iter()
@@ -285,15 +402,27 @@ pub fn build(
         };
         exec.output.event(kind, serde_json::to_value(image)?);
     }
-    Ok(built)
+    let inputs = Inputs {
+        buildkit: config.buildkit.clone(),
+        bases,
+    };
+    Ok((built, inputs))
 }
 
-/// Writes `target/xtask/build.json`: what `deploy --from` deploys.
-pub fn write_build_file(config: &Config, rev: &Revision, built: &[BuiltImage]) -> Result<PathBuf> {
+/// Writes `target/xtask/build.json`: what `deploy --from` deploys, and
+/// what it was built on.
+pub fn write_build_file(
+    config: &Config,
+    rev: &Revision,
+    built: &[BuiltImage],
+    inputs: &Inputs,
+) -> Result<PathBuf> {
     let file = BuildFile {
         revision: rev.sha.clone(),
         tag: rev.tag(),
         images: built.to_vec(),
+        buildkit: inputs.buildkit.clone(),
+        bases: inputs.bases.clone(),
     };
     let path = config.out_dir().join("build.json");
     std::fs::write(&path, serde_json::to_string_pretty(&file)? + "\n")
@@ -308,12 +437,18 @@ mod tests {
     #[test]
     fn bake_file_tags_labels_and_args() {
         let c = Config::example();
+        let bases = BTreeMap::from([(
+            "127.0.0.1:5000/library/rust:1.95".to_owned(),
+            "sha256:b".to_owned(),
+        )]);
         let bake = bake_file(
             &c,
             &c.images,
             &Revision::example(None),
-            "https://example.com/repo",
+            Path::new("/repo/target/xtask/context/0123456789ab"),
             &[],
+            &bases,
+            Path::new("/secret"),
         );
         let target = &bake["target"]["aiq-agent"];
         assert_eq!(
@@ -337,7 +472,17 @@ mod tests {
         );
         assert_eq!(labels["org.opencontainers.image.title"], "aiq-agent");
         assert_eq!(labels["org.opencontainers.image.version"], "0123456789ab");
-        assert_eq!(target["dockerfile"], "/repo/backend/Dockerfile");
+        assert_eq!(
+            target["dockerfile"],
+            "/repo/target/xtask/context/0123456789ab/backend/Dockerfile"
+        );
+        assert_eq!(target["args"]["SOURCE_DATE_EPOCH"], "1795464000");
+        assert_eq!(
+            target["contexts"]["127.0.0.1:5000/library/rust:1.95"],
+            "docker-image://127.0.0.1:5000/library/rust:1.95@sha256:b"
+        );
+        assert_eq!(target["secret"][0], "id=build_key,src=/secret");
+        assert_eq!(labels["org.opencontainers.image.source"], "unknown");
         assert_eq!(bake["group"]["default"]["targets"], json!(["aiq-agent"]));
     }
 
@@ -348,8 +493,10 @@ mod tests {
             &c,
             &c.images,
             &Revision::example(Some("deadbeef")),
-            "x",
+            Path::new("/x"),
             &[],
+            &BTreeMap::new(),
+            Path::new("/secret"),
         );
         assert_eq!(
             tags(&c, &c.images[0], &Revision::example(Some("deadbeef"))),
@@ -376,7 +523,11 @@ mod tests {
             .contains("--set aiq-agent.tags=ghcr.io/acme/aiq-agent:0123456789ab --set aiq-agent.tags=ghcr.io/acme/aiq-agent:latest"));
         assert!(fresh.argv().iter().any(|a| a == "--no-cache"));
         assert!(fresh.argv().iter().any(|a| a == "--pull"));
-        assert!(fresh.argv().iter().any(|a| a == "--load"));
+        assert!(fresh
+            .argv()
+            .iter()
+            .any(|a| a == "aiq-agent.output=type=docker,rewrite-timestamp=true"));
+        assert!(fresh.argv().iter().any(|a| a == "--provenance=false"));
         let opts = BuildOptions {
             cache: true,
             push: true,
@@ -406,7 +557,8 @@ mod tests {
             .iter()
             .any(|a| a == "--no-cache" || a == "--pull"));
         assert!(cached.to_string().contains("--builder remote"));
-        assert!(cached.argv().iter().any(|a| a == "--push"));
+        assert!(cached.argv().iter().any(|a| a
+            == "aiq-agent.output=type=image,push=true,rewrite-timestamp=true,oci-mediatypes=true,compression=gzip"));
         assert_eq!(cached.argv().last().unwrap(), "aiq-agent");
     }
 

@@ -166,12 +166,6 @@ fn dirty_hash(exec: &Exec, changes: &[Change]) -> Result<String> {
     Ok(hash[..8].to_owned())
 }
 
-/// The remote's URL, for the `source` label when the configuration has none.
-pub fn origin_url(exec: &Exec) -> Option<String> {
-    exec.read(&Cmd::new("git").args(["remote", "get-url", "origin"]))
-        .ok()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

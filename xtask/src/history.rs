@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use crate::{
-    docker::BuiltImage,
+    docker::{BuiltImage, Inputs},
     git::Revision,
     kube::{Kube, HISTORY_NAME},
     time::{now_epoch, rfc3339},
@@ -51,6 +51,10 @@ pub struct Entry {
     /// null for one this run created.
     #[serde(default)]
     pub previous: BTreeMap<String, Option<String>>,
+    /// The BuildKit version and base image digests the images were built
+    /// on: what `verify --rebuild` builds them again with.
+    #[serde(default, flatten)]
+    pub inputs: Inputs,
 }
 
 impl Entry {
@@ -71,6 +75,7 @@ impl Entry {
             step: String::new(),
             changed: Vec::new(),
             previous: BTreeMap::new(),
+            inputs: Inputs::default(),
         }
     }
 

@@ -2,6 +2,7 @@
 //! exactly what was committed.
 
 mod bases;
+mod builder;
 mod cluster;
 mod commands;
 mod config;
@@ -9,6 +10,7 @@ mod deps;
 mod docker;
 mod exec;
 mod exit;
+mod export;
 mod git;
 mod history;
 mod kube;

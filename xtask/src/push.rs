@@ -5,13 +5,12 @@
 use std::{collections::BTreeMap, path::Path};
 
 use anyhow::{bail, Context, Result};
-use serde::Deserialize;
 
 use crate::{
     bases::explain_base_image_failure,
     config::{Config, Image},
     docker::{bake_command, parse_metadata, tags, BuildOptions},
-    exec::{Cmd, Exec},
+    exec::Exec,
     git::Revision,
     registry::resolve,
 };
@@ -96,8 +95,13 @@ pub fn push(
                 config.push_latest = false;
             }
             Some(PushFailure::Immutable) => {
+                let built = built_digests(exec, &remaining, &opts, bake_path, metadata_path)?;
                 for image in &remaining {
-                    if let Some(digest) = already_published(exec, &config, image, rev)? {
+                    let this_build = built
+                        .get(&image.name)
+                        .context("BuildKit gave no digest for the build")?;
+                    if let Some(digest) = already_published(exec, &config, image, rev, this_build)?
+                    {
                         digests.insert(image.name.clone(), digest);
                     }
                 }
@@ -127,52 +131,51 @@ pub fn push(
 }
 
 /// When `image`'s SHA tag already exists in the registry: its digest if it
-/// holds the image just built (same config, so same content), an error if
-/// it holds another build. `None` when the tag is not there.
+/// holds the image just built, an error if it holds another build. `None`
+/// when the tag is not there. Builds are reproducible, so "the same build"
+/// is the same manifest digest: `built` is this build's, from BuildKit.
 fn already_published(
     exec: &Exec,
     config: &Config,
     image: &Image,
     rev: &Revision,
+    built: &str,
 ) -> Result<Option<String>> {
-    #[derive(Deserialize)]
-    struct Descriptor {
-        digest: String,
-    }
-    #[derive(Deserialize)]
-    struct Manifest {
-        config: Descriptor,
-    }
-    #[derive(Deserialize)]
-    struct LocalImage {
-        #[serde(rename = "Id")]
-        id: String,
-    }
     let reference = config.image_ref(&image.name, &rev.tag());
-    let raw = Cmd::new("docker").args(["buildx", "imagetools", "inspect", "--raw", &reference]);
-    let Ok(manifest) = exec.read(&raw) else {
+    let Ok((published, _)) = resolve(exec, &reference) else {
         return Ok(None);
     };
-    let remote: Manifest = serde_json::from_str(&manifest)
-        .with_context(|| format!("parsing the manifest of {reference}"))?;
-    let local = exec
-        .read(&Cmd::new("docker").args(["image", "inspect", "--format", "{{json .}}", &reference]))
-        .ok()
-        .and_then(|json| serde_json::from_str::<LocalImage>(&json).ok())
-        .with_context(|| format!("{reference} already exists and the registry's tags are immutable; this build is not in the local image store to compare it with (a remote builder?)"))?;
-    if local.id != remote.config.digest {
+    if published != built {
         bail!(
-            "{reference} already exists with another build (config {}; this build is {}) and the registry's tags are immutable: deploy the published one (`cargo xtask rollback --to {}`), or commit and build a new revision",
-            remote.config.digest,
-            local.id,
+            "{reference} already exists with another build ({published}; this build is {built}) and the registry's tags are immutable: deploy the published one (`cargo xtask rollback --to {}`), or commit and build a new revision",
             rev.short()
         );
     }
-    let (digest, _) = resolve(exec, &reference)?;
     exec.output.warn(&format!(
-        "{reference} already holds this exact build ({digest}): counted as published"
+        "{reference} already holds this exact build ({published}): counted as published"
     ));
-    Ok(Some(digest))
+    Ok(Some(published))
+}
+
+/// The digests BuildKit gives `images` without pushing them (from this
+/// build's cache): what an existing tag is compared with.
+fn built_digests(
+    exec: &Exec,
+    images: &[Image],
+    opts: &BuildOptions,
+    bake_path: &Path,
+    metadata_path: &Path,
+) -> Result<BTreeMap<String, String>> {
+    let opts = BuildOptions {
+        digest_only: true,
+        retry: true,
+        ..opts.clone()
+    };
+    let tagged: Vec<(&Image, Vec<String>)> = images.iter().map(|i| (i, vec![])).collect();
+    exec.run(&bake_command(bake_path, metadata_path, &tagged, &opts))?;
+    let metadata = std::fs::read_to_string(metadata_path)
+        .with_context(|| format!("reading {}", metadata_path.display()))?;
+    parse_metadata(&metadata, images)
 }
 
 #[cfg(test)]

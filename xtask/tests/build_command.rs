@@ -190,22 +190,42 @@ fn dry_run_prints_quoted_commands_and_runs_nothing() {
 
     let fresh = xtask(root, &["build", "--push", "--dry-run"], &[]);
     fresh.assert_ok();
+    // The commit's export, then the bake (the builder exists already:
+    // `cargo xtask test` made it).
     let lines: Vec<&str> = fresh.stdout.lines().collect();
-    assert_eq!(lines.len(), 1, "one command: {}", fresh.stdout);
-    let line = lines[0];
+    assert_eq!(lines.len(), 3, "three commands: {}", fresh.stdout);
+    assert!(
+        lines[0].starts_with("$ git -C ") && lines[0].contains(" archive "),
+        "{}",
+        lines[0]
+    );
+    assert!(
+        lines[1].starts_with("$ tar -x --touch -p -f "),
+        "{}",
+        lines[1]
+    );
+    let line = lines[2];
     assert!(line.starts_with("$ docker buildx bake "), "{line}");
     for expected in [
         "--no-cache",
         "--pull",
-        "--push",
+        "--provenance=false",
+        "--builder xtask-buildkit-",
+        "push=true,rewrite-timestamp=true",
         &format!("{image}.tags={}/fixtures/{image}:{short}", registry()),
     ] {
         assert!(line.contains(expected), "{expected} missing from {line}");
     }
-    // The line is valid shell and names the bake file the dry run wrote.
-    let check = run(root, "sh", &["-n", "-c", &line[2..]]);
-    assert!(check.status.success());
+    // Each line is valid shell; the bake names the file the dry run wrote.
+    for line in &lines {
+        let check = run(root, "sh", &["-n", "-c", &line[2..]]);
+        assert!(check.status.success(), "{line}");
+    }
     assert!(root.join("target/xtask/bake.json").exists());
+    assert!(
+        !root.join("target/xtask/context").exists(),
+        "a dry run exports nothing"
+    );
     assert_eq!(
         registry_digest(&format!("fixtures/{image}"), &short),
         None,

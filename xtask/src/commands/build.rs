@@ -52,6 +52,8 @@ impl BuildFlags {
             cache_to: config.cache_to.clone(),
             retry: false,
             offline: self.offline,
+            digest_only: false,
+            pinned_bases: None,
         }
     }
 }
@@ -72,12 +74,12 @@ impl Build {
             registry::check(exec, &config.registry)?;
         }
         let mode = if opts.cache { "cached" } else { "fresh" };
-        let built = exec.step(
+        let (built, inputs) = exec.step(
             format!("build {} ({mode}) at {}", names(&images), rev.tag()),
             || docker::build(exec, &config, &images, &rev, &opts),
         )?;
         if !exec.dry_run {
-            docker::write_build_file(&config, &rev, &built)?;
+            docker::write_build_file(&config, &rev, &built, &inputs)?;
             print_summary(&built);
         }
         Ok(())

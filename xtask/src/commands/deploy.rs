@@ -115,11 +115,17 @@ impl Deploy {
             .cloned()
             .partition(|i| i.seed.is_none() || config.seed_value(i).is_some());
         // 3. Build and push, or take the digests built earlier.
-        let mut built = match from {
-            Some(file) => file.images,
+        let (mut built, inputs) = match from {
+            Some(file) => {
+                let inputs = docker::Inputs {
+                    buildkit: file.buildkit,
+                    bases: file.bases,
+                };
+                (file.images, inputs)
+            }
             None => {
                 let mode = if opts.cache { "cached" } else { "fresh" };
-                let mut built =
+                let (mut built, inputs) =
                     exec.step(format!("build and push ({mode}) at {}", rev.tag()), || {
                         docker::build(
                             exec,
@@ -136,9 +142,9 @@ impl Deploy {
                         .map(|image| BuiltImage::new(config, &image.name, rev, None)),
                 );
                 if !exec.dry_run {
-                    docker::write_build_file(config, rev, &built)?;
+                    docker::write_build_file(config, rev, &built, &inputs)?;
                 }
-                built
+                (built, inputs)
             }
         };
         // 4. Render the digest-pinned overlay.
@@ -152,7 +158,8 @@ impl Deploy {
         }
 
         // 5-8. Apply in order, wait, verify, roll back on failure, record.
-        let entry = Entry::new("deploy", rev, &built);
+        let mut entry = Entry::new("deploy", rev, &built);
+        entry.inputs = inputs.clone();
         let mut rollout = Rollout::start(kube, &self.wait, entry, &past)?;
         let mut digest_for = |name: &str| -> Result<String> {
             let image = built
@@ -174,7 +181,7 @@ impl Deploy {
             built.retain(|b| b.name != name);
             built.push(pushed);
             render_overlay(exec, &kube.kubectl, config, &built, rev, &cause)?;
-            docker::write_build_file(config, rev, &built)?;
+            docker::write_build_file(config, rev, &built, &inputs)?;
             Ok(digest)
         };
         let outcome = rollout.run(&order, &overlay, &mut digest_for);
@@ -251,6 +258,7 @@ impl Deploy {
             || docker::build(exec, config, &[image.clone()], rev, opts),
         )?;
         built
+            .0
             .into_iter()
             .next()
             .context("the seeded build built nothing")

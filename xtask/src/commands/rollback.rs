@@ -37,7 +37,7 @@ enum Plan {
         images: Vec<BuiltImage>,
     },
     /// `kubectl rollout undo` of what the newest deploy changed.
-    Undo { last: Entry },
+    Undo { last: Box<Entry> },
 }
 
 impl Rollback {
@@ -63,7 +63,7 @@ impl Rollback {
                     Plan::Redeploy { rev, images }
                 }
                 None => Plan::Undo {
-                    last: undoable(&history)?,
+                    last: Box::new(undoable(&history)?),
                 },
             };
             Ok((config, kube, reachable, history, plan))
@@ -72,7 +72,7 @@ impl Rollback {
             Plan::Redeploy { rev, images } => {
                 self.redeploy(&kube, &config, &history, &rev, &images)
             }
-            Plan::Undo { last } => self.undo(&kube, &history, last),
+            Plan::Undo { last } => self.undo(&kube, &history, *last),
         })
     }
 

@@ -9,7 +9,7 @@ use anyhow::{Context, Result};
 use clap::Args;
 
 use crate::{
-    cluster,
+    builder, cluster,
     commands::mirror,
     config::{Config, Overrides},
     deps, docker,
@@ -35,7 +35,7 @@ impl Test {
     /// The tests of the workspace `config` describes (`ci` has it loaded).
     pub fn run_in(self, exec: &Exec, config: &Config) -> Result<()> {
         let registry = exec.step(
-            "test environment: Docker engine, buildx, local registry, base images, dependency stores",
+            "test environment: Docker engine, buildx, local registry, base images, dependency stores, the pinned BuildKit",
             || {
             docker::preflight(exec)?;
             // The cluster's prerequisites too, before minutes of seeding.
@@ -49,6 +49,13 @@ impl Test {
             // The only downloads of the run: the tests' builds then take
             // every package from the stores, with no network.
             deps::ensure_all(exec, config, &config.images, false)?;
+            // The pinned builder, made once here rather than by whichever
+            // test builds first.
+            let mirrored = Config {
+                base_registry: format!("{registry}/library"),
+                ..config.clone()
+            };
+            builder::ensure(exec, &mirrored)?;
             Ok(registry)
         })?;
         let kubeconfig = cluster::up(exec)?;
@@ -56,6 +63,11 @@ impl Test {
             let _path = exec.sh.push_env("PATH", cluster::path_with_tools()?);
             let _kubeconfig = exec.sh.push_env("KUBECONFIG", &kubeconfig);
             let _registry = exec.sh.push_env("XTASK_TEST_REGISTRY", &registry);
+            // Names this run, so HEAD's real images are built once in it
+            // and shared by the tests that need them.
+            let _run = exec
+                .sh
+                .push_env("XTASK_TEST_RUN", crate::time::now_epoch().to_string());
             let _base = exec
                 .sh
                 .push_env("XTASK_BASE_REGISTRY", format!("{registry}/library"));

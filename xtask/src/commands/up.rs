@@ -104,7 +104,7 @@ impl Up {
         let built = exec.step(format!("build and push ({mode}) at {}", rev.tag()), || {
             let images = config
                 .select_images(&[stack.backend.image.clone(), stack.frontend.image.clone()])?;
-            docker::build(exec, &config, &images, &rev, &opts)
+            docker::build(exec, &config, &images, &rev, &opts).map(|(built, _)| built)
         })?;
         let find = |name: &str| {
             built

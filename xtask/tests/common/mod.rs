@@ -380,21 +380,275 @@ pub fn http_request(
     path: &str,
     accept: &str,
 ) -> std::io::Result<(u16, String)> {
+    let (status, body) = http_request_bytes(addr, method, path, accept)?;
+    Ok((status, String::from_utf8_lossy(&body).into_owned()))
+}
+
+/// [`http_request`] for a binary answer (a registry's blob).
+pub fn http_request_bytes(
+    addr: &str,
+    method: &str,
+    path: &str,
+    accept: &str,
+) -> std::io::Result<(u16, Vec<u8>)> {
     let mut stream = TcpStream::connect(addr)?;
-    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    stream.set_read_timeout(Some(Duration::from_secs(30)))?;
     write!(
         stream,
         "{method} {path} HTTP/1.0\r\nHost: {addr}\r\nAccept: {accept}\r\n\r\n"
     )?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response)?;
-    let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response)?;
+    let split = response
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .unwrap_or(response.len());
+    let head = String::from_utf8_lossy(&response[..split]);
     let status = head
         .split_whitespace()
         .nth(1)
         .and_then(|s| s.parse().ok())
         .unwrap_or(0);
-    Ok((status, body.to_owned()))
+    let body = response.get(split + 4..).unwrap_or_default().to_vec();
+    Ok((status, body))
+}
+
+/// HEAD's real images, built fresh and pushed once per test run (`cargo
+/// xtask test` names the run) and shared by every test that needs them:
+/// the clone they were built in, where they went, and their digests.
+#[derive(serde::Serialize, serde::Deserialize)]
+pub struct HeadImages {
+    pub clone: PathBuf,
+    /// `<registry>/<path>`: the images are `<repository>/<image>`.
+    pub repository: String,
+    pub revision: String,
+    pub digests: std::collections::BTreeMap<String, String>,
+}
+
+pub fn head_images() -> HeadImages {
+    require_docker();
+    let run = std::env::var("XTASK_TEST_RUN")
+        .unwrap_or_else(|_| format!("process-{}", std::process::id()));
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("head-images");
+    std::fs::create_dir_all(&dir).unwrap();
+    let lock = std::fs::File::create(dir.join("lock")).unwrap();
+    lock.lock().unwrap();
+    let record = dir.join(format!("{run}.json"));
+    if let Ok(text) = std::fs::read_to_string(&record) {
+        return serde_json::from_str(&text).unwrap();
+    }
+    // An earlier run's clone and record are of no use to this one.
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.file_name() != Some("lock".as_ref()) {
+            let _ = std::fs::remove_dir_all(&path).or_else(|_| std::fs::remove_file(&path));
+        }
+    }
+    let clone = dir.join(&run);
+    ok(
+        Path::new("."),
+        "git",
+        &[
+            "clone",
+            "--quiet",
+            &project_root().display().to_string(),
+            &clone.display().to_string(),
+        ],
+    );
+    let repository = format!("{}/head", registry());
+    xtask(
+        &clone,
+        &["build", "--push"],
+        &[("XTASK_REGISTRY", repository.as_str())],
+    )
+    .assert_ok();
+    let head = HeadImages {
+        revision: git(&clone, &["rev-parse", "HEAD"]),
+        digests: build_digests(&clone),
+        clone,
+        repository,
+    };
+    std::fs::write(&record, serde_json::to_string(&head).unwrap()).unwrap();
+    head
+}
+
+/// Image name → digest, from the `target/xtask/build.json` a build in
+/// `root` wrote.
+pub fn build_digests(root: &Path) -> std::collections::BTreeMap<String, String> {
+    let text =
+        std::fs::read_to_string(root.join("target/xtask/build.json")).expect("build.json written");
+    let build: serde_json::Value = serde_json::from_str(&text).unwrap();
+    build["images"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| {
+            (
+                i["name"].as_str().unwrap().to_owned(),
+                i["digest"].as_str().expect("a pushed digest").to_owned(),
+            )
+        })
+        .collect()
+}
+
+/// A new builder on the xtask's BuildKit image, restricted to one CPU,
+/// removed with its state when dropped.
+pub struct OneCpuBuilder(pub String);
+
+impl OneCpuBuilder {
+    pub fn new() -> OneCpuBuilder {
+        let cargo_toml = std::fs::read_to_string(project_root().join("Cargo.toml")).unwrap();
+        let version = cargo_toml
+            .lines()
+            .find_map(|l| l.strip_prefix("buildkit = "))
+            .expect("Cargo.toml names the BuildKit version")
+            .trim_matches('"');
+        let container = format!(
+            "buildx_buildkit_xtask-buildkit-{}0",
+            version.replace('.', "-")
+        );
+        let image: String = serde_json::from_str(&ok(
+            Path::new("."),
+            "docker",
+            &["inspect", "--format", "{{json .Config.Image}}", &container],
+        ))
+        .unwrap();
+        let name = unique("onecpu");
+        ok(
+            Path::new("."),
+            "docker",
+            &[
+                "buildx",
+                "create",
+                "--name",
+                &name,
+                "--driver",
+                "docker-container",
+                "--driver-opt",
+                &format!("image={image}"),
+                "--driver-opt",
+                "network=host",
+                "--driver-opt",
+                "cpuset-cpus=0",
+                "--bootstrap",
+            ],
+        );
+        OneCpuBuilder(name)
+    }
+}
+
+impl Drop for OneCpuBuilder {
+    fn drop(&mut self) {
+        let _ = run(
+            Path::new("."),
+            "docker",
+            &["buildx", "rm", "--force", &self.0],
+        );
+    }
+}
+
+const MANIFEST_TYPES: &str = "application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.v2+json";
+
+/// A blob or manifest of `repository` (`<registry>/<path>`).
+fn registry_fetch(repository: &str, kind: &str, digest: &str) -> Vec<u8> {
+    let (host, path) = repository.split_once('/').unwrap();
+    let url = format!("/v2/{path}/{kind}/{digest}");
+    let (status, body) = http_request_bytes(host, "GET", &url, MANIFEST_TYPES)
+        .unwrap_or_else(|e| panic!("GET {host}{url}: {e}"));
+    assert_eq!(status, 200, "GET {host}{url}");
+    body
+}
+
+/// Why two images differ: their configs' differing fields, and for each
+/// layer that differs, the entries (path, mode, owner, size, time) found
+/// in one and not the other.
+pub fn explain_difference(repo_a: &str, digest_a: &str, repo_b: &str, digest_b: &str) -> String {
+    let manifest = |repo: &str, digest: &str| -> serde_json::Value {
+        serde_json::from_slice(&registry_fetch(repo, "manifests", digest)).unwrap()
+    };
+    let (a, b) = (manifest(repo_a, digest_a), manifest(repo_b, digest_b));
+    let mut out = Vec::new();
+    let config = |repo: &str, m: &serde_json::Value| -> serde_json::Value {
+        let digest = m["config"]["digest"].as_str().unwrap();
+        serde_json::from_slice(&registry_fetch(repo, "blobs", digest)).unwrap()
+    };
+    if a["config"]["digest"] != b["config"]["digest"] {
+        let (ca, cb) = (config(repo_a, &a), config(repo_b, &b));
+        for key in ["created", "config", "history", "rootfs"] {
+            if ca[key] != cb[key] {
+                out.push(format!("  config.{key}: {} != {}", ca[key], cb[key]));
+            }
+        }
+    }
+    let layers = |m: &serde_json::Value| -> Vec<String> {
+        m["layers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|l| l["digest"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    let (la, lb) = (layers(&a), layers(&b));
+    if la.len() != lb.len() {
+        out.push(format!("  {} layers != {} layers", la.len(), lb.len()));
+    }
+    let scratch = TempDir::new("layers");
+    for (i, (da, db)) in la.iter().zip(&lb).enumerate() {
+        if da == db {
+            continue;
+        }
+        let listing = |repo: &str, digest: &str, name: &str| -> Vec<String> {
+            let file = scratch.path().join(name);
+            std::fs::write(&file, registry_fetch(repo, "blobs", digest)).unwrap();
+            let text = ok(
+                Path::new("."),
+                "tar",
+                &["-tvzf", &file.display().to_string(), "--full-time"],
+            );
+            text.lines().map(str::to_owned).collect()
+        };
+        let (ea, eb) = (
+            listing(repo_a, da, &format!("a{i}")),
+            listing(repo_b, db, &format!("b{i}")),
+        );
+        let only = |x: &[String], y: &[String]| -> Vec<String> {
+            x.iter()
+                .filter(|e| !y.contains(e))
+                .take(15)
+                .cloned()
+                .collect()
+        };
+        out.push(format!(
+            "  layer {i} ({da} != {db}):\n    only in the first: {:?}\n    only in the second: {:?}",
+            only(&ea, &eb),
+            only(&eb, &ea)
+        ));
+        if ea == eb {
+            // Same names, modes and sizes: compare the contents.
+            let unpack = |name: &str| -> String {
+                let dir = scratch.path().join(format!("{name}.d"));
+                std::fs::create_dir(&dir).unwrap();
+                let file = scratch.path().join(name).display().to_string();
+                ok(
+                    Path::new("."),
+                    "tar",
+                    &["-xzf", &file, "-C", &dir.display().to_string()],
+                );
+                dir.display().to_string()
+            };
+            let (da, db) = (unpack(&format!("a{i}")), unpack(&format!("b{i}")));
+            let diff = run(
+                Path::new("."),
+                "diff",
+                &["-rq", "--no-dereference", &da, &db],
+            );
+            out.push(format!(
+                "    same entries; contents differ:\n{}",
+                String::from_utf8_lossy(&diff.stdout)
+            ));
+        }
+    }
+    out.join("\n")
 }
 
 /// A namespace of the test cluster, deleted (without waiting) when

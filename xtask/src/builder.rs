@@ -1,0 +1,275 @@
+//! The pinned BuildKit every build runs on: a buildx `docker-container`
+//! builder on BuildKit of the configured version, with the host's network
+//! (so 127.0.0.1 is the machine's, where the local registry is). Docker's
+//! own builder (BuildKit 0.13 inside dockerd) cannot give reproducible
+//! images or export a registry cache (README, "Provable builds").
+//!
+//! The builder runs `moby/buildkit:<version>` where that image can be
+//! pulled (a GitHub runner); elsewhere an equivalent the xtask makes once:
+//! `buildkitd` and `buildctl` compiled from the Go module proxy, Debian's
+//! runc, on the base-image mirror's Debian, pushed to the local registry.
+//! It is created once, under a lock, and left running between commands.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use serde::Deserialize;
+
+use crate::{
+    config::Config,
+    exec::{require_tool, Cmd, Exec},
+    registry,
+};
+
+/// BuildKit's version when the configuration names none.
+pub const DEFAULT_VERSION: &str = "v0.34.2";
+
+/// The official image's repository, where it can be pulled.
+const OFFICIAL_IMAGE: &str = "moby/buildkit";
+
+/// The builder's name for `version`: a new version is a new builder.
+pub fn name(version: &str) -> String {
+    format!("xtask-buildkit-{}", version.replace('.', "-"))
+}
+
+/// The builder every build uses unless `--builder` names another: created
+/// (under a lock, so parallel runs make it once) and started if needed.
+/// Returns its name. A dry run prints what it would create.
+pub fn ensure(exec: &Exec, config: &Config) -> Result<String> {
+    let builder = name(&config.buildkit);
+    if running(exec, &builder) {
+        return Ok(builder);
+    }
+    if exec.dry_run {
+        exec.output
+            .command(&create(&builder, &image_ref(&config.buildkit), &[]), true);
+        return Ok(builder);
+    }
+    let dir = state_dir(&config.buildkit);
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let lock = std::fs::File::create(dir.join("lock"))
+        .with_context(|| format!("creating {}", dir.join("lock").display()))?;
+    lock.lock()
+        .context("waiting for the BuildKit builder's lock")?;
+    if running(exec, &builder) {
+        return Ok(builder);
+    }
+    exec.step(
+        format!("BuildKit {} builder {builder} (once)", config.buildkit),
+        || {
+            // A builder whose container is gone is removed and made again.
+            if exec.succeeds(&Cmd::new("docker").args(["buildx", "inspect", &builder])) {
+                exec.run(&Cmd::new("docker").args(["buildx", "rm", "--force", &builder]))?;
+            }
+            let image = image(exec, config)?;
+            exec.run(&create(&builder, &image, &[]))
+        },
+    )?;
+    Ok(builder)
+}
+
+/// `docker buildx create` of a builder on `image`, with the host's network
+/// and `extra` driver options (e.g. `cpuset-cpus=0`).
+pub fn create(builder: &str, image: &str, extra: &[&str]) -> Cmd {
+    let mut cmd = Cmd::new("docker").args([
+        "buildx",
+        "create",
+        "--name",
+        builder,
+        "--driver",
+        "docker-container",
+        "--driver-opt",
+        &format!("image={image}"),
+        "--driver-opt",
+        "network=host",
+    ]);
+    for opt in extra {
+        cmd = cmd.args(["--driver-opt", opt]);
+    }
+    cmd.arg("--bootstrap")
+}
+
+/// Whether `builder` exists and its BuildKit answers (starting its
+/// container if it was stopped, as after a reboot).
+fn running(exec: &Exec, builder: &str) -> bool {
+    exec.succeeds(&Cmd::new("docker").args(["buildx", "inspect", "--bootstrap", builder]))
+}
+
+/// The image the builder runs: the official one when present or pullable,
+/// else the xtask's own, made now if the local registry lacks it.
+fn image(exec: &Exec, config: &Config) -> Result<String> {
+    let official = format!("{OFFICIAL_IMAGE}:{}", config.buildkit);
+    let present = exec.succeeds(&Cmd::new("docker").args(["image", "inspect", &official]));
+    if present || crate::bases::can_pull(exec, &official) {
+        return Ok(official);
+    }
+    let registry = registry::ensure_local(exec)?;
+    let reference = format!("{registry}/xtask/buildkit:{}", config.buildkit);
+    let host = registry::host_of(&registry);
+    let repository = format!("{}xtask/buildkit", path_prefix(&registry, host));
+    if registry::has_image(host, &repository, &config.buildkit) {
+        eprintln!("{reference} is in the local registry");
+        return Ok(reference);
+    }
+    eprintln!("{official} cannot be pulled: making {reference} from BuildKit's module");
+    let bin = binaries(exec, &config.buildkit)?;
+    let dir = state_dir(&config.buildkit).join("image");
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    for tool in ["buildkitd", "buildctl"] {
+        std::fs::copy(bin.join(tool), dir.join(tool)).with_context(|| format!("copying {tool}"))?;
+    }
+    // Debian's runc, with the one library it adds to the base's.
+    let runc = require_tool("runc", "install it (`apt-get install runc`)")?;
+    std::fs::copy(&runc, dir.join("runc")).context("copying runc")?;
+    std::fs::copy(LIBSECCOMP, dir.join("libseccomp.so.2"))
+        .with_context(|| format!("copying {LIBSECCOMP} (apt-get install libseccomp2)"))?;
+    std::fs::write(dir.join("Dockerfile"), DOCKERFILE)?;
+    let base = debian_base(exec, config, &registry)?;
+    // Docker's own builder makes this one image: it is what the pinned
+    // builder runs on, so it cannot build itself.
+    exec.run(
+        &Cmd::new("docker")
+            .args(["buildx", "build", "--builder", "default", "--load"])
+            .args(["--build-arg", &format!("BASE={base}"), "--tag", &reference])
+            .arg(dir.display().to_string()),
+    )?;
+    exec.run(&Cmd::new("docker").args(["push", "--quiet", &reference]))?;
+    Ok(reference)
+}
+
+/// The Debian the image is made on: the configured base registry's, else
+/// the local mirror's (`cargo xtask mirror`).
+fn debian_base(exec: &Exec, config: &Config, local: &str) -> Result<String> {
+    let configured = format!("{}/{DEBIAN}", config.base_registry);
+    if crate::bases::can_pull(exec, &configured) {
+        return Ok(configured);
+    }
+    let (name, tag) = DEBIAN.split_once(':').expect("a tag");
+    let host = registry::host_of(local);
+    if registry::has_image(
+        host,
+        &format!("{}library/{name}", path_prefix(local, host)),
+        tag,
+    ) {
+        return Ok(format!("{local}/library/{DEBIAN}"));
+    }
+    Err(crate::exit::refuse(format!(
+        "neither moby/buildkit nor {configured} can be pulled, so there is nothing to run the pinned BuildKit on: run `cargo xtask mirror` (root, debootstrap) to seed {local}/library, or set XTASK_BASE_REGISTRY to a registry that has {DEBIAN}"
+    )))
+}
+
+const DEBIAN: &str = "debian:bookworm-slim";
+
+/// What the reference of the builder's image would be, for a dry run.
+fn image_ref(version: &str) -> String {
+    format!("{OFFICIAL_IMAGE}:{version}")
+}
+
+/// `team/` when the registry is `host:port/team`, else empty.
+fn path_prefix(registry: &str, host: &str) -> String {
+    match registry[host.len()..].trim_start_matches('/') {
+        "" => String::new(),
+        path => format!("{path}/"),
+    }
+}
+
+const LIBSECCOMP: &str = "/usr/lib/x86_64-linux-gnu/libseccomp.so.2";
+
+/// The same layout as the official image: buildkitd as the entrypoint, its
+/// state in a volume.
+const DOCKERFILE: &str = "ARG BASE\nFROM ${BASE}\nCOPY buildkitd buildctl runc /usr/bin/\nCOPY libseccomp.so.2 /usr/lib/x86_64-linux-gnu/\nVOLUME /var/lib/buildkit\nENTRYPOINT [\"buildkitd\"]\n";
+
+/// Where a version's binaries, image files and lock live.
+fn state_dir(version: &str) -> PathBuf {
+    crate::config::cache_dir().join("buildkit").join(version)
+}
+
+/// `buildkitd` and `buildctl` of `version`, compiled once into the cache.
+/// `go install github.com/moby/buildkit/cmd/buildkitd@VERSION` is refused
+/// (the module's go.mod has `exclude` directives), so they are built inside
+/// a copy of the module.
+pub fn binaries(exec: &Exec, version: &str) -> Result<PathBuf> {
+    let bin = state_dir(version).join("bin");
+    if ["buildkitd", "buildctl"]
+        .iter()
+        .all(|t| bin.join(t).exists())
+    {
+        return Ok(bin);
+    }
+    require_tool(
+        "go",
+        "install Go (https://go.dev/dl/): BuildKit is compiled from its module where moby/buildkit cannot be pulled",
+    )?;
+    #[derive(Deserialize)]
+    #[serde(rename_all = "PascalCase")]
+    struct Download {
+        dir: Option<String>,
+        error: Option<String>,
+    }
+    let json = exec.read(&Cmd::new("go").args([
+        "mod",
+        "download",
+        "-json",
+        &format!("github.com/moby/buildkit@{version}"),
+    ]))?;
+    let download: Download =
+        serde_json::from_str(&json).context("parsing `go mod download -json`")?;
+    if let Some(error) = download.error {
+        anyhow::bail!("github.com/moby/buildkit@{version} could not be downloaded: {error}");
+    }
+    let module = download
+        .dir
+        .context("`go mod download -json` gave no Dir")?;
+    let copy = state_dir(version).join("module");
+    let partial = state_dir(version).join("bin.partial");
+    for dir in [&copy, &partial] {
+        if dir.exists() {
+            exec.run(&Cmd::new("chmod").args(["-R", "u+w"]).arg(path(dir)))?;
+            std::fs::remove_dir_all(dir).with_context(|| format!("removing {}", dir.display()))?;
+        }
+    }
+    exec.run(&Cmd::new("cp").args(["-r", &module]).arg(path(&copy)))?;
+    exec.run(&Cmd::new("chmod").args(["-R", "u+w"]).arg(path(&copy)))?;
+    let _dir = exec.sh.push_dir(&copy);
+    let _cgo = exec.sh.push_env("CGO_ENABLED", "0");
+    let _mod = exec.sh.push_env("GOFLAGS", "-mod=mod");
+    let ldflags = format!(
+        "-s -w -X github.com/moby/buildkit/version.Version={version} -X github.com/moby/buildkit/version.Revision={version}"
+    );
+    exec.run(
+        &Cmd::new("go")
+            .args(["build", "-trimpath", "-ldflags", &ldflags, "-o"])
+            .arg(format!("{}/", partial.display()))
+            .args(["./cmd/buildkitd", "./cmd/buildctl"]),
+    )?;
+    // Moved into place whole, so an interrupted build never looks cached.
+    std::fs::rename(&partial, &bin)
+        .with_context(|| format!("moving the binaries to {}", bin.display()))?;
+    std::fs::remove_dir_all(&copy).ok();
+    Ok(bin)
+}
+
+fn path(p: &Path) -> String {
+    p.display().to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_builder_is_named_after_its_version() {
+        assert_eq!(name("v0.34.2"), "xtask-buildkit-v0-34-2");
+        let cmd = create("b", "img:1", &["cpuset-cpus=0"]).to_string();
+        assert!(cmd.contains("--driver docker-container --driver-opt image=img:1 --driver-opt network=host --driver-opt cpuset-cpus=0 --bootstrap"), "{cmd}");
+    }
+
+    #[test]
+    fn registry_paths_prefix_the_repository() {
+        assert_eq!(path_prefix("127.0.0.1:5000", "127.0.0.1:5000"), "");
+        assert_eq!(
+            path_prefix("127.0.0.1:5000/team", "127.0.0.1:5000"),
+            "team/"
+        );
+    }
+}

@@ -1,0 +1,137 @@
+//! The build context is the commit, never the working tree: each build
+//! exports the revision's files into `target/xtask/context/<tag>/` and
+//! builds from there, so nothing git ignores (a `.env`, editor files, build
+//! output) can ever enter an image.
+//!
+//! Every exported file gets the export's time, not the commit's: cargo and
+//! Next decide what to rebuild by file times, and a `--cache` build of an
+//! older commit after a newer one would otherwise find its kept target
+//! directory newer than its sources and serve stale code. The image's
+//! times are clamped to the commit time anyway (`rewrite-timestamp`).
+
+use std::{
+    os::unix::fs::PermissionsExt,
+    path::{Path, PathBuf},
+};
+
+use anyhow::{Context, Result};
+
+use crate::{
+    config::Config,
+    exec::{Cmd, Exec},
+    git::Revision,
+};
+
+/// Exports `rev` and returns the directory that stands for the repository
+/// root in the build. A clean revision is `git archive` of its commit with
+/// the modes a 022 umask gives (the cloning user's umask never shows); a
+/// dirty one is what the dirty hash covers: the tracked files as they are
+/// in the working tree plus the untracked files git does not ignore.
+pub fn export(exec: &Exec, config: &Config, rev: &Revision) -> Result<PathBuf> {
+    let parent = config.out_dir().join("context");
+    let dir = parent.join(rev.tag());
+    let tar = parent.join(format!("{}.tar", rev.tag()));
+    if exec.dry_run {
+        // Printed, not run: a dry run writes nothing but the bake file.
+        if rev.is_dirty() {
+            exec.output.command(&list_worktree(&config.root), true);
+        } else {
+            exec.output.command(&archive(config, rev, &tar), true);
+            exec.output.command(&extract(&tar, &dir), true);
+        }
+        return Ok(dir);
+    }
+    if dir.exists() {
+        std::fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
+    }
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755))?;
+    if rev.is_dirty() {
+        copy_worktree(exec, &config.root, &dir)?;
+    } else {
+        exec.run(&archive(config, rev, &tar))?;
+        exec.run(&extract(&tar, &dir))?;
+        std::fs::remove_file(&tar).with_context(|| format!("removing {}", tar.display()))?;
+    }
+    Ok(dir)
+}
+
+/// Unpacks `tar` into `dir`: `--touch` gives every file the export's time
+/// (see above); `-p` keeps the archive's modes whatever the umask.
+fn extract(tar: &Path, dir: &Path) -> Cmd {
+    Cmd::new("tar")
+        .args(["-x", "--touch", "-p", "-f"])
+        .arg(tar.display().to_string())
+        .arg("-C")
+        .arg(dir.display().to_string())
+}
+
+/// The files a dirty build covers: tracked, or untracked and not ignored.
+fn list_worktree(root: &Path) -> Cmd {
+    Cmd::new("git")
+        .arg("-C")
+        .arg(root.display().to_string())
+        .args([
+            "ls-files",
+            "-z",
+            "--cached",
+            "--others",
+            "--exclude-standard",
+        ])
+}
+
+/// `git archive` of the commit, with the modes of a 022 umask.
+fn archive(config: &Config, rev: &Revision, output: &Path) -> Cmd {
+    Cmd::new("git")
+        .arg("-C")
+        .arg(config.root.display().to_string())
+        .args([
+            "-c",
+            "tar.umask=0022",
+            "archive",
+            "--format=tar",
+            "--output",
+        ])
+        .arg(output.display().to_string())
+        .arg(&rev.sha)
+}
+
+/// Copies the files a dirty build covers, with the modes `git archive`
+/// would give them (0755 for an executable, else 0644; directories 0755).
+fn copy_worktree(exec: &Exec, root: &Path, dir: &Path) -> Result<()> {
+    let list = exec.read(&list_worktree(root))?;
+    for path in list.split('\0').filter(|p| !p.is_empty()) {
+        let from = root.join(path);
+        let Ok(meta) = std::fs::symlink_metadata(&from) else {
+            continue; // tracked, but deleted in the working tree
+        };
+        let to = dir.join(path);
+        make_dirs(dir, to.parent().context("an exported path has a parent")?)?;
+        if meta.file_type().is_symlink() {
+            let target = std::fs::read_link(&from)?;
+            std::os::unix::fs::symlink(&target, &to)
+                .with_context(|| format!("linking {}", to.display()))?;
+        } else if meta.is_file() {
+            std::fs::copy(&from, &to).with_context(|| format!("copying {path}"))?;
+            let mode = if meta.permissions().mode() & 0o111 != 0 {
+                0o755
+            } else {
+                0o644
+            };
+            std::fs::set_permissions(&to, std::fs::Permissions::from_mode(mode))?;
+        }
+    }
+    Ok(())
+}
+
+/// `create_dir_all` below `base`, each new directory 0755 whatever the
+/// umask.
+fn make_dirs(base: &Path, dir: &Path) -> Result<()> {
+    if dir == base || dir.is_dir() {
+        return Ok(());
+    }
+    make_dirs(base, dir.parent().context("a directory below the export")?)?;
+    std::fs::create_dir(dir).with_context(|| format!("creating {}", dir.display()))?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755))?;
+    Ok(())
+}
