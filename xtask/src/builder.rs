@@ -13,7 +13,6 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
-use serde::Deserialize;
 
 use crate::{
     config::Config,
@@ -200,24 +199,7 @@ pub fn binaries(exec: &Exec, version: &str) -> Result<PathBuf> {
         "go",
         "install Go (https://go.dev/dl/): BuildKit is compiled from its module where moby/buildkit cannot be pulled",
     )?;
-    #[derive(Deserialize)]
-    #[serde(rename_all = "PascalCase")]
-    struct Download {
-        dir: Option<String>,
-        error: Option<String>,
-    }
-    let json = exec.read(&Cmd::new("go").args([
-        "mod",
-        "download",
-        "-json",
-        &format!("github.com/moby/buildkit@{version}"),
-    ]))?;
-    let download: Download =
-        serde_json::from_str(&json).context("parsing `go mod download -json`")?;
-    if let Some(error) = download.error {
-        anyhow::bail!("github.com/moby/buildkit@{version} could not be downloaded: {error}");
-    }
-    let module = download
+    let module = crate::gomod::download(exec, &format!("github.com/moby/buildkit@{version}"))?
         .dir
         .context("`go mod download -json` gave no Dir")?;
     let copy = state_dir(version).join("module");

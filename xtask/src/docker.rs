@@ -114,13 +114,10 @@ pub struct BuildFile {
     pub revision: String,
     pub tag: String,
     pub images: Vec<BuiltImage>,
-    /// The BuildKit version that built them.
-    #[serde(default)]
-    pub buildkit: String,
-    /// Each base image as the Dockerfiles name it → the digest it was
-    /// built from.
-    #[serde(default)]
-    pub bases: BTreeMap<String, String>,
+    /// What they were built on: BuildKit's version and the base images'
+    /// digests.
+    #[serde(default, flatten)]
+    pub inputs: Inputs,
 }
 
 /// What a build ran on and from, beyond the commit: what a rebuild needs
@@ -129,6 +126,9 @@ pub struct BuildFile {
 pub struct Inputs {
     #[serde(default)]
     pub buildkit: String,
+    /// The `BASE_REGISTRY` build arg the Dockerfiles' `FROM`s expand with.
+    #[serde(default)]
+    pub base_registry: String,
     /// Base image reference → the digest it resolved to.
     #[serde(default)]
     pub bases: BTreeMap<String, String>,
@@ -223,7 +223,17 @@ pub const BUILD_SECRET_ID: &str = "build_key";
 /// only) the first time a build needs it.
 fn build_secret(exec: &Exec) -> Result<PathBuf> {
     let path = crate::config::build_secret_file();
-    if exec.dry_run || path.exists() {
+    if let Ok(meta) = std::fs::metadata(&path) {
+        if meta.len() < 32 {
+            return Err(crate::exit::refuse(format!(
+                "the build secret {} holds {} bytes; it needs at least 32 (delete it to have a new one made, or point XTASK_BUILD_SECRET at the team's)",
+                path.display(),
+                meta.len()
+            )));
+        }
+        return Ok(path);
+    }
+    if exec.dry_run {
         return Ok(path);
     }
     use std::{io::Read, os::unix::fs::OpenOptionsExt};
@@ -356,12 +366,22 @@ pub fn build(
     }
     let bake_path = out.join("bake.json");
     let metadata_path = out.join("bake-metadata.json");
-    let stores = deps::ensure_all(exec, config, images, opts.offline)?;
+    let tree = crate::export::export(exec, config, rev)?;
+    // The lockfiles and Dockerfiles are the revision's, as exported (a dry
+    // run exports nothing: there, the working tree's).
+    let source = Config {
+        root: if exec.dry_run {
+            config.root.clone()
+        } else {
+            tree.clone()
+        },
+        ..config.clone()
+    };
+    let stores = deps::ensure_all(exec, &source, images, opts.offline)?;
     let bases = match &opts.pinned_bases {
         Some(bases) => bases.clone(),
-        None => crate::bases::resolve_all(exec, config, images)?,
+        None => crate::bases::resolve_all(exec, &source, images)?,
     };
-    let tree = crate::export::export(exec, config, rev)?;
     let secret = build_secret(exec)?;
     let bake = serde_json::to_string_pretty(&bake_file(
         config, images, rev, &tree, &stores, &bases, &secret,
@@ -404,6 +424,7 @@ pub fn build(
     }
     let inputs = Inputs {
         buildkit: config.buildkit.clone(),
+        base_registry: config.base_registry.clone(),
         bases,
     };
     Ok((built, inputs))
@@ -421,8 +442,7 @@ pub fn write_build_file(
         revision: rev.sha.clone(),
         tag: rev.tag(),
         images: built.to_vec(),
-        buildkit: inputs.buildkit.clone(),
-        bases: inputs.bases.clone(),
+        inputs: inputs.clone(),
     };
     let path = config.out_dir().join("build.json");
     std::fs::write(&path, serde_json::to_string_pretty(&file)? + "\n")

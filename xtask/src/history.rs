@@ -230,6 +230,19 @@ pub fn who() -> String {
     format!("{}@{host}", crate::config::operator())
 }
 
+/// What the newest successful deploy of a clean build of `sha` was built
+/// on (BuildKit and base images), if it recorded it.
+pub fn recorded_inputs(history: &History, sha: &str) -> Option<Inputs> {
+    history
+        .entries
+        .iter()
+        .rev()
+        .filter(|(_, e)| e.revision == sha && !e.dirty && e.result == SUCCEEDED)
+        .map(|(_, e)| &e.inputs)
+        .find(|inputs| !inputs.buildkit.is_empty())
+        .cloned()
+}
+
 /// The digests a clean build of `sha` was deployed with, from the newest
 /// entry that has all of them.
 pub fn recorded_digests(history: &History, sha: &str) -> Option<BTreeMap<String, String>> {

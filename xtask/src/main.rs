@@ -12,6 +12,7 @@ mod exec;
 mod exit;
 mod export;
 mod git;
+mod gomod;
 mod history;
 mod kube;
 mod lock;

@@ -118,14 +118,15 @@ fn files_git_ignores_never_enter_an_image() {
 
 /// A one-crate Rust fixture whose binary prints `marker`; its cached
 /// builds keep cargo's target directory in a cache mount of its own.
-fn rust_fixture(image: &str) -> TempDir {
+/// `settings` are more lines of its `[workspace.metadata.xtask]`.
+fn rust_fixture(image: &str, settings: &str) -> TempDir {
     require_docker();
     let dir = TempDir::new("cached");
     let root = dir.path();
     std::fs::write(
         root.join("Cargo.toml"),
         format!(
-            "[package]\nname = \"fixture\"\nversion = \"0.1.0\"\nedition = \"2021\"\n\n[workspace]\n\n[workspace.metadata.xtask]\nregistry = \"{}/fixtures\"\npush_latest = false\n\n[[workspace.metadata.xtask.images]]\nname = \"{image}\"\ndockerfile = \"Dockerfile\"\n",
+            "[package]\nname = \"fixture\"\nversion = \"0.1.0\"\nedition = \"2021\"\n\n[workspace]\n\n[workspace.metadata.xtask]\nregistry = \"{}/fixtures\"\npush_latest = false\n{settings}\n[[workspace.metadata.xtask.images]]\nname = \"{image}\"\ndockerfile = \"Dockerfile\"\n",
             registry()
         ),
     )
@@ -173,7 +174,7 @@ fn cached_build_serves(root: &Path, image: &str, extra: &[&str]) -> String {
 #[test]
 fn cached_builds_serve_what_changed_whatever_the_commit_times() {
     let image = unique("cached");
-    let repo = rust_fixture(&image);
+    let repo = rust_fixture(&image, "");
     let root = repo.path();
     set_marker(root, "older commit");
     commit_all(root, "older");
@@ -201,60 +202,187 @@ fn cached_builds_serve_what_changed_whatever_the_commit_times() {
     );
 }
 
-/// Two fresh builds of HEAD's real images give the same digests: one from
-/// the suite's shared build, one from another clone at another path, made
-/// with umask 002, on a new (so empty) builder restricted to one CPU, so
-/// that output depending on parallelism shows.
+/// `cache_to` and `cache_from` work on the pinned builder: a `--cache`
+/// build on a second, empty builder imports the first one's registry
+/// cache, compiles nothing, and gives the same image.
 #[test]
-fn two_fresh_builds_of_head_give_the_same_digests() {
+fn a_cached_build_on_an_empty_builder_takes_everything_from_the_registry_cache() {
+    let image = unique("regcache");
+    let cache = format!("{}/cache/{image}:buildcache", registry());
+    let repo = rust_fixture(
+        &image,
+        &format!(
+            "cache_from = [\"type=registry,ref={cache}\"]\ncache_to = [\"type=registry,ref={cache},mode=max\"]\n"
+        ),
+    );
+    let root = repo.path();
+    set_marker(root, "from the registry cache");
+    commit_all(root, "cached");
+    let first = xtask(root, &["build", "--push", "--cache"], &[]);
+    first.assert_ok();
+    assert!(
+        first.stderr.contains("Compiling fixture"),
+        "{}",
+        first.stderr
+    );
+    let built = pinned(root, &image);
+
+    let empty = OneCpuBuilder::new();
+    let second = xtask(
+        root,
+        &["build", "--push", "--cache", "--builder", &empty.0],
+        &[],
+    );
+    second.assert_ok();
+    assert!(
+        !second.stderr.contains("Compiling fixture"),
+        "the second builder compiled: {}",
+        second.stderr
+    );
+    // BuildKit's plain progress: `#N [..] RUN ... cargo build ...`, then
+    // `#N CACHED` for a step taken from the cache.
+    let step = second
+        .stderr
+        .lines()
+        .find(|l| l.contains("RUN") && l.contains("cargo build --release"))
+        .and_then(|l| l.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no cargo step in {}", second.stderr));
+    assert!(
+        second.stderr.lines().any(|l| l == format!("{step} CACHED")),
+        "the cargo step is not CACHED: {}",
+        second.stderr
+    );
+    assert_eq!(pinned(root, &image), built, "the same image");
+    assert_eq!(
+        ok(
+            Path::new("."),
+            "docker",
+            &["run", "--rm", "--network=none", &built]
+        ),
+        "from the registry cache"
+    );
+}
+
+/// The namespace the real manifests deploy to.
+const NAMESPACE: &str = "aiq-agent";
+
+/// HEAD's real images, deployed; then `verify --rebuild` from another
+/// clone (at another path, made with umask 002) on a new, so empty,
+/// builder restricted to one CPU, so that output depending on parallelism
+/// shows: that second fresh build must give the digests the pods run. Then
+/// a build that lies (the commit plus an uncommitted change, pushed under
+/// the clean SHA tag, recorded as that revision and rolled out): plain
+/// `verify` passes, since every record agrees, and `verify --rebuild`
+/// fails, naming the deployment.
+#[test]
+fn verify_rebuild_reproduces_what_runs_and_catches_a_build_that_lies() {
     let head = head_images();
-    let clone = TempDir::new("repro");
-    let script = format!(
-        "umask 002 && git clone --quiet {} {}",
-        head.clone.display(),
-        clone.path().display()
-    );
-    ok(Path::new("."), "sh", &["-c", &script]);
-    let mode = ok(
-        Path::new("."),
-        "stat",
-        &[
-            "-c",
-            "%a",
-            &clone.path().join("Cargo.toml").display().to_string(),
-        ],
-    );
+    require_cluster();
+    let _turn = cluster_turn();
+    let _namespace = Namespace(NAMESPACE.to_owned());
+    let env = [("XTASK_REGISTRY", head.repository.as_str())];
+    let head_build = head.clone.join("target/xtask/build.json");
+    let head_build = head_build.to_str().unwrap();
+    let clone = TempDir::new("verify");
+    clone_head_into(clone.path(), "002");
+    let root = clone.path();
+    let mode = ok(root, "stat", &["-c", "%a", "Cargo.toml"]);
     assert_eq!(mode, "664", "the second clone is made with umask 002");
+    let context = ["--context", CLUSTER_CONTEXT];
+    let with_context = |args: &[&str]| -> Vec<String> {
+        args.iter().chain(&context).map(|a| a.to_string()).collect()
+    };
+    let run_xtask = |args: &[&str]| {
+        let args = with_context(args);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        xtask(root, &args, &env)
+    };
+
+    run_xtask(&["deploy", "--from", head_build]).assert_ok();
     let builder = OneCpuBuilder::new();
-    let repository = format!("{}/{}", registry(), unique("repro"));
+    let honest = run_xtask(&["verify", "--rebuild", "--builder", &builder.0, "--json"]);
+    if honest.code != 0 {
+        // Push the same build (from the one-CPU builder's cache) to say
+        // which layer and which files differ.
+        let repository = format!("{}/{}", registry(), unique("repro"));
+        xtask(
+            root,
+            &["build", "--push", "--cache", "--builder", &builder.0],
+            &[("XTASK_REGISTRY", &repository)],
+        )
+        .assert_ok();
+        let second = build_digests(root);
+        let mut why = Vec::new();
+        for (image, digest) in &head.digests {
+            if &second[image] != digest {
+                why.push(format!(
+                    "{image}: {digest} (shared build) != {} (one CPU, umask 002)\n{}",
+                    second[image],
+                    explain_difference(
+                        &format!("{}/{image}", head.repository),
+                        digest,
+                        &format!("{repository}/{image}"),
+                        &second[image]
+                    )
+                ));
+            }
+        }
+        panic!(
+            "two fresh builds of {} differ:\n{}\nverify --rebuild said:\n{}",
+            head.revision,
+            why.join("\n"),
+            honest.stderr
+        );
+    }
+    let verified = events_of(&parse_events(&honest.stdout), "verified")
+        .into_iter()
+        .map(|e| {
+            (
+                e["deployment"].as_str().unwrap().to_owned(),
+                e["expected"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect::<std::collections::BTreeMap<_, _>>();
+    assert_eq!(
+        verified, head.digests,
+        "the rebuild gives the running digests"
+    );
+
+    // The lie: HEAD plus an uncommitted change, built (cached, it need not
+    // be fresh to lie), its manifest put under the clean SHA tag, and a
+    // build file that records it as HEAD's clean build.
+    let main_rs = root.join("backend/src/main.rs");
+    let source = std::fs::read_to_string(&main_rs).unwrap();
+    assert!(source.contains(".unwrap_or(15)"));
+    std::fs::write(&main_rs, source.replace(".unwrap_or(15)", ".unwrap_or(16)")).unwrap();
     xtask(
-        clone.path(),
-        &["build", "--push", "--builder", &builder.0],
-        &[("XTASK_REGISTRY", &repository)],
+        root,
+        &["build", "aiq-agent", "--push", "--cache", "--allow-dirty"],
+        &env,
     )
     .assert_ok();
-    let second = build_digests(clone.path());
-    assert_eq!(second.len(), 2, "both images: {second:?}");
-    let mut differences = Vec::new();
-    for (image, digest) in &head.digests {
-        let other = &second[image];
-        if digest != other {
-            differences.push(format!(
-                "{image}: {digest} (shared build) != {other} (one CPU, umask 002)\n{}",
-                explain_difference(
-                    &format!("{}/{image}", head.repository),
-                    digest,
-                    &format!("{repository}/{image}"),
-                    other
-                )
-            ));
+    let lie = build_digests(root)["aiq-agent"].clone();
+    assert_ne!(lie, head.digests["aiq-agent"]);
+    git(root, &["checkout", "--", "backend/src/main.rs"]);
+    let short = &head.revision[..12];
+    put_manifest(&format!("{}/aiq-agent", head.repository), &lie, short);
+    let mut file: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(head_build).unwrap()).unwrap();
+    for image in file["images"].as_array_mut().unwrap() {
+        if image["name"] == "aiq-agent" {
+            image["digest"] = lie.clone().into();
         }
     }
+    let lying_file = root.join("target/lying-build.json");
+    std::fs::write(&lying_file, file.to_string()).unwrap();
+    run_xtask(&["deploy", "--from", lying_file.to_str().unwrap()]).assert_ok();
+    run_xtask(&["verify"]).assert_ok();
+    let caught = run_xtask(&["verify", "--rebuild"]);
+    caught.assert_fails(1, "deployment/aiq-agent runs");
+    assert!(caught.stderr.contains(&lie), "{}", caught.stderr);
     assert!(
-        differences.is_empty(),
-        "two fresh builds of {} differ:\n{}",
-        head.revision,
-        differences.join("\n")
+        caught.stdout.contains("ok    aiq-frontend"),
+        "{}",
+        caught.stdout
     );
-    eprintln!("reproducible: {:?}", head.digests);
 }

@@ -3,7 +3,6 @@
 //! `pause.c` and pushed to the local registry.
 
 use anyhow::{Context, Result};
-use serde::Deserialize;
 
 use super::{Paths, VERSION};
 use crate::exec::{Cmd, Exec};
@@ -33,24 +32,7 @@ pub fn kubernetes(exec: &Exec, paths: &Paths) -> Result<()> {
     let module = version_dir.join("module");
     std::fs::create_dir_all(&module).with_context(|| format!("creating {}", module.display()))?;
     let _dir = exec.sh.push_dir(&module);
-    #[derive(Deserialize)]
-    #[serde(rename_all = "PascalCase")]
-    struct Download {
-        go_mod: Option<String>,
-        error: Option<String>,
-    }
-    let json = exec.read(&Cmd::new("go").args([
-        "mod",
-        "download",
-        "-json",
-        &format!("k8s.io/kubernetes@{VERSION}"),
-    ]))?;
-    let download: Download =
-        serde_json::from_str(&json).context("parsing `go mod download -json`")?;
-    if let Some(error) = download.error {
-        anyhow::bail!("k8s.io/kubernetes@{VERSION} could not be downloaded: {error}");
-    }
-    let upstream = download
+    let upstream = crate::gomod::download(exec, &format!("k8s.io/kubernetes@{VERSION}"))?
         .go_mod
         .context("`go mod download -json` gave no GoMod path")?;
     let upstream =

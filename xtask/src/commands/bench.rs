@@ -101,11 +101,30 @@ impl Bench {
             })
             .collect();
         let fresh = Cmd::new(&xtask).args(["build", "--no-latest"]);
-        let (mut a, mut b) = (Vec::new(), Vec::new());
+        // The same fresh build pushed to the local registry, on the pinned
+        // BuildKit (P) and on Docker's own builder (Pd): what the pinned
+        // builder costs, counting the push it makes straight from BuildKit.
+        let local = crate::registry::ensure_local(exec)?;
+        let bench_registry = format!("{local}/bench");
+        let pushed = |builder: Option<&str>| {
+            let cmd = Cmd::new(&xtask).args([
+                "build",
+                "--push",
+                "--no-latest",
+                "--registry",
+                &bench_registry,
+            ]);
+            match builder {
+                Some(name) => cmd.args(["--builder", name]),
+                None => cmd,
+            }
+        };
+        let (pinned, docker_driver) = (pushed(None), pushed(Some("default")));
+        let (mut a, mut b, mut p, mut pd) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         for round in 1..=self.rounds {
             exec.step(
                 format!(
-                    "round {round}/{}: A (classic, sequential) then B (cargo xtask build)",
+                    "round {round}/{}: A (classic, sequential), B (cargo xtask build), P and Pd (pushed, pinned BuildKit and Docker's builder)",
                     self.rounds
                 ),
                 || {
@@ -115,6 +134,8 @@ impl Bench {
                     }
                     a.push(started.elapsed().as_secs_f64());
                     b.push(timed(exec, &fresh)?);
+                    p.push(timed(exec, &pinned)?);
+                    pd.push(timed(exec, &docker_driver)?);
                     Ok(())
                 },
             )?;
@@ -222,6 +243,18 @@ impl Bench {
                 b,
             ),
             measure(
+                "P",
+                "`cargo xtask build --push` (fresh) on the pinned BuildKit, pushed to the local registry from BuildKit",
+                pinned.to_string(),
+                p,
+            ),
+            measure(
+                "Pd",
+                "the same build and push on Docker's own builder (`--builder default`, BuildKit 0.13 in dockerd: not reproducible)",
+                docker_driver.to_string(),
+                pd,
+            ),
+            measure(
                 "B0",
                 "B with no network: `unshare --net`, `--offline`",
                 offline.to_string(),
@@ -312,6 +345,12 @@ fn write_reports(
             get("B") / get("A"),
             0.5,
             "fresh xtask build vs the classic script",
+        ),
+        (
+            "P/Pd",
+            get("P") / get("Pd"),
+            1.10,
+            "pinned BuildKit vs Docker's builder, fresh build and push",
         ),
         (
             "B/C",

@@ -116,13 +116,7 @@ impl Deploy {
             .partition(|i| i.seed.is_none() || config.seed_value(i).is_some());
         // 3. Build and push, or take the digests built earlier.
         let (mut built, inputs) = match from {
-            Some(file) => {
-                let inputs = docker::Inputs {
-                    buildkit: file.buildkit,
-                    bases: file.bases,
-                };
-                (file.images, inputs)
-            }
+            Some(file) => (file.images, file.inputs),
             None => {
                 let mode = if opts.cache { "cached" } else { "fresh" };
                 let (mut built, inputs) =

@@ -126,19 +126,25 @@ pub fn init_repo(dir: &Path) {
     git(dir, &["config", "user.name", "xtask tests"]);
 }
 
+/// `git clone` of the project's HEAD into `dir`, made with `umask`.
+pub fn clone_head_into(dir: &Path, umask: &str) {
+    let script = format!("umask {umask} && git clone --quiet \"$0\" \"$1\"",);
+    ok(
+        Path::new("."),
+        "sh",
+        &[
+            "-c",
+            &script,
+            &project_root().display().to_string(),
+            &dir.display().to_string(),
+        ],
+    );
+}
+
 /// A clone of the project's HEAD, with a committer set.
 pub fn clone_project(label: &str) -> TempDir {
     let clone = TempDir::new(label);
-    ok(
-        Path::new("."),
-        "git",
-        &[
-            "clone",
-            "--quiet",
-            &project_root().display().to_string(),
-            &clone.path().display().to_string(),
-        ],
-    );
+    clone_head_into(clone.path(), "022");
     git(clone.path(), &["config", "user.email", "tests@example.com"]);
     git(clone.path(), &["config", "user.name", "xtask tests"]);
     clone
@@ -445,16 +451,7 @@ pub fn head_images() -> HeadImages {
         }
     }
     let clone = dir.join(&run);
-    ok(
-        Path::new("."),
-        "git",
-        &[
-            "clone",
-            "--quiet",
-            &project_root().display().to_string(),
-            &clone.display().to_string(),
-        ],
-    );
+    clone_head_into(&clone, "022");
     let repository = format!("{}/head", registry());
     xtask(
         &clone,
@@ -559,6 +556,31 @@ fn registry_fetch(repository: &str, kind: &str, digest: &str) -> Vec<u8> {
     body
 }
 
+/// Puts the manifest `digest` of `repository` under `tag`, as a push of
+/// the same image would.
+pub fn put_manifest(repository: &str, digest: &str, tag: &str) {
+    let manifest = registry_fetch(repository, "manifests", digest);
+    let media_type = serde_json::from_slice::<serde_json::Value>(&manifest).unwrap()["mediaType"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let (host, path) = repository.split_once('/').unwrap();
+    let mut stream = TcpStream::connect(host).unwrap();
+    write!(
+        stream,
+        "PUT /v2/{path}/manifests/{tag} HTTP/1.0\r\nHost: {host}\r\nContent-Type: {media_type}\r\nContent-Length: {}\r\n\r\n",
+        manifest.len()
+    )
+    .unwrap();
+    stream.write_all(&manifest).unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    assert!(
+        response.starts_with("HTTP/1.0 201") || response.starts_with("HTTP/1.1 201"),
+        "{response}"
+    );
+}
+
 /// Why two images differ: their configs' differing fields, and for each
 /// layer that differs, the entries (path, mode, owner, size, time) found
 /// in one and not the other.
@@ -576,7 +598,13 @@ pub fn explain_difference(repo_a: &str, digest_a: &str, repo_b: &str, digest_b: 
         let (ca, cb) = (config(repo_a, &a), config(repo_b, &b));
         for key in ["created", "config", "history", "rootfs"] {
             if ca[key] != cb[key] {
-                out.push(format!("  config.{key}: {} != {}", ca[key], cb[key]));
+                let short =
+                    |v: &serde_json::Value| v.to_string().chars().take(400).collect::<String>();
+                out.push(format!(
+                    "  config.{key}: {} != {}",
+                    short(&ca[key]),
+                    short(&cb[key])
+                ));
             }
         }
     }
