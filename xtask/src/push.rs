@@ -45,7 +45,9 @@ fn push_failure(message: &str) -> Option<PushFailure> {
         "tls handshake timeout",
         "unexpected eof",
     ];
-    let pushing = message.contains("pushing");
+    // BuildKit retries a hiccup itself (four tries over about 7 s) and
+    // then ends with "failed to push"; its progress says "pushing".
+    let pushing = message.contains("pushing") || message.contains("failed to push");
     (pushing && transient.iter().any(|t| message.contains(t))).then_some(PushFailure::Transient)
 }
 
@@ -190,6 +192,8 @@ mod tests {
         assert_eq!(push_failure(ecr), Some(PushFailure::Immutable));
         let compile = "ERROR: failed to solve: process \"/bin/sh -c cargo build\" did not complete successfully: exit code: 101";
         assert_eq!(push_failure(compile), None);
+        let exhausted = "7.504 error: failed commit on ref \"manifest-sha256:54e2\": unexpected status from PUT request to http://127.0.0.1:47111/v2/fx/flk/manifests/b08d2e271a96: 503 Service Unavailable\nERROR: failed to solve: failed to push 127.0.0.1:47111/fx/flk:b08d2e271a96: unavailable";
+        assert_eq!(push_failure(exhausted), Some(PushFailure::Transient));
         let base =
             "ERROR: failed to solve: 127.0.0.1:5000/library/rust:1.95: 503 Service Unavailable";
         assert_eq!(push_failure(base), None, "a base image pull is not a push");
