@@ -267,6 +267,9 @@ impl Config {
         let mut file: Metadata = serde_json::from_value(table)
             .map_err(|e| refuse(format!("invalid [workspace.metadata.xtask]: {e}")))?;
         let mut seed_args = BTreeMap::new();
+        // An environment's own registry is where its cluster pulls from: an
+        // ambient XTASK_REGISTRY must not send its images elsewhere.
+        let mut environment_registry = None;
         if let Some(name) = &overrides.environment {
             let environment = file.environments.remove(name).ok_or_else(|| {
                 let known: Vec<&str> = file.environments.keys().map(String::as_str).collect();
@@ -275,17 +278,29 @@ impl Config {
                     known.join(", ")
                 ))
             })?;
+            environment_registry = environment.registry.clone();
             file.registry = environment.registry.unwrap_or(file.registry);
             file.context = environment.context.or(file.context);
             file.namespace = environment.namespace.unwrap_or(file.namespace);
             seed_args = environment.seed_args;
+        }
+        let ambient = env("XTASK_REGISTRY");
+        if let (None, Some(own), Some(ambient)) =
+            (&overrides.registry, &environment_registry, &ambient)
+        {
+            if own != ambient {
+                return Err(refuse(format!(
+                    "XTASK_REGISTRY={ambient} conflicts with environment {}'s registry {own}: unset it, or pass --registry to choose on purpose",
+                    overrides.environment.as_deref().unwrap_or_default()
+                )));
+            }
         }
         let config = Config {
             root: cargo.workspace_root,
             registry: overrides
                 .registry
                 .clone()
-                .or_else(|| env("XTASK_REGISTRY"))
+                .or(ambient)
                 .unwrap_or(file.registry),
             base_registry: overrides
                 .base_registry
@@ -657,6 +672,33 @@ mod tests {
         assert_eq!(config.registry, "1.dkr.ecr.eu-west-1.amazonaws.com");
         assert_eq!(config.context.as_deref(), Some("eks-prod"));
         assert_eq!(config.namespace, "aiq-prod");
+        // An ambient XTASK_REGISTRY never silently beats prod's own.
+        let ambient = [("XTASK_REGISTRY", "localhost:5000")];
+        let err = load(
+            &json,
+            &ambient,
+            Overrides {
+                environment: Some("prod".into()),
+                ..Overrides::default()
+            },
+        )
+        .unwrap_err();
+        assert_eq!(crate::exit::exit_code(&err), 2);
+        assert!(
+            err.to_string().contains(
+                "conflicts with environment prod's registry 1.dkr.ecr.eu-west-1.amazonaws.com"
+            ),
+            "{err}"
+        );
+        let chosen = Overrides {
+            environment: Some("prod".into()),
+            registry: Some("example.com/x".into()),
+            ..Overrides::default()
+        };
+        assert_eq!(
+            load(&json, &ambient, chosen).unwrap().registry,
+            "example.com/x"
+        );
         let config = load(&json, &[], Overrides::default()).unwrap();
         assert_eq!(config.context.as_deref(), Some("dev"));
         let unknown = Overrides {

@@ -868,9 +868,14 @@ fn status_and_verify_compare_the_cluster_with_head() {
     let drift = fx.run(&["verify"]);
     assert_eq!(drift.code, 1, "{}", drift.stderr);
     assert!(
-        drift.stdout.contains("FAIL  deployment/fxweb pins")
-            && drift.stdout.contains(&format!("not HEAD's {head_digest}")),
-        "resolved HEAD's digest from the registry: {}",
+        drift
+            .stdout
+            .contains("FAIL  deployment/fxweb runs revision")
+            && drift.stdout.contains(&format!(
+                "not HEAD ({}), whose build is {head_digest}",
+                &git(fx.root(), &["rev-parse", "HEAD"])[..12]
+            )),
+        "names the revision that runs, and HEAD's digest from the registry: {}",
         drift.stdout
     );
 
@@ -1641,4 +1646,68 @@ fn deploy_and_status_json_stream_only_documented_events() {
     assert!(events_of(&parse_events(&verify.stdout), "verified")
         .iter()
         .all(|v| v["ok"] == true));
+}
+
+/// `deploy --from` an older build: the pods and the history say the build
+/// file's revision, never HEAD's, so `status` shows drift and `verify`
+/// names what runs. A file for another registry, or whose revision is not
+/// the one its images are labelled with, is refused before anything is
+/// applied.
+#[test]
+fn deploy_from_an_older_build_is_recorded_as_that_revision_never_as_head() {
+    let fx = Fixture::new();
+    fx.run(&["build", "--push"]).assert_ok();
+    let older = git(fx.root(), &["rev-parse", "HEAD"]);
+    let file: Value =
+        serde_json::from_str(&std::fs::read_to_string(fx.build_file()).unwrap()).unwrap();
+    let older_file = fx.root().join("target/older.json");
+    std::fs::write(&older_file, file.to_string()).unwrap();
+    let older_file = older_file.to_str().unwrap();
+    let newer = fx.commit(HEALTHY_APP);
+
+    let mut foreign = file.clone();
+    foreign["images"][0]["reference"] = json!("elsewhere.example/team/fxweb:0123456789ab");
+    let foreign_file = fx.root().join("target/foreign.json");
+    std::fs::write(&foreign_file, foreign.to_string()).unwrap();
+    fx.deploy(&["--from", foreign_file.to_str().unwrap(), "--rev", &older])
+        .assert_fails(2, "not under this environment's registry");
+    let mut mislabelled = file.clone();
+    mislabelled["revision"] = json!(newer);
+    let mislabelled_file = fx.root().join("target/mislabelled.json");
+    std::fs::write(&mislabelled_file, mislabelled.to_string()).unwrap();
+    fx.deploy(&["--from", mislabelled_file.to_str().unwrap()])
+        .assert_fails(2, &format!("is labelled revision {older}"));
+    assert!(
+        fx.kubectl(&["get", "deployments", "--output", "name"])
+            .is_empty(),
+        "nothing applied after a refused build file"
+    );
+
+    fx.deploy(&["--from", older_file, "--rev", &older])
+        .assert_ok();
+    for name in ["fxapi", "fxweb"] {
+        let stamped = fx.get(&["deployment", name])["spec"]["template"]["metadata"]["annotations"]
+            ["aiq.dev/revision"]
+            .clone();
+        assert_eq!(stamped, json!(older), "{name} says the revision it runs");
+    }
+    assert_eq!(fx.history().pop().unwrap()["revision"], json!(older));
+    let status = fx.run(&["status"]);
+    assert_eq!(
+        status.stdout.matches("drift (not HEAD)").count(),
+        2,
+        "{}",
+        status.stdout
+    );
+    let verify = fx.run(&["verify"]);
+    assert_eq!(verify.code, 1, "{}", verify.stderr);
+    assert!(
+        verify.stdout.contains(&format!(
+            "FAIL  deployment/fxweb runs revision {older} ({}), not HEAD ({})",
+            &older[..12],
+            &newer[..12]
+        )),
+        "{}",
+        verify.stdout
+    );
 }

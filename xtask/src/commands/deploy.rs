@@ -14,7 +14,7 @@ use crate::{
     commands::build::BuildFlags,
     config::{Config, Image},
     docker::{self, BuildFile, BuildOptions, BuiltImage},
-    exec::{Cmd, Exec},
+    exec::Exec,
     exit::refuse,
     git::{self, Revision},
     history::{Entry, History},
@@ -71,6 +71,13 @@ impl Deploy {
             let from = match &self.from {
                 Some(path) => Some(self.load_build_file(exec, &config, path, &rev)?),
                 None => None,
+            };
+            // What is deployed is the build file's revision, whatever HEAD
+            // is: the pods and the history say so, and `status` and
+            // `verify` then tell it from HEAD.
+            let rev = match &from {
+                Some(file) => file_revision(exec, file)?,
+                None => rev,
             };
             Ok((config, rev, kube, reachable, from))
         })?;
@@ -309,18 +316,50 @@ impl Deploy {
                     path.display()
                 ))
             })?;
-            if !exec.succeeds(&Cmd::new("docker").args([
-                "buildx",
-                "imagetools",
-                "inspect",
-                "--raw",
-                &pinned,
-            ])) {
-                return Err(refuse(format!("{pinned} is not in the registry")));
+            // The environment's registry, or the cluster would pull from
+            // wherever the file says.
+            if !image
+                .reference
+                .starts_with(&format!("{}/", config.registry))
+            {
+                return Err(refuse(format!(
+                    "{} in {} is {}, not under this environment's registry {}: build for it (`--env`, `--registry`)",
+                    image.name,
+                    path.display(),
+                    image.reference,
+                    config.registry
+                )));
+            }
+            let (_, label) = crate::registry::resolve(exec, &pinned)
+                .map_err(|e| refuse(format!("{pinned} is not in the registry: {e:#}")))?;
+            if label.as_deref() != Some(file.revision.as_str()) {
+                return Err(refuse(format!(
+                    "{pinned} is labelled revision {} but {} says {}: refusing it",
+                    label.as_deref().unwrap_or("(none)"),
+                    path.display(),
+                    file.revision
+                )));
             }
         }
         Ok(file)
     }
+}
+
+/// The revision a build file holds: its commit (and commit time, where
+/// this clone has the commit) and, for a dirty build, its tag's hash.
+fn file_revision(exec: &Exec, file: &BuildFile) -> Result<Revision> {
+    let commit_time = git::commit(exec, &file.revision)
+        .map(|r| r.commit_time)
+        .unwrap_or_default();
+    let dirty_hash = file
+        .tag
+        .split_once("-dirty-")
+        .map(|(_, hash)| hash.to_owned());
+    Ok(Revision {
+        sha: file.revision.clone(),
+        commit_time,
+        dirty_hash,
+    })
 }
 
 /// Polls a Service until its LoadBalancer has a hostname or IP.

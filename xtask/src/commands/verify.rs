@@ -48,17 +48,43 @@ impl Verify {
             return self.rebuild(exec, &config, &kube, &history);
         }
         let head = git::commit(exec, "HEAD")?;
-        let expected = digests_for(exec, &config, &history, &head)?;
+        let mut running = BTreeMap::new();
+        for image in &config.images {
+            running.insert(image.name.clone(), kube.running(&image.name)?);
+        }
+        // HEAD's digests are needed only where a deployment says it runs
+        // HEAD; elsewhere the revision it runs is the finding.
+        let runs_head = |r: &Running| r.revision.as_deref() == Some(head.sha.as_str());
+        let expected = if running.values().flatten().any(runs_head) {
+            digests_for(exec, &config, &history, &head)?
+        } else {
+            digests_for(exec, &config, &history, &head).unwrap_or_default()
+        };
         let mut failures = Vec::new();
-        for image in &expected {
+        for image in &config.images {
             let name = &image.name;
-            let digest = image.digest.as_deref().unwrap_or_default();
-            let running = kube.running(name)?;
+            let digest = expected
+                .iter()
+                .find(|b| &b.name == name)
+                .and_then(|b| b.digest.as_deref())
+                .unwrap_or_default();
+            let running = running.remove(name).flatten();
             let problem = match &running {
                 None => Some(format!("deployment/{name} does not exist")),
                 Some(r) if r.dirty => Some(format!(
                     "deployment/{name} runs a dirty build ({}): uncommitted code, not HEAD; deploy a commit",
                     r.tag.as_deref().unwrap_or("?")
+                )),
+                Some(r) if !runs_head(r) => Some(format!(
+                    "deployment/{name} runs revision {} ({}), not HEAD ({}){}",
+                    r.revision.as_deref().unwrap_or("unknown"),
+                    r.tag.as_deref().unwrap_or("no tag"),
+                    head.short(),
+                    if digest.is_empty() {
+                        String::new()
+                    } else {
+                        format!(", whose build is {digest}")
+                    }
                 )),
                 Some(r) if r.digest.as_deref() != Some(digest) => Some(format!(
                     "deployment/{name} pins {} (revision {}), not HEAD's {digest}",
