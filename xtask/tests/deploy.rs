@@ -1711,3 +1711,52 @@ fn deploy_from_an_older_build_is_recorded_as_that_revision_never_as_head() {
         verify.stdout
     );
 }
+
+/// `verify` and `rollback` log in to the registry before they read it, as
+/// `deploy` does (a fresh CI runner has no ECR login). Dry runs show the
+/// login as its one pipeline line, before the reads that then fail.
+#[test]
+fn verify_and_rollback_log_in_before_they_read_the_registry() {
+    let aws = project_root().join("xtask/tests/fixtures/aws");
+    let fx = Fixture::with(Options {
+        config: format!(
+            "registry_login = {{ username = \"ci\", password_command = [\"{}\", \"ecr\", \"get-login-password\"] }}",
+            aws.display()
+        ),
+        ..Options::default()
+    });
+    let host = fx.registry.split('/').next().unwrap().to_owned();
+    let pipeline = format!(
+        "$ {} ecr get-login-password | docker login --username ci --password-stdin {host}",
+        aws.display()
+    );
+    let verify = fx.run(&["verify", "--dry-run"]);
+    assert_eq!(verify.code, 1, "{}", verify.stderr);
+    assert_eq!(
+        verify.stdout.lines().next(),
+        Some(pipeline.as_str()),
+        "{}",
+        verify.stdout
+    );
+    assert!(
+        verify
+            .stdout
+            .contains("FAIL  deployment/fxweb does not exist"),
+        "{}",
+        verify.stdout
+    );
+    let head = git(fx.root(), &["rev-parse", "HEAD"]);
+    let rollback = fx.run(&["rollback", "--dry-run", "--to", &head]);
+    assert_eq!(rollback.code, 2, "{}", rollback.stderr);
+    assert_eq!(
+        rollback.stdout.lines().next(),
+        Some(pipeline.as_str()),
+        "{}",
+        rollback.stdout
+    );
+    assert!(
+        rollback.stderr.contains("is not in the registry"),
+        "{}",
+        rollback.stderr
+    );
+}

@@ -46,6 +46,9 @@ impl Rollback {
         // Everything that can refuse is checked before the lock.
         let (config, kube, reachable, history, plan) = exec.step("preflight", || {
             let (config, kube, reachable) = self.cluster.connect(exec, !exec.dry_run)?;
+            // `--to` reads the registry: a fresh CI runner can only once
+            // logged in.
+            crate::registry::login(exec, &config)?;
             let target = self
                 .to
                 .as_deref()

@@ -43,6 +43,8 @@ pub struct Verify {
 impl Verify {
     pub fn run(self, exec: &Exec) -> Result<()> {
         let (config, kube, _) = self.cluster.connect(exec, true)?;
+        // A fresh CI runner reads ECR only once logged in.
+        crate::registry::login(exec, &config)?;
         let history = History::read(&kube)?;
         if self.rebuild {
             return self.rebuild(exec, &config, &kube, &history);
