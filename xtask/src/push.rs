@@ -29,11 +29,31 @@ enum PushFailure {
     Immutable,
 }
 
+/// Reads only buildx's final `ERROR:` line to decide whether the push
+/// failed (BuildKit: "failed to push <ref>: ..."; Docker's builder: "tag
+/// invalid", or an HTTP status after its "pushing" progress), so a compile
+/// error whose text says "immutable" (rustc's E0502) is never taken for
+/// one.
 fn push_failure(message: &str) -> Option<PushFailure> {
     let message = message.to_ascii_lowercase();
-    if message.contains("tag invalid") || message.contains("immutable") {
+    let error = message.lines().rev().find(|l| l.starts_with("error:"))?;
+    let pushing = error.contains("failed to push")
+        || error.contains("tag invalid")
+        || (error.contains("unexpected http status")
+            && message
+                .lines()
+                .any(|l| l.starts_with('#') && l.contains(" pushing ")));
+    if !pushing {
+        return None;
+    }
+    if ["tag invalid", "immutable", "cannot be overwritten"]
+        .iter()
+        .any(|t| error.contains(t))
+    {
         return Some(PushFailure::Immutable);
     }
+    // BuildKit retries a hiccup itself (four tries over about 7 s) and
+    // then names the last status in the lines before its ERROR.
     let transient = [
         "500 internal server error",
         "502 bad gateway",
@@ -45,10 +65,10 @@ fn push_failure(message: &str) -> Option<PushFailure> {
         "tls handshake timeout",
         "unexpected eof",
     ];
-    // BuildKit retries a hiccup itself (four tries over about 7 s) and
-    // then ends with "failed to push"; its progress says "pushing".
-    let pushing = message.contains("pushing") || message.contains("failed to push");
-    (pushing && transient.iter().any(|t| message.contains(t))).then_some(PushFailure::Transient)
+    transient
+        .iter()
+        .any(|t| message.contains(t))
+        .then_some(PushFailure::Transient)
 }
 
 /// Builds and pushes in one bake, retrying what the registry gets wrong:
@@ -194,6 +214,13 @@ mod tests {
         assert_eq!(push_failure(compile), None);
         let exhausted = "7.504 error: failed commit on ref \"manifest-sha256:54e2\": unexpected status from PUT request to http://127.0.0.1:47111/v2/fx/flk/manifests/b08d2e271a96: 503 Service Unavailable\nERROR: failed to solve: failed to push 127.0.0.1:47111/fx/flk:b08d2e271a96: unavailable";
         assert_eq!(push_failure(exhausted), Some(PushFailure::Transient));
+        let buildkit_immutable = "ERROR: failed to solve: failed to push 127.0.0.1:34011/fixtures/x:latest: unknown: The image tag 'latest' already exists in the 'fixtures/x' repository and cannot be overwritten because the repository is immutable.";
+        assert_eq!(
+            push_failure(buildkit_immutable),
+            Some(PushFailure::Immutable)
+        );
+        let e0502 = "#12 41.2 error[E0502]: cannot borrow `v` as mutable because it is also borrowed as immutable\n#12 41.2 pushing v.push(1) here\n#12 ERROR: process \"/bin/sh -c cargo build\" did not complete successfully: exit code: 101\nERROR: failed to solve: process \"/bin/sh -c cargo build --release\" did not complete successfully: exit code: 101";
+        assert_eq!(push_failure(e0502), None, "a compile error is not a push");
         let base =
             "ERROR: failed to solve: 127.0.0.1:5000/library/rust:1.95: 503 Service Unavailable";
         assert_eq!(push_failure(base), None, "a base image pull is not a push");
