@@ -1760,3 +1760,40 @@ fn verify_and_rollback_log_in_before_they_read_the_registry() {
         rollback.stderr
     );
 }
+
+/// A paused Deployment never rolls out: the deploy refuses it before
+/// anything is built (exit 2, with the fix), whether someone paused it by
+/// hand or the manifests say `paused: true`, and the running version keeps
+/// serving.
+#[test]
+fn a_paused_deployment_is_refused_before_anything_is_built() {
+    let fx = Fixture::new();
+    fx.deploy(&[]).assert_ok();
+    let serving = fx.digests()["fxweb"].as_str().unwrap().to_owned();
+    fx.kubectl(&["rollout", "pause", "deployment/fxweb"]);
+    fx.commit(HEALTHY_APP);
+    let by_hand = fx.deploy(&[]);
+    by_hand.assert_fails(2, "kubectl rollout resume deployment/fxweb");
+    assert!(
+        !by_hand.stderr.contains("docker buildx bake"),
+        "nothing built: {}",
+        by_hand.stderr
+    );
+    fx.assert_serving("fxweb", &serving);
+    fx.kubectl(&["rollout", "resume", "deployment/fxweb"]);
+
+    let manifest = std::fs::read_to_string(fx.root().join("k8s/workloads.yaml")).unwrap();
+    let web = manifest.find("name: fxweb").unwrap();
+    let spec = web + manifest[web..].find("spec:\n  selector:").unwrap();
+    let paused = format!(
+        "{}spec:\n  paused: true\n  selector:{}",
+        &manifest[..spec],
+        &manifest[spec + "spec:\n  selector:".len()..]
+    );
+    std::fs::write(fx.root().join("k8s/workloads.yaml"), paused).unwrap();
+    commit_all(fx.root(), "fxweb paused in its manifest");
+    let in_manifest = fx.deploy(&[]);
+    in_manifest.assert_fails(2, "deployment/fxweb is paused in k8s (spec.paused: true)");
+    assert!(!in_manifest.stderr.contains("docker buildx bake"));
+    fx.assert_serving("fxweb", &serving);
+}

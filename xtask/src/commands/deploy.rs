@@ -64,6 +64,9 @@ impl Deploy {
                     "# the cluster is not reachable: the plan below is printed without a diff",
                 );
             }
+            if reachable {
+                refuse_paused(&kube, &config)?;
+            }
             // Log in first: the build file's digests are checked in the
             // registry, which a fresh CI runner can read only once logged in.
             registry::login(exec, &config)?;
@@ -343,6 +346,35 @@ impl Deploy {
         }
         Ok(file)
     }
+}
+
+/// A paused Deployment never rolls out: the wait would run to its timeout
+/// and the rollback would be refused by the API. Refused before anything
+/// is built, whether the manifests pause it or someone did by hand.
+fn refuse_paused(kube: &Kube, config: &Config) -> Result<()> {
+    let paused = |object: &serde_json::Value| {
+        object["kind"] == "Deployment" && object["spec"]["paused"] == true
+    };
+    for object in kube.manifests(&config.manifests.display().to_string())? {
+        if paused(&object) {
+            return Err(refuse(format!(
+                "deployment/{} is paused in {} (spec.paused: true), so it would never roll out: remove `paused` from the manifest to deploy it",
+                object["metadata"]["name"].as_str().unwrap_or("?"),
+                config.manifests.display()
+            )));
+        }
+    }
+    for name in config.rollout() {
+        if let Some(live) = kube.get::<serde_json::Value>("deployment", &name)? {
+            if paused(&live) {
+                return Err(refuse(format!(
+                    "deployment/{name} is paused in namespace {} (spec.paused: true, as `kubectl rollout pause` leaves it), so it would never roll out: `kubectl rollout resume deployment/{name} --namespace {}`, then deploy",
+                    kube.namespace, kube.namespace
+                )));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// The revision a build file holds: its commit (and commit time, where

@@ -290,6 +290,29 @@ impl<'a> Kube<'a> {
         }
     }
 
+    /// The objects of the kustomize base `dir`, as JSON: `kubectl
+    /// kustomize` speaks only YAML, so a client-side dry run of `create`
+    /// (which asks the API server only for its kinds) turns it into JSON.
+    pub fn manifests(&self, dir: &str) -> Result<Vec<serde_json::Value>> {
+        let yaml = self.exec.read(&kustomize(&self.kubectl, dir))?;
+        let json = self.exec.read(
+            &self
+                .global(&[
+                    "create",
+                    "--dry-run=client",
+                    "--validate=false",
+                    "--output=json",
+                    "--filename=-",
+                ])
+                .arg(format!("--request-timeout={READ_TIMEOUT_SECS}s"))
+                .hidden_stdin(yaml),
+        )?;
+        serde_json::Deserializer::from_str(&json)
+            .into_iter()
+            .collect::<Result<_, _>>()
+            .with_context(|| format!("parsing the objects of {dir}"))
+    }
+
     /// `kubectl get KIND NAME -o json`, `None` when it does not exist.
     pub fn get<T: serde::de::DeserializeOwned>(&self, kind: &str, name: &str) -> Result<Option<T>> {
         let json = self.read(&["get", kind, name, "--ignore-not-found", "--output", "json"])?;
