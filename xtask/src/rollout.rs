@@ -345,7 +345,19 @@ pub fn verify_pods(kube: &Kube, name: &str, digest: &str) -> Result<(usize, Vec<
     let pods = kube.pods(name)?;
     let ready: Vec<_> = pods.iter().filter(|p| p.is_ready()).collect();
     if ready.is_empty() {
-        bail!("deployment/{name}: no ready pod");
+        // Scaled to zero on purpose: rolled out, with nothing to run.
+        let scaled_to_zero = kube
+            .get::<Deployment>("deployment", name)?
+            .is_some_and(|d| d.spec.replicas == 0);
+        if !scaled_to_zero {
+            bail!("deployment/{name}: no ready pod");
+        }
+        eprintln!("deployment/{name}: replicas: 0, so no pods to verify (it pins {digest})");
+        kube.exec.output.event(
+            "verified",
+            json!({"deployment": name, "digest": digest, "ready": 0}),
+        );
+        return Ok((0, crate::kube::stuck_terminating(&pods, now_epoch())));
     }
     if let Some(stale) = ready.iter().find(|p| !p.runs(digest)) {
         let running: Vec<&str> = stale

@@ -1782,18 +1782,44 @@ fn a_paused_deployment_is_refused_before_anything_is_built() {
     fx.assert_serving("fxweb", &serving);
     fx.kubectl(&["rollout", "resume", "deployment/fxweb"]);
 
-    let manifest = std::fs::read_to_string(fx.root().join("k8s/workloads.yaml")).unwrap();
-    let web = manifest.find("name: fxweb").unwrap();
-    let spec = web + manifest[web..].find("spec:\n  selector:").unwrap();
-    let paused = format!(
-        "{}spec:\n  paused: true\n  selector:{}",
-        &manifest[..spec],
-        &manifest[spec + "spec:\n  selector:".len()..]
-    );
-    std::fs::write(fx.root().join("k8s/workloads.yaml"), paused).unwrap();
+    set_web_spec(fx.root(), "paused: true");
     commit_all(fx.root(), "fxweb paused in its manifest");
     let in_manifest = fx.deploy(&[]);
     in_manifest.assert_fails(2, "deployment/fxweb is paused in k8s (spec.paused: true)");
     assert!(!in_manifest.stderr.contains("docker buildx bake"));
     fx.assert_serving("fxweb", &serving);
+}
+
+/// Adds `line` to fxweb's Deployment `spec` in the fixture's manifests.
+fn set_web_spec(root: &Path, line: &str) {
+    let path = root.join("k8s/workloads.yaml");
+    let manifest = std::fs::read_to_string(&path).unwrap();
+    let web = manifest.find("name: fxweb").unwrap();
+    let spec = web + manifest[web..].find("spec:\n  selector:").unwrap();
+    let changed = format!(
+        "{}spec:\n  {line}\n  selector:{}",
+        &manifest[..spec],
+        &manifest[spec + "spec:\n  selector:".len()..]
+    );
+    std::fs::write(path, changed).unwrap();
+}
+
+/// A Deployment scaled to zero on purpose deploys: it rolls out with no
+/// pods, and the deploy says there are none to verify.
+#[test]
+fn a_deployment_scaled_to_zero_deploys_with_no_pods_to_verify() {
+    let fx = Fixture::new();
+    set_web_spec(fx.root(), "replicas: 0");
+    commit_all(fx.root(), "fxweb scaled to zero");
+    let run = fx.deploy(&[]);
+    run.assert_ok();
+    assert!(
+        run.stderr
+            .contains("deployment/fxweb: replicas: 0, so no pods to verify"),
+        "{}",
+        run.stderr
+    );
+    assert!(fx.serving("fxweb").is_empty());
+    fx.assert_serving("fxapi", fx.digests()["fxapi"].as_str().unwrap());
+    fx.run(&["verify"]).assert_ok();
 }
