@@ -1823,3 +1823,29 @@ fn a_deployment_scaled_to_zero_deploys_with_no_pods_to_verify() {
     fx.assert_serving("fxapi", fx.digests()["fxapi"].as_str().unwrap());
     fx.run(&["verify"]).assert_ok();
 }
+
+/// Ready only after 14 s, longer than the tests' 8-s grace.
+const SLOW_APP: &str =
+    "trap 'exit 0' TERM\nsleep 14\ntouch /tmp/ready\nwhile true; do sleep 1; done\n";
+
+/// A container with a startup probe gets the time the kubelet gives it
+/// (`initialDelaySeconds + failureThreshold × periodSeconds`), not just the
+/// deploy's grace: a slow starter the kubelet would still wait for is not
+/// failed and rolled back.
+#[test]
+fn a_slow_starter_gets_the_time_its_startup_probe_gives_it() {
+    let fx = Fixture::new();
+    fx.commit_manifest(
+        "          startupProbe:\n            exec:\n              command: [cat, /tmp/ready]\n            periodSeconds: 1\n            failureThreshold: 40\n",
+        "",
+    );
+    fx.commit(SLOW_APP);
+    let run = fx.deploy(&[]);
+    run.assert_ok();
+    assert!(
+        !run.stderr.contains("readiness still failing"),
+        "{}",
+        run.stderr
+    );
+    fx.assert_serving("fxweb", fx.digests()["fxweb"].as_str().unwrap());
+}

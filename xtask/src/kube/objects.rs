@@ -78,8 +78,40 @@ pub struct PodSpec {
 }
 
 #[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
 pub struct Container {
+    #[serde(default)]
+    pub name: String,
     pub image: String,
+    #[serde(default)]
+    pub startup_probe: Option<Probe>,
+}
+
+/// The timing of a probe, with the API's defaults.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Probe {
+    #[serde(default)]
+    pub initial_delay_seconds: i64,
+    #[serde(default = "ten")]
+    pub period_seconds: i64,
+    #[serde(default = "three")]
+    pub failure_threshold: i64,
+}
+
+impl Probe {
+    /// How long the kubelet waits for a startup probe before it gives up:
+    /// `initialDelaySeconds + failureThreshold × periodSeconds`.
+    pub fn budget(&self) -> i64 {
+        self.initial_delay_seconds + self.failure_threshold * self.period_seconds
+    }
+}
+
+fn ten() -> i64 {
+    10
+}
+fn three() -> i64 {
+    3
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -360,16 +392,35 @@ impl Pod {
                 ));
             }
         }
-        let running_since = self
-            .status
-            .container_statuses
-            .iter()
-            .filter(|c| !c.ready)
-            .filter_map(|c| c.state.running.as_ref()?.started_at.as_deref())
-            .filter_map(crate::time::parse_rfc3339)
-            .max()?;
-        if !self.is_ready() && now - running_since > grace_secs {
-            return Some(format!("readiness still failing after {grace_secs}s"));
+        // Each unready container gets the grace, or as long as the kubelet
+        // itself would wait for its startup probe, whichever is longer.
+        for status in self.status.container_statuses.iter().filter(|c| !c.ready) {
+            let Some(started) = status
+                .state
+                .running
+                .as_ref()
+                .and_then(|r| r.started_at.as_deref())
+                .and_then(crate::time::parse_rfc3339)
+            else {
+                continue;
+            };
+            let startup = self
+                .spec
+                .containers
+                .iter()
+                .find(|c| c.name == status.name)
+                .and_then(|c| c.startup_probe.as_ref())
+                .map(Probe::budget);
+            let window = grace_secs.max(startup.unwrap_or(0));
+            if now - started > window {
+                return Some(match startup {
+                    Some(budget) if budget >= grace_secs => format!(
+                        "container {} not ready after its startup probe's {budget}s (initialDelaySeconds + failureThreshold × periodSeconds)",
+                        status.name
+                    ),
+                    _ => format!("readiness still failing after {grace_secs}s"),
+                });
+            }
         }
         None
     }
@@ -502,6 +553,30 @@ mod tests {
             serde_json::json!({"startTime": "2026-11-23T19:00:00Z", "containerStatuses": [{"name": "c", "ready": false, "state": {"waiting": {"reason": "ContainerCreating"}}}]}),
         );
         assert_eq!(pulling.failure(t0, 30, true), None, "not running yet");
+    }
+
+    #[test]
+    fn a_startup_probe_gets_the_time_the_kubelet_gives_it() {
+        let start = "2026-11-23T20:00:00Z";
+        let t0 = crate::time::parse_rfc3339(start).unwrap();
+        let p = pod(serde_json::json!({
+            "metadata": {"name": "p"},
+            "spec": {"containers": [{"name": "c", "image": "r/x@sha256:new",
+                "startupProbe": {"initialDelaySeconds": 5, "periodSeconds": 2, "failureThreshold": 30}}]},
+            "status": {"containerStatuses": [{"name": "c", "ready": false, "state": {"running": {"startedAt": start}}}]},
+        }));
+        assert_eq!(p.failure(t0 + 31, 30, true), None, "65 s of startup budget");
+        assert_eq!(p.failure(t0 + 65, 30, true), None);
+        assert!(p
+            .failure(t0 + 66, 30, true)
+            .unwrap()
+            .contains("startup probe's 65s"));
+        let defaults: Probe = serde_json::from_value(serde_json::json!({})).unwrap();
+        assert_eq!(
+            defaults.budget(),
+            30,
+            "failureThreshold 3 × periodSeconds 10"
+        );
     }
 
     #[test]
