@@ -244,13 +244,14 @@ pub fn recorded_inputs(history: &History, sha: &str) -> Option<Inputs> {
 }
 
 /// The digests a clean build of `sha` was deployed with, from the newest
-/// entry that has all of them.
+/// successful deploy or rollback of it that has all of them: a failed or
+/// interrupted one may name digests that never ran.
 pub fn recorded_digests(history: &History, sha: &str) -> Option<BTreeMap<String, String>> {
     history
         .entries
         .iter()
         .rev()
-        .filter(|(_, e)| e.revision == sha && !e.dirty)
+        .filter(|(_, e)| e.revision == sha && !e.dirty && e.result == SUCCEEDED)
         .find_map(|(_, e)| {
             e.digests
                 .clone()
@@ -258,4 +259,47 @@ pub fn recorded_digests(history: &History, sha: &str) -> Option<BTreeMap<String,
                 .map(|(k, v)| Some((k, v?)))
                 .collect()
         })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(revision: &str, result: &str, digest: &str) -> Entry {
+        Entry {
+            revision: revision.into(),
+            result: result.into(),
+            digests: BTreeMap::from([("aiq-agent".to_owned(), Some(digest.to_owned()))]),
+            inputs: Inputs {
+                buildkit: "v0.34.2".into(),
+                ..Inputs::default()
+            },
+            ..Entry::default()
+        }
+    }
+
+    #[test]
+    fn digests_and_inputs_come_only_from_successful_runs_of_that_revision() {
+        let history = History {
+            exists: true,
+            entries: vec![
+                ("1-a".into(), entry("a", SUCCEEDED, "sha256:good")),
+                ("2-a".into(), entry("a", "rolled back", "sha256:never-ran")),
+                ("3-a".into(), entry("a", INTERRUPTED, "sha256:half")),
+                ("4-b".into(), entry("b", SUCCEEDED, "sha256:other")),
+            ],
+        };
+        assert_eq!(
+            recorded_digests(&history, "a").unwrap()["aiq-agent"],
+            "sha256:good"
+        );
+        assert!(recorded_inputs(&history, "a").is_some());
+        assert_eq!(recorded_digests(&history, "c"), None);
+        let failed_only = History {
+            exists: true,
+            entries: vec![("2-a".into(), entry("a", "rolled back", "sha256:x"))],
+        };
+        assert_eq!(recorded_digests(&failed_only, "a"), None);
+        assert_eq!(recorded_inputs(&failed_only, "a"), None);
+    }
 }

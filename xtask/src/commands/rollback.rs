@@ -71,11 +71,31 @@ impl Rollback {
             };
             Ok((config, kube, reachable, history, plan))
         })?;
-        Lock::hold(&kube, reachable, || match plan {
-            Plan::Redeploy { rev, images } => {
-                self.redeploy(&kube, &config, &history, &rev, &images)
+        Lock::hold(&kube, reachable, || {
+            // What was read before the lock only let it refuse early: a
+            // deploy may have finished since. The plan is made again from
+            // the history as it is now that nothing else can write it.
+            let (history, plan) = if reachable {
+                let history = History::read(&kube)?;
+                let plan = match plan {
+                    Plan::Redeploy { rev, .. } => {
+                        let images = digests_for(exec, &config, &history, &rev)?;
+                        Plan::Redeploy { rev, images }
+                    }
+                    Plan::Undo { .. } => Plan::Undo {
+                        last: Box::new(undoable(&history)?),
+                    },
+                };
+                (history, plan)
+            } else {
+                (history, plan)
+            };
+            match plan {
+                Plan::Redeploy { rev, images } => {
+                    self.redeploy(&kube, &config, &history, &rev, &images)
+                }
+                Plan::Undo { last } => self.undo(&kube, &history, *last),
             }
-            Plan::Undo { last } => self.undo(&kube, &history, *last),
         })
     }
 
