@@ -41,17 +41,24 @@ pub fn rollback_failed(message: impl Into<String>) -> anyhow::Error {
 
 /// Set by the first Ctrl-C or SIGTERM once [`catch_interrupts`] ran.
 static INTERRUPTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+/// How many such signals arrived.
+static SIGNALS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
 
 /// Turns Ctrl-C and SIGTERM (a cancelled CI job) into a flag the deploy
 /// checks between steps and at every poll, so it can write "interrupted"
 /// into the history and release its lock before exiting 130. A second
-/// signal exits at once; the lock then expires by itself.
+/// signal does not cut that short: a cancelled GitHub job sends SIGINT,
+/// SIGTERM about 7.5 s later and SIGKILL 2.5 s after that, and the record
+/// and the release must still happen. A third signal exits at once; the
+/// lock then expires by itself.
 pub fn catch_interrupts() -> Result<()> {
     ctrlc::set_handler(|| {
-        if INTERRUPTED.swap(true, std::sync::atomic::Ordering::SeqCst) {
-            std::process::exit(130);
+        INTERRUPTED.store(true, std::sync::atomic::Ordering::SeqCst);
+        match SIGNALS.fetch_add(1, std::sync::atomic::Ordering::SeqCst) {
+            0 => eprintln!("interrupted: recording it in the deploy history and releasing the lock"),
+            1 => eprintln!("interrupted again: still recording it and releasing the lock (a third time to quit at once)"),
+            _ => std::process::exit(130),
         }
-        eprintln!("interrupted: recording it in the deploy history and releasing the lock (again to quit at once)");
     })
     .context("installing the Ctrl-C handler")
 }

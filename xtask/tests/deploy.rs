@@ -1849,3 +1849,59 @@ fn a_slow_starter_gets_the_time_its_startup_probe_gives_it() {
     );
     fx.assert_serving("fxweb", fx.digests()["fxweb"].as_str().unwrap());
 }
+
+/// A cancelled GitHub job sends SIGINT, SIGTERM about 7.5 s later and
+/// SIGKILL 2.5 s after that (each only to a process still running). The
+/// deploy must record `interrupted` and release its lock inside that
+/// window, and a second signal that lands while it does so (here SIGTERM
+/// right after SIGINT, as a quicker canceller or a person pressing Ctrl-C
+/// twice would send it) must not cut that short.
+#[test]
+fn a_cancelled_github_job_still_records_the_interrupt_and_releases_the_lock() {
+    let (fx, _) = serving_first_commit();
+    let args = [
+        "deploy",
+        "--poll-interval",
+        "0.2",
+        "--grace",
+        "600",
+        "--timeout",
+        "600",
+    ];
+    for second_after in [Duration::from_millis(7500), Duration::from_millis(30)] {
+        fx.commit(NEVER_READY_APP);
+        let entries = fx.history().len();
+        let mut run = fx.spawn(&args);
+        wait_until_applying_fxweb(&fx, entries);
+        let started = Instant::now();
+        signal(&run, "INT");
+        let schedule = [
+            (second_after, "TERM"),
+            (second_after + Duration::from_millis(2500), "KILL"),
+        ];
+        let mut sent = vec!["INT"];
+        let status = loop {
+            if let Some(status) = run.try_wait().unwrap() {
+                break status;
+            }
+            if let Some((_, name)) = schedule
+                .iter()
+                .find(|(at, name)| started.elapsed() >= *at && !sent.contains(name))
+            {
+                signal(&run, name);
+                sent.push(name);
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        let out = run.wait_with_output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(status.code(), Some(130), "signals sent: {sent:?}\n{stderr}");
+        assert!(
+            !sent.contains(&"KILL"),
+            "it outlived the window: {sent:?}\n{stderr}"
+        );
+        assert_eq!(fx.lease(), Value::Null, "the lock was released ({sent:?})");
+        let entry = fx.history().pop().unwrap();
+        assert_eq!(entry["result"], "interrupted", "{sent:?}\n{stderr}");
+    }
+}
