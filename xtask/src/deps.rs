@@ -47,7 +47,10 @@ impl Kind {
 #[derive(Clone, Debug)]
 pub struct Store {
     pub kind: Kind,
+    /// The lockfile read: the exported revision's, in a build.
     pub lockfile: PathBuf,
+    /// The lockfile as the repository names it, for messages.
+    pub shown: PathBuf,
     /// `<cache>/deps/<kind>-<first 16 hex digits of the lockfile's sha256>`.
     pub dir: PathBuf,
     /// Where npm runs to fill an npm store on a machine without npm: the
@@ -75,6 +78,7 @@ impl Store {
         Ok(Some(Store {
             kind,
             lockfile,
+            shown: image.lockfile.clone().unwrap_or_default(),
             dir,
             npm_image,
         }))
@@ -89,7 +93,7 @@ impl Store {
         if offline && self.kind == Kind::Npm {
             return Err(refuse(format!(
                 "--offline: no dependency store for {} ({} is missing); build once online to fill it",
-                self.lockfile.display(),
+                self.shown.display(),
                 self.dir.display()
             )));
         }
@@ -102,7 +106,7 @@ impl Store {
         exec.step(
             format!(
                 "fill the dependency store for {} ({})",
-                self.lockfile.display(),
+                self.shown.display(),
                 self.dir.display()
             ),
             || {
