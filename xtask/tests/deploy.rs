@@ -24,6 +24,17 @@ const CRASHING_APP: &str = "echo 'the new code crashed on start' >&2\nexit 3\n";
 /// Runs, but its readiness probe never passes.
 const NEVER_READY_APP: &str = "trap 'exit 0' TERM\nwhile true; do sleep 1; done\n";
 
+/// A deploy whose never-ready rollout waits long enough to be signalled.
+const LONG_ROLLOUT: [&str; 7] = [
+    "deploy",
+    "--poll-interval",
+    "0.2",
+    "--grace",
+    "600",
+    "--timeout",
+    "600",
+];
+
 /// Short waits, so failures show in seconds.
 const FAST: &[&str] = &["--poll-interval", "0.2", "--grace", "8", "--timeout", "120"];
 
@@ -1058,15 +1069,7 @@ fn signal(child: &std::process::Child, name: &str) {
 fn deploys_take_turns_and_an_interrupted_or_killed_one_says_where_it_stopped() {
     let (fx, _) = serving_first_commit();
     fx.commit(NEVER_READY_APP);
-    let args = [
-        "deploy",
-        "--poll-interval",
-        "0.2",
-        "--grace",
-        "600",
-        "--timeout",
-        "600",
-    ];
+    let args = LONG_ROLLOUT;
     let entries = fx.history().len();
     let first = fx.spawn(&args);
     wait_until_applying_fxweb(&fx, entries);
@@ -1859,15 +1862,7 @@ fn a_slow_starter_gets_the_time_its_startup_probe_gives_it() {
 #[test]
 fn a_cancelled_github_job_still_records_the_interrupt_and_releases_the_lock() {
     let (fx, _) = serving_first_commit();
-    let args = [
-        "deploy",
-        "--poll-interval",
-        "0.2",
-        "--grace",
-        "600",
-        "--timeout",
-        "600",
-    ];
+    let args = LONG_ROLLOUT;
     for second_after in [Duration::from_millis(7500), Duration::from_millis(30)] {
         fx.commit(NEVER_READY_APP);
         let entries = fx.history().len();
