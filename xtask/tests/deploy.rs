@@ -1689,8 +1689,8 @@ fn deploy_from_an_older_build_is_recorded_as_that_revision_never_as_head() {
     fx.deploy(&["--from", older_file, "--rev", &older])
         .assert_ok();
     for name in ["fxapi", "fxweb"] {
-        let stamped = fx.get(&["deployment", name])["spec"]["template"]["metadata"]["annotations"]
-            ["aiq.dev/revision"]
+        let stamped = fx.get(&["get", "deployment", name])["spec"]["template"]["metadata"]
+            ["annotations"]["aiq.dev/revision"]
             .clone();
         assert_eq!(stamped, json!(older), "{name} says the revision it runs");
     }
