@@ -470,11 +470,12 @@ fn a_digest_that_cannot_be_pulled_fails_fast_and_rolls_back() {
     let (fx, previous) = serving_first_commit();
     fx.commit(HEALTHY_APP);
     fx.run(&["build", "--push"]).assert_ok();
-    // The manifest stays (the deploy's registry check passes) but its image
-    // config is gone, so the kubelet's pull fails.
+    // The manifest and the image config stay (the deploy's registry and
+    // revision-label checks pass) but the layer only this commit has is
+    // gone, so the kubelet's pull fails.
     let digest = fx.digests()["fxweb"].as_str().unwrap().to_owned();
     let repository = format!("{}/fxweb", fx.registry.split_once('/').unwrap().1);
-    delete_image_config(&repository, &digest);
+    delete_top_layer(&repository, &digest);
     let run = fx.deploy(&["--from", &fx.build_file()]);
     assert!(
         run.stderr.contains("ErrImagePull") || run.stderr.contains("ImagePullBackOff"),
@@ -484,9 +485,9 @@ fn a_digest_that_cannot_be_pulled_fails_fast_and_rolls_back() {
     assert_failed_and_rolled_back(&fx, &run, "Err", &previous);
 }
 
-/// Deletes the config blob of `repository@digest` (an image, or the first
+/// Deletes the top layer of `repository@digest` (an image, or the first
 /// image of an index) from the test registry.
-fn delete_image_config(repository: &str, digest: &str) {
+fn delete_top_layer(repository: &str, digest: &str) {
     let accept = "application/vnd.oci.image.index.v1+json, application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.v2+json, application/vnd.docker.distribution.manifest.list.v2+json";
     let fetch = |reference: &str| -> Value {
         let (status, body) = http_request(
@@ -510,15 +511,17 @@ fn delete_image_config(repository: &str, digest: &str) {
             .to_owned();
         manifest = fetch(&image);
     }
-    let config = manifest["config"]["digest"].as_str().unwrap();
+    let layer = manifest["layers"].as_array().unwrap().last().unwrap()["digest"]
+        .as_str()
+        .unwrap();
     let (status, body) = http_request(
         &registry(),
         "DELETE",
-        &format!("/v2/{repository}/blobs/{config}"),
+        &format!("/v2/{repository}/blobs/{layer}"),
         "*/*",
     )
     .unwrap();
-    assert_eq!(status, 202, "deleting {config}: {body}");
+    assert_eq!(status, 202, "deleting {layer}: {body}");
 }
 
 #[test]
