@@ -467,7 +467,14 @@ fn a_crash_at_start_fails_fast_names_the_pod_and_rolls_back() {
 
 #[test]
 fn a_digest_that_cannot_be_pulled_fails_fast_and_rolls_back() {
-    let (fx, previous) = serving_first_commit();
+    // fxweb's top layer holds a build arg of its own, so it is not also
+    // fxapi's (which the node pulls first).
+    let fx = Fixture::with(Options {
+        web_config: "build_args = { API_URL = \"fxweb-only\" }",
+        ..Options::default()
+    });
+    fx.deploy(&[]).assert_ok();
+    let previous = fx.digests();
     fx.commit(HEALTHY_APP);
     fx.run(&["build", "--push"]).assert_ok();
     // The manifest and the image config stay (the deploy's registry and
