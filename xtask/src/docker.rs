@@ -4,7 +4,7 @@
 //! the `build.json` hand-off. Pushing is in `push.rs`.
 //!
 //! Two fresh builds of one commit give the same digests: every input is
-//! the commit's (the tree, its time as `SOURCE_DATE_EPOCH`, labels from
+//! the commit's (the tree, its time as the exporter's `source-date-epoch`, labels from
 //! the configuration and the commit), base images are resolved once, and
 //! the output clamps file times (`rewrite-timestamp`), names its media
 //! types and compression, and carries no provenance (it records times).
@@ -65,6 +65,9 @@ pub struct BuildOptions {
     /// Base image digests to build from instead of resolving them now: a
     /// rebuild uses the ones recorded for the build it checks.
     pub pinned_bases: Option<BTreeMap<String, String>>,
+    /// The commit time, for the exporter's `source-date-epoch` (set by
+    /// [`build`]).
+    pub epoch: i64,
 }
 
 /// One built image, as recorded in `target/xtask/build.json`.
@@ -153,7 +156,7 @@ pub fn labels(image: &Image, rev: &Revision, source: &str) -> BTreeMap<String, S
 
 /// The bake definition for `images`: one target each, tags, labels, the
 /// build args that bake the revision into the binaries (and
-/// `SOURCE_DATE_EPOCH`, the commit time), the exported tree at `tree` as
+/// the commit time), the exported tree at `tree` as
 /// the context, each image's dependency store as its `deps` context, and
 /// each base image pinned to the digest in `bases`.
 pub fn bake_file(
@@ -173,7 +176,6 @@ pub fn bake_file(
             ("GIT_REVISION".to_owned(), rev.sha.clone()),
             ("GIT_DIRTY".to_owned(), rev.is_dirty().to_string()),
             ("GIT_COMMIT_TIME".to_owned(), rfc3339(rev.commit_time)),
-            ("SOURCE_DATE_EPOCH".to_owned(), rev.commit_time.to_string()),
         ]);
         args.extend(image.build_args.clone());
         let mut contexts = serde_json::Map::new();
@@ -262,7 +264,11 @@ fn build_secret(exec: &Exec) -> Result<PathBuf> {
 
 /// What every image output says, so the digest depends on nothing
 /// BuildKit would otherwise choose: file times clamped to
-/// `SOURCE_DATE_EPOCH`, OCI media types, gzip.
+/// the commit time, OCI media types, gzip. The commit time goes to the
+/// exporter only (`source-date-epoch`, which also clamps the config's
+/// `created` and history), never as the `SOURCE_DATE_EPOCH` build arg:
+/// BuildKit puts that arg in every step's cache key, so each new commit
+/// would rebuild every layer of a `--cache` build.
 const REPRODUCIBLE_OUTPUT: &str = "rewrite-timestamp=true,oci-mediatypes=true,compression=gzip";
 
 /// The `docker buildx bake` line. Tags and outputs are given with `--set`
@@ -301,12 +307,13 @@ pub fn bake_command(
             cmd = cmd.arg("--set").arg(format!("*.cache-to={to}"));
         }
     }
+    let epoch = format!("source-date-epoch={}", opts.epoch);
     let output = if opts.digest_only {
-        format!("type=image,push=false,{REPRODUCIBLE_OUTPUT}")
+        format!("type=image,push=false,{REPRODUCIBLE_OUTPUT},{epoch}")
     } else if opts.push {
-        format!("type=image,push=true,{REPRODUCIBLE_OUTPUT}")
+        format!("type=image,push=true,{REPRODUCIBLE_OUTPUT},{epoch}")
     } else {
-        "type=docker,rewrite-timestamp=true".to_owned()
+        format!("type=docker,rewrite-timestamp=true,{epoch}")
     };
     for (image, tags) in images {
         for tag in tags {
@@ -361,6 +368,7 @@ pub fn build(
     let out = config.out_dir();
     std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
     let mut opts = opts.clone();
+    opts.epoch = rev.commit_time;
     if opts.builder.is_none() {
         opts.builder = Some(crate::builder::ensure(exec, config)?);
     }
@@ -496,7 +504,10 @@ mod tests {
             target["dockerfile"],
             "/repo/target/xtask/context/0123456789ab/backend/Dockerfile"
         );
-        assert_eq!(target["args"]["SOURCE_DATE_EPOCH"], "1795464000");
+        assert!(
+            target["args"].get("SOURCE_DATE_EPOCH").is_none(),
+            "the epoch is the exporter's, out of every step's cache key"
+        );
         assert_eq!(
             target["contexts"]["127.0.0.1:5000/library/rust:1.95"],
             "docker-image://127.0.0.1:5000/library/rust:1.95@sha256:b"
@@ -543,10 +554,9 @@ mod tests {
             .contains("--set aiq-agent.tags=ghcr.io/acme/aiq-agent:0123456789ab --set aiq-agent.tags=ghcr.io/acme/aiq-agent:latest"));
         assert!(fresh.argv().iter().any(|a| a == "--no-cache"));
         assert!(fresh.argv().iter().any(|a| a == "--pull"));
-        assert!(fresh
-            .argv()
-            .iter()
-            .any(|a| a == "aiq-agent.output=type=docker,rewrite-timestamp=true"));
+        assert!(fresh.argv().iter().any(
+            |a| a == "aiq-agent.output=type=docker,rewrite-timestamp=true,source-date-epoch=0"
+        ));
         assert!(fresh.argv().iter().any(|a| a == "--provenance=false"));
         let opts = BuildOptions {
             cache: true,
@@ -578,7 +588,7 @@ mod tests {
             .any(|a| a == "--no-cache" || a == "--pull"));
         assert!(cached.to_string().contains("--builder remote"));
         assert!(cached.argv().iter().any(|a| a
-            == "aiq-agent.output=type=image,push=true,rewrite-timestamp=true,oci-mediatypes=true,compression=gzip"));
+            == "aiq-agent.output=type=image,push=true,rewrite-timestamp=true,oci-mediatypes=true,compression=gzip,source-date-epoch=0"));
         assert_eq!(cached.argv().last().unwrap(), "aiq-agent");
     }
 

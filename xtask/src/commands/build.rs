@@ -54,6 +54,7 @@ impl BuildFlags {
             offline: self.offline,
             digest_only: false,
             pinned_bases: None,
+            epoch: 0,
         }
     }
 }
