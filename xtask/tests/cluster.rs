@@ -7,10 +7,7 @@
 
 mod common;
 
-use std::{
-    path::{Path, PathBuf},
-    time::{Duration, Instant},
-};
+use std::path::{Path, PathBuf};
 
 use common::*;
 
@@ -126,25 +123,23 @@ fn assert_nothing_left(what: &str) {
 fn run_pod(namespace: &str) {
     kubectl(&["create", "namespace", namespace]);
     let image = format!("{}/library/debian:bookworm-slim", registry());
-    let deadline = Instant::now() + Duration::from_secs(60);
     // The ServiceAccount controller creates `default` a moment after the
     // namespace; pods are refused until then.
-    while kubectl_json(&[
-        "--namespace",
-        namespace,
-        "get",
-        "serviceaccount",
-        "default",
-        "--ignore-not-found",
-    ])
-    .is_null()
-    {
-        assert!(
-            Instant::now() < deadline,
-            "no default ServiceAccount in {namespace}"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    wait_for(
+        &format!("the default ServiceAccount in {namespace}"),
+        60,
+        || {
+            !kubectl_json(&[
+                "--namespace",
+                namespace,
+                "get",
+                "serviceaccount",
+                "default",
+                "--ignore-not-found",
+            ])
+            .is_null()
+        },
+    );
     kubectl(&[
         "--namespace",
         namespace,
@@ -219,7 +214,9 @@ fn down_leaves_nothing_and_up_recovers_from_a_sigkill_of_every_cluster_process()
     let mut kill = vec!["-KILL"];
     kill.extend(daemon_pids.iter().map(String::as_str));
     ok(Path::new("."), "kill", &kill);
-    std::thread::sleep(Duration::from_millis(500));
+    wait_for("the SIGKILLed daemons are gone", 30, || {
+        daemon_pids.iter().all(|pid| !alive(pid.parse().unwrap()))
+    });
     let orphans: Vec<u32> = killed
         .pod_processes
         .iter()

@@ -730,8 +730,26 @@ fn a_rollback_the_cluster_refuses_exits_3_and_says_so() {
     )
     .unwrap();
     kubectl(&["apply", "--filename", &file.display().to_string()]);
-    // The policy takes effect once the apiserver has loaded it.
-    std::thread::sleep(Duration::from_secs(3));
+    // The policy takes effect once the apiserver has loaded it: until a
+    // server-side dry run of an update of fxweb, which pins `old`, is denied.
+    wait_for("the admission policy is enforced", 60, || {
+        run(
+            Path::new("."),
+            "kubectl",
+            &[
+                "--namespace",
+                &fx.namespace.0,
+                "annotate",
+                "deployment/fxweb",
+                "--overwrite",
+                "--dry-run=server",
+                "aiq.dev/policy-probe=1",
+            ],
+        )
+        .stderr
+        .windows(b"the server is on fire".len())
+        .any(|w| w == b"the server is on fire")
+    });
     fx.commit(CRASHING_APP);
     let run = fx.deploy(&[]);
     kubectl(&["delete", "--filename", &file.display().to_string()]);
@@ -811,12 +829,15 @@ fn a_pod_stuck_terminating_is_named_by_status_and_the_deploy_summary() {
     ]);
     fx.commit(HEALTHY_APP);
     fx.deploy(&[]).assert_ok();
-    // Past its deletion time (deleted + 5 s of grace) and 5 s more.
-    std::thread::sleep(Duration::from_secs(12));
-    let status = fx.run(&["status"]);
-    status.assert_ok();
+    // Once it is past its deletion time plus its 5 s of grace, status
+    // names it.
     let stuck = format!("pod {old_pod} is still terminating past its grace period");
-    assert!(status.stdout.contains(&stuck), "{}", status.stdout);
+    let mut status = fx.run(&["status"]);
+    wait_for("status names the pod stuck terminating", 60, || {
+        status = fx.run(&["status"]);
+        status.code == 0 && status.stdout.contains(&stuck)
+    });
+    status.assert_ok();
     let again = fx.deploy(&["--from", &fx.build_file()]);
     again.assert_ok();
     assert!(
@@ -1053,18 +1074,10 @@ fn a_rollout_undo_by_hand_shows_as_drift_and_the_next_deploy_takes_the_fields_ba
 /// Waits until a deploy started after `entries` history entries records
 /// that it is applying fxweb.
 fn wait_until_applying_fxweb(fx: &Fixture, entries: usize) {
-    let deadline = Instant::now() + Duration::from_secs(180);
-    loop {
+    wait_for("the deploy reaches fxweb", 180, || {
         let history = fx.history();
-        if history.len() > entries && history.last().unwrap()["step"] == "apply deployment/fxweb" {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the deploy never reached fxweb: {history:?}"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+        history.len() > entries && history.last().unwrap()["step"] == "apply deployment/fxweb"
+    });
 }
 
 fn signal(child: &std::process::Child, name: &str) {
@@ -1084,18 +1097,10 @@ fn deploys_take_turns_and_an_interrupted_or_killed_one_says_where_it_stopped() {
     let first = fx.spawn(&args);
     wait_until_applying_fxweb(&fx, entries);
     // The holder renews its lease every 15 s.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
+    wait_for("the holder renews its lease", 30, || {
         let spec = fx.lease()["spec"].clone();
-        if spec["renewTime"] != spec["acquireTime"] {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the lease was never renewed: {spec}"
-        );
-        std::thread::sleep(Duration::from_millis(500));
-    }
+        spec["renewTime"] != spec["acquireTime"]
+    });
 
     // A second deploy meanwhile is refused, naming the holder.
     let second = fx.deploy(&[]);
@@ -1225,6 +1230,7 @@ fn a_lease_that_only_looks_expired_is_not_taken_while_its_holder_renews_it() {
                     "--patch",
                     &patch,
                 ]);
+                // Not a wait: the other holder's renewal cadence.
                 std::thread::sleep(Duration::from_secs(1));
             }
         })
@@ -1294,7 +1300,21 @@ fn a_passing_api_outage_does_not_end_the_deploy() {
     let entries = fx.history().len();
     let child = fx.spawn(&["deploy", "--poll-interval", "0.2", "--grace", "60"]);
     wait_until_applying_fxweb(&fx, entries);
-    std::thread::sleep(Duration::from_secs(2));
+    // The outage comes while the deploy waits on fxweb's new pod (ready
+    // only after 15 s).
+    wait_for("fxweb's new pod exists", 60, || {
+        fx.kubectl(&[
+            "get",
+            "pods",
+            "--selector",
+            &selector("fxweb"),
+            "--output",
+            "name",
+        ])
+        .lines()
+        .count()
+            > 1
+    });
     // The apiserver stops answering for longer than one read may take.
     let state = Path::new(&std::env::var("KUBECONFIG").unwrap())
         .parent()
@@ -1303,6 +1323,8 @@ fn a_passing_api_outage_does_not_end_the_deploy() {
     let apiserver = std::fs::read_to_string(state.join("run/kube-apiserver.pid")).unwrap();
     let stopped = Stopped(apiserver.trim().to_owned());
     ok(Path::new("."), "kill", &["-STOP", &stopped.0]);
+    // Not a wait for anything: the outage's length, longer than one read's
+    // bound, is what this test is about.
     std::thread::sleep(Duration::from_secs(8));
     drop(stopped);
     let out = child.wait_with_output().unwrap();
@@ -1321,24 +1343,32 @@ const SEEDED_WEB: &str = "seed = { build_arg = \"API_URL\", service = \"fxapi\" 
 /// cloud controller would (there is none on the test cluster).
 fn assign_load_balancer(namespace: String) -> std::thread::JoinHandle<()> {
     std::thread::spawn(move || {
-        let deadline = Instant::now() + Duration::from_secs(300);
-        while kubectl(&[
-            "--namespace",
-            &namespace,
-            "get",
-            "service",
-            "fxapi",
-            "--ignore-not-found",
-            "--output",
-            "name",
-        ])
-        .is_empty()
-        {
-            assert!(Instant::now() < deadline, "service/fxapi never appeared");
-            std::thread::sleep(Duration::from_millis(200));
-        }
-        // A few reads without an address first, as with a real cloud.
-        std::thread::sleep(Duration::from_secs(2));
+        // As a cloud would, once the Service exists and the deployment
+        // behind it has rolled out, so the deploy asks a few times first.
+        wait_for("deployment/fxapi is available", 300, || {
+            kubectl_json(&[
+                "--namespace",
+                &namespace,
+                "get",
+                "deployment",
+                "fxapi",
+                "--ignore-not-found",
+            ])["status"]["availableReplicas"]
+                .as_i64()
+                .unwrap_or(0)
+                > 0
+                && !kubectl(&[
+                    "--namespace",
+                    &namespace,
+                    "get",
+                    "service",
+                    "fxapi",
+                    "--ignore-not-found",
+                    "--output",
+                    "name",
+                ])
+                .is_empty()
+        });
         kubectl(&[
             "--namespace",
             &namespace,

@@ -240,19 +240,25 @@ pub fn registry_digest(repository: &str, tag: &str) -> Option<String> {
     manifest["digest"].as_str().map(str::to_owned)
 }
 
-/// Waits until `addr` answers `path` with 200, up to `secs`.
-pub fn wait_http(addr: &str, path: &str, secs: u64) {
+/// Polls `condition` until it holds, at most `secs` seconds; panics naming
+/// `what` after that. Every test that waits for something waits through
+/// this: on the condition itself, with a bound, never on the clock alone.
+pub fn wait_for(what: &str, secs: u64, mut condition: impl FnMut() -> bool) {
     let deadline = std::time::Instant::now() + Duration::from_secs(secs);
-    loop {
-        if let Ok((200, _)) = http_get(addr, path) {
-            return;
-        }
+    while !condition() {
         assert!(
             std::time::Instant::now() < deadline,
-            "{addr}{path} did not answer 200 within {secs}s"
+            "{what}: not within {secs}s"
         );
-        std::thread::sleep(Duration::from_millis(200));
+        std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+/// Waits until `addr` answers `path` with 200, up to `secs`.
+pub fn wait_http(addr: &str, path: &str, secs: u64) {
+    wait_for(&format!("{addr}{path} answers 200"), secs, || {
+        matches!(http_get(addr, path), Ok((200, _)))
+    });
 }
 
 /// Parses a `--json` stdout: every line must be one JSON event carrying
@@ -783,14 +789,9 @@ impl LoginRegistry {
             .stderr(std::process::Stdio::null())
             .spawn()
             .expect("starting docker-registry");
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-        while !matches!(http_get(&address, "/v2/"), Ok((401, _))) {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "the login registry never answered"
-            );
-            std::thread::sleep(std::time::Duration::from_millis(100));
-        }
+        wait_for("the login registry answers /v2/ with 401", 20, || {
+            matches!(http_get(&address, "/v2/"), Ok((401, _)))
+        });
         LoginRegistry {
             child,
             address,
