@@ -36,12 +36,15 @@ pub fn name(version: &str) -> String {
 /// Returns its name. A dry run prints what it would create.
 pub fn ensure(exec: &Exec, config: &Config) -> Result<String> {
     let builder = name(&config.buildkit);
-    if running(exec, &builder) {
+    if exec.dry_run {
+        // Only asked whether it exists: `--bootstrap` would start it.
+        if !exec.succeeds(&inspect(&builder)) {
+            exec.output
+                .command(&create(&builder, &image_ref(&config.buildkit), &[]), true);
+        }
         return Ok(builder);
     }
-    if exec.dry_run {
-        exec.output
-            .command(&create(&builder, &image_ref(&config.buildkit), &[]), true);
+    if running(exec, &builder) {
         return Ok(builder);
     }
     let dir = state_dir(&config.buildkit);
@@ -57,7 +60,7 @@ pub fn ensure(exec: &Exec, config: &Config) -> Result<String> {
         format!("BuildKit {} builder {builder} (once)", config.buildkit),
         || {
             // A builder whose container is gone is removed and made again.
-            if exec.succeeds(&Cmd::new("docker").args(["buildx", "inspect", &builder])) {
+            if exec.succeeds(&inspect(&builder)) {
                 exec.run(&Cmd::new("docker").args(["buildx", "rm", "--force", &builder]))?;
             }
             let image = image(exec, config)?;
@@ -91,22 +94,25 @@ pub fn create(builder: &str, image: &str, extra: &[&str]) -> Cmd {
 /// Whether `builder` exists and its BuildKit answers (starting its
 /// container if it was stopped, as after a reboot).
 fn running(exec: &Exec, builder: &str) -> bool {
-    exec.succeeds(&Cmd::new("docker").args(["buildx", "inspect", "--bootstrap", builder]))
+    exec.succeeds(&inspect(builder).arg("--bootstrap"))
+}
+
+/// `docker buildx inspect BUILDER`: whether buildx knows it.
+fn inspect(builder: &str) -> Cmd {
+    Cmd::new("docker").args(["buildx", "inspect", builder])
 }
 
 /// The image the builder runs: the official one when present or pullable,
 /// else the xtask's own, made now if the local registry lacks it.
 fn image(exec: &Exec, config: &Config) -> Result<String> {
-    let official = format!("{OFFICIAL_IMAGE}:{}", config.buildkit);
+    let official = image_ref(&config.buildkit);
     let present = exec.succeeds(&Cmd::new("docker").args(["image", "inspect", &official]));
     if present || crate::bases::can_pull(exec, &official) {
         return Ok(official);
     }
     let registry = registry::ensure_local(exec)?;
     let reference = format!("{registry}/xtask/buildkit:{}", config.buildkit);
-    let host = registry::host_of(&registry);
-    let repository = format!("{}xtask/buildkit", path_prefix(&registry, host));
-    if registry::has_image(host, &repository, &config.buildkit) {
+    if registry::holds(&registry, "xtask/buildkit", &config.buildkit) {
         eprintln!("{reference} is in the local registry");
         return Ok(reference);
     }
@@ -144,12 +150,7 @@ fn debian_base(exec: &Exec, config: &Config, local: &str) -> Result<String> {
         return Ok(configured);
     }
     let (name, tag) = DEBIAN.split_once(':').expect("a tag");
-    let host = registry::host_of(local);
-    if registry::has_image(
-        host,
-        &format!("{}library/{name}", path_prefix(local, host)),
-        tag,
-    ) {
+    if registry::holds(local, &format!("library/{name}"), tag) {
         return Ok(format!("{local}/library/{DEBIAN}"));
     }
     Err(crate::exit::refuse(format!(
@@ -159,17 +160,9 @@ fn debian_base(exec: &Exec, config: &Config, local: &str) -> Result<String> {
 
 const DEBIAN: &str = "debian:bookworm-slim";
 
-/// What the reference of the builder's image would be, for a dry run.
+/// The official image of BuildKit `version`.
 fn image_ref(version: &str) -> String {
     format!("{OFFICIAL_IMAGE}:{version}")
-}
-
-/// `team/` when the registry is `host:port/team`, else empty.
-fn path_prefix(registry: &str, host: &str) -> String {
-    match registry[host.len()..].trim_start_matches('/') {
-        "" => String::new(),
-        path => format!("{path}/"),
-    }
 }
 
 const LIBSECCOMP: &str = "/usr/lib/x86_64-linux-gnu/libseccomp.so.2";
@@ -244,14 +237,5 @@ mod tests {
         assert_eq!(name("v0.34.2"), "xtask-buildkit-v0-34-2");
         let cmd = create("b", "img:1", &["cpuset-cpus=0"]).to_string();
         assert!(cmd.contains("--driver docker-container --driver-opt image=img:1 --driver-opt network=host --driver-opt cpuset-cpus=0 --bootstrap"), "{cmd}");
-    }
-
-    #[test]
-    fn registry_paths_prefix_the_repository() {
-        assert_eq!(path_prefix("127.0.0.1:5000", "127.0.0.1:5000"), "");
-        assert_eq!(
-            path_prefix("127.0.0.1:5000/team", "127.0.0.1:5000"),
-            "team/"
-        );
     }
 }

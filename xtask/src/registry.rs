@@ -83,6 +83,24 @@ pub fn has_image(addr: &str, repository: &str, tag: &str) -> bool {
     )
 }
 
+/// Whether `<registry>/<repository>:<tag>` exists, where `registry` may
+/// carry a path (`localhost:5000/team`): asked of its host.
+pub fn holds(registry: &str, repository: &str, tag: &str) -> bool {
+    has_image(
+        host_of(registry),
+        &repository_on_host(registry, repository),
+        tag,
+    )
+}
+
+/// `team/<repository>` when the registry is `host:port/team`.
+fn repository_on_host(registry: &str, repository: &str) -> String {
+    match registry[host_of(registry).len()..].trim_start_matches('/') {
+        "" => repository.to_owned(),
+        path => format!("{path}/{repository}"),
+    }
+}
+
 /// The host (and port) of a registry reference such as `localhost:5000/team`.
 pub fn host_of(registry: &str) -> &str {
     registry.split('/').next().unwrap_or(registry)
@@ -364,6 +382,14 @@ mod tests {
         assert_eq!(
             host_of("123456789012.dkr.ecr.eu-west-1.amazonaws.com/aiq"),
             "123456789012.dkr.ecr.eu-west-1.amazonaws.com"
+        );
+        assert_eq!(
+            repository_on_host("localhost:5000/team", "xtask/pause"),
+            "team/xtask/pause"
+        );
+        assert_eq!(
+            repository_on_host("127.0.0.1:5000", "xtask/pause"),
+            "xtask/pause"
         );
     }
 

@@ -138,14 +138,7 @@ pub fn pause_image(exec: &Exec, registry: &str) -> Result<String> {
     let hash = fnv1a(&format!("{SOURCE}{DOCKERFILE}"));
     let tag = format!("{hash:016x}");
     let reference = format!("{registry}/xtask/pause:{tag}");
-    // The registry may carry a path (`localhost:5000/team`): the probe goes
-    // to its host, for the repository under that path.
-    let host = crate::registry::host_of(registry);
-    let repository = match registry[host.len()..].trim_start_matches('/') {
-        "" => "xtask/pause".to_owned(),
-        path => format!("{path}/xtask/pause"),
-    };
-    if crate::registry::has_image(host, &repository, &tag) {
+    if crate::registry::holds(registry, "xtask/pause", &tag) {
         eprintln!("{reference} is in the registry");
         return Ok(reference);
     }
