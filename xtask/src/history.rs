@@ -230,35 +230,36 @@ pub fn who() -> String {
     format!("{}@{host}", crate::config::operator())
 }
 
-/// What the newest successful deploy of a clean build of `sha` was built
-/// on (BuildKit and base images), if it recorded it.
-pub fn recorded_inputs(history: &History, sha: &str) -> Option<Inputs> {
+/// The successful deploys and rollbacks of a clean build of `sha`, newest
+/// first: a failed or interrupted one may name digests that never ran.
+fn succeeded<'a>(history: &'a History, sha: &'a str) -> impl Iterator<Item = &'a Entry> {
     history
         .entries
         .iter()
         .rev()
-        .filter(|(_, e)| e.revision == sha && !e.dirty && e.result == SUCCEEDED)
-        .map(|(_, e)| &e.inputs)
+        .map(|(_, e)| e)
+        .filter(move |e| e.revision == sha && !e.dirty && e.result == SUCCEEDED)
+}
+
+/// What the newest successful deploy of a clean build of `sha` was built
+/// on (BuildKit and base images), if it recorded it.
+pub fn recorded_inputs(history: &History, sha: &str) -> Option<Inputs> {
+    succeeded(history, sha)
+        .map(|e| &e.inputs)
         .find(|inputs| !inputs.buildkit.is_empty())
         .cloned()
 }
 
 /// The digests a clean build of `sha` was deployed with, from the newest
-/// successful deploy or rollback of it that has all of them: a failed or
-/// interrupted one may name digests that never ran.
+/// successful deploy or rollback of it that has all of them.
 pub fn recorded_digests(history: &History, sha: &str) -> Option<BTreeMap<String, String>> {
-    history
-        .entries
-        .iter()
-        .rev()
-        .filter(|(_, e)| e.revision == sha && !e.dirty && e.result == SUCCEEDED)
-        .find_map(|(_, e)| {
-            e.digests
-                .clone()
-                .into_iter()
-                .map(|(k, v)| Some((k, v?)))
-                .collect()
-        })
+    succeeded(history, sha).find_map(|e| {
+        e.digests
+            .clone()
+            .into_iter()
+            .map(|(k, v)| Some((k, v?)))
+            .collect()
+    })
 }
 
 #[cfg(test)]

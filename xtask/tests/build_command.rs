@@ -31,12 +31,6 @@ fn fixture(image: &str) -> TempDir {
     dir
 }
 
-fn build_file(root: &std::path::Path) -> serde_json::Value {
-    let text =
-        std::fs::read_to_string(root.join("target/xtask/build.json")).expect("build.json written");
-    serde_json::from_str(&text).unwrap()
-}
-
 #[test]
 fn fresh_build_pushes_sha_tag_with_labels_and_digest() {
     let image = unique("fresh");
@@ -695,18 +689,9 @@ fn a_registry_that_is_down_or_wants_a_login_is_refused_before_anything_is_built(
 fn a_registry_login_is_one_echoed_pipeline_that_never_shows_the_password() {
     let repo = fixture(&unique("pipe"));
     let root = repo.path();
-    // `tests/fixtures/aws` prints the test registry's password, as
-    // `aws ecr get-login-password` would.
-    let aws = project_root().join("xtask/tests/fixtures/aws");
+    let aws = fake_aws();
     let manifest = std::fs::read_to_string(root.join("Cargo.toml")).unwrap();
-    let with_login = manifest.replacen(
-        "source = ",
-        &format!(
-            "registry_login = {{ username = \"ci\", password_command = [\"{}\", \"ecr\", \"get-login-password\"] }}\nsource = ",
-            aws.display()
-        ),
-        1,
-    );
+    let with_login = manifest.replacen("source = ", &format!("{}\nsource = ", fake_aws_login()), 1);
     std::fs::write(root.join("Cargo.toml"), with_login).unwrap();
     commit_all(root, "log in with a password command");
     let login = LoginRegistry::start();

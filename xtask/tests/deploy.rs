@@ -229,10 +229,7 @@ impl Fixture {
 
     /// The digests of `target/xtask/build.json` (the last build).
     fn digests(&self) -> Value {
-        let file: Value = serde_json::from_str(
-            &std::fs::read_to_string(self.root().join("target/xtask/build.json")).unwrap(),
-        )
-        .unwrap();
+        let file = build_file(self.root());
         let mut digests = json!({});
         for image in file["images"].as_array().unwrap() {
             digests[image["name"].as_str().unwrap()] = image["digest"].clone();
@@ -1591,13 +1588,9 @@ fn deploy_from_a_build_file_logs_in_before_it_reads_the_registry() {
     // `aws ecr get-login-password` does; tests/fixtures/aws stands in for
     // it, since ECR is not reachable from here).
     let login = LoginRegistry::start();
-    let aws = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/aws");
     let fx = Fixture::with(Options {
         registry: Some(format!("{}/team", login.address)),
-        config: format!(
-            "registry_login = {{ username = \"ci\", password_command = [\"{}\", \"ecr\", \"get-login-password\"] }}",
-            aws.display()
-        ),
+        config: fake_aws_login(),
         ..Options::default()
     });
     let built_with = TempDir::new("docker-config");
@@ -1760,18 +1753,14 @@ fn deploy_from_an_older_build_is_recorded_as_that_revision_never_as_head() {
 /// login as its one pipeline line, before the reads that then fail.
 #[test]
 fn verify_and_rollback_log_in_before_they_read_the_registry() {
-    let aws = project_root().join("xtask/tests/fixtures/aws");
     let fx = Fixture::with(Options {
-        config: format!(
-            "registry_login = {{ username = \"ci\", password_command = [\"{}\", \"ecr\", \"get-login-password\"] }}",
-            aws.display()
-        ),
+        config: fake_aws_login(),
         ..Options::default()
     });
     let host = fx.registry.split('/').next().unwrap().to_owned();
     let pipeline = format!(
         "$ {} ecr get-login-password | docker login --username ci --password-stdin {host}",
-        aws.display()
+        fake_aws().display()
     );
     let verify = fx.run(&["verify", "--dry-run"]);
     assert_eq!(verify.code, 1, "{}", verify.stderr);

@@ -36,10 +36,7 @@ fn context_fixture(image: &str) -> TempDir {
 
 /// The pinned reference of `image` in the build file `root` wrote.
 fn pinned(root: &Path, image: &str) -> String {
-    let build: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(root.join("target/xtask/build.json")).unwrap(),
-    )
-    .unwrap();
+    let build = build_file(root);
     let built = build["images"]
         .as_array()
         .unwrap()

@@ -79,7 +79,7 @@ impl Deploy {
             // is: the pods and the history say so, and `status` and
             // `verify` then tell it from HEAD.
             let rev = match &from {
-                Some(file) => file_revision(exec, file)?,
+                Some(file) => file_revision(exec, file),
                 None => rev,
             };
             Ok((config, rev, kube, reachable, from))
@@ -379,7 +379,7 @@ fn refuse_paused(kube: &Kube, config: &Config) -> Result<()> {
 
 /// The revision a build file holds: its commit (and commit time, where
 /// this clone has the commit) and, for a dirty build, its tag's hash.
-fn file_revision(exec: &Exec, file: &BuildFile) -> Result<Revision> {
+fn file_revision(exec: &Exec, file: &BuildFile) -> Revision {
     let commit_time = git::commit(exec, &file.revision)
         .map(|r| r.commit_time)
         .unwrap_or_default();
@@ -387,11 +387,11 @@ fn file_revision(exec: &Exec, file: &BuildFile) -> Result<Revision> {
         .tag
         .split_once("-dirty-")
         .map(|(_, hash)| hash.to_owned());
-    Ok(Revision {
+    Revision {
         sha: file.revision.clone(),
         commit_time,
         dirty_hash,
-    })
+    }
 }
 
 /// Polls a Service until its LoadBalancer has a hostname or IP.

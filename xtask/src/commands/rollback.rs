@@ -40,11 +40,33 @@ enum Plan {
     Undo { last: Box<Entry> },
 }
 
+impl Plan {
+    /// Redeploy `target`'s digests, or undo the newest deploy; refused
+    /// (exit 2) when `history` allows neither.
+    fn make(
+        exec: &Exec,
+        config: &Config,
+        history: &History,
+        target: Option<&Revision>,
+    ) -> Result<Plan> {
+        Ok(match target {
+            Some(rev) => Plan::Redeploy {
+                rev: rev.clone(),
+                images: digests_for(exec, config, history, rev)
+                    .map_err(|e| refuse(format!("{e:#}")))?,
+            },
+            None => Plan::Undo {
+                last: Box::new(undoable(history)?),
+            },
+        })
+    }
+}
+
 impl Rollback {
     pub fn run(self, exec: &Exec) -> Result<()> {
         self.wait.check()?;
         // Everything that can refuse is checked before the lock.
-        let (config, kube, reachable, history, plan) = exec.step("preflight", || {
+        let (config, kube, reachable, target, history, plan) = exec.step("preflight", || {
             let (config, kube, reachable) = self.cluster.connect(exec, !exec.dry_run)?;
             // `--to` reads the registry: a fresh CI runner can only once
             // logged in.
@@ -59,17 +81,8 @@ impl Rollback {
             } else {
                 History::default()
             };
-            let plan = match target {
-                Some(rev) => {
-                    let images = digests_for(exec, &config, &history, &rev)
-                        .map_err(|e| refuse(format!("{e:#}")))?;
-                    Plan::Redeploy { rev, images }
-                }
-                None => Plan::Undo {
-                    last: Box::new(undoable(&history)?),
-                },
-            };
-            Ok((config, kube, reachable, history, plan))
+            let plan = Plan::make(exec, &config, &history, target.as_ref())?;
+            Ok((config, kube, reachable, target, history, plan))
         })?;
         Lock::hold(&kube, reachable, || {
             // What was read before the lock only let it refuse early: a
@@ -77,15 +90,7 @@ impl Rollback {
             // the history as it is now that nothing else can write it.
             let (history, plan) = if reachable {
                 let history = History::read(&kube)?;
-                let plan = match plan {
-                    Plan::Redeploy { rev, .. } => {
-                        let images = digests_for(exec, &config, &history, &rev)?;
-                        Plan::Redeploy { rev, images }
-                    }
-                    Plan::Undo { .. } => Plan::Undo {
-                        last: Box::new(undoable(&history)?),
-                    },
-                };
+                let plan = Plan::make(exec, &config, &history, target.as_ref())?;
                 (history, plan)
             } else {
                 (history, plan)

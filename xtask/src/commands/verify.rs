@@ -50,10 +50,7 @@ impl Verify {
             return self.rebuild(exec, &config, &kube, &history);
         }
         let head = git::commit(exec, "HEAD")?;
-        let mut running = BTreeMap::new();
-        for image in &config.images {
-            running.insert(image.name.clone(), kube.running(&image.name)?);
-        }
+        let mut running = running_deployments(&kube, &config)?;
         // HEAD's digests are needed only where a deployment says it runs
         // HEAD; elsewhere the revision it runs is the finding.
         let runs_head = |r: &Running| r.revision.as_deref() == Some(head.sha.as_str());
@@ -113,10 +110,7 @@ impl Verify {
     /// compares each deployment's pods with the rebuilt digest.
     fn rebuild(&self, exec: &Exec, config: &Config, kube: &Kube, history: &History) -> Result<()> {
         let (rev, mut running) = exec.step("what the cluster runs", || {
-            let mut running = BTreeMap::new();
-            for image in &config.images {
-                running.insert(image.name.clone(), kube.running(&image.name)?);
-            }
+            let running = running_deployments(kube, config)?;
             let rev = match &self.rev {
                 Some(rev) => git::commit(exec, rev)?,
                 None => running_revision(exec, &running)?,
@@ -195,6 +189,15 @@ impl Verify {
         );
         Ok(())
     }
+}
+
+/// What each configured deployment runs (`None`: it does not exist).
+fn running_deployments(kube: &Kube, config: &Config) -> Result<BTreeMap<String, Option<Running>>> {
+    config
+        .images
+        .iter()
+        .map(|image| Ok((image.name.clone(), kube.running(&image.name)?)))
+        .collect()
 }
 
 /// The one revision the deployments say they run.

@@ -141,6 +141,21 @@ pub fn clone_head_into(dir: &Path, umask: &str) {
     );
 }
 
+/// `tests/fixtures/aws`: prints the test registry's password, as `aws ecr
+/// get-login-password` would (ECR cannot be reached from here).
+pub fn fake_aws() -> PathBuf {
+    project_root().join("xtask/tests/fixtures/aws")
+}
+
+/// The `registry_login` line of `[workspace.metadata.xtask]` that logs in
+/// as `ci` with [`fake_aws`]'s password.
+pub fn fake_aws_login() -> String {
+    format!(
+        "registry_login = {{ username = \"ci\", password_command = [\"{}\", \"ecr\", \"get-login-password\"] }}",
+        fake_aws().display()
+    )
+}
+
 /// A clone of the project's HEAD, with a committer set.
 pub fn clone_project(label: &str) -> TempDir {
     let clone = TempDir::new(label);
@@ -475,13 +490,17 @@ pub fn head_images() -> HeadImages {
     head
 }
 
+/// The `target/xtask/build.json` the last build in `root` wrote.
+pub fn build_file(root: &Path) -> serde_json::Value {
+    let text =
+        std::fs::read_to_string(root.join("target/xtask/build.json")).expect("build.json written");
+    serde_json::from_str(&text).unwrap()
+}
+
 /// Image name → digest, from the `target/xtask/build.json` a build in
 /// `root` wrote.
 pub fn build_digests(root: &Path) -> std::collections::BTreeMap<String, String> {
-    let text =
-        std::fs::read_to_string(root.join("target/xtask/build.json")).expect("build.json written");
-    let build: serde_json::Value = serde_json::from_str(&text).unwrap();
-    build["images"]
+    build_file(root)["images"]
         .as_array()
         .unwrap()
         .iter()
