@@ -4,10 +4,12 @@
 //! the `build.json` hand-off. Pushing is in `push.rs`.
 //!
 //! Two fresh builds of one commit give the same digests: every input is
-//! the commit's (the tree, its time as the exporter's `source-date-epoch`, labels from
-//! the configuration and the commit), base images are resolved once, and
-//! the output clamps file times (`rewrite-timestamp`), names its media
-//! types and compression, and carries no provenance (it records times).
+//! the commit's (the tree, its time as the `SOURCE_DATE_EPOCH` build arg
+//! and the exporter's `source-date-epoch`, labels from the configuration
+//! and the commit), base images are resolved
+//! once, and the output clamps file times (`rewrite-timestamp`), names its
+//! media types and compression, and carries no provenance (it records
+//! times).
 
 use std::{
     collections::BTreeMap,
@@ -65,9 +67,6 @@ pub struct BuildOptions {
     /// Base image digests to build from instead of resolving them now: a
     /// rebuild uses the ones recorded for the build it checks.
     pub pinned_bases: Option<BTreeMap<String, String>>,
-    /// The commit time, for the exporter's `source-date-epoch` (set by
-    /// [`build`]).
-    pub epoch: i64,
 }
 
 /// One built image, as recorded in `target/xtask/build.json`.
@@ -154,20 +153,40 @@ pub fn labels(image: &Image, rev: &Revision, source: &str) -> BTreeMap<String, S
     .collect()
 }
 
+/// What one bake builds from, beside the configuration and the revision.
+#[derive(Clone, Copy)]
+pub struct BakeInputs<'a> {
+    /// The exported tree (the repository root in the build).
+    pub tree: &'a Path,
+    /// Each image's dependency store.
+    pub stores: &'a [(String, Store)],
+    /// Base image reference → digest.
+    pub bases: &'a BTreeMap<String, String>,
+    /// The build secret's file.
+    pub secret: &'a Path,
+    /// A fresh (`--no-cache`) build.
+    pub fresh: bool,
+}
+
 /// The bake definition for `images`: one target each, tags, labels, the
-/// build args that bake the revision into the binaries (and
-/// the commit time), the exported tree at `tree` as
-/// the context, each image's dependency store as its `deps` context, and
-/// each base image pinned to the digest in `bases`.
+/// build args that bake the revision into the binaries, the exported tree
+/// as the context, each image's dependency store as its `deps` context,
+/// each base image pinned to its digest, and the build secret. A fresh
+/// build also gets the commit time as the `SOURCE_DATE_EPOCH` build arg
+/// (see [`REPRODUCIBLE_OUTPUT`]).
 pub fn bake_file(
     config: &Config,
     images: &[Image],
     rev: &Revision,
-    tree: &Path,
-    stores: &[(String, Store)],
-    bases: &BTreeMap<String, String>,
-    secret: &Path,
+    inputs: &BakeInputs,
 ) -> serde_json::Value {
+    let BakeInputs {
+        tree,
+        stores,
+        bases,
+        secret,
+        fresh,
+    } = *inputs;
     let source = config.source.as_deref().unwrap_or("unknown");
     let mut targets = serde_json::Map::new();
     for image in images {
@@ -177,6 +196,9 @@ pub fn bake_file(
             ("GIT_DIRTY".to_owned(), rev.is_dirty().to_string()),
             ("GIT_COMMIT_TIME".to_owned(), rfc3339(rev.commit_time)),
         ]);
+        if fresh {
+            args.insert("SOURCE_DATE_EPOCH".to_owned(), rev.commit_time.to_string());
+        }
         args.extend(image.build_args.clone());
         let mut contexts = serde_json::Map::new();
         if let Some((_, store)) = stores.iter().find(|(name, _)| *name == image.name) {
@@ -263,12 +285,16 @@ fn build_secret(exec: &Exec) -> Result<PathBuf> {
 }
 
 /// What every image output says, so the digest depends on nothing
-/// BuildKit would otherwise choose: file times clamped to
-/// the commit time, OCI media types, gzip. The commit time goes to the
-/// exporter only (`source-date-epoch`, which also clamps the config's
-/// `created` and history), never as the `SOURCE_DATE_EPOCH` build arg:
-/// BuildKit puts that arg in every step's cache key, so each new commit
-/// would rebuild every layer of a `--cache` build.
+/// BuildKit would otherwise choose: file times clamped to the commit time
+/// (the exporter's `source-date-epoch`, which also clamps the config's
+/// `created` and history), OCI media types, gzip.
+///
+/// The exporter only clamps times later than the epoch. A fresh build
+/// also passes the commit time as the `SOURCE_DATE_EPOCH` build arg, which
+/// makes every step stamp exactly that time, whatever it reuses: that is
+/// what makes two fresh builds equal. A `--cache` build does not: BuildKit
+/// puts that arg in every step's cache key, so each new commit would
+/// rebuild every layer of the dev loop.
 const REPRODUCIBLE_OUTPUT: &str = "rewrite-timestamp=true,oci-mediatypes=true,compression=gzip";
 
 /// The `docker buildx bake` line. Tags and outputs are given with `--set`
@@ -276,12 +302,14 @@ const REPRODUCIBLE_OUTPUT: &str = "rewrite-timestamp=true,oci-mediatypes=true,co
 /// tagged and where it goes. Fresh by default: `--no-cache` so no layer (and
 /// no cache mount) survives from an earlier build, `--pull` so base images
 /// are re-resolved. No provenance attestation: it records the build's times
-/// and an invocation id, so no two builds would share a digest.
+/// and an invocation id, so no two builds would share a digest. `epoch` is
+/// the commit time, the exporter's `source-date-epoch`.
 pub fn bake_command(
     bake_file: &Path,
     metadata_file: &Path,
     images: &[(&Image, Vec<String>)],
     opts: &BuildOptions,
+    epoch: i64,
 ) -> Cmd {
     let mut cmd = Cmd::new("docker").arg("buildx").arg("bake");
     if let Some(builder) = &opts.builder {
@@ -307,7 +335,7 @@ pub fn bake_command(
             cmd = cmd.arg("--set").arg(format!("*.cache-to={to}"));
         }
     }
-    let epoch = format!("source-date-epoch={}", opts.epoch);
+    let epoch = format!("source-date-epoch={epoch}");
     let output = if opts.digest_only {
         format!("type=image,push=false,{REPRODUCIBLE_OUTPUT},{epoch}")
     } else if opts.push {
@@ -368,7 +396,6 @@ pub fn build(
     let out = config.out_dir();
     std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
     let mut opts = opts.clone();
-    opts.epoch = rev.commit_time;
     if opts.builder.is_none() {
         opts.builder = Some(crate::builder::ensure(exec, config)?);
     }
@@ -391,9 +418,14 @@ pub fn build(
         None => crate::bases::resolve_all(exec, &source, images)?,
     };
     let secret = build_secret(exec)?;
-    let bake = serde_json::to_string_pretty(&bake_file(
-        config, images, rev, &tree, &stores, &bases, &secret,
-    ))?;
+    let inputs = BakeInputs {
+        tree: &tree,
+        stores: &stores,
+        bases: &bases,
+        secret: &secret,
+        fresh: !opts.cache,
+    };
+    let bake = serde_json::to_string_pretty(&bake_file(config, images, rev, &inputs))?;
     std::fs::write(&bake_path, bake).with_context(|| format!("writing {}", bake_path.display()))?;
     let _ = std::fs::remove_file(&metadata_path);
 
@@ -404,7 +436,7 @@ pub fn build(
     } else {
         let tagged: Vec<(&Image, Vec<String>)> =
             images.iter().map(|i| (i, tags(config, i, rev))).collect();
-        let cmd = bake_command(&bake_path, &metadata_path, &tagged, &opts);
+        let cmd = bake_command(&bake_path, &metadata_path, &tagged, &opts, rev.commit_time);
         if let Err(error) = exec.run(&cmd) {
             return Err(
                 crate::bases::explain_base_image_failure(exec, config, images).unwrap_or(error),
@@ -473,10 +505,13 @@ mod tests {
             &c,
             &c.images,
             &Revision::example(None),
-            Path::new("/repo/target/xtask/context/0123456789ab"),
-            &[],
-            &bases,
-            Path::new("/secret"),
+            &BakeInputs {
+                tree: Path::new("/repo/target/xtask/context/0123456789ab"),
+                stores: &[],
+                bases: &bases,
+                secret: Path::new("/secret"),
+                fresh: true,
+            },
         );
         let target = &bake["target"]["aiq-agent"];
         assert_eq!(
@@ -504,9 +539,24 @@ mod tests {
             target["dockerfile"],
             "/repo/target/xtask/context/0123456789ab/backend/Dockerfile"
         );
+        assert_eq!(target["args"]["SOURCE_DATE_EPOCH"], "1795464000");
+        let cached = bake_file(
+            &c,
+            &c.images,
+            &Revision::example(None),
+            &BakeInputs {
+                tree: Path::new("/x"),
+                stores: &[],
+                bases: &bases,
+                secret: Path::new("/secret"),
+                fresh: false,
+            },
+        );
         assert!(
-            target["args"].get("SOURCE_DATE_EPOCH").is_none(),
-            "the epoch is the exporter's, out of every step's cache key"
+            cached["target"]["aiq-agent"]["args"]
+                .get("SOURCE_DATE_EPOCH")
+                .is_none(),
+            "a cached build keeps the epoch out of every step's cache key"
         );
         assert_eq!(
             target["contexts"]["127.0.0.1:5000/library/rust:1.95"],
@@ -524,10 +574,13 @@ mod tests {
             &c,
             &c.images,
             &Revision::example(Some("deadbeef")),
-            Path::new("/x"),
-            &[],
-            &BTreeMap::new(),
-            Path::new("/secret"),
+            &BakeInputs {
+                tree: Path::new("/x"),
+                stores: &[],
+                bases: &BTreeMap::new(),
+                secret: Path::new("/secret"),
+                fresh: true,
+            },
         );
         assert_eq!(
             tags(&c, &c.images[0], &Revision::example(Some("deadbeef"))),
@@ -548,6 +601,7 @@ mod tests {
             Path::new("m.json"),
             &tagged,
             &BuildOptions::default(),
+            0,
         );
         assert!(fresh
             .to_string()
@@ -566,7 +620,7 @@ mod tests {
             cache_to: vec!["type=registry,ref=r/cache:aiq,mode=max".into()],
             ..BuildOptions::default()
         };
-        let cached = bake_command(Path::new("b.json"), Path::new("m.json"), &tagged, &opts);
+        let cached = bake_command(Path::new("b.json"), Path::new("m.json"), &tagged, &opts, 0);
         assert!(cached.to_string().contains(
             "--set '*.cache-from=type=registry,ref=r/cache:aiq' --set '*.cache-to=type=registry,ref=r/cache:aiq,mode=max'"
         ), "{cached}");
@@ -578,7 +632,7 @@ mod tests {
             retry: true,
             ..BuildOptions::default()
         };
-        let retry = bake_command(Path::new("b.json"), Path::new("m.json"), &tagged, &retry);
+        let retry = bake_command(Path::new("b.json"), Path::new("m.json"), &tagged, &retry, 0);
         assert!(
             retry.to_string().contains(" --pull ") && !retry.to_string().contains("--no-cache")
         );

@@ -97,7 +97,7 @@ pub fn push(
             .iter()
             .map(|i| (i, tags(&config, i, rev)))
             .collect();
-        let cmd = bake_command(bake_path, metadata_path, &tagged, &opts);
+        let cmd = bake_command(bake_path, metadata_path, &tagged, &opts, rev.commit_time);
         let error = match exec.run_keeping_stderr(&cmd) {
             Ok(()) if exec.dry_run => return Ok(digests),
             Ok(()) => {
@@ -117,7 +117,7 @@ pub fn push(
                 config.push_latest = false;
             }
             Some(PushFailure::Immutable) => {
-                let built = built_digests(exec, &remaining, &opts, bake_path, metadata_path)?;
+                let built = built_digests(exec, &remaining, &opts, rev, bake_path, metadata_path)?;
                 for image in &remaining {
                     let this_build = built
                         .get(&image.name)
@@ -185,6 +185,7 @@ fn built_digests(
     exec: &Exec,
     images: &[Image],
     opts: &BuildOptions,
+    rev: &Revision,
     bake_path: &Path,
     metadata_path: &Path,
 ) -> Result<BTreeMap<String, String>> {
@@ -194,7 +195,13 @@ fn built_digests(
         ..opts.clone()
     };
     let tagged: Vec<(&Image, Vec<String>)> = images.iter().map(|i| (i, vec![])).collect();
-    exec.run(&bake_command(bake_path, metadata_path, &tagged, &opts))?;
+    exec.run(&bake_command(
+        bake_path,
+        metadata_path,
+        &tagged,
+        &opts,
+        rev.commit_time,
+    ))?;
     let metadata = std::fs::read_to_string(metadata_path)
         .with_context(|| format!("reading {}", metadata_path.display()))?;
     parse_metadata(&metadata, images)

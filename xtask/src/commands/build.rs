@@ -54,7 +54,6 @@ impl BuildFlags {
             offline: self.offline,
             digest_only: false,
             pinned_bases: None,
-            epoch: 0,
         }
     }
 }
