@@ -27,6 +27,10 @@ struct Metadata {
     source: Option<String>,
     #[serde(default = "default_namespace")]
     namespace: String,
+    /// The app's name, for its deploy lock and history when several apps
+    /// share a namespace.
+    #[serde(default)]
+    app: Option<String>,
     #[serde(default = "default_manifests")]
     manifests: PathBuf,
     /// The kube context deploys expect (the wrong-cluster guard).
@@ -184,6 +188,9 @@ pub struct Config {
     pub push_latest: bool,
     pub source: Option<String>,
     pub namespace: String,
+    /// Names the deploy lock and history (`xtask-deploy-lock-<app>`); none:
+    /// the names every earlier version used.
+    pub app: Option<String>,
     pub manifests: PathBuf,
     pub context: Option<String>,
     pub rollout_order: Vec<String>,
@@ -210,6 +217,7 @@ impl Config {
             push_latest: true,
             source: None,
             namespace: "aiq-agent".into(),
+            app: None,
             manifests: "k8s".into(),
             context: None,
             rollout_order: vec![],
@@ -310,6 +318,7 @@ impl Config {
             push_latest: file.push_latest && !overrides.no_latest,
             source: file.source,
             namespace: file.namespace,
+            app: file.app,
             manifests: file.manifests,
             context: file.context,
             rollout_order: file.rollout_order,
@@ -327,6 +336,21 @@ impl Config {
     }
 
     fn validate(&self) -> Result<()> {
+        if let Some(app) = &self.app {
+            // It ends two object names of at most 63 characters.
+            let label = !app.is_empty()
+                && app.len() <= 40
+                && app
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+                && !app.starts_with('-')
+                && !app.ends_with('-');
+            if !label {
+                return Err(refuse(format!(
+                    "[workspace.metadata.xtask] app {app:?} must be lowercase letters, digits and '-', at most 40 characters"
+                )));
+            }
+        }
         let version_ok = self.buildkit.strip_prefix('v').is_some_and(|v| {
             v.split('.').count() == 3
                 && v.split('.')
@@ -722,6 +746,26 @@ mod tests {
         let bad_registry = [("XTASK_REGISTRY", "https://x/")];
         let err = load(METADATA, &bad_registry, Overrides::default()).unwrap_err();
         assert!(err.to_string().contains("https://x/"), "{err}");
+    }
+
+    #[test]
+    fn an_app_name_must_fit_an_object_name() {
+        let with_app =
+            |app: &str| METADATA.replace("\"images\"", &format!("\"app\": \"{app}\", \"images\""));
+        assert_eq!(
+            load(&with_app("billing"), &[], Overrides::default())
+                .unwrap()
+                .app
+                .as_deref(),
+            Some("billing")
+        );
+        let err = load(&with_app("Billing_App"), &[], Overrides::default()).unwrap_err();
+        assert_eq!(crate::exit::exit_code(&err), 2);
+        assert!(
+            err.to_string().contains("app \"Billing_App\" must be"),
+            "{err}"
+        );
+        assert_eq!(load(METADATA, &[], Overrides::default()).unwrap().app, None);
     }
 
     #[test]

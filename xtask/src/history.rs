@@ -12,7 +12,7 @@ use serde_json::json;
 use crate::{
     docker::{BuiltImage, Inputs},
     git::Revision,
-    kube::{Kube, HISTORY_NAME},
+    kube::Kube,
     time::{now_epoch, rfc3339},
 };
 
@@ -131,7 +131,7 @@ impl History {
             #[serde(default)]
             data: BTreeMap<String, String>,
         }
-        let Some(map) = kube.get::<ConfigMap>("configmap", HISTORY_NAME)? else {
+        let Some(map) = kube.get::<ConfigMap>("configmap", &kube.history_name)? else {
             return Ok(History::default());
         };
         let entries = map
@@ -141,7 +141,8 @@ impl History {
                 Ok(entry) => Some((key, entry)),
                 Err(e) => {
                     kube.exec.output.warn(&format!(
-                        "skipping deploy history entry {key} of configmap/{HISTORY_NAME}: {e}"
+                        "skipping deploy history entry {key} of configmap/{}: {e}",
+                        kube.history_name
                     ));
                     None
                 }
@@ -177,12 +178,12 @@ impl Record {
     /// (a ConfigMap holds at most 1 MiB).
     pub fn start(kube: &Kube, entry: Entry, history: &History) -> Result<Record> {
         if !history.exists {
-            kube.exec.run(&kube.create_configmap(HISTORY_NAME))?;
+            kube.exec.run(&kube.create_configmap(&kube.history_name))?;
         }
         let existing = &history.entries;
         let key = format!(
             "{}-{}",
-            now_epoch(),
+            next_stamp(existing, now_epoch()),
             &entry.revision[..12.min(entry.revision.len())]
         );
         let expired = existing.len().saturating_sub(KEEP - 1);
@@ -218,8 +219,20 @@ impl Record {
         data.insert(self.key.clone(), json!(serde_json::to_string(&self.entry)?));
         let patch = json!({ "data": data });
         kube.exec
-            .run(&kube.merge_patch("configmap", HISTORY_NAME, &patch))
+            .run(&kube.merge_patch("configmap", &kube.history_name, &patch))
     }
+}
+
+/// The time part of a new entry's key: this machine's clock, but never
+/// before the newest entry. Entries are written under the lock, one run
+/// after another, so their keys sort in the order the runs held it, even
+/// when a writer's clock was ahead (or this one is behind).
+fn next_stamp(existing: &[(String, Entry)], now: i64) -> i64 {
+    existing
+        .iter()
+        .filter_map(|(key, _)| key.split('-').next()?.parse::<i64>().ok())
+        .max()
+        .map_or(now, |newest| now.max(newest + 1))
 }
 
 /// `user@host`: who ran it, for the lock and the history.
@@ -265,6 +278,19 @@ pub fn recorded_digests(history: &History, sha: &str) -> Option<BTreeMap<String,
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_new_key_sorts_after_the_newest_whatever_the_clocks() {
+        let keyed = |key: &str| (key.to_owned(), Entry::default());
+        assert_eq!(next_stamp(&[], 1_000), 1_000);
+        let ahead = [keyed("1000-aaa"), keyed("5000-bbb"), keyed("hand-edited")];
+        assert_eq!(
+            next_stamp(&ahead, 2_000),
+            5_001,
+            "a writer's clock was ahead"
+        );
+        assert_eq!(next_stamp(&ahead, 9_000), 9_000);
+    }
 
     fn entry(revision: &str, result: &str, digest: &str) -> Entry {
         Entry {

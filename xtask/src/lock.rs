@@ -17,7 +17,7 @@ use crate::{
     exec::{Cmd, Exec},
     exit::refuse,
     history::who,
-    kube::{Kube, LOCK_NAME},
+    kube::Kube,
     time::{micro_time, now_epoch},
 };
 
@@ -91,7 +91,13 @@ impl Lock {
         let exec = kube.exec;
         // Unreachable is allowed only in a dry run, which then plans blind.
         if reachable && exec.read(&kube.namespace_query())?.is_empty() {
-            exec.run(&kube.create_namespace())?;
+            // Another app's deploy may create it at the same moment: what
+            // matters is that it exists.
+            if let Err(error) = exec.run(&kube.create_namespace()) {
+                if exec.read(&kube.namespace_query())?.is_empty() {
+                    return Err(error);
+                }
+            }
         }
         let create = create_command(kube);
         if exec.dry_run {
@@ -126,7 +132,7 @@ impl Lock {
             return;
         }
         let version = self.version.lock().map(|v| v.clone()).unwrap_or_default();
-        let delete = kube.lease_delete_at(LOCK_NAME, &version);
+        let delete = kube.lease_delete_at(&kube.lock_name, &version);
         if let Err(e) = kube.exec.run_capturing(&delete) {
             kube.exec.output.warn(&format!(
                 "left the deploy lock as it is (it expires {LOCK_SECONDS}s after its last renewal): {e:#}"
@@ -143,7 +149,7 @@ impl Lock {
 /// is refused; unchanged, it is replaced on the resourceVersion read, so
 /// two deploys cannot both take it. Returns the lease as written.
 fn take_over_expired(kube: &Kube, create_error: anyhow::Error) -> Result<String> {
-    let Some(held) = kube.get::<serde_json::Value>("lease", LOCK_NAME)? else {
+    let Some(held) = kube.get::<serde_json::Value>("lease", &kube.lock_name)? else {
         return Err(create_error.context("taking the deploy lock"));
     };
     let spec = &held["spec"];
@@ -173,7 +179,7 @@ fn take_over_expired(kube: &Kube, create_error: anyhow::Error) -> Result<String>
     while watched.elapsed() < Duration::from_secs(duration.max(0) as u64) {
         crate::exit::check_interrupted()?;
         std::thread::sleep(Duration::from_secs(1));
-        match kube.get::<serde_json::Value>("lease", LOCK_NAME)? {
+        match kube.get::<serde_json::Value>("lease", &kube.lock_name)? {
             None => {
                 return kube.exec.run_capturing(&create_command(kube)).map_err(|e| {
                     refuse(format!("another deploy took the freed lock first: {e:#}"))
@@ -209,8 +215,8 @@ fn start_renewing(
     version: Arc<Mutex<String>>,
 ) -> (Arc<AtomicBool>, std::thread::JoinHandle<()>) {
     let stop = Arc::new(AtomicBool::new(false));
-    let read = kube.lease_get(LOCK_NAME);
-    let renew = kube.lease_patch(LOCK_NAME);
+    let read = kube.lease_get(&kube.lock_name);
+    let renew = kube.lease_patch(&kube.lock_name);
     let flag = stop.clone();
     let output = kube.exec.output;
     let ours = holder();
@@ -276,7 +282,7 @@ fn lease_json(kube: &Kube, holder: &str) -> serde_json::Value {
     json!({
         "apiVersion": "coordination.k8s.io/v1",
         "kind": "Lease",
-        "metadata": {"name": LOCK_NAME, "namespace": kube.namespace},
+        "metadata": {"name": kube.lock_name, "namespace": kube.namespace},
         "spec": {
             "holderIdentity": holder,
             "leaseDurationSeconds": LOCK_SECONDS,
@@ -289,7 +295,7 @@ fn lease_json(kube: &Kube, holder: &str) -> serde_json::Value {
 /// Who holds a live lock, if anyone: for `status`, and to tell a deploy
 /// that is still running from one that was killed.
 pub fn live_holder(kube: &Kube) -> Result<Option<String>> {
-    let Some(held) = kube.get::<serde_json::Value>("lease", LOCK_NAME)? else {
+    let Some(held) = kube.get::<serde_json::Value>("lease", &kube.lock_name)? else {
         return Ok(None);
     };
     let spec = &held["spec"];

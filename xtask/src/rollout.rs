@@ -19,7 +19,7 @@ use crate::{
     exit::{check_interrupted, refuse, rollback_failed, was_interrupted},
     git::Revision,
     history::{Record, INTERRUPTED, SUCCEEDED},
-    kube::{Deployment, Kube, DIRTY_ANNOTATION, REVISION_ANNOTATION, TAG_ANNOTATION},
+    kube::{Autoscaled, Deployment, Kube, DIRTY_ANNOTATION, REVISION_ANNOTATION, TAG_ANNOTATION},
     time::now_epoch,
 };
 
@@ -167,11 +167,13 @@ impl<'k, 'a> Rollout<'k, 'a> {
             let before: Option<Deployment> = kube.get("deployment", name)?;
             // Pods from before the apply are judged by their present state
             // only (see `Pod::failure`).
-            let existing: HashSet<String> = kube
-                .pods(name)?
-                .into_iter()
-                .map(|p| p.metadata.name)
-                .collect();
+            let existing: HashSet<String> = match &before {
+                Some(deployment) => kube.pods(deployment)?,
+                None => Vec::new(),
+            }
+            .into_iter()
+            .map(|p| p.metadata.name)
+            .collect();
             let step = format!("apply and roll out deployment/{name}");
             kube.exec.step(step, || {
                 kube.exec.run(&kube.apply(overlay, name))?;
@@ -218,6 +220,11 @@ pub fn keep_going() -> Result<()> {
     crate::lock::check_held()
 }
 
+/// How long pods may fail to be created because an admission webhook
+/// timed out before the rollout fails: a webhook restarting or briefly
+/// overloaded answers again within it; one that is down stays down.
+const WEBHOOK_BUDGET: Duration = Duration::from_secs(30);
+
 /// Polls until `name` has rolled out; with `digest` (and the pods that
 /// existed before the apply), fails as soon as a pod of that digest shows a
 /// state that will not fix itself. Reports progress as it changes.
@@ -231,16 +238,36 @@ pub fn wait(
     let mut last = None;
     // When each new pod was first seen unschedulable, on our own clock.
     let mut unschedulable: std::collections::HashMap<String, Instant> = Default::default();
+    // Since when pods cannot be created because a webhook timed out.
+    let mut webhook_timing_out: Option<Instant> = None;
     loop {
         keep_going()?;
         let deployment: Deployment = kube
             .get("deployment", name)?
             .with_context(|| format!("deployment/{name} does not exist"))?;
-        if let Some(stalled) = deployment.stalled() {
-            bail!("deployment/{name}: {stalled}");
+        match deployment.stalled() {
+            Some(stalled) if stalled.webhook_timeout => {
+                let since = *webhook_timing_out.get_or_insert_with(|| {
+                    eprintln!(
+                        "deployment/{name}: {}; waiting up to {}s for the webhook to answer",
+                        stalled.message,
+                        WEBHOOK_BUDGET.as_secs()
+                    );
+                    Instant::now()
+                });
+                if since.elapsed() >= WEBHOOK_BUDGET {
+                    bail!(
+                        "deployment/{name}: {} (still after {}s)",
+                        stalled.message,
+                        WEBHOOK_BUDGET.as_secs()
+                    );
+                }
+            }
+            Some(stalled) => bail!("deployment/{name}: {}", stalled.message),
+            None => webhook_timing_out = None,
         }
         if let Some((digest, existing)) = watched {
-            for pod in kube.pods(name)?.iter().filter(|p| p.wants(digest)) {
+            for pod in kube.pods(&deployment)?.iter().filter(|p| p.wants(digest)) {
                 let pod_name = &pod.metadata.name;
                 let new = !existing.contains(pod_name);
                 let mut reason = pod.failure(now_epoch(), flags.grace, new);
@@ -342,14 +369,14 @@ pub fn roll_back(
 /// still ready. Returns how many pods are ready, and the pods stuck
 /// terminating.
 pub fn verify_pods(kube: &Kube, name: &str, digest: &str) -> Result<(usize, Vec<String>)> {
-    let pods = kube.pods(name)?;
+    let deployment: Deployment = kube
+        .get("deployment", name)?
+        .with_context(|| format!("deployment/{name} does not exist"))?;
+    let pods = kube.pods(&deployment)?;
     let ready: Vec<_> = pods.iter().filter(|p| p.is_ready()).collect();
     if ready.is_empty() {
         // Scaled to zero on purpose: rolled out, with nothing to run.
-        let scaled_to_zero = kube
-            .get::<Deployment>("deployment", name)?
-            .is_some_and(|d| d.spec.replicas == 0);
-        if !scaled_to_zero {
+        if deployment.spec.replicas != 0 {
             bail!("deployment/{name}: no ready pod");
         }
         eprintln!("deployment/{name}: replicas: 0, so no pods to verify (it pins {digest})");
@@ -359,7 +386,7 @@ pub fn verify_pods(kube: &Kube, name: &str, digest: &str) -> Result<(usize, Vec<
         );
         return Ok((0, crate::kube::stuck_terminating(&pods, now_epoch())));
     }
-    if let Some(stale) = ready.iter().find(|p| !p.runs(digest)) {
+    if let Some(stale) = ready.iter().find(|p| !p.runs(name, digest)) {
         let running: Vec<&str> = stale
             .status
             .container_statuses
@@ -398,9 +425,9 @@ pub fn print_diff(kube: &Kube, overlay: &str) -> Result<()> {
 }
 
 /// Writes `target/xtask/deploy/kustomization.yaml` over the base, pinning
-/// every image by digest (a placeholder for one not pushed yet) and
-/// stamping the revision on each pod template. Returns the overlay
-/// directory.
+/// every image by digest (a placeholder for one not pushed yet), stamping
+/// the revision on each pod template, and leaving `spec.replicas` out of
+/// each `autoscaled` Deployment. Returns the overlay directory.
 pub fn render_overlay(
     exec: &Exec,
     kubectl: &str,
@@ -408,6 +435,7 @@ pub fn render_overlay(
     built: &[BuiltImage],
     rev: &Revision,
     cause: &str,
+    autoscaled: &[Autoscaled],
 ) -> Result<String> {
     let dir = config.out_dir().join("deploy");
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -434,13 +462,25 @@ pub fn render_overlay(
         "apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "any"},
         "spec": {"template": {"metadata": {"annotations": annotations}}},
     });
+    let mut patches = vec![json!({"target": {"kind": "Deployment"}, "patch": patch.to_string()})];
+    for scaled in autoscaled {
+        // A null in a strategic merge patch removes the field.
+        let patch = json!({
+            "apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": scaled.name},
+            "spec": {"replicas": null},
+        });
+        patches.push(json!({
+            "target": {"kind": "Deployment", "name": scaled.name},
+            "patch": patch.to_string(),
+        }));
+    }
     let kustomization = json!({
         "apiVersion": "kustomize.config.k8s.io/v1beta1",
         "kind": "Kustomization",
         "namespace": config.namespace,
         "resources": [base.display().to_string()],
         "images": images,
-        "patches": [{"target": {"kind": "Deployment"}, "patch": patch.to_string()}],
+        "patches": patches,
     });
     let path = dir.join("kustomization.yaml");
     std::fs::write(&path, serde_json::to_string_pretty(&kustomization)? + "\n")

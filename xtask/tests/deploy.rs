@@ -207,12 +207,12 @@ impl Fixture {
 
     /// The deploy history entries, oldest first.
     fn history(&self) -> Vec<Value> {
-        let map = self.get(&[
-            "get",
-            "configmap",
-            "xtask-deploy-history",
-            "--ignore-not-found",
-        ]);
+        self.history_in("xtask-deploy-history")
+    }
+
+    /// The entries of the history ConfigMap `name`, oldest first.
+    fn history_in(&self, name: &str) -> Vec<Value> {
+        let map = self.get(&["get", "configmap", name, "--ignore-not-found"]);
         let Some(data) = map["data"].as_object() else {
             return Vec::new();
         };
@@ -765,6 +765,102 @@ fn a_rollback_the_cluster_refuses_exits_3_and_says_so() {
         fx.history().pop().unwrap()["result"],
         "failed, rollback failed"
     );
+}
+
+/// A ValidatingWebhookConfiguration, deleted when dropped (it is
+/// cluster-scoped: the namespace's deletion would not take it).
+struct Webhook(String);
+
+impl Drop for Webhook {
+    fn drop(&mut self) {
+        let _ = run(
+            Path::new("."),
+            "kubectl",
+            &[
+                "delete",
+                "validatingwebhookconfiguration",
+                &self.0,
+                "--ignore-not-found",
+            ],
+        );
+    }
+}
+
+/// Pods that cannot be created because an admission webhook timed out
+/// (`ReplicaFailure`) get a short budget to clear, since the webhook may
+/// answer again (a refusal still fails at once: see the quota and policy
+/// tests). The webhook is a listener on loopback that accepts connections
+/// and never answers (a fixture: an overloaded webhook cannot be had on
+/// demand), for pods of the test's namespace only; it is removed 5 s after
+/// the failure shows, and the deploy then succeeds.
+#[test]
+fn a_webhook_that_timed_out_gets_a_short_budget_to_answer() {
+    let fx = Fixture::new();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    listener.set_nonblocking(true).unwrap();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let holder = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut held = Vec::new();
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((conn, _)) => held.push(conn),
+                    // Nothing to accept: the listener's own poll cadence.
+                    Err(_) => std::thread::sleep(Duration::from_millis(20)),
+                }
+            }
+        })
+    };
+    let name = format!("{}-slow", fx.namespace.0);
+    let config = json!({
+        "apiVersion": "admissionregistration.k8s.io/v1",
+        "kind": "ValidatingWebhookConfiguration",
+        "metadata": {"name": name},
+        "webhooks": [{
+            "name": "slow.xtask.test",
+            "clientConfig": {"url": format!("https://127.0.0.1:{port}/validate")},
+            "rules": [{"apiGroups": [""], "apiVersions": ["v1"], "operations": ["CREATE"], "resources": ["pods"]}],
+            "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": fx.namespace.0}},
+            "failurePolicy": "Fail",
+            "sideEffects": "None",
+            "admissionReviewVersions": ["v1"],
+            "timeoutSeconds": 1,
+        }],
+    });
+    let manifests = TempDir::new("webhook");
+    let file = manifests.path().join("webhook.json");
+    std::fs::write(&file, config.to_string()).unwrap();
+    kubectl(&["apply", "--filename", &file.display().to_string()]);
+    let webhook = Webhook(name);
+    let mut args = vec!["deploy"];
+    args.extend_from_slice(FAST);
+    let deploy = fx.spawn(&args);
+    wait_for("pod creation fails on the webhook", 90, || {
+        let fxapi = fx.get(&["get", "deployment", "fxapi", "--ignore-not-found"]);
+        fxapi["status"]["conditions"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|c| c["type"] == "ReplicaFailure" && c["status"] == "True")
+    });
+    // The outage's length: the deploy must ride it out.
+    std::thread::sleep(Duration::from_secs(5));
+    drop(webhook);
+    let out = deploy.wait_with_output().unwrap();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    holder.join().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("waiting up to 30s for the webhook to answer"),
+        "{stderr}"
+    );
+    let digests = fx.digests();
+    for name in ["fxapi", "fxweb"] {
+        fx.assert_serving(name, digests[name].as_str().unwrap());
+    }
 }
 
 #[test]
@@ -1854,6 +1950,228 @@ fn a_deployment_scaled_to_zero_deploys_with_no_pods_to_verify() {
     assert!(fx.serving("fxweb").is_empty());
     fx.assert_serving("fxapi", fx.digests()["fxapi"].as_str().unwrap());
     fx.run(&["verify"]).assert_ok();
+}
+
+/// A pod with containers the xtask did not build (a log shipper listed
+/// before the app's own container, as an injected proxy would be, and an
+/// init container) deploys, verifies and reports HEAD: the app's container
+/// is the one named after its image; the others are listed by `status` and
+/// never compared with the xtask's digests.
+#[test]
+fn sidecars_and_init_containers_are_listed_never_judged() {
+    let fx = Fixture::new();
+    let other = format!("{}/debian:bookworm-slim", base_registry());
+    let path = fx.root().join("k8s/workloads.yaml");
+    let manifest = std::fs::read_to_string(&path).unwrap();
+    let web = manifest.find("name: fxweb").unwrap();
+    let containers = format!(
+        "      initContainers:\n        - name: setup\n          image: {other}\n          command: [\"true\"]\n      containers:\n        - name: log-shipper\n          image: {other}\n          command: [sh, -c, \"trap 'exit 0' TERM; while true; do sleep 1; done\"]\n"
+    );
+    let changed = format!(
+        "{}{}",
+        &manifest[..web],
+        manifest[web..].replacen("      containers:\n", &containers, 1)
+    );
+    std::fs::write(&path, changed).unwrap();
+    fx.commit(HEALTHY_APP);
+    let run = fx.deploy(&[]);
+    run.assert_ok();
+    let digests = fx.digests();
+    fx.assert_serving("fxweb", digests["fxweb"].as_str().unwrap());
+    let status = fx.run(&["status"]);
+    status.assert_ok();
+    let fxweb = status
+        .stdout
+        .lines()
+        .find(|l| l.starts_with("fxweb "))
+        .unwrap_or_default();
+    assert!(fxweb.ends_with("ok (HEAD)"), "{}", status.stdout);
+    for listed in [
+        format!("also runs log-shipper ({other})"),
+        format!("also runs setup (init, {other})"),
+    ] {
+        assert!(
+            status.stdout.contains(&listed),
+            "{listed}: {}",
+            status.stdout
+        );
+    }
+    fx.run(&["verify"]).assert_ok();
+}
+
+/// Two apps in one namespace, each with its own `app`: they deploy at the
+/// same time (neither waits for the other's lock), each keeps its own
+/// history, and rolling one back leaves the other as it was.
+#[test]
+fn two_apps_share_a_namespace_without_touching_each_other() {
+    let fx = Fixture::with(Options {
+        config: "app = \"alpha\"".into(),
+        ..Options::default()
+    });
+    // The second app: the same fixture under other names (fbapi, fbweb),
+    // in the same namespace, with the same name label values nowhere.
+    let beta = TempDir::new("deploy-beta");
+    let renamed = |text: String| {
+        text.replace("fxapi", "fbapi")
+            .replace("fxweb", "fbweb")
+            .replace("alpha", "beta")
+    };
+    std::fs::create_dir(beta.path().join("k8s")).unwrap();
+    for file in [
+        "Cargo.toml",
+        "Dockerfile",
+        ".gitignore",
+        "note.txt",
+        "k8s/kustomization.yaml",
+        "k8s/workloads.yaml",
+    ] {
+        let text = std::fs::read_to_string(fx.root().join(file)).unwrap();
+        std::fs::write(beta.path().join(file), renamed(text)).unwrap();
+    }
+    for script in ["fbapi.sh", "fbweb.sh"] {
+        std::fs::write(beta.path().join(script), HEALTHY_APP).unwrap();
+    }
+    init_repo(beta.path());
+    commit_all(beta.path(), "beta");
+    let deploy = |root: &Path| {
+        let mut args = vec!["deploy"];
+        args.extend_from_slice(FAST);
+        xtask(root, &args, &[("XTASK_REGISTRY", fx.registry.as_str())])
+    };
+    let (alpha_run, beta_run) = std::thread::scope(|s| {
+        let alpha = s.spawn(|| deploy(fx.root()));
+        let beta = s.spawn(|| deploy(beta.path()));
+        (alpha.join().unwrap(), beta.join().unwrap())
+    });
+    // One lock for both would refuse one of them ("another deploy holds
+    // the lock").
+    alpha_run.assert_ok();
+    beta_run.assert_ok();
+    let entries = |app: &str| fx.history_in(&format!("xtask-deploy-history-{app}")).len();
+    assert_eq!((entries("alpha"), entries("beta")), (1, 1));
+    assert_eq!(
+        fx.get(&[
+            "get",
+            "configmap",
+            "xtask-deploy-history",
+            "--ignore-not-found"
+        ]),
+        Value::Null,
+        "no shared history"
+    );
+    assert_eq!(
+        fx.get(&["get", "leases"])["items"],
+        json!([]),
+        "both locks released"
+    );
+    let beta_before = fx.get(&["get", "deployments", "fbapi", "fbweb"]);
+    let first = fx.digests();
+
+    fx.commit(HEALTHY_APP);
+    fx.deploy(&[]).assert_ok();
+    let mut undo = vec!["rollback"];
+    undo.extend_from_slice(FAST);
+    fx.run(&undo).assert_ok();
+    for name in ["fxapi", "fxweb"] {
+        fx.assert_serving(name, first[name].as_str().unwrap());
+    }
+    let beta_after = fx.get(&["get", "deployments", "fbapi", "fbweb"]);
+    for (before, after) in beta_before["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .zip(beta_after["items"].as_array().unwrap())
+    {
+        assert_eq!(
+            before["metadata"]["generation"], after["metadata"]["generation"],
+            "{} untouched",
+            before["metadata"]["name"]
+        );
+    }
+    assert_eq!((entries("alpha"), entries("beta")), (3, 1));
+}
+
+/// History entries sort in the order the runs held the lock, not by each
+/// writer's clock: after an entry written by a machine whose clock ran
+/// years ahead, the next deploy's entry still comes last.
+#[test]
+fn a_writer_whose_clock_ran_ahead_does_not_reorder_the_history() {
+    let fx = Fixture::new();
+    fx.deploy(&[]).assert_ok();
+    let map = fx.get(&["get", "configmap", "xtask-deploy-history"]);
+    let (key, value) = map["data"].as_object().unwrap().iter().next().unwrap();
+    // The same entry, as a writer whose clock said 2100 would have keyed it.
+    let ahead = format!("4102444800-{}", key.split_once('-').unwrap().1);
+    let patch = json!({"data": {key.as_str(): null, ahead.as_str(): value}});
+    fx.kubectl(&[
+        "patch",
+        "configmap",
+        "xtask-deploy-history",
+        "--type",
+        "merge",
+        "--patch",
+        &patch.to_string(),
+    ]);
+    let head = fx.commit(HEALTHY_APP);
+    fx.deploy(&[]).assert_ok();
+    let history = fx.history();
+    assert_eq!(history.len(), 2);
+    assert_eq!(history[1]["revision"], head, "the newest deploy sorts last");
+}
+
+/// An autoscaler for fxweb (CPU-based: with no metrics server here it
+/// never scales by itself, and 2 or 3 replicas are within its bounds).
+const WEB_AUTOSCALER: &str = "apiVersion: autoscaling/v2\nkind: HorizontalPodAutoscaler\nmetadata:\n  name: fxweb\n  labels:\n    app.kubernetes.io/name: fxweb\nspec:\n  scaleTargetRef:\n    apiVersion: apps/v1\n    kind: Deployment\n    name: fxweb\n  minReplicas: 1\n  maxReplicas: 5\n  metrics:\n    - type: Resource\n      resource:\n        name: cpu\n        target:\n          type: Utilization\n          averageUtilization: 80\n";
+
+/// A Deployment a HorizontalPodAutoscaler scales keeps the count the
+/// autoscaler owns: the deploy leaves `spec.replicas` to it. Twice: the
+/// autoscaler arrives, with `replicas` removed from the manifest as the
+/// Kubernetes docs advise, before it has written the count (which must not
+/// drop to the default 1); then it has written the count (through the
+/// scale subresource, as `kubectl scale` does here for it), and a manifest
+/// that says `replicas: 2` again must not reset it.
+#[test]
+fn an_autoscaled_deployment_keeps_the_replica_count_its_autoscaler_owns() {
+    let fx = Fixture::new();
+    let replicas =
+        |fx: &Fixture| fx.get(&["get", "deployment", "fxweb"])["spec"]["replicas"].clone();
+    set_web_spec(fx.root(), "replicas: 2");
+    fx.commit(HEALTHY_APP);
+    fx.deploy(&[]).assert_ok();
+    assert_eq!(replicas(&fx), 2);
+
+    std::fs::write(fx.root().join("k8s/workloads.yaml"), workloads("", "")).unwrap();
+    std::fs::write(fx.root().join("k8s/autoscaler.yaml"), WEB_AUTOSCALER).unwrap();
+    std::fs::write(
+        fx.root().join("k8s/kustomization.yaml"),
+        "resources:\n  - workloads.yaml\n  - autoscaler.yaml\n",
+    )
+    .unwrap();
+    fx.commit(HEALTHY_APP);
+    fx.deploy(&[]).assert_ok();
+    assert_eq!(
+        replicas(&fx),
+        2,
+        "not reset to 1 when the field left the apply"
+    );
+    let managers = fx.get(&["get", "deployment", "fxweb", "--show-managed-fields"]);
+    let owners: Vec<&str> = managers["metadata"]["managedFields"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|m| !m["fieldsV1"]["f:spec"]["f:replicas"].is_null())
+        .map(|m| m["manager"].as_str().unwrap())
+        .collect();
+    assert_eq!(owners, ["handover-to-hpa"], "{managers}");
+
+    fx.kubectl(&["scale", "deployment", "fxweb", "--replicas=3"]);
+    set_web_spec(fx.root(), "replicas: 2");
+    fx.commit(HEALTHY_APP);
+    fx.deploy(&[]).assert_ok();
+    assert_eq!(replicas(&fx), 3, "the autoscaler's count stays");
+    let digest = fx.digests()["fxweb"].as_str().unwrap().to_owned();
+    fx.assert_serving("fxweb", &digest);
+    assert_eq!(fx.serving("fxweb").len(), 3);
 }
 
 /// Ready only after 14 s, longer than the tests' 8-s grace.

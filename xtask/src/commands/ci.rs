@@ -156,7 +156,7 @@ fn validate_manifests(exec: &Exec, config: &Config) -> Result<()> {
         .iter()
         .map(|image| docker::BuiltImage::new(config, &image.name, &rev, Some(digest.clone())))
         .collect();
-    let overlay = render_overlay(exec, &kubectl, config, &images, &rev, "cargo xtask ci")?;
+    let overlay = render_overlay(exec, &kubectl, config, &images, &rev, "cargo xtask ci", &[])?;
     let overlay = std::path::Path::new(&overlay).join("rendered.yaml");
     exec.run_anyway(&Cmd::new("kubernetes-validate").args([
         "--strict",

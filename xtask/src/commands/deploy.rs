@@ -18,7 +18,7 @@ use crate::{
     exit::refuse,
     git::{self, Revision},
     history::{Entry, History},
-    kube::{Kube, HISTORY_NAME},
+    kube::Kube,
     lock::Lock,
     registry,
     rollout::{keep_going, print_diff, render_overlay, Rollout, WaitFlags},
@@ -50,7 +50,7 @@ impl Deploy {
         self.wait.check()?;
         let started = Instant::now();
         // 1. Preflight: nothing changes until every check has passed.
-        let (config, rev, kube, reachable, from) = exec.step("preflight", || {
+        let (config, rev, kube, reachable, from, manifests) = exec.step("preflight", || {
             if self.from.is_none() {
                 docker::preflight(exec)?;
             }
@@ -64,8 +64,15 @@ impl Deploy {
                     "# the cluster is not reachable: the plan below is printed without a diff",
                 );
             }
+            // The workloads as rendered: checked now, and read again under
+            // the lock for their autoscalers.
+            let manifests = if reachable {
+                kube.manifests(&config.manifests.display().to_string())?
+            } else {
+                Vec::new()
+            };
             if reachable {
-                refuse_paused(&kube, &config)?;
+                refuse_paused(&kube, &config, &manifests)?;
             }
             // Log in first: the build file's digests are checked in the
             // registry, which a fresh CI runner can read only once logged in.
@@ -82,11 +89,11 @@ impl Deploy {
                 Some(file) => file_revision(exec, file),
                 None => rev,
             };
-            Ok((config, rev, kube, reachable, from))
+            Ok((config, rev, kube, reachable, from, manifests))
         })?;
         // 2. Lock, then steps 3 to 8.
         let verified = Lock::hold(&kube, reachable, || {
-            self.locked(&kube, &config, &rev, from, reachable)
+            self.locked(&kube, &config, &rev, from, &manifests, reachable)
         })?;
         if !exec.dry_run {
             let seconds = started.elapsed().as_secs_f64();
@@ -106,6 +113,7 @@ impl Deploy {
         config: &Config,
         rev: &Revision,
         from: Option<BuildFile>,
+        manifests: &[serde_json::Value],
         reachable: bool,
     ) -> Result<Vec<crate::rollout::Verified>> {
         let exec = kube.exec;
@@ -152,11 +160,26 @@ impl Deploy {
             }
         };
         // 4. Render the digest-pinned overlay.
+        let order = config.rollout();
+        let autoscaled = if reachable {
+            kube.autoscaled(manifests, &order)?
+        } else {
+            Vec::new()
+        };
         let cause = format!("cargo xtask deploy {}", rev.tag());
         let overlay = exec.step("render the digest-pinned overlay", || {
-            render_overlay(exec, &kube.kubectl, config, &built, rev, &cause)
+            render_overlay(
+                exec,
+                &kube.kubectl,
+                config,
+                &built,
+                rev,
+                &cause,
+                &autoscaled,
+            )
         })?;
-        let order = config.rollout();
+        // Changes no value: who owns the replica count (a dry run prints it).
+        kube.hand_over_replicas(&autoscaled)?;
         if exec.dry_run {
             return self.print_plan(kube, &order, &overlay, &seeded, reachable);
         }
@@ -184,7 +207,15 @@ impl Deploy {
                 .context("the seeded build has no digest")?;
             built.retain(|b| b.name != name);
             built.push(pushed);
-            render_overlay(exec, &kube.kubectl, config, &built, rev, &cause)?;
+            render_overlay(
+                exec,
+                &kube.kubectl,
+                config,
+                &built,
+                rev,
+                &cause,
+                &autoscaled,
+            )?;
             docker::write_build_file(config, rev, &built, &inputs)?;
             Ok(digest)
         };
@@ -218,7 +249,8 @@ impl Deploy {
             ));
         }
         exec.output.result(&format!(
-            "# the deploy is recorded in configmap/{HISTORY_NAME} as it goes"
+            "# the deploy is recorded in configmap/{} as it goes",
+            kube.history_name
         ));
         if reachable {
             print_diff(kube, overlay)?;
@@ -351,12 +383,12 @@ impl Deploy {
 /// A paused Deployment never rolls out: the wait would run to its timeout
 /// and the rollback would be refused by the API. Refused before anything
 /// is built, whether the manifests pause it or someone did by hand.
-fn refuse_paused(kube: &Kube, config: &Config) -> Result<()> {
+fn refuse_paused(kube: &Kube, config: &Config, manifests: &[serde_json::Value]) -> Result<()> {
     let paused = |object: &serde_json::Value| {
         object["kind"] == "Deployment" && object["spec"]["paused"] == true
     };
-    for object in kube.manifests(&config.manifests.display().to_string())? {
-        if paused(&object) {
+    for object in manifests {
+        if paused(object) {
             return Err(refuse(format!(
                 "deployment/{} is paused in {} (spec.paused: true), so it would never roll out: remove `paused` from the manifest to deploy it",
                 object["metadata"]["name"].as_str().unwrap_or("?"),

@@ -97,7 +97,7 @@ impl Rollback {
             };
             match plan {
                 Plan::Redeploy { rev, images } => {
-                    self.redeploy(&kube, &config, &history, &rev, &images)
+                    self.redeploy(&kube, &config, &history, &rev, &images, reachable)
                 }
                 Plan::Undo { last } => self.undo(&kube, &history, *last),
             }
@@ -113,13 +113,30 @@ impl Rollback {
         history: &History,
         rev: &Revision,
         images: &[BuiltImage],
+        reachable: bool,
     ) -> Result<()> {
         let exec = kube.exec;
+        let order = config.rollout();
+        let autoscaled = if reachable {
+            let manifests = kube.manifests(&config.manifests.display().to_string())?;
+            kube.autoscaled(&manifests, &order)?
+        } else {
+            Vec::new()
+        };
         let cause = format!("cargo xtask rollback --to {}", rev.tag());
         let overlay = exec.step("render the digest-pinned overlay", || {
-            render_overlay(exec, &kube.kubectl, config, images, rev, &cause)
+            render_overlay(
+                exec,
+                &kube.kubectl,
+                config,
+                images,
+                rev,
+                &cause,
+                &autoscaled,
+            )
         })?;
-        let order = config.rollout();
+        // Changes no value: who owns the replica count (a dry run prints it).
+        kube.hand_over_replicas(&autoscaled)?;
         if exec.dry_run {
             for name in &order {
                 exec.run(&kube.apply(&overlay, name))?;

@@ -50,6 +50,11 @@ impl Status {
                     "-", "-", "-", "-"
                 )),
             }
+            for other in running.iter().flat_map(|r| &r.other_containers) {
+                out.result(&format!(
+                    "  also runs {other}: not built by the xtask, not checked"
+                ));
+            }
             for pod in running.iter().flat_map(|r| &r.stuck_pods) {
                 out.result(&format!(
                     "  pod {pod} is still terminating past its grace period (a finalizer, or a node that stopped answering)"

@@ -2,8 +2,10 @@
 //! here, by the private `global` and `cmd`; reads come back through the
 //! types in `objects.rs`.
 
+mod autoscale;
 mod objects;
 
+pub use autoscale::*;
 pub use objects::*;
 
 use anyhow::{Context, Result};
@@ -15,15 +17,19 @@ use crate::{
     exit::refuse,
 };
 
-pub const LOCK_NAME: &str = "xtask-deploy-lock";
+const LOCK_NAME: &str = "xtask-deploy-lock";
 /// Tries of a cluster read before its error counts, and the bound on each:
 /// together they ride out about 20 s of API trouble.
 const READ_TRIES: u32 = 3;
 const READ_TIMEOUT_SECS: u32 = 5;
-pub const HISTORY_NAME: &str = "xtask-deploy-history";
+const HISTORY_NAME: &str = "xtask-deploy-history";
 const FIELD_MANAGER: &str = "xtask";
 /// The bound on each call of the deploy lock.
 const LOCK_REQUEST_TIMEOUT: &str = "--request-timeout=10s";
+/// The bound on every write (apply, diff, undo, delete, the history): a
+/// wedged API server must fail the call, not hang it while the renewer
+/// keeps the lock alive.
+const WRITE_REQUEST_TIMEOUT: &str = "--request-timeout=60s";
 /// The label every workload of the base carries; the deploy selects by it.
 const NAME_LABEL: &str = "app.kubernetes.io/name";
 pub const REVISION_ANNOTATION: &str = "aiq.dev/revision";
@@ -41,6 +47,21 @@ pub struct Kube<'a> {
     pub kubectl: String,
     pub context: Option<String>,
     pub namespace: String,
+    /// The deploy lock's Lease and the history's ConfigMap: one pair per
+    /// app, so apps that share a namespace neither wait for nor undo each
+    /// other.
+    pub lock_name: String,
+    pub history_name: String,
+}
+
+/// `base-<app>`, or `base` when no app is configured (the names of every
+/// earlier version: an upgrade keeps its history, and still locks out an
+/// older xtask).
+fn app_object(base: &str, app: Option<&str>) -> String {
+    match app {
+        Some(app) => format!("{base}-{app}"),
+        None => base.to_owned(),
+    }
 }
 
 impl<'a> Kube<'a> {
@@ -90,6 +111,8 @@ impl<'a> Kube<'a> {
             kubectl,
             context: Some(context.clone()),
             namespace: config.namespace.clone(),
+            lock_name: app_object(LOCK_NAME, config.app.as_deref()),
+            history_name: app_object(HISTORY_NAME, config.app.as_deref()),
         };
         let version = kube.global(&["version", "--output", "json", "--request-timeout", "10s"]);
         match exec.read(&version) {
@@ -136,7 +159,12 @@ impl<'a> Kube<'a> {
     }
 
     pub fn create_namespace(&self) -> Cmd {
-        self.global(&["create", "namespace", &self.namespace])
+        self.global(&[
+            "create",
+            "namespace",
+            &self.namespace,
+            WRITE_REQUEST_TIMEOUT,
+        ])
     }
 
     /// `kubectl apply --server-side` of the workloads labelled `name` in
@@ -164,6 +192,7 @@ impl<'a> Kube<'a> {
             "--force-conflicts",
             "--kustomize",
             overlay,
+            WRITE_REQUEST_TIMEOUT,
         ])
     }
 
@@ -173,8 +202,9 @@ impl<'a> Kube<'a> {
     /// --to-revision`, and `None` when unknown (a plain `rollout undo`).
     pub fn undo(&self, name: &str, previous: Option<&Option<String>>) -> Cmd {
         let deployment = format!("deployment/{name}");
-        match previous {
-            Some(None) => self.cmd(&["delete", &deployment, "--ignore-not-found"]),
+        let cmd = match previous {
+            // `--timeout` bounds the wait for the object to be gone.
+            Some(None) => self.cmd(&["delete", &deployment, "--ignore-not-found", "--timeout=60s"]),
             Some(Some(revision)) => self.cmd(&[
                 "rollout",
                 "undo",
@@ -182,11 +212,12 @@ impl<'a> Kube<'a> {
                 &format!("--to-revision={revision}"),
             ]),
             None => self.cmd(&["rollout", "undo", &deployment]),
-        }
+        };
+        cmd.arg(WRITE_REQUEST_TIMEOUT)
     }
 
     pub fn create_configmap(&self, name: &str) -> Cmd {
-        self.cmd(&["create", "configmap", name])
+        self.cmd(&["create", "configmap", name, WRITE_REQUEST_TIMEOUT])
     }
 
     /// A JSON merge patch of `kind/name` (a null value deletes a key).
@@ -197,6 +228,7 @@ impl<'a> Kube<'a> {
             name,
             "--type",
             "merge",
+            WRITE_REQUEST_TIMEOUT,
             "--patch",
             &patch.to_string(),
         ])
@@ -324,12 +356,24 @@ impl<'a> Kube<'a> {
             .map(Some)
     }
 
-    pub fn pods(&self, component: &str) -> Result<Vec<Pod>> {
+    /// The pods of `deployment`, by its own selector: another app's pods
+    /// in the namespace may carry the same name label.
+    pub fn pods(&self, deployment: &Deployment) -> Result<Vec<Pod>> {
         #[derive(Deserialize)]
         struct List {
             items: Vec<Pod>,
         }
-        let selector = format!("{NAME_LABEL}={component}");
+        let labels = &deployment.spec.selector.match_labels;
+        let selector = if labels.is_empty() {
+            // Only matchExpressions: the label the xtask's manifests carry.
+            format!("{NAME_LABEL}={}", deployment.metadata.name)
+        } else {
+            labels
+                .iter()
+                .map(|(key, value)| format!("{key}={value}"))
+                .collect::<Vec<_>>()
+                .join(",")
+        };
         let json = self.read(&["get", "pods", "--selector", &selector, "--output", "json"])?;
         let list: List = serde_json::from_str(&json).context("parsing `kubectl get pods`")?;
         Ok(list.items)
@@ -342,11 +386,11 @@ impl<'a> Kube<'a> {
             return Ok(None);
         };
         let digest = deployment.pinned_digest().map(str::to_owned);
-        let pods = self.pods(name)?;
+        let pods = self.pods(&deployment)?;
         let ready: Vec<&Pod> = pods.iter().filter(|p| p.is_ready()).collect();
         let stale = ready
             .iter()
-            .find(|p| !digest.as_deref().is_some_and(|d| p.runs(d)))
+            .find(|p| !digest.as_deref().is_some_and(|d| p.runs(name, d)))
             .map(|p| p.metadata.name.clone());
         let now = crate::time::now_epoch();
         let stuck_pods = stuck_terminating(&pods, now);
@@ -366,6 +410,7 @@ impl<'a> Kube<'a> {
             rolled_out: deployment.rolled_out(),
             age_secs: oldest_start.map(|t| crate::time::now_epoch() - t),
             stale_pod: stale,
+            other_containers: deployment.spec.template.spec.others(name),
             stuck_pods,
         }))
     }
@@ -397,6 +442,7 @@ impl<'a> Kube<'a> {
                 &selector,
                 "--output",
                 "json",
+                &format!("--request-timeout={READ_TIMEOUT_SECS}s"),
             ]))
             .ok()
             .and_then(|json| serde_json::from_str::<Events>(&json).ok());
@@ -420,7 +466,14 @@ impl<'a> Kube<'a> {
     /// The last log lines of a pod's container, for failure messages.
     pub fn logs(&self, pod: &str) -> String {
         self.exec
-            .read_all(&self.cmd(&["logs", pod, "--all-containers", "--tail", "20"]))
+            .read_all(&self.cmd(&[
+                "logs",
+                pod,
+                "--all-containers",
+                "--tail",
+                "20",
+                &format!("--request-timeout={READ_TIMEOUT_SECS}s"),
+            ]))
             .unwrap_or_default()
             .trim_end()
             .to_owned()

@@ -21,6 +21,10 @@ pub struct Running {
     pub age_secs: Option<i64>,
     /// A ready pod that does not run the pinned digest.
     pub stale_pod: Option<String>,
+    /// Containers and init containers the xtask did not build (sidecars,
+    /// injected proxies, setup steps), `name (image)`: listed, never
+    /// judged by its digests.
+    pub other_containers: Vec<String>,
     /// Pods still there past their deletion time and grace period.
     pub stuck_pods: Vec<String>,
 }
@@ -53,7 +57,16 @@ pub struct DeploymentSpec {
     #[serde(default = "one")]
     pub replicas: i64,
     #[serde(default)]
+    pub selector: LabelSelector,
+    #[serde(default)]
     pub template: PodTemplate,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct LabelSelector {
+    #[serde(default)]
+    pub match_labels: std::collections::BTreeMap<String, String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -74,7 +87,45 @@ pub struct PodSpec {
     #[serde(default)]
     pub containers: Vec<Container>,
     #[serde(default)]
+    pub init_containers: Vec<Container>,
+    #[serde(default)]
     pub termination_grace_period_seconds: Option<i64>,
+}
+
+impl PodSpec {
+    /// The container that runs the image `app` is built as: the one named
+    /// `app`, else the one whose image is `app`'s repository (the
+    /// reference kustomize pinned). Sidecars are the others.
+    pub fn container_of(&self, app: &str) -> Option<&Container> {
+        self.containers.iter().find(|c| c.name == app).or_else(|| {
+            self.containers
+                .iter()
+                .find(|c| repository_name(&c.image) == app)
+        })
+    }
+
+    /// Every container and init container but `app`'s, `name (image)`.
+    pub fn others(&self, app: &str) -> Vec<String> {
+        let ours = self.container_of(app).map(|c| c.name.as_str());
+        self.init_containers
+            .iter()
+            .map(|c| format!("{} (init, {})", c.name, c.image))
+            .chain(
+                self.containers
+                    .iter()
+                    .filter(|c| Some(c.name.as_str()) != ours)
+                    .map(|c| format!("{} ({})", c.name, c.image)),
+            )
+            .collect()
+    }
+}
+
+/// The last path segment of an image reference, without tag or digest:
+/// `aiq-agent` for `127.0.0.1:5000/team/aiq-agent@sha256:...`.
+fn repository_name(image: &str) -> &str {
+    let path = image.split('@').next().unwrap_or(image);
+    let name = path.rsplit('/').next().unwrap_or(path);
+    name.split(':').next().unwrap_or(name)
 }
 
 #[derive(Debug, Deserialize)]
@@ -147,14 +198,17 @@ impl Deployment {
     /// rollout): `ReplicaFailure` (pods cannot be created: a quota, a
     /// LimitRange, Pod Security or a webhook refused them) or `Progressing`
     /// false (`progressDeadlineSeconds` passed), with the API's message.
-    pub fn stalled(&self) -> Option<String> {
+    pub fn stalled(&self) -> Option<Stalled> {
         if self.status.observed_generation < self.metadata.generation {
             return None;
         }
         self.status.conditions.iter().find_map(|c| {
-            let failed = (c.r#type == "ReplicaFailure" && c.status == "True")
-                || (c.r#type == "Progressing" && c.status == "False");
-            failed.then(|| format!("{} {}: {}", c.r#type, c.reason, c.message))
+            let replica_failure = c.r#type == "ReplicaFailure" && c.status == "True";
+            let failed = replica_failure || (c.r#type == "Progressing" && c.status == "False");
+            failed.then(|| Stalled {
+                message: format!("{} {}: {}", c.r#type, c.reason, c.message),
+                webhook_timeout: replica_failure && webhook_timed_out(&c.message),
+            })
         })
     }
 
@@ -166,10 +220,11 @@ impl Deployment {
             .cloned()
     }
 
-    /// The digest the pod template pins (`name@sha256:...`), if it pins one.
+    /// The digest the pod template pins for the app's own container
+    /// (`name@sha256:...`), if it pins one.
     pub fn pinned_digest(&self) -> Option<&str> {
-        let image = &self.spec.template.spec.containers.first()?.image;
-        image.split_once('@').map(|(_, digest)| digest)
+        let container = self.spec.template.spec.container_of(&self.metadata.name)?;
+        container.image.split_once('@').map(|(_, digest)| digest)
     }
 
     /// An annotation the deploy stamped on the pod template.
@@ -181,6 +236,28 @@ impl Deployment {
             .get(key)
             .map(String::as_str)
     }
+}
+
+/// Why a rollout cannot finish, as its Deployment's conditions say.
+#[derive(Debug, PartialEq)]
+pub struct Stalled {
+    /// `type reason: message`, the API's words.
+    pub message: String,
+    /// Pods could not be created because an admission webhook did not
+    /// answer in time: the next try may pass, unlike a refusal (a quota,
+    /// a LimitRange, Pod Security, a webhook that said no).
+    pub webhook_timeout: bool,
+}
+
+/// Whether the API server's message says it could not reach a webhook in
+/// time (`failed calling webhook "...": ... context deadline exceeded`,
+/// or the HTTP client's timeout). The message is the only place the API
+/// says so.
+fn webhook_timed_out(message: &str) -> bool {
+    message.contains("failed calling webhook")
+        && ["deadline exceeded", "Client.Timeout", "i/o timeout"]
+            .iter()
+            .any(|t| message.contains(t))
 }
 
 /// A status condition of a Deployment, a pod or a node.
@@ -285,14 +362,16 @@ impl Pod {
             .any(|c| c.image.ends_with(digest))
     }
 
-    /// Whether every container reports `digest` as the image it runs.
-    pub fn runs(&self, digest: &str) -> bool {
-        !self.status.container_statuses.is_empty()
-            && self
-                .status
-                .container_statuses
-                .iter()
-                .all(|c| c.image_id.ends_with(digest))
+    /// Whether `app`'s container reports `digest` as the image it runs
+    /// (a sidecar's image is not ours to judge).
+    pub fn runs(&self, app: &str, digest: &str) -> bool {
+        let Some(ours) = self.spec.container_of(app) else {
+            return false;
+        };
+        self.status
+            .container_statuses
+            .iter()
+            .any(|c| c.name == ours.name && c.image_id.ends_with(digest))
     }
 
     /// Still there past its `deletionTimestamp` plus its grace period: a
@@ -584,8 +663,45 @@ mod tests {
         let p = with_status(
             serde_json::json!({"containerStatuses": [{"name": "c", "ready": true, "imageID": "r/aiq-agent@sha256:new"}]}),
         );
-        assert!(p.wants("sha256:new") && p.runs("sha256:new") && p.is_ready());
-        assert!(!p.runs("sha256:old"));
+        assert!(p.wants("sha256:new") && p.runs("aiq-agent", "sha256:new") && p.is_ready());
+        assert!(!p.runs("aiq-agent", "sha256:old"));
+    }
+
+    #[test]
+    fn the_apps_own_container_is_judged_and_sidecars_are_listed() {
+        let p = pod(serde_json::json!({
+            "metadata": {"name": "p"},
+            "spec": {
+                "initContainers": [{"name": "setup", "image": "debian:bookworm-slim"}],
+                "containers": [
+                    {"name": "istio-proxy", "image": "proxy:1@sha256:other"},
+                    {"name": "web", "image": "127.0.0.1:5000/team/aiq-agent@sha256:new"},
+                ],
+            },
+            "status": {"containerStatuses": [
+                {"name": "istio-proxy", "ready": true, "imageID": "proxy@sha256:other"},
+                {"name": "web", "ready": true, "imageID": "127.0.0.1:5000/team/aiq-agent@sha256:new"},
+            ]},
+        }));
+        assert_eq!(
+            p.spec.container_of("aiq-agent").unwrap().name,
+            "web",
+            "by its image"
+        );
+        assert!(p.runs("aiq-agent", "sha256:new"), "the proxy is not judged");
+        assert!(!p.runs("aiq-agent", "sha256:other"));
+        assert!(
+            !p.runs("aiq-frontend", "sha256:new"),
+            "no container of that app"
+        );
+        assert_eq!(
+            p.spec.others("aiq-agent"),
+            [
+                "setup (init, debian:bookworm-slim)",
+                "istio-proxy (proxy:1@sha256:other)"
+            ]
+        );
+        assert_eq!(repository_name("r:5000/a/b:1.2@sha256:x"), "b");
     }
 
     #[test]
@@ -625,9 +741,22 @@ mod tests {
             {"type": "ReplicaFailure", "status": "True", "reason": "FailedCreate", "message": "pods \"d-1\" is forbidden: exceeded quota: q"},
         ]);
         assert_eq!(
-            deployment(quota.clone(), 2).stalled().as_deref(),
-            Some("ReplicaFailure FailedCreate: pods \"d-1\" is forbidden: exceeded quota: q")
+            deployment(quota.clone(), 2).stalled(),
+            Some(Stalled {
+                message:
+                    "ReplicaFailure FailedCreate: pods \"d-1\" is forbidden: exceeded quota: q"
+                        .into(),
+                webhook_timeout: false,
+            })
         );
+        let webhook = serde_json::json!([
+            {"type": "ReplicaFailure", "status": "True", "reason": "FailedCreate", "message": "Internal error occurred: failed calling webhook \"slow.example.com\": failed to call webhook: Post \"https://127.0.0.1:9443/?timeout=1s\": context deadline exceeded"},
+        ]);
+        assert!(deployment(webhook, 2).stalled().unwrap().webhook_timeout);
+        let refused = serde_json::json!([
+            {"type": "ReplicaFailure", "status": "True", "reason": "FailedCreate", "message": "admission webhook \"deny.example.com\" denied the request: no"},
+        ]);
+        assert!(!deployment(refused, 2).stalled().unwrap().webhook_timeout);
         assert_eq!(
             deployment(quota, 1).stalled(),
             None,
@@ -639,6 +768,7 @@ mod tests {
         assert!(deployment(deadline, 2)
             .stalled()
             .unwrap()
+            .message
             .starts_with("Progressing ProgressDeadlineExceeded"));
         let fine = serde_json::json!([{"type": "Available", "status": "False", "reason": "MinimumReplicasUnavailable", "message": "m"}]);
         assert_eq!(deployment(fine, 2).stalled(), None);

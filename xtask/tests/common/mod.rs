@@ -725,7 +725,8 @@ impl Drop for Namespace {
 }
 
 /// The pods of `namespace` matching `selector` that serve: Ready and not
-/// terminating; each with the imageID the runtime reports.
+/// terminating; each with the imageID the runtime reports for the app's
+/// own container (named after the selector's value).
 pub fn serving_pods(namespace: &str, selector: &str) -> Vec<(String, String)> {
     let pods = kubectl_json(&[
         "--namespace",
@@ -747,12 +748,16 @@ pub fn serving_pods(namespace: &str, selector: &str) -> Vec<(String, String)> {
             })
         })
         .map(|p| {
+            // The app's own container is named after it; a sidecar is not.
+            let app = selector.rsplit('=').next().unwrap_or_default();
+            let statuses = p["status"]["containerStatuses"].as_array().unwrap();
+            let ours = statuses
+                .iter()
+                .find(|c| c["name"] == app)
+                .unwrap_or(&statuses[0]);
             (
                 p["metadata"]["name"].as_str().unwrap().to_owned(),
-                p["status"]["containerStatuses"][0]["imageID"]
-                    .as_str()
-                    .unwrap_or_default()
-                    .to_owned(),
+                ours["imageID"].as_str().unwrap_or_default().to_owned(),
             )
         })
         .collect()
