@@ -24,6 +24,9 @@ use crate::{
 /// (with --rebuild: the digests a fresh rebuild of its source gives)
 #[derive(Args, Debug)]
 pub struct Verify {
+    /// Images to check (default: all configured)
+    #[arg(value_name = "IMAGE")]
+    pub images: Vec<String>,
     /// Rebuild, fresh and without pushing, the revision the cluster runs
     /// from its commit, on the BuildKit and base images recorded for it, and
     /// check every pod runs the rebuilt digests
@@ -42,7 +45,9 @@ pub struct Verify {
 
 impl Verify {
     pub fn run(self, exec: &Exec) -> Result<()> {
-        let (config, kube, _) = self.cluster.connect(exec, true)?;
+        let (mut config, kube, _) = self.cluster.connect(exec, true)?;
+        // Only the named images are read, rebuilt and judged.
+        config.images = config.select_images(&self.images)?;
         // A fresh CI runner reads ECR only once logged in.
         crate::registry::login(exec, &config)?;
         let history = History::read(&kube)?;
