@@ -162,8 +162,6 @@ impl<'k, 'a> Rollout<'k, 'a> {
                 .entry
                 .digests
                 .insert(name.clone(), Some(digest.clone()));
-            self.record
-                .step(kube, &format!("apply deployment/{name}"))?;
             let before: Option<Deployment> = kube.get("deployment", name)?;
             // Pods from before the apply are judged by their present state
             // only (see `Pod::failure`).
@@ -174,29 +172,37 @@ impl<'k, 'a> Rollout<'k, 'a> {
             .into_iter()
             .map(|p| p.metadata.name)
             .collect();
+            // Counted as changed before its apply starts, and recorded so:
+            // an apply that fails half-way (the Deployment applied, a later
+            // object refused) or a run killed during it has changed it.
+            self.record.entry.changed.push(name.clone());
+            // None: it did not exist. One without a revision annotation
+            // gets no entry, so a plain undo.
+            match &before {
+                None => {
+                    self.record.entry.previous.insert(name.clone(), None);
+                }
+                Some(existed) => {
+                    if let Some(revision) = existed.revision() {
+                        self.record
+                            .entry
+                            .previous
+                            .insert(name.clone(), Some(revision));
+                    }
+                }
+            }
+            self.record
+                .step(kube, &format!("apply deployment/{name}"))?;
             let step = format!("apply and roll out deployment/{name}");
             kube.exec.step(step, || {
                 kube.exec.run(&kube.apply(overlay, name))?;
                 let after: Option<Deployment> = kube.get("deployment", name)?;
                 if before.as_ref().map(|d| d.metadata.generation)
-                    != after.as_ref().map(|d| d.metadata.generation)
+                    == after.as_ref().map(|d| d.metadata.generation)
                 {
-                    self.record.entry.changed.push(name.clone());
-                    // None: it did not exist. One without a revision
-                    // annotation gets no entry, so a plain undo.
-                    match &before {
-                        None => {
-                            self.record.entry.previous.insert(name.clone(), None);
-                        }
-                        Some(existed) => {
-                            if let Some(revision) = existed.revision() {
-                                self.record
-                                    .entry
-                                    .previous
-                                    .insert(name.clone(), Some(revision));
-                            }
-                        }
-                    }
+                    // The apply changed nothing: nothing to undo.
+                    self.record.entry.changed.retain(|c| c != name);
+                    self.record.entry.previous.remove(name);
                 }
                 wait(kube, self.flags, name, Some((&digest, &existing)), deadline)?;
                 let (ready, stuck) = verify_pods(kube, name, &digest)?;

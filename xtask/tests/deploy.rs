@@ -223,6 +223,19 @@ impl Fixture {
             .collect()
     }
 
+    /// A merge patch of the history ConfigMap, as someone editing it would.
+    fn patch_history(&self, patch: &Value) {
+        self.kubectl(&[
+            "patch",
+            "configmap",
+            "xtask-deploy-history",
+            "--type",
+            "merge",
+            "--patch",
+            &patch.to_string(),
+        ]);
+    }
+
     fn lease(&self) -> Value {
         self.get(&["get", "lease", "xtask-deploy-lock", "--ignore-not-found"])
     }
@@ -416,6 +429,29 @@ fn assert_failed_and_rolled_back(fx: &Fixture, run: &XtaskRun, reason: &str, pre
     }
     assert_eq!(fx.lease(), Value::Null, "lock released after a failure");
     assert_eq!(fx.history().pop().unwrap()["result"], "failed, rolled back");
+}
+
+/// An apply that fails half-way is rolled back too: fxweb's Deployment is
+/// applied, then its PodDisruptionBudget is refused by the API server
+/// (`minAvailable: half` is neither a number nor a percentage), so kubectl
+/// exits 1 with the Deployment already changed. It counts as changed from
+/// before its apply starts, so the rollback returns it to the first build.
+#[test]
+fn an_apply_that_fails_half_way_is_rolled_back() {
+    let (fx, previous) = serving_first_commit();
+    std::fs::write(
+        fx.root().join("k8s/budget.yaml"),
+        "apiVersion: policy/v1\nkind: PodDisruptionBudget\nmetadata:\n  name: fxweb\n  labels:\n    app.kubernetes.io/name: fxweb\nspec:\n  minAvailable: half\n  selector:\n    matchLabels:\n      app.kubernetes.io/name: fxweb\n",
+    )
+    .unwrap();
+    std::fs::write(
+        fx.root().join("k8s/kustomization.yaml"),
+        "resources:\n  - workloads.yaml\n  - budget.yaml\n",
+    )
+    .unwrap();
+    fx.commit(HEALTHY_APP);
+    let run = fx.deploy(&[]);
+    assert_failed_and_rolled_back(&fx, &run, "minAvailable", &previous);
 }
 
 /// The failure names fxweb's crash: its exit code as the first poll after
@@ -963,15 +999,7 @@ fn status_and_verify_compare_the_cluster_with_head() {
         verified.stdout
     );
     // An entry someone broke by hand is skipped, not fatal.
-    fx.kubectl(&[
-        "patch",
-        "configmap",
-        "xtask-deploy-history",
-        "--type",
-        "merge",
-        "--patch",
-        r#"{"data": {"0-hand-edited": "{not json"}}"#,
-    ]);
+    fx.patch_history(&json!({"data": {"0-hand-edited": "{not json"}}));
     let status = fx.run(&["status"]);
     status.assert_ok();
     assert!(
@@ -2103,15 +2131,7 @@ fn a_writer_whose_clock_ran_ahead_does_not_reorder_the_history() {
     // The same entry, as a writer whose clock said 2100 would have keyed it.
     let ahead = format!("4102444800-{}", key.split_once('-').unwrap().1);
     let patch = json!({"data": {key.as_str(): null, ahead.as_str(): value}});
-    fx.kubectl(&[
-        "patch",
-        "configmap",
-        "xtask-deploy-history",
-        "--type",
-        "merge",
-        "--patch",
-        &patch.to_string(),
-    ]);
+    fx.patch_history(&patch);
     let head = fx.commit(HEALTHY_APP);
     fx.deploy(&[]).assert_ok();
     let history = fx.history();

@@ -167,17 +167,10 @@ impl Deploy {
             Vec::new()
         };
         let cause = format!("cargo xtask deploy {}", rev.tag());
-        let overlay = exec.step("render the digest-pinned overlay", || {
-            render_overlay(
-                exec,
-                &kube.kubectl,
-                config,
-                &built,
-                rev,
-                &cause,
-                &autoscaled,
-            )
-        })?;
+        let render = |built: &[BuiltImage]| {
+            render_overlay(exec, &kube.kubectl, config, built, rev, &cause, &autoscaled)
+        };
+        let overlay = exec.step("render the digest-pinned overlay", || render(&built))?;
         // Changes no value: who owns the replica count (a dry run prints it).
         kube.hand_over_replicas(&autoscaled)?;
         if exec.dry_run {
@@ -207,15 +200,7 @@ impl Deploy {
                 .context("the seeded build has no digest")?;
             built.retain(|b| b.name != name);
             built.push(pushed);
-            render_overlay(
-                exec,
-                &kube.kubectl,
-                config,
-                &built,
-                rev,
-                &cause,
-                &autoscaled,
-            )?;
+            render(&built)?;
             docker::write_build_file(config, rev, &built, &inputs)?;
             Ok(digest)
         };
