@@ -827,25 +827,25 @@ impl Drop for Webhook {
 /// answer again (a refusal still fails at once: see the quota and policy
 /// tests). The webhook is a listener on loopback that accepts connections
 /// and never answers (a fixture: an overloaded webhook cannot be had on
-/// demand), for pods of the test's namespace only; it is removed 5 s after
-/// the failure shows, and the deploy then succeeds.
+/// demand), for pods of the test's namespace only; it is removed once the
+/// deploy says it is waiting for it, and the deploy then succeeds.
 #[test]
 fn a_webhook_that_timed_out_gets_a_short_budget_to_answer() {
     let fx = Fixture::new();
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = listener.local_addr().unwrap().port();
-    listener.set_nonblocking(true).unwrap();
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    // Holds every connection open, unanswered, until stopped (the test's
+    // own last connection wakes it).
     let holder = {
         let stop = stop.clone();
         std::thread::spawn(move || {
             let mut held = Vec::new();
-            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                match listener.accept() {
-                    Ok((conn, _)) => held.push(conn),
-                    // Nothing to accept: the listener's own poll cadence.
-                    Err(_) => std::thread::sleep(Duration::from_millis(20)),
+            for conn in listener.incoming() {
+                if stop.load(std::sync::atomic::Ordering::SeqCst) {
+                    break;
                 }
+                held.push(conn);
             }
         })
     };
@@ -872,27 +872,17 @@ fn a_webhook_that_timed_out_gets_a_short_budget_to_answer() {
     let webhook = Webhook(name);
     let mut args = vec!["deploy"];
     args.extend_from_slice(FAST);
-    let deploy = fx.spawn(&args);
-    wait_for("pod creation fails on the webhook", 90, || {
-        let fxapi = fx.get(&["get", "deployment", "fxapi", "--ignore-not-found"]);
-        fxapi["status"]["conditions"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .any(|c| c["type"] == "ReplicaFailure" && c["status"] == "True")
-    });
-    // The outage's length: the deploy must ride it out.
-    std::thread::sleep(Duration::from_secs(5));
+    let mut deploy = fx.spawn(&args);
+    let watch = StderrWatch::new(&mut deploy);
+    // The deploy has seen pods fail on the webhook and rides it out.
+    watch.wait_for("waiting up to 30s for the webhook to answer", 120);
     drop(webhook);
-    let out = deploy.wait_with_output().unwrap();
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let status = deploy.wait().unwrap();
+    let stderr = watch.finish();
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let _ = std::net::TcpStream::connect(("127.0.0.1", port));
     holder.join().unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{stderr}");
-    assert!(
-        stderr.contains("waiting up to 30s for the webhook to answer"),
-        "{stderr}"
-    );
+    assert!(status.success(), "{stderr}");
     let digests = fx.digests();
     for name in ["fxapi", "fxweb"] {
         fx.assert_serving(name, digests[name].as_str().unwrap());
@@ -1202,10 +1192,14 @@ fn wait_until_applying_fxweb(fx: &Fixture, entries: usize) {
 }
 
 fn signal(child: &std::process::Child, name: &str) {
+    signal_pid(child.id(), name);
+}
+
+fn signal_pid(pid: u32, name: &str) {
     ok(
         Path::new("."),
         "kill",
-        &[&format!("-{name}"), &child.id().to_string()],
+        &[&format!("-{name}"), &pid.to_string()],
     );
 }
 
@@ -1329,43 +1323,31 @@ fn a_lease_that_only_looks_expired_is_not_taken_while_its_holder_renews_it() {
     let file = dir.path().join("lease.json");
     std::fs::write(&file, lease.to_string()).unwrap();
     fx.kubectl(&["create", "--filename", &file.display().to_string()]);
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let renewer = {
-        let (stop, namespace) = (stop.clone(), fx.namespace.0.clone());
-        std::thread::spawn(move || {
-            let mut second = 0;
-            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
-                second += 1;
-                let patch = format!(
-                    r#"{{"spec": {{"renewTime": "2020-01-01T00:00:{:02}.000000Z"}}}}"#,
-                    second % 60
-                );
-                kubectl(&[
-                    "--namespace",
-                    &namespace,
-                    "patch",
-                    "lease",
-                    "xtask-deploy-lock",
-                    "--type",
-                    "merge",
-                    "--patch",
-                    &patch,
-                ]);
-                // Not a wait: the other holder's renewal cadence.
-                std::thread::sleep(Duration::from_secs(1));
-            }
-        })
-    };
-    let run = fx.deploy(&[]);
-    stop.store(true, std::sync::atomic::Ordering::SeqCst);
-    renewer.join().unwrap();
-    run.assert_fails(2, "it was renewed while this deploy watched it");
+    let mut args = vec!["deploy"];
+    args.extend_from_slice(FAST);
+    let mut deploy = fx.spawn(&args);
+    let watch = StderrWatch::new(&mut deploy);
+    // Once the deploy watches the lease, its holder renews it (with its
+    // clock, still years behind).
+    watch.wait_for("looks expired; watching it for", 60);
+    fx.kubectl(&[
+        "patch",
+        "lease",
+        "xtask-deploy-lock",
+        "--type",
+        "merge",
+        "--patch",
+        r#"{"spec": {"renewTime": "2020-01-01T00:00:01.000000Z"}}"#,
+    ]);
+    let status = deploy.wait().unwrap();
+    let stderr = watch.finish();
+    assert_eq!(status.code(), Some(2), "{stderr}");
     assert!(
-        run.stderr.contains("carol@skewed (pid 7)"),
-        "{}",
-        run.stderr
+        stderr.contains("it was renewed while this deploy watched it"),
+        "{stderr}"
     );
-    assert!(!run.stderr.contains("docker buildx bake"), "nothing built");
+    assert!(stderr.contains("carol@skewed (pid 7)"), "{stderr}");
+    assert!(!stderr.contains("docker buildx bake"), "nothing built");
     assert_eq!(fx.lease()["spec"]["holderIdentity"], "carol@skewed (pid 7)");
 }
 
@@ -1419,7 +1401,8 @@ fn a_passing_api_outage_does_not_end_the_deploy() {
     let (fx, _) = serving_first_commit();
     fx.commit("trap 'exit 0' TERM\nsleep 15\ntouch /tmp/ready\nwhile true; do sleep 1; done\n");
     let entries = fx.history().len();
-    let child = fx.spawn(&["deploy", "--poll-interval", "0.2", "--grace", "60"]);
+    let mut child = fx.spawn(&["deploy", "--poll-interval", "0.2", "--grace", "60"]);
+    let watch = StderrWatch::new(&mut child);
     wait_until_applying_fxweb(&fx, entries);
     // The outage comes while the deploy waits on fxweb's new pod (ready
     // only after 15 s).
@@ -1444,13 +1427,13 @@ fn a_passing_api_outage_does_not_end_the_deploy() {
     let apiserver = std::fs::read_to_string(state.join("run/kube-apiserver.pid")).unwrap();
     let stopped = Stopped(apiserver.trim().to_owned());
     ok(Path::new("."), "kill", &["-STOP", &stopped.0]);
-    // Not a wait for anything: the outage's length, longer than one read's
-    // bound, is what this test is about.
-    std::thread::sleep(Duration::from_secs(8));
+    // Stopped until a read of the deploy has run out its bound and is
+    // retried: an outage longer than one read, which it must ride out.
+    watch.wait_for("reading the cluster failed (try 1 of 3), retrying", 60);
     drop(stopped);
-    let out = child.wait_with_output().unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    let status = child.wait().unwrap();
+    let stderr = watch.finish();
+    assert_eq!(status.code(), Some(0), "{stderr}");
     assert!(
         stderr.contains("reading the cluster failed (try 1 of 3), retrying"),
         "{stderr}"
@@ -2233,31 +2216,41 @@ fn a_cancelled_github_job_still_records_the_interrupt_and_releases_the_lock() {
     for second_after in [Duration::from_millis(7500), Duration::from_millis(30)] {
         fx.commit(NEVER_READY_APP);
         let entries = fx.history().len();
-        let mut run = fx.spawn(&args);
+        let run = fx.spawn(&args);
         wait_until_applying_fxweb(&fx, entries);
+        let pid = run.id();
+        // The run's exit, told to the schedule below as it happens.
+        let (exit_tx, exited) = std::sync::mpsc::channel();
+        let waiter = std::thread::spawn(move || {
+            let out = run.wait_with_output().unwrap();
+            let _ = exit_tx.send(());
+            out
+        });
         let started = Instant::now();
-        signal(&run, "INT");
+        signal_pid(pid, "INT");
         let schedule = [
             (second_after, "TERM"),
             (second_after + Duration::from_millis(2500), "KILL"),
         ];
         let mut sent = vec!["INT"];
-        let status = loop {
-            if let Some(status) = run.try_wait().unwrap() {
-                break status;
-            }
-            if let Some((_, name)) = schedule
-                .iter()
-                .find(|(at, name)| started.elapsed() >= *at && !sent.contains(name))
+        for (at, name) in schedule {
+            // The next signal when it is due, unless the run ends first.
+            if exited
+                .recv_timeout(at.saturating_sub(started.elapsed()))
+                .is_ok()
             {
-                signal(&run, name);
-                sent.push(name);
+                break;
             }
-            std::thread::sleep(Duration::from_millis(10));
-        };
-        let out = run.wait_with_output().unwrap();
+            signal_pid(pid, name);
+            sent.push(name);
+        }
+        let out = waiter.join().unwrap();
         let stderr = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(status.code(), Some(130), "signals sent: {sent:?}\n{stderr}");
+        assert_eq!(
+            out.status.code(),
+            Some(130),
+            "signals sent: {sent:?}\n{stderr}"
+        );
         assert!(
             !sent.contains(&"KILL"),
             "it outlived the window: {sent:?}\n{stderr}"

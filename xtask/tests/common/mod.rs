@@ -269,6 +269,63 @@ pub fn wait_for(what: &str, secs: u64, mut condition: impl FnMut() -> bool) {
     }
 }
 
+/// The stderr of a running xtask, read line by line as it comes, so a test
+/// can wait for the moment the run says something (no polling: a condition
+/// variable wakes the waiter at each line).
+pub struct StderrWatch {
+    lines: std::sync::Arc<(std::sync::Mutex<(String, bool)>, std::sync::Condvar)>,
+    reader: std::thread::JoinHandle<()>,
+}
+
+impl StderrWatch {
+    /// Takes `child`'s piped stderr.
+    pub fn new(child: &mut std::process::Child) -> StderrWatch {
+        use std::io::BufRead;
+        let stderr = child.stderr.take().expect("stderr piped");
+        let lines = std::sync::Arc::new((
+            std::sync::Mutex::new((String::new(), false)),
+            std::sync::Condvar::new(),
+        ));
+        let shared = lines.clone();
+        let reader = std::thread::spawn(move || {
+            let (text, changed) = &*shared;
+            for line in std::io::BufReader::new(stderr).lines() {
+                let line = line.unwrap_or_default();
+                text.lock().unwrap().0.push_str(&(line + "\n"));
+                changed.notify_all();
+            }
+            text.lock().unwrap().1 = true;
+            changed.notify_all();
+        });
+        StderrWatch { lines, reader }
+    }
+
+    /// Waits until the run has printed `needle`, at most `secs`; panics
+    /// with what it printed otherwise (or if it ended first).
+    pub fn wait_for(&self, needle: &str, secs: u64) {
+        let (text, changed) = &*self.lines;
+        let (guard, timeout) = changed
+            .wait_timeout_while(
+                text.lock().unwrap(),
+                Duration::from_secs(secs),
+                |(seen, ended)| !seen.contains(needle) && !*ended,
+            )
+            .unwrap();
+        assert!(
+            !timeout.timed_out() && guard.0.contains(needle),
+            "the run did not print {needle:?} within {secs}s:\n{}",
+            guard.0
+        );
+    }
+
+    /// Everything the run printed, once its stderr has closed.
+    pub fn finish(self) -> String {
+        self.reader.join().unwrap();
+        let (text, _) = &*self.lines;
+        std::mem::take(&mut text.lock().unwrap().0)
+    }
+}
+
 /// Waits until `addr` answers `path` with 200, up to `secs`.
 pub fn wait_http(addr: &str, path: &str, secs: u64) {
     wait_for(&format!("{addr}{path} answers 200"), secs, || {
