@@ -494,6 +494,21 @@ pub fn write_build_file(
 mod tests {
     use super::*;
 
+    /// Bake inputs with no dependency stores and the test secret.
+    fn inputs<'a>(
+        tree: &'a str,
+        bases: &'a BTreeMap<String, String>,
+        fresh: bool,
+    ) -> BakeInputs<'a> {
+        BakeInputs {
+            tree: Path::new(tree),
+            stores: &[],
+            bases,
+            secret: Path::new("/secret"),
+            fresh,
+        }
+    }
+
     #[test]
     fn bake_file_tags_labels_and_args() {
         let c = Config::example();
@@ -505,13 +520,7 @@ mod tests {
             &c,
             &c.images,
             &Revision::example(None),
-            &BakeInputs {
-                tree: Path::new("/repo/target/xtask/context/0123456789ab"),
-                stores: &[],
-                bases: &bases,
-                secret: Path::new("/secret"),
-                fresh: true,
-            },
+            &inputs("/repo/target/xtask/context/0123456789ab", &bases, true),
         );
         let target = &bake["target"]["aiq-agent"];
         assert_eq!(
@@ -544,13 +553,7 @@ mod tests {
             &c,
             &c.images,
             &Revision::example(None),
-            &BakeInputs {
-                tree: Path::new("/x"),
-                stores: &[],
-                bases: &bases,
-                secret: Path::new("/secret"),
-                fresh: false,
-            },
+            &inputs("/x", &bases, false),
         );
         assert!(
             cached["target"]["aiq-agent"]["args"]
@@ -574,13 +577,7 @@ mod tests {
             &c,
             &c.images,
             &Revision::example(Some("deadbeef")),
-            &BakeInputs {
-                tree: Path::new("/x"),
-                stores: &[],
-                bases: &BTreeMap::new(),
-                secret: Path::new("/secret"),
-                fresh: true,
-            },
+            &inputs("/x", &BTreeMap::new(), true),
         );
         assert_eq!(
             tags(&c, &c.images[0], &Revision::example(Some("deadbeef"))),

@@ -204,8 +204,9 @@ impl<'k, 'a> Rollout<'k, 'a> {
                     self.record.entry.changed.retain(|c| c != name);
                     self.record.entry.previous.remove(name);
                 }
-                wait(kube, self.flags, name, Some((&digest, &existing)), deadline)?;
-                let (ready, stuck) = verify_pods(kube, name, &digest)?;
+                let rolled_out =
+                    wait(kube, self.flags, name, Some((&digest, &existing)), deadline)?;
+                let (ready, stuck) = verify_pods(kube, &rolled_out, &digest)?;
                 self.verified.push(Verified {
                     name: name.clone(),
                     digest: digest.clone(),
@@ -234,13 +235,14 @@ const WEBHOOK_BUDGET: Duration = Duration::from_secs(30);
 /// Polls until `name` has rolled out; with `digest` (and the pods that
 /// existed before the apply), fails as soon as a pod of that digest shows a
 /// state that will not fix itself. Reports progress as it changes.
+/// Returns the Deployment as it was when it had rolled out.
 pub fn wait(
     kube: &Kube,
     flags: &WaitFlags,
     name: &str,
     watched: Option<(&str, &HashSet<String>)>,
     deadline: Instant,
-) -> Result<()> {
+) -> Result<Deployment> {
     let mut last = None;
     // When each new pod was first seen unschedulable, on our own clock.
     let mut unschedulable: std::collections::HashMap<String, Instant> = Default::default();
@@ -325,7 +327,7 @@ pub fn wait(
             );
         }
         if deployment.rolled_out() {
-            return Ok(());
+            return Ok(deployment);
         }
         if Instant::now() > deadline {
             bail!(
@@ -360,12 +362,9 @@ pub fn roll_back(
             eprintln!("deployment/{name} did not exist before this deploy: deleted");
             continue;
         }
-        wait(kube, flags, name, None, deadline)?;
-        let restored: Deployment = kube
-            .get("deployment", name)?
-            .with_context(|| format!("deployment/{name} does not exist"))?;
+        let restored = wait(kube, flags, name, None, deadline)?;
         if let Some(digest) = restored.pinned_digest() {
-            verify_pods(kube, name, digest)?;
+            verify_pods(kube, &restored, digest)?;
         }
     }
     Ok(())
@@ -374,11 +373,13 @@ pub fn roll_back(
 /// Every ready pod reports `digest`, and no pod of an older ReplicaSet is
 /// still ready. Returns how many pods are ready, and the pods stuck
 /// terminating.
-pub fn verify_pods(kube: &Kube, name: &str, digest: &str) -> Result<(usize, Vec<String>)> {
-    let deployment: Deployment = kube
-        .get("deployment", name)?
-        .with_context(|| format!("deployment/{name} does not exist"))?;
-    let pods = kube.pods(&deployment)?;
+pub fn verify_pods(
+    kube: &Kube,
+    deployment: &Deployment,
+    digest: &str,
+) -> Result<(usize, Vec<String>)> {
+    let name = &deployment.metadata.name;
+    let pods = kube.pods(deployment)?;
     let ready: Vec<_> = pods.iter().filter(|p| p.is_ready()).collect();
     if ready.is_empty() {
         // Scaled to zero on purpose: rolled out, with nothing to run.

@@ -809,16 +809,7 @@ struct Webhook(String);
 
 impl Drop for Webhook {
     fn drop(&mut self) {
-        let _ = run(
-            Path::new("."),
-            "kubectl",
-            &[
-                "delete",
-                "validatingwebhookconfiguration",
-                &self.0,
-                "--ignore-not-found",
-            ],
-        );
+        delete_object("validatingwebhookconfiguration", &self.0);
     }
 }
 

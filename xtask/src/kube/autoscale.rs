@@ -19,7 +19,7 @@ use crate::exec::Cmd;
 pub const HANDOVER_MANAGER: &str = "handover-to-hpa";
 
 /// An existing Deployment an autoscaler scales.
-#[derive(Debug, PartialEq)]
+#[derive(Debug)]
 pub struct Autoscaled {
     pub name: String,
     /// Its live count, to hand over first: the xtask's apply still owns
@@ -39,27 +39,37 @@ impl Kube<'_> {
         let targets = scale_targets(manifests.iter().chain(&live));
         let mut autoscaled = Vec::new();
         for name in names.iter().filter(|n| targets.contains(n.as_str())) {
-            let json = self.read(&[
-                "get",
-                "deployment",
-                name,
-                "--ignore-not-found",
-                "--show-managed-fields",
-                "--output",
-                "json",
-            ])?;
-            if json.trim().is_empty() {
-                continue;
+            if let Some(hand_over) = self.replicas_to_hand_over(name)? {
+                autoscaled.push(Autoscaled {
+                    name: name.clone(),
+                    hand_over,
+                });
             }
-            let deployment: Value = serde_json::from_str(&json)
-                .with_context(|| format!("parsing `kubectl get deployment {name}`"))?;
-            autoscaled.push(Autoscaled {
-                name: name.clone(),
-                hand_over: owns_replicas(&deployment)
-                    .then(|| deployment["spec"]["replicas"].as_i64().unwrap_or(1)),
-            });
         }
         Ok(autoscaled)
+    }
+
+    /// For an existing Deployment `name`, its live replica count if the
+    /// xtask's apply owns the field (`Some(None)` if it does not); `None`
+    /// if it does not exist.
+    fn replicas_to_hand_over(&self, name: &str) -> Result<Option<Option<i64>>> {
+        let json = self.read(&[
+            "get",
+            "deployment",
+            name,
+            "--ignore-not-found",
+            "--show-managed-fields",
+            "--output",
+            "json",
+        ])?;
+        if json.trim().is_empty() {
+            return Ok(None);
+        }
+        let deployment: Value = serde_json::from_str(&json)
+            .with_context(|| format!("parsing `kubectl get deployment {name}`"))?;
+        Ok(Some(owns_replicas(&deployment).then(|| {
+            deployment["spec"]["replicas"].as_i64().unwrap_or(1)
+        })))
     }
 
     /// Hands `spec.replicas` of each autoscaled Deployment the xtask still
@@ -73,14 +83,7 @@ impl Kube<'_> {
             };
             let handed = self.exec.run(&self.replicas_apply(&scaled.name, replicas));
             if let Err(error) = handed {
-                let again = self.autoscaled(&[], std::slice::from_ref(&scaled.name));
-                if !matches!(
-                    again.as_deref(),
-                    Ok([Autoscaled {
-                        hand_over: None,
-                        ..
-                    }])
-                ) {
+                if !matches!(self.replicas_to_hand_over(&scaled.name), Ok(Some(None))) {
                     return Err(error.context(format!(
                         "handing deployment/{}'s spec.replicas to its autoscaler",
                         scaled.name

@@ -767,18 +767,18 @@ pub struct Namespace(pub String);
 
 impl Drop for Namespace {
     fn drop(&mut self) {
-        let _ = run(
-            Path::new("."),
-            "kubectl",
-            &[
-                "delete",
-                "namespace",
-                &self.0,
-                "--wait=false",
-                "--ignore-not-found",
-            ],
-        );
+        delete_object("namespace", &self.0);
     }
+}
+
+/// `kubectl delete KIND NAME`, without waiting and whatever its outcome:
+/// for the guards that clean up after a test.
+pub fn delete_object(kind: &str, name: &str) {
+    let _ = run(
+        Path::new("."),
+        "kubectl",
+        &["delete", kind, name, "--wait=false", "--ignore-not-found"],
+    );
 }
 
 /// The pods of `namespace` matching `selector` that serve: Ready and not
