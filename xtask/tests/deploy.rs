@@ -236,6 +236,19 @@ impl Fixture {
         ]);
     }
 
+    /// A merge patch of the deploy lock's lease, as its holder would write.
+    fn patch_lease(&self, patch: &str) {
+        self.kubectl(&[
+            "patch",
+            "lease",
+            "xtask-deploy-lock",
+            "--type",
+            "merge",
+            "--patch",
+            patch,
+        ]);
+    }
+
     fn lease(&self) -> Value {
         self.get(&["get", "lease", "xtask-deploy-lock", "--ignore-not-found"])
     }
@@ -1264,15 +1277,9 @@ fn deploys_take_turns_and_an_interrupted_or_killed_one_says_where_it_stopped() {
     killed.wait_with_output().unwrap();
     assert_ne!(fx.lease(), Value::Null, "a killed deploy leaves its lock");
     assert!(fx.run(&["status"]).stdout.contains("deploy lock: held by"));
-    fx.kubectl(&[
-        "patch",
-        "lease",
-        "xtask-deploy-lock",
-        "--type",
-        "merge",
-        "--patch",
+    fx.patch_lease(
         r#"{"spec": {"renewTime": "2020-01-01T00:00:00.000000Z", "leaseDurationSeconds": 3}}"#,
-    ]);
+    );
     let status = fx.run(&["status"]);
     assert!(
         status
@@ -1321,15 +1328,7 @@ fn a_lease_that_only_looks_expired_is_not_taken_while_its_holder_renews_it() {
     // Once the deploy watches the lease, its holder renews it (with its
     // clock, still years behind).
     watch.wait_for("looks expired; watching it for", 60);
-    fx.kubectl(&[
-        "patch",
-        "lease",
-        "xtask-deploy-lock",
-        "--type",
-        "merge",
-        "--patch",
-        r#"{"spec": {"renewTime": "2020-01-01T00:00:01.000000Z"}}"#,
-    ]);
+    fx.patch_lease(r#"{"spec": {"renewTime": "2020-01-01T00:00:01.000000Z"}}"#);
     let status = deploy.wait().unwrap();
     let stderr = watch.finish();
     assert_eq!(status.code(), Some(2), "{stderr}");
@@ -1349,15 +1348,7 @@ fn a_deploy_that_loses_its_lock_stops_and_leaves_the_new_holder_alone() {
     let entries = fx.history().len();
     let child = fx.spawn(&["deploy", "--poll-interval", "0.2", "--grace", "600"]);
     wait_until_applying_fxweb(&fx, entries);
-    fx.kubectl(&[
-        "patch",
-        "lease",
-        "xtask-deploy-lock",
-        "--type",
-        "merge",
-        "--patch",
-        r#"{"spec": {"holderIdentity": "mallory@elsewhere (pid 1)"}}"#,
-    ]);
+    fx.patch_lease(r#"{"spec": {"holderIdentity": "mallory@elsewhere (pid 1)"}}"#);
     let out = child.wait_with_output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
