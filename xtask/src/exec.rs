@@ -277,15 +277,21 @@ impl<'a> Exec<'a> {
 
     /// Runs a read-only query and returns its stdout, trimmed.
     pub fn read(&self, cmd: &Cmd) -> Result<String> {
+        String::from_utf8(self.read_bytes(cmd)?)
+            .map(|s| s.trim_end().to_owned())
+            .with_context(|| format!("`{cmd}` printed non-UTF-8 output"))
+    }
+
+    /// Runs a query (or a transform with no side effect, such as `gzip
+    /// -c`) and returns its stdout as it is.
+    pub fn read_bytes(&self, cmd: &Cmd) -> Result<Vec<u8>> {
         let output = self.capture(cmd)?;
         if !output.status.success() {
             let stderr = String::from_utf8_lossy(&output.stderr);
             let reason = stderr.trim().lines().last().unwrap_or("no output");
             bail!("`{cmd}` failed ({}): {reason}", output.status);
         }
-        String::from_utf8(output.stdout)
-            .map(|s| s.trim_end().to_owned())
-            .with_context(|| format!("`{cmd}` printed non-UTF-8 output"))
+        Ok(output.stdout)
     }
 
     /// Runs a query and returns stdout and stderr together, whatever its

@@ -13,6 +13,7 @@ use crate::{
     docker::{BuiltImage, Inputs},
     git::Revision,
     kube::Kube,
+    snapshot::{Snapshot, PREFIX},
     time::{now_epoch, rfc3339},
 };
 
@@ -51,6 +52,10 @@ pub struct Entry {
     /// null for one this run created.
     #[serde(default)]
     pub previous: BTreeMap<String, Option<String>>,
+    /// The objects (`kind.group/name`) applied with each changed deployment
+    /// that did not exist before this run: a rollback deletes them.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub created: BTreeMap<String, Vec<String>>,
     /// The BuildKit version and base image digests the images were built
     /// on: what `verify --rebuild` builds them again with.
     #[serde(default, flatten)]
@@ -75,6 +80,7 @@ impl Entry {
             step: String::new(),
             changed: Vec::new(),
             previous: BTreeMap::new(),
+            created: BTreeMap::new(),
             inputs: Inputs::default(),
         }
     }
@@ -115,11 +121,13 @@ impl Entry {
 }
 
 /// The namespace's history as read once: whether its ConfigMap exists yet,
-/// and its entries, oldest first.
+/// its entries, oldest first, and the manifests kept of the newest
+/// successful ones (encoded, by entry key).
 #[derive(Debug, Default)]
 pub struct History {
     exists: bool,
     pub entries: Vec<(String, Entry)>,
+    snapshots: BTreeMap<String, String>,
 }
 
 impl History {
@@ -130,6 +138,8 @@ impl History {
         struct ConfigMap {
             #[serde(default)]
             data: BTreeMap<String, String>,
+            #[serde(default, rename = "binaryData")]
+            binary_data: BTreeMap<String, String>,
         }
         let Some(map) = kube.get::<ConfigMap>("configmap", &kube.history_name)? else {
             return Ok(History::default());
@@ -148,10 +158,35 @@ impl History {
                 }
             })
             .collect();
+        let snapshots = map
+            .binary_data
+            .into_iter()
+            .filter_map(|(key, value)| Some((key.strip_prefix(PREFIX)?.to_owned(), value)))
+            .collect();
         Ok(History {
             exists: true,
             entries,
+            snapshots,
         })
+    }
+
+    /// The manifests of the newest successful rollout before the entry
+    /// `key`: what undoing that entry returns to. `None` if none were kept
+    /// (a history an older xtask wrote) or they cannot be read (warned).
+    pub fn snapshot_before(&self, kube: &Kube, key: &str) -> Option<Snapshot> {
+        let (kept, text) = self
+            .snapshots
+            .range::<str, _>((std::ops::Bound::Unbounded, std::ops::Bound::Excluded(key)))
+            .next_back()?;
+        match Snapshot::decode(kube.exec, text) {
+            Ok(snapshot) => Some(snapshot),
+            Err(e) => {
+                kube.exec.output.warn(&format!(
+                    "the manifests kept for history entry {kept} cannot be read ({e:#}): rolling back the pod templates only"
+                ));
+                None
+            }
+        }
     }
 
     /// Warns when the newest entry never finished (interrupted, or killed
@@ -168,8 +203,10 @@ impl History {
 
 /// One entry of the history, written as the run goes.
 pub struct Record {
-    key: String,
+    pub key: String,
     pub entry: Entry,
+    /// The entry keys of the manifests kept when the run started.
+    kept: Vec<String>,
 }
 
 impl Record {
@@ -187,12 +224,16 @@ impl Record {
             &entry.revision[..12.min(entry.revision.len())]
         );
         let expired = existing.len().saturating_sub(KEEP - 1);
-        let record = Record { key, entry };
+        let record = Record {
+            key,
+            entry,
+            kept: history.snapshots.keys().cloned().collect(),
+        };
         let mut data = serde_json::Map::new();
         for (old, _) in &existing[..expired] {
             data.insert(old.clone(), serde_json::Value::Null);
         }
-        record.write_with(kube, data)?;
+        record.write_with(kube, data, serde_json::Map::new())?;
         Ok(record)
     }
 
@@ -206,18 +247,40 @@ impl Record {
         self.write(kube)
     }
 
-    fn write(&self, kube: &Kube) -> Result<()> {
-        self.write_with(kube, serde_json::Map::new())
+    /// Finishes as succeeded, keeping `applied` (what now runs) in the
+    /// same write, and dropping kept manifests beyond the newest
+    /// [`KEEP`](crate::snapshot::KEEP).
+    pub fn succeed(&mut self, kube: &Kube, applied: &Snapshot) -> Result<()> {
+        self.entry.result = SUCCEEDED.into();
+        let mut binary = serde_json::Map::new();
+        let older = self.kept.len().saturating_sub(crate::snapshot::KEEP - 1);
+        for old in &self.kept[..older] {
+            binary.insert(format!("{PREFIX}{old}"), serde_json::Value::Null);
+        }
+        binary.insert(
+            format!("{PREFIX}{}", self.key),
+            json!(applied.encode(kube.exec)?),
+        );
+        self.write_with(kube, serde_json::Map::new(), binary)
     }
 
-    /// A merge patch of this entry, plus `data` (a null value deletes).
+    fn write(&self, kube: &Kube) -> Result<()> {
+        self.write_with(kube, serde_json::Map::new(), serde_json::Map::new())
+    }
+
+    /// A merge patch of this entry, plus `data` and `binary_data` (a null
+    /// value deletes).
     fn write_with(
         &self,
         kube: &Kube,
         mut data: serde_json::Map<String, serde_json::Value>,
+        binary_data: serde_json::Map<String, serde_json::Value>,
     ) -> Result<()> {
         data.insert(self.key.clone(), json!(serde_json::to_string(&self.entry)?));
-        let patch = json!({ "data": data });
+        let mut patch = json!({ "data": data });
+        if !binary_data.is_empty() {
+            patch["binaryData"] = binary_data.into();
+        }
         kube.exec
             .run(&kube.merge_patch("configmap", &kube.history_name, &patch))
     }
@@ -308,13 +371,13 @@ mod tests {
     #[test]
     fn digests_and_inputs_come_only_from_successful_runs_of_that_revision() {
         let history = History {
-            exists: true,
             entries: vec![
                 ("1-a".into(), entry("a", SUCCEEDED, "sha256:good")),
                 ("2-a".into(), entry("a", "rolled back", "sha256:never-ran")),
                 ("3-a".into(), entry("a", INTERRUPTED, "sha256:half")),
                 ("4-b".into(), entry("b", SUCCEEDED, "sha256:other")),
             ],
+            ..History::default()
         };
         assert_eq!(
             recorded_digests(&history, "a").unwrap()["aiq-agent"],
@@ -323,8 +386,8 @@ mod tests {
         assert!(recorded_inputs(&history, "a").is_some());
         assert_eq!(recorded_digests(&history, "c"), None);
         let failed_only = History {
-            exists: true,
             entries: vec![("2-a".into(), entry("a", "rolled back", "sha256:x"))],
+            ..History::default()
         };
         assert_eq!(recorded_digests(&failed_only, "a"), None);
         assert_eq!(recorded_inputs(&failed_only, "a"), None);

@@ -20,6 +20,7 @@ mod output;
 mod push;
 mod registry;
 mod rollout;
+mod snapshot;
 mod time;
 
 use std::process::ExitCode;

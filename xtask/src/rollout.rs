@@ -4,13 +4,14 @@
 //! entry up to date all along.
 
 use std::{
-    collections::HashSet,
+    collections::{BTreeMap, HashSet},
+    path::Path,
     time::{Duration, Instant},
 };
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use serde_json::json;
+use serde_json::{json, Value};
 
 use crate::{
     config::Config,
@@ -18,8 +19,12 @@ use crate::{
     exec::Exec,
     exit::{check_interrupted, refuse, rollback_failed, was_interrupted},
     git::Revision,
-    history::{Record, INTERRUPTED, SUCCEEDED},
-    kube::{Autoscaled, Deployment, Kube, DIRTY_ANNOTATION, REVISION_ANNOTATION, TAG_ANNOTATION},
+    history::{Entry, Record, INTERRUPTED},
+    kube::{
+        applied_with, object_ref, Autoscaled, Deployment, Kube, DIRTY_ANNOTATION,
+        REVISION_ANNOTATION, TAG_ANNOTATION,
+    },
+    snapshot::Snapshot,
     time::now_epoch,
 };
 
@@ -73,6 +78,11 @@ pub struct Rollout<'k, 'a> {
     pub flags: &'k WaitFlags,
     pub record: Record,
     pub verified: Vec<Verified>,
+    /// What the previous successful rollout applied: what a failure
+    /// returns to.
+    restore: Option<Snapshot>,
+    /// The overlay's rendered YAML and its objects, as last read.
+    rendered: (String, Vec<Value>),
 }
 
 impl<'k, 'a> Rollout<'k, 'a> {
@@ -80,15 +90,31 @@ impl<'k, 'a> Rollout<'k, 'a> {
     pub fn start(
         kube: &'k Kube<'a>,
         flags: &'k WaitFlags,
-        entry: crate::history::Entry,
+        entry: Entry,
         past: &crate::history::History,
     ) -> Result<Rollout<'k, 'a>> {
+        let record = Record::start(kube, entry, past)?;
         Ok(Rollout {
             kube,
             flags,
-            record: Record::start(kube, entry, past)?,
+            restore: past.snapshot_before(kube, &record.key),
+            record,
             verified: Vec::new(),
+            rendered: Default::default(),
         })
+    }
+
+    /// The objects of the overlay as rendered now (the seed flow renders it
+    /// again mid-rollout).
+    fn rendered(&mut self, overlay: &str) -> Result<&[Value]> {
+        let path = Path::new(overlay).join("rendered.yaml");
+        let yaml = std::fs::read_to_string(&path)
+            .with_context(|| format!("reading {}", path.display()))?;
+        if yaml != self.rendered.0 {
+            let objects = self.kube.to_objects(yaml.clone())?;
+            self.rendered = (yaml, objects);
+        }
+        Ok(&self.rendered.1)
     }
 
     /// Applies `order` one deployment at a time from `overlay`, each waited
@@ -105,10 +131,14 @@ impl<'k, 'a> Rollout<'k, 'a> {
         let outcome = self.apply_all(order, overlay, digest_for, deadline);
         let kube = self.kube;
         let Err(failure) = outcome else {
-            return self.record.finish(kube, SUCCEEDED);
+            let applied = Snapshot {
+                tag: self.record.entry.tag.clone(),
+                objects: self.rendered(overlay)?.to_vec(),
+            };
+            return self.record.succeed(kube, &applied);
         };
-        let changed = self.record.entry.changed.clone();
-        let previous = self.record.entry.previous.clone();
+        let entry = self.record.entry.clone();
+        let changed = &entry.changed;
         let changed_list = self.record.entry.changed_list();
         if crate::lock::is_lost() {
             // The namespace may be another deploy's now: touch nothing more
@@ -130,10 +160,11 @@ impl<'k, 'a> Rollout<'k, 'a> {
                 .finish(kube, "failed, left for inspection (--no-rollback)")?;
             return Err(failure);
         }
+        let dir = Path::new(overlay).with_file_name("rollback");
         let undone = kube
             .exec
             .step(format!("roll back {}", changed.join(", ")), || {
-                roll_back(kube, self.flags, &changed, &previous)
+                roll_back(kube, self.flags, &entry, self.restore.as_ref(), &dir)
             });
         if let Err(rollback) = undone {
             let _ = self.record.finish(kube, "failed, rollback failed");
@@ -162,7 +193,30 @@ impl<'k, 'a> Rollout<'k, 'a> {
                 .entry
                 .digests
                 .insert(name.clone(), Some(digest.clone()));
-            let before: Option<Deployment> = kube.get("deployment", name)?;
+            // Every object applied with it, as it is before the apply.
+            let deployment_ref = format!("deployment.apps/{name}");
+            let mut refs: Vec<String> = self
+                .rendered(overlay)?
+                .iter()
+                .filter(|o| applied_with(o, name))
+                .map(object_ref)
+                .collect();
+            if !refs.contains(&deployment_ref) {
+                refs.push(deployment_ref.clone());
+            }
+            let objects_before = kube.get_objects(&refs)?;
+            let found: HashSet<String> = objects_before.iter().map(object_ref).collect();
+            let created: Vec<String> = refs
+                .iter()
+                .filter(|r| !found.contains(*r))
+                .cloned()
+                .collect();
+            let before: Option<Deployment> = objects_before
+                .iter()
+                .find(|o| object_ref(o) == deployment_ref)
+                .map(|o| serde_json::from_value(o.clone()))
+                .transpose()
+                .with_context(|| format!("parsing deployment/{name}"))?;
             // Pods from before the apply are judged by their present state
             // only (see `Pod::failure`).
             let existing: HashSet<String> = match &before {
@@ -172,10 +226,14 @@ impl<'k, 'a> Rollout<'k, 'a> {
             .into_iter()
             .map(|p| p.metadata.name)
             .collect();
-            // Counted as changed before its apply starts, and recorded so:
-            // an apply that fails half-way (the Deployment applied, a later
-            // object refused) or a run killed during it has changed it.
+            // Counted as changed before its apply starts, and recorded so
+            // with what it will create: an apply that fails half-way (the
+            // Deployment applied, a later object refused) or a run killed
+            // during it has changed it.
             self.record.entry.changed.push(name.clone());
+            if !created.is_empty() {
+                self.record.entry.created.insert(name.clone(), created);
+            }
             // None: it did not exist. One without a revision annotation
             // gets no entry, so a plain undo.
             match &before {
@@ -196,13 +254,12 @@ impl<'k, 'a> Rollout<'k, 'a> {
             let step = format!("apply and roll out deployment/{name}");
             kube.exec.step(step, || {
                 kube.exec.run(&kube.apply(overlay, name))?;
-                let after: Option<Deployment> = kube.get("deployment", name)?;
-                if before.as_ref().map(|d| d.metadata.generation)
-                    == after.as_ref().map(|d| d.metadata.generation)
-                {
+                if contents(&objects_before) == contents(&kube.get_objects(&refs)?) {
                     // The apply changed nothing: nothing to undo.
-                    self.record.entry.changed.retain(|c| c != name);
-                    self.record.entry.previous.remove(name);
+                    let entry = &mut self.record.entry;
+                    entry.changed.retain(|c| c != name);
+                    entry.previous.remove(name);
+                    entry.created.remove(name);
                 }
                 let rolled_out =
                     wait(kube, self.flags, name, Some((&digest, &existing)), deadline)?;
@@ -218,6 +275,30 @@ impl<'k, 'a> Rollout<'k, 'a> {
         }
         Ok(())
     }
+}
+
+/// What an apply can change of each object, by `kind.group/name`: all but
+/// its status and the metadata the API server and controllers write.
+fn contents(objects: &[Value]) -> BTreeMap<String, Value> {
+    objects
+        .iter()
+        .map(|object| {
+            let mut content = object.clone();
+            if let Some(fields) = content.as_object_mut() {
+                fields.remove("status");
+                let mut annotations = object["metadata"]["annotations"].clone();
+                if let Some(annotations) = annotations.as_object_mut() {
+                    annotations.remove("deployment.kubernetes.io/revision");
+                }
+                let labels = object["metadata"]["labels"].clone();
+                fields.insert(
+                    "metadata".into(),
+                    json!({"labels": labels, "annotations": annotations}),
+                );
+            }
+            (object_ref(object), content)
+        })
+        .collect()
 }
 
 /// Fails once the run must stop touching the cluster: interrupted, or its
@@ -342,29 +423,107 @@ pub fn wait(
     }
 }
 
-/// Returns each of `changed` to the revision it had before (`previous`),
-/// newest first: `kubectl rollout undo --to-revision` of exactly that
-/// revision (a plain undo would undo whatever is newest, a `rollout
-/// restart` for one), each waited for and verified to run the digest its
-/// restored template pins. A deployment the run created is deleted: nothing
-/// served before it. One with no recorded revision (an entry written before
-/// revisions were) gets a plain undo.
+/// Returns what `entry` changed to what the rollout before it applied
+/// (`restore`), newest first, and waits for each deployment and verifies it
+/// runs the digest its restored template pins.
+///
+/// What the run created and `restore` does not hold is deleted. Every
+/// other object applied with a changed deployment is applied again as
+/// `restore` holds it, by server-side apply as the deploy's field manager:
+/// fields the run added go, fields it removed come back owned by the
+/// xtask, and fields other managers own (an autoscaler's replica count, a
+/// `rollout restart`) stay theirs. Without `restore` (a history an older
+/// xtask wrote) only pod templates go back: `rollout undo` to the recorded
+/// revision.
 pub fn roll_back(
     kube: &Kube,
     flags: &WaitFlags,
-    changed: &[String],
-    previous: &std::collections::BTreeMap<String, Option<String>>,
+    entry: &Entry,
+    restore: Option<&Snapshot>,
+    dir: &Path,
 ) -> Result<()> {
+    let exec = kube.exec;
     let deadline = Instant::now() + Duration::from_secs(flags.timeout);
-    for name in changed.iter().rev() {
-        kube.exec.run(&kube.undo(name, previous.get(name)))?;
-        if previous.get(name) == Some(&None) {
-            eprintln!("deployment/{name} did not exist before this deploy: deleted");
+    let restored = |name: &str| -> Vec<Value> {
+        restore
+            .iter()
+            .flat_map(|s| &s.objects)
+            .filter(|o| applied_with(o, name))
+            .cloned()
+            .collect()
+    };
+    let mut deleted = HashSet::new();
+    for name in entry.changed.iter().rev() {
+        let kept: HashSet<String> = restored(name).iter().map(object_ref).collect();
+        let mut created = entry.created.get(name).cloned().unwrap_or_default();
+        // An entry written before `created` was: its deployment, if new.
+        let deployment_ref = format!("deployment.apps/{name}");
+        if entry.previous.get(name) == Some(&None) && !created.contains(&deployment_ref) {
+            created.push(deployment_ref);
+        }
+        let doomed: Vec<&str> = created
+            .iter()
+            .filter(|r| !kept.contains(*r))
+            .map(String::as_str)
+            .collect();
+        if doomed.is_empty() {
             continue;
         }
-        let restored = wait(kube, flags, name, None, deadline)?;
-        if let Some(digest) = restored.pinned_digest() {
-            verify_pods(kube, &restored, digest)?;
+        exec.run(&kube.delete_objects(&doomed))?;
+        for object in doomed {
+            eprintln!("{object} did not exist before this deploy: deleted");
+            deleted.insert(object.to_owned());
+        }
+    }
+    // A replica count an autoscaler owns now stays its own.
+    let autoscaled: Vec<String> = match restore {
+        Some(snapshot) => kube
+            .autoscaled(&snapshot.objects, &entry.changed)?
+            .into_iter()
+            .map(|a| a.name)
+            .collect(),
+        None => Vec::new(),
+    };
+    for name in entry.changed.iter().rev() {
+        if deleted.contains(&format!("deployment.apps/{name}")) {
+            continue;
+        }
+        let mut objects = restored(name);
+        match restore.filter(|_| !objects.is_empty()) {
+            Some(snapshot) => {
+                for object in &mut objects {
+                    let scaled = object["kind"] == "Deployment"
+                        && autoscaled.iter().any(|a| object["metadata"]["name"] == *a);
+                    if let (true, Some(spec)) = (scaled, object["spec"].as_object_mut()) {
+                        spec.remove("replicas");
+                    }
+                }
+                std::fs::create_dir_all(dir)
+                    .with_context(|| format!("creating {}", dir.display()))?;
+                let path = dir.join(format!("{name}.json"));
+                let list = json!({"apiVersion": "v1", "kind": "List", "items": objects});
+                std::fs::write(&path, serde_json::to_string_pretty(&list)? + "\n")
+                    .with_context(|| format!("writing {}", path.display()))?;
+                eprintln!(
+                    "deployment/{name}: applying again what the deploy of {} applied",
+                    snapshot.tag
+                );
+                exec.run(&kube.apply_file(&path.display().to_string()))?;
+            }
+            None => {
+                exec.output.warn(&format!(
+                    "no manifests were kept of the rollout before this one (the history was written by an older xtask): only deployment/{name}'s pod template goes back"
+                ));
+                let revision = entry.previous.get(name).and_then(Option::as_ref);
+                exec.run(&kube.undo(name, revision))?;
+            }
+        }
+        if exec.dry_run {
+            continue;
+        }
+        let rolled_out = wait(kube, flags, name, None, deadline)?;
+        if let Some(digest) = rolled_out.pinned_digest() {
+            verify_pods(kube, &rolled_out, digest)?;
         }
     }
     Ok(())

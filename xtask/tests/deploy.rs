@@ -429,9 +429,7 @@ fn assert_failed_and_rolled_back(fx: &Fixture, run: &XtaskRun, reason: &str, pre
         run.stderr
     );
     assert!(run.stderr.contains("rolled back"), "{}", run.stderr);
-    let undo_web = run.stderr.find("rollout undo deployment/fxweb").unwrap();
-    let undo_api = run.stderr.find("rollout undo deployment/fxapi").unwrap();
-    assert!(undo_web < undo_api, "undone newest first");
+    assert_restored_newest_first(run);
     for name in ["fxapi", "fxweb"] {
         let digest = previous[name].as_str().unwrap();
         assert!(
@@ -442,6 +440,19 @@ fn assert_failed_and_rolled_back(fx: &Fixture, run: &XtaskRun, reason: &str, pre
     }
     assert_eq!(fx.lease(), Value::Null, "lock released after a failure");
     assert_eq!(fx.history().pop().unwrap()["result"], "failed, rolled back");
+}
+
+/// The rollback applied again what the previous deploy applied, fxweb's
+/// objects before fxapi's.
+fn assert_restored_newest_first(run: &XtaskRun) {
+    let restored = |name: &str| {
+        run.stderr
+            .find(&format!(
+                "deployment/{name}: applying again what the deploy of"
+            ))
+            .unwrap_or_else(|| panic!("{name} not restored: {}", run.stderr))
+    };
+    assert!(restored("fxweb") < restored("fxapi"), "{}", run.stderr);
 }
 
 /// An apply that fails half-way is rolled back too: fxweb's Deployment is
@@ -465,6 +476,131 @@ fn an_apply_that_fails_half_way_is_rolled_back() {
     fx.commit(HEALTHY_APP);
     let run = fx.deploy(&[]);
     assert_failed_and_rolled_back(&fx, &run, "minAvailable", &previous);
+}
+
+/// fxweb's objects for [`restores_every_object`]: a ClusterIP Service
+/// and, with `later`, the changes of the deploy that is undone: the
+/// Service's port and a field added to it, `revisionHistoryLimit` removed
+/// from fxweb's Deployment, and a ConfigMap that did not exist.
+fn commit_web_objects(fx: &Fixture, later: bool, app: &str) {
+    let all = workloads("", "");
+    let (api, web) = all.split_once("---\n").unwrap();
+    let web = if later {
+        web.to_owned()
+    } else {
+        web.replacen(
+            "spec:\n  selector:",
+            "spec:\n  revisionHistoryLimit: 4\n  selector:",
+            1,
+        )
+    };
+    std::fs::write(
+        fx.root().join("k8s/workloads.yaml"),
+        format!("{api}---\n{web}"),
+    )
+    .unwrap();
+    let labels = "  labels:\n    app.kubernetes.io/name: fxweb\n";
+    let (port, added) = if later {
+        ("81", "  publishNotReadyAddresses: true\n")
+    } else {
+        ("80", "")
+    };
+    let mut objects = format!(
+        "apiVersion: v1\nkind: Service\nmetadata:\n  name: fxweb\n{labels}spec:\n{added}  selector:\n    app.kubernetes.io/name: fxweb\n  ports:\n    - port: {port}\n"
+    );
+    if later {
+        objects.push_str(&format!(
+            "---\napiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: fxweb-settings\n{labels}data:\n  mode: new\n"
+        ));
+    }
+    std::fs::write(fx.root().join("k8s/web-objects.yaml"), objects).unwrap();
+    std::fs::write(
+        fx.root().join("k8s/kustomization.yaml"),
+        "resources:\n  - workloads.yaml\n  - web-objects.yaml\n",
+    )
+    .unwrap();
+    fx.commit(app);
+}
+
+/// The `spec` of every object a deploy touches, by `kind/name`.
+fn specs(fx: &Fixture) -> Value {
+    let mut specs = json!({});
+    for object in ["deployment/fxapi", "deployment/fxweb", "service/fxweb"] {
+        specs[object] = fx.get(&["get", object])["spec"].clone();
+    }
+    specs
+}
+
+/// A deploy changes a Service and both Deployments, removes a field and
+/// creates a ConfigMap, then fails (`killed`: SIGKILL once fxweb's objects
+/// are applied, then `cargo xtask rollback`; otherwise fxweb crashes and
+/// the deploy rolls back by itself). Afterwards every object's `spec` is
+/// what it was before, the ConfigMap is gone, and the removed field is the
+/// xtask's again (a `rollout undo` would restore only pod templates, and
+/// hand what it restores to kubectl's rollback manager).
+fn restores_every_object(killed: bool) {
+    let fx = Fixture::new();
+    commit_web_objects(&fx, false, HEALTHY_APP);
+    fx.deploy(&[]).assert_ok();
+    let first = fx.digests();
+    let recorded = specs(&fx);
+    assert_eq!(recorded["deployment/fxweb"]["revisionHistoryLimit"], 4);
+
+    if killed {
+        commit_web_objects(&fx, true, NEVER_READY_APP);
+        let mut deploy = fx.spawn(&LONG_ROLLOUT);
+        wait_for("the deploy has applied fxweb's objects", 180, || {
+            fx.get(&["get", "deployment", "fxweb"])["spec"]["revisionHistoryLimit"] == 10
+        });
+        signal(&deploy, "KILL");
+        deploy.wait().unwrap();
+        // Made to look expired rather than waiting its 60 s.
+        fx.patch_lease(
+            r#"{"spec": {"renewTime": "2020-01-01T00:00:00.000000Z", "leaseDurationSeconds": 3}}"#,
+        );
+        let mut undo = vec!["rollback"];
+        undo.extend_from_slice(FAST);
+        let run = fx.run(&undo);
+        run.assert_ok();
+        assert_restored_newest_first(&run);
+    } else {
+        commit_web_objects(&fx, true, CRASHING_APP);
+        let run = fx.deploy(&[]);
+        assert_eq!(run.code, 1, "{}", run.stderr);
+        assert_crash_named(&run);
+        assert_restored_newest_first(&run);
+    }
+
+    assert_eq!(specs(&fx), recorded, "every spec as it was");
+    assert_eq!(
+        fx.kubectl(&["get", "configmap", "fxweb-settings", "--ignore-not-found"]),
+        "",
+        "what the failed deploy created is deleted"
+    );
+    let deployment = fx.get(&["get", "deployment", "fxweb", "--show-managed-fields"]);
+    let owners: Vec<&Value> = deployment["metadata"]["managedFields"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|m| !m["fieldsV1"]["f:spec"]["f:revisionHistoryLimit"].is_null())
+        .collect();
+    assert!(
+        owners.len() == 1 && owners[0]["manager"] == "xtask" && owners[0]["operation"] == "Apply",
+        "revisionHistoryLimit is the xtask's apply's again: {owners:?}"
+    );
+    for name in ["fxapi", "fxweb"] {
+        fx.assert_serving(name, first[name].as_str().unwrap());
+    }
+}
+
+#[test]
+fn a_failed_deploy_returns_every_object_it_touched_to_its_spec_before() {
+    restores_every_object(false);
+}
+
+#[test]
+fn rollback_after_a_killed_deploy_returns_every_object_to_its_spec_before() {
+    restores_every_object(true);
 }
 
 /// The failure names fxweb's crash: its exit code as the first poll after
@@ -739,7 +875,8 @@ fn a_rollback_the_cluster_refuses_exits_3_and_says_so() {
     let (fx, previous) = serving_first_commit();
     // An admission policy that forbids going back to the first fxweb build
     // (as a policy banning a revision would): the deploy's apply passes,
-    // its rollback's `rollout undo` is denied by the API server.
+    // its rollback's apply of the first build's manifests is denied by the
+    // API server.
     let old = previous["fxweb"].as_str().unwrap();
     let name = format!("{}-no-return", fx.namespace.0);
     let policy = json!({
@@ -1069,9 +1206,7 @@ fn rollback_undoes_the_last_deploy_and_to_redeploys_recorded_digests() {
     undo.extend_from_slice(FAST);
     let run = fx.run(&undo);
     run.assert_ok();
-    let web = run.stderr.find("rollout undo deployment/fxweb").unwrap();
-    let api = run.stderr.find("rollout undo deployment/fxapi").unwrap();
-    assert!(web < api, "{}", run.stderr);
+    assert_restored_newest_first(&run);
     for name in ["fxapi", "fxweb"] {
         fx.assert_serving(name, first_digests[name].as_str().unwrap());
     }
@@ -1126,7 +1261,7 @@ fn a_first_deploy_that_fails_deletes_what_it_created_and_exits_1() {
     for name in ["fxweb", "fxapi"] {
         assert!(
             run.stderr.contains(&format!(
-                "deployment/{name} did not exist before this deploy: deleted"
+                "deployment.apps/{name} did not exist before this deploy: deleted"
             )),
             "{}",
             run.stderr
@@ -1136,8 +1271,11 @@ fn a_first_deploy_that_fails_deletes_what_it_created_and_exits_1() {
     assert_eq!(fx.history().pop().unwrap()["result"], "failed, rolled back");
 }
 
+/// A history an older xtask wrote keeps no manifests: the rollback then
+/// returns each pod template to its recorded revision, which after a
+/// `rollout restart` is not the newest but one.
 #[test]
-fn rollback_returns_to_the_revision_before_the_deploy_even_after_a_rollout_restart() {
+fn without_kept_manifests_rollback_returns_to_the_recorded_revision_even_after_a_rollout_restart() {
     let fx = Fixture::new();
     fx.deploy(&[]).assert_ok();
     let first = fx.digests();
@@ -1147,10 +1285,16 @@ fn rollback_returns_to_the_revision_before_the_deploy_even_after_a_rollout_resta
     // which a plain `rollout undo` would undo instead of the deploy.
     fx.kubectl(&["rollout", "restart", "deployment/fxweb"]);
     fx.kubectl(&["rollout", "status", "deployment/fxweb", "--timeout=60s"]);
+    fx.patch_history(&json!({"binaryData": null}));
     let mut undo = vec!["rollback"];
     undo.extend_from_slice(FAST);
     let run = fx.run(&undo);
     run.assert_ok();
+    assert!(
+        run.stderr.contains("no manifests were kept"),
+        "{}",
+        run.stderr
+    );
     assert!(
         run.stderr
             .contains("rollout undo deployment/fxweb --to-revision=1"),

@@ -36,8 +36,8 @@ enum Plan {
         rev: Revision,
         images: Vec<BuiltImage>,
     },
-    /// `kubectl rollout undo` of what the newest deploy changed.
-    Undo { last: Box<Entry> },
+    /// Undo what the newest deploy (history entry `key`) changed.
+    Undo { key: String, last: Box<Entry> },
 }
 
 impl Plan {
@@ -55,9 +55,13 @@ impl Plan {
                 images: digests_for(exec, config, history, rev)
                     .map_err(|e| refuse(format!("{e:#}")))?,
             },
-            None => Plan::Undo {
-                last: Box::new(undoable(history)?),
-            },
+            None => {
+                let (key, last) = undoable(history)?;
+                Plan::Undo {
+                    key,
+                    last: Box::new(last),
+                }
+            }
         })
     }
 }
@@ -99,7 +103,7 @@ impl Rollback {
                 Plan::Redeploy { rev, images } => {
                     self.redeploy(&kube, &config, &history, &rev, &images, reachable)
                 }
-                Plan::Undo { last } => self.undo(&kube, &history, *last),
+                Plan::Undo { key, last } => self.undo(&kube, &config, &history, &key, *last),
             }
         })
     }
@@ -171,16 +175,22 @@ impl Rollback {
         Ok(())
     }
 
-    /// Returns what `last` changed to the revisions it had before, newest
-    /// first (see [`roll_back`]).
-    fn undo(&self, kube: &Kube, history: &History, last: Entry) -> Result<()> {
+    /// Returns what `last` (the history entry `key`) changed to what the
+    /// rollout before it applied, newest first (see [`roll_back`]).
+    fn undo(
+        &self,
+        kube: &Kube,
+        config: &Config,
+        history: &History,
+        key: &str,
+        last: Entry,
+    ) -> Result<()> {
         let exec = kube.exec;
         let changed = last.changed.clone();
+        let restore = history.snapshot_before(kube, key);
+        let dir = config.out_dir().join("rollback");
         if exec.dry_run {
-            for name in changed.iter().rev() {
-                exec.run(&kube.undo(name, last.previous.get(name)))?;
-            }
-            return Ok(());
+            return roll_back(kube, &self.wait, &last, restore.as_ref(), &dir);
         }
         let entry = Entry {
             kind: "rollback".into(),
@@ -190,7 +200,7 @@ impl Rollback {
         };
         let mut record = Record::start(kube, entry, history)?;
         let undone = exec.step(format!("undo {}", changed.join(", ")), || {
-            roll_back(kube, &self.wait, &changed, &last.previous)
+            roll_back(kube, &self.wait, &last, restore.as_ref(), &dir)
         });
         if let Err(error) = undone {
             record.finish(kube, "failed")?;
@@ -216,16 +226,21 @@ impl Rollback {
                 ));
             }
         }
-        record.finish(kube, SUCCEEDED)?;
+        // What runs now is what `restore` holds: kept again as this entry's,
+        // so the next rollback finds it newest.
+        match &restore {
+            Some(restored) => record.succeed(kube, restored)?,
+            None => record.finish(kube, SUCCEEDED)?,
+        }
         eprintln!("undid the deploy of {}", last.tag);
         Ok(())
     }
 }
 
-/// The newest history entry, if it is a deploy whose changes are still in
-/// place (not rolled back already).
-fn undoable(history: &History) -> Result<Entry> {
-    let Some((_, last)) = history.entries.last() else {
+/// The newest history entry and its key, if it is a deploy whose changes
+/// are still in place (not rolled back already).
+fn undoable(history: &History) -> Result<(String, Entry)> {
+    let Some((key, last)) = history.entries.last() else {
         return Err(refuse("the deploy history is empty: nothing to undo"));
     };
     if last.kind != "deploy" || last.changed.is_empty() || last.result.contains("rolled back") {
@@ -234,5 +249,5 @@ fn undoable(history: &History) -> Result<Entry> {
             last.describe(false)
         )));
     }
-    Ok(last.clone())
+    Ok((key.clone(), last.clone()))
 }

@@ -41,6 +41,26 @@ pub fn kustomize(kubectl: &str, dir: &str) -> Cmd {
     Cmd::new(kubectl).args(["kustomize", dir])
 }
 
+/// Whether `object` is applied with deployment `name`: the apply selects
+/// by the name label.
+pub fn applied_with(object: &serde_json::Value, name: &str) -> bool {
+    object["metadata"]["labels"][NAME_LABEL] == name
+}
+
+/// `kind.group/name` (`kind/name` in the core group), as `kubectl get
+/// --output name` prints an object and as every kubectl verb takes it.
+pub fn object_ref(object: &serde_json::Value) -> String {
+    let kind = object["kind"].as_str().unwrap_or_default().to_lowercase();
+    let name = object["metadata"]["name"].as_str().unwrap_or_default();
+    match object["apiVersion"]
+        .as_str()
+        .and_then(|v| v.split_once('/'))
+    {
+        Some((group, _)) => format!("{kind}.{group}/{name}"),
+        None => format!("{kind}/{name}"),
+    }
+}
+
 /// kubectl bound to one context and namespace.
 pub struct Kube<'a> {
     pub exec: &'a Exec<'a>,
@@ -196,16 +216,40 @@ impl<'a> Kube<'a> {
         ])
     }
 
-    /// What returns deployment `name` to the revision it had before a
-    /// deploy: `previous` is `Some(None)` when the deploy created it (it is
-    /// deleted), `Some(Some(revision))` for an exact `rollout undo
-    /// --to-revision`, and `None` when unknown (a plain `rollout undo`).
-    pub fn undo(&self, name: &str, previous: Option<&Option<String>>) -> Cmd {
+    /// `kubectl apply --server-side` of the objects in `path`, as the
+    /// deploy's field manager: a rollback to the manifests an earlier
+    /// deploy applied.
+    pub fn apply_file(&self, path: &str) -> Cmd {
+        self.global(&[
+            "apply",
+            "--server-side",
+            "--field-manager",
+            FIELD_MANAGER,
+            "--force-conflicts",
+            "--filename",
+            path,
+            WRITE_REQUEST_TIMEOUT,
+        ])
+    }
+
+    /// Deletes the objects `refs` (`kind.group/name`), waiting (bounded by
+    /// `--timeout`) until they are gone.
+    pub fn delete_objects(&self, refs: &[&str]) -> Cmd {
+        self.cmd(&["delete"]).args(refs.iter().copied()).args([
+            "--ignore-not-found",
+            "--timeout=60s",
+            WRITE_REQUEST_TIMEOUT,
+        ])
+    }
+
+    /// The pod template of deployment `name` back to its revision
+    /// `revision` (`rollout undo --to-revision`), or with none known, to
+    /// the one before (a plain `rollout undo`): the rollback when no
+    /// manifests were kept.
+    pub fn undo(&self, name: &str, revision: Option<&String>) -> Cmd {
         let deployment = format!("deployment/{name}");
-        let cmd = match previous {
-            // `--timeout` bounds the wait for the object to be gone.
-            Some(None) => self.cmd(&["delete", &deployment, "--ignore-not-found", "--timeout=60s"]),
-            Some(Some(revision)) => self.cmd(&[
+        let cmd = match revision {
+            Some(revision) => self.cmd(&[
                 "rollout",
                 "undo",
                 &deployment,
@@ -327,6 +371,12 @@ impl<'a> Kube<'a> {
     /// (which asks the API server only for its kinds) turns it into JSON.
     pub fn manifests(&self, dir: &str) -> Result<Vec<serde_json::Value>> {
         let yaml = self.exec.read(&kustomize(&self.kubectl, dir))?;
+        self.to_objects(yaml)
+            .with_context(|| format!("parsing the objects of {dir}"))
+    }
+
+    /// Rendered YAML as JSON objects (see [`Kube::manifests`]).
+    pub fn to_objects(&self, yaml: String) -> Result<Vec<serde_json::Value>> {
         let json = self.exec.read(
             &self
                 .global(&[
@@ -339,10 +389,30 @@ impl<'a> Kube<'a> {
                 .arg(format!("--request-timeout={READ_TIMEOUT_SECS}s"))
                 .hidden_stdin(yaml),
         )?;
-        serde_json::Deserializer::from_str(&json)
+        Ok(serde_json::Deserializer::from_str(&json)
             .into_iter()
-            .collect::<Result<_, _>>()
-            .with_context(|| format!("parsing the objects of {dir}"))
+            .collect::<Result<_, _>>()?)
+    }
+
+    /// Those of the objects `refs` (`kind.group/name`) that exist, as JSON.
+    pub fn get_objects(&self, refs: &[String]) -> Result<Vec<serde_json::Value>> {
+        if refs.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut args = vec!["get"];
+        args.extend(refs.iter().map(String::as_str));
+        args.extend(["--ignore-not-found", "--output", "json"]);
+        let json = self.read(&args)?;
+        if json.trim().is_empty() {
+            return Ok(Vec::new());
+        }
+        let read: serde_json::Value =
+            serde_json::from_str(&json).context("parsing `kubectl get` of the deploy's objects")?;
+        // One object comes back as itself, several as a List.
+        Ok(match read["items"].as_array() {
+            Some(items) if read["kind"] == "List" => items.clone(),
+            _ => vec![read],
+        })
     }
 
     /// `kubectl get KIND NAME -o json`, `None` when it does not exist.
