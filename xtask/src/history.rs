@@ -22,6 +22,9 @@ pub const SUCCEEDED: &str = "succeeded";
 pub const INTERRUPTED: &str = "interrupted";
 /// Entries kept: enough to look back weeks, far below a ConfigMap's 1 MiB.
 const KEEP: usize = 50;
+/// How long a run's result is tried again when it cannot be written (the
+/// API server down or wedged): the lease's lifetime.
+const RESULT_WRITE_BUDGET: std::time::Duration = std::time::Duration::from_secs(60);
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Entry {
@@ -242,9 +245,12 @@ impl Record {
         self.write(kube)
     }
 
+    /// Writes the run's result: retried for up to [`RESULT_WRITE_BUDGET`],
+    /// since a run that ends while the API server is down must still
+    /// leave a true record once it is back.
     pub fn finish(&mut self, kube: &Kube, result: &str) -> Result<()> {
         self.entry.result = result.into();
-        self.write(kube)
+        self.write_result(kube, serde_json::Map::new())
     }
 
     /// Finishes as succeeded, keeping `applied` (what now runs) in the
@@ -261,7 +267,30 @@ impl Record {
             format!("{PREFIX}{}", self.key),
             json!(applied.encode(kube.exec)?),
         );
-        self.write_with(kube, serde_json::Map::new(), binary)
+        self.write_result(kube, binary)
+    }
+
+    /// The result's write, with `binary_data`, tried again every 2 s
+    /// until it lands; no new try starts after [`RESULT_WRITE_BUDGET`].
+    fn write_result(
+        &self,
+        kube: &Kube,
+        binary_data: serde_json::Map<String, serde_json::Value>,
+    ) -> Result<()> {
+        let started = std::time::Instant::now();
+        loop {
+            match self.write_with(kube, serde_json::Map::new(), binary_data.clone()) {
+                Ok(()) => return Ok(()),
+                Err(e) if started.elapsed() < RESULT_WRITE_BUDGET => {
+                    kube.exec.output.warn(&format!(
+                        "recording the result ({}) failed, trying again: {e:#}",
+                        self.entry.result
+                    ));
+                    std::thread::sleep(std::time::Duration::from_secs(2));
+                }
+                Err(e) => return Err(e),
+            }
+        }
     }
 
     fn write(&self, kube: &Kube) -> Result<()> {

@@ -21,8 +21,8 @@ use crate::{
     git::Revision,
     history::{Entry, Record, INTERRUPTED},
     kube::{
-        applied_with, object_ref, Autoscaled, Deployment, Kube, DIRTY_ANNOTATION,
-        REVISION_ANNOTATION, TAG_ANNOTATION,
+        applied_with, object_ref, Autoscaled, Deployment, Kube, CONTROLLER_REVISION,
+        DIRTY_ANNOTATION, REVISION_ANNOTATION, TAG_ANNOTATION, TEMPLATE_HASH_LABEL,
     },
     snapshot::Snapshot,
     time::now_epoch,
@@ -261,8 +261,7 @@ impl<'k, 'a> Rollout<'k, 'a> {
                     entry.previous.remove(name);
                     entry.created.remove(name);
                 }
-                let rolled_out =
-                    wait(kube, self.flags, name, Some((&digest, &existing)), deadline)?;
+                let rolled_out = wait(kube, self.flags, name, Some(&existing), deadline)?;
                 let (ready, stuck) = verify_pods(kube, &rolled_out, &digest)?;
                 self.verified.push(Verified {
                     name: name.clone(),
@@ -288,7 +287,7 @@ fn contents(objects: &[Value]) -> BTreeMap<String, Value> {
                 fields.remove("status");
                 let mut annotations = object["metadata"]["annotations"].clone();
                 if let Some(annotations) = annotations.as_object_mut() {
-                    annotations.remove("deployment.kubernetes.io/revision");
+                    annotations.remove(CONTROLLER_REVISION);
                 }
                 let labels = object["metadata"]["labels"].clone();
                 fields.insert(
@@ -313,15 +312,15 @@ pub fn keep_going() -> Result<()> {
 /// overloaded answers again within it; one that is down stays down.
 const WEBHOOK_BUDGET: Duration = Duration::from_secs(30);
 
-/// Polls until `name` has rolled out; with `digest` (and the pods that
-/// existed before the apply), fails as soon as a pod of that digest shows a
-/// state that will not fix itself. Reports progress as it changes.
-/// Returns the Deployment as it was when it had rolled out.
+/// Polls until `name` has rolled out; with `watched` (the pods that
+/// existed before the apply), fails as soon as a pod of its current
+/// ReplicaSet shows a state that will not fix itself. Reports progress as
+/// it changes. Returns the Deployment as it was when it had rolled out.
 pub fn wait(
     kube: &Kube,
     flags: &WaitFlags,
     name: &str,
-    watched: Option<(&str, &HashSet<String>)>,
+    watched: Option<&HashSet<String>>,
     deadline: Instant,
 ) -> Result<Deployment> {
     let mut last = None;
@@ -329,6 +328,8 @@ pub fn wait(
     let mut unschedulable: std::collections::HashMap<String, Instant> = Default::default();
     // Since when pods cannot be created because a webhook timed out.
     let mut webhook_timing_out: Option<Instant> = None;
+    // The generation and `pod-template-hash` of the current ReplicaSet.
+    let mut template: Option<(i64, String)> = None;
     loop {
         keep_going()?;
         let deployment: Deployment = kube
@@ -355,8 +356,23 @@ pub fn wait(
             Some(stalled) => bail!("deployment/{name}: {}", stalled.message),
             None => webhook_timing_out = None,
         }
-        if let Some((digest, existing)) = watched {
-            for pod in kube.pods(&deployment)?.iter().filter(|p| p.wants(digest)) {
+        if let Some(existing) = watched {
+            // The rollout's pods are its current ReplicaSet's: an older
+            // one's pods, even of the same digest (a crash-looping one
+            // this deploy fixes by its manifest alone), are not judged.
+            if template.as_ref().map(|(generation, _)| *generation)
+                != Some(deployment.metadata.generation)
+            {
+                template = kube
+                    .template_hash(&deployment)?
+                    .map(|hash| (deployment.metadata.generation, hash));
+            }
+            let current = |pod: &&crate::kube::Pod| {
+                template.as_ref().is_some_and(|(_, hash)| {
+                    pod.metadata.labels.get(TEMPLATE_HASH_LABEL) == Some(hash)
+                })
+            };
+            for pod in kube.pods(&deployment)?.iter().filter(current) {
                 let pod_name = &pod.metadata.name;
                 let new = !existing.contains(pod_name);
                 let mut reason = pod.failure(now_epoch(), flags.grace, new);
@@ -469,6 +485,7 @@ pub fn roll_back(
         if doomed.is_empty() {
             continue;
         }
+        keep_going()?;
         exec.run(&kube.delete_objects(&doomed))?;
         for object in doomed {
             eprintln!("{object} did not exist before this deploy: deleted");
@@ -488,6 +505,9 @@ pub fn roll_back(
         if deleted.contains(&format!("deployment.apps/{name}")) {
             continue;
         }
+        // The lock may have been lost while a write hung: then the
+        // namespace may be another run's.
+        keep_going()?;
         let mut objects = restored(name);
         match restore.filter(|_| !objects.is_empty()) {
             Some(snapshot) => {

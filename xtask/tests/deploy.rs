@@ -853,6 +853,40 @@ fn a_failing_init_container_or_liveness_probe_fails_at_once() {
     fx.assert_serving("fxweb", previous["fxweb"].as_str().unwrap());
 }
 
+/// A deploy that fixes a crash-looping Deployment by its manifest alone
+/// (the same build, an environment variable added) succeeds: the rollout's
+/// pods are its new ReplicaSet's (by `pod-template-hash`), so the old
+/// pods, which run the same digest and still crash, are not judged.
+#[test]
+fn old_pods_of_the_same_digest_are_not_the_rollouts() {
+    let fx = Fixture::new();
+    let broken = fx.commit(&format!(
+        "[ \"$MODE\" = ok ] || {{ echo 'MODE is not ok' >&2; exit 3; }}\n{HEALTHY_APP}"
+    ));
+    let run = fx.deploy(&["--no-rollback"]);
+    assert_eq!(run.code, 1, "{}", run.stderr);
+    let build = fx.digests();
+    wait_for("fxweb's pod crash-loops", 90, || {
+        fx.kubectl(&[
+            "get",
+            "pods",
+            "--selector",
+            &selector("fxweb"),
+            "--output",
+            "jsonpath={.items[*].status.containerStatuses[*].state.waiting.reason}",
+        ])
+        .contains("CrashLoopBackOff")
+    });
+    // The fix is in the manifest; the images are the broken commit's.
+    fx.commit_manifest(
+        "          env:\n            - name: MODE\n              value: ok\n",
+        "",
+    );
+    fx.deploy(&["--from", &fx.build_file(), "--rev", &broken])
+        .assert_ok();
+    fx.assert_serving("fxweb", build["fxweb"].as_str().unwrap());
+}
+
 #[test]
 fn no_rollback_leaves_the_failure_for_inspection() {
     let (fx, previous) = serving_first_commit();
@@ -1546,12 +1580,7 @@ fn a_passing_api_outage_does_not_end_the_deploy() {
             > 1
     });
     // The apiserver stops answering for longer than one read may take.
-    let state = Path::new(&std::env::var("KUBECONFIG").unwrap())
-        .parent()
-        .unwrap()
-        .to_owned();
-    let apiserver = std::fs::read_to_string(state.join("run/kube-apiserver.pid")).unwrap();
-    let stopped = Stopped(apiserver.trim().to_owned());
+    let stopped = Stopped(apiserver_pid());
     ok(Path::new("."), "kill", &["-STOP", &stopped.0]);
     // Stopped until a read of the deploy has run out its bound and is
     // retried: an outage longer than one read, which it must ride out.
@@ -1565,6 +1594,185 @@ fn a_passing_api_outage_does_not_end_the_deploy() {
         "{stderr}"
     );
     fx.assert_serving("fxweb", fx.digests()["fxweb"].as_str().unwrap());
+}
+
+/// The pid of the test cluster's API server.
+fn apiserver_pid() -> String {
+    let state = Path::new(&std::env::var("KUBECONFIG").unwrap())
+        .parent()
+        .unwrap()
+        .to_owned();
+    std::fs::read_to_string(state.join("run/kube-apiserver.pid"))
+        .unwrap()
+        .trim()
+        .to_owned()
+}
+
+/// Waits until the node is Ready with no taint again (the node controller
+/// marks it unreachable once the API server is back and its heartbeats
+/// are old), so the next test finds the cluster as it was.
+fn wait_for_node_ready() {
+    wait_for("the node is Ready and untainted again", 180, || {
+        let nodes = kubectl_json(&["get", "nodes"]);
+        nodes["items"].as_array().unwrap().iter().all(|node| {
+            let ready = node["status"]["conditions"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|c| c["type"] == "Ready" && c["status"] == "True");
+            ready && node["spec"]["taints"].is_null()
+        })
+    });
+}
+
+/// The API server frozen (SIGSTOP) mid-rollout for longer than the deploy
+/// lock's lease, then resumed. The deploy cannot finish, roll back or keep
+/// its lock meanwhile: it must end with a clear error, never exit 0, within
+/// the bounds the README states (reads give up after about 20 s, a write
+/// after 60 s), and leave a true record: `status` does not call fxweb
+/// current and the history entry says the deploy failed.
+#[test]
+fn an_api_server_frozen_past_the_lease_ends_the_deploy_with_a_true_record() {
+    let (fx, _) = serving_first_commit();
+    fx.commit(NEVER_READY_APP);
+    let entries = fx.history().len();
+    let mut child = fx.spawn(&LONG_ROLLOUT);
+    let watch = StderrWatch::new(&mut child);
+    wait_until_applying_fxweb(&fx, entries);
+    watch.wait_for("deployment/fxweb: 1 of 1 updated", 60);
+    let lease = fx.lease()["spec"].clone();
+    let renewed = ok(
+        Path::new("."),
+        "date",
+        &["-d", lease["renewTime"].as_str().unwrap(), "+%s"],
+    );
+    let expires = renewed.parse::<u64>().unwrap() + lease["leaseDurationSeconds"].as_u64().unwrap();
+    let stopped = Stopped(apiserver_pid());
+    ok(Path::new("."), "kill", &["-STOP", &stopped.0]);
+    wait_for("the deploy lock's lease has expired", 120, || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs()
+            > expires + 1
+    });
+    drop(stopped);
+    wait_for("the deploy ends", 150, || {
+        child.try_wait().unwrap().is_some()
+    });
+    let code = child.wait().unwrap().code();
+    let stderr = watch.finish();
+    assert!(matches!(code, Some(1) | Some(3)), "{code:?}: {stderr}");
+    assert!(
+        stderr.contains("reading the cluster failed (try 2 of 3)")
+            && stderr.contains("error: deploy of")
+            && stderr.contains("Unable to connect to the server"),
+        "{stderr}"
+    );
+    wait_for_node_ready();
+    let last = fx.history().pop().unwrap();
+    assert!(
+        last["result"].as_str().unwrap().starts_with("failed"),
+        "{last}"
+    );
+    let status = fx.run(&["status"]);
+    status.assert_ok();
+    assert!(
+        !status
+            .stdout
+            .lines()
+            .any(|l| l.starts_with("fxweb") && l.contains("ok (HEAD)")),
+        "{}",
+        status.stdout
+    );
+}
+
+/// The API server killed (SIGKILL) mid-rollout and started again from its
+/// own command line, as a supervisor would restart it (not `cluster up`,
+/// which would make a new cluster). The deploy rides out the restart or
+/// fails cleanly; if it says it succeeded, the record, `status` and the
+/// pods agree.
+#[test]
+fn an_api_server_killed_and_restarted_mid_rollout_never_leaves_a_wrong_record() {
+    let (fx, _) = serving_first_commit();
+    // Ready only after 15 s: the restart comes while the deploy waits.
+    fx.commit("trap 'exit 0' TERM\nsleep 15\ntouch /tmp/ready\nwhile true; do sleep 1; done\n");
+    let entries = fx.history().len();
+    let mut child = fx.spawn(&["deploy", "--poll-interval", "0.2", "--grace", "60"]);
+    let watch = StderrWatch::new(&mut child);
+    wait_until_applying_fxweb(&fx, entries);
+    watch.wait_for("deployment/fxweb: 1 of 1 updated", 60);
+
+    let pid = apiserver_pid();
+    let argv: Vec<String> = std::fs::read(format!("/proc/{pid}/cmdline"))
+        .unwrap()
+        .split(|b| *b == 0)
+        .filter(|arg| !arg.is_empty())
+        .map(|arg| String::from_utf8(arg.to_vec()).unwrap())
+        .collect();
+    ok(Path::new("."), "kill", &["-KILL", &pid]);
+    wait_for("the API server is gone", 30, || {
+        !Path::new(&format!("/proc/{pid}")).exists()
+            || std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .is_ok_and(|stat| stat.contains(") Z "))
+    });
+    let state = Path::new(&std::env::var("KUBECONFIG").unwrap())
+        .parent()
+        .unwrap()
+        .to_owned();
+    let log = std::fs::OpenOptions::new()
+        .append(true)
+        .open(state.join("log/kube-apiserver.log"))
+        .unwrap();
+    use std::os::unix::process::CommandExt;
+    // It outlives this test, as the cluster's daemon it replaces: never
+    // waited for here (`cluster down` stops it by its pid file).
+    #[allow(clippy::zombie_processes)]
+    let restarted = std::process::Command::new(&argv[0])
+        .args(&argv[1..])
+        .stdin(std::process::Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .process_group(0)
+        .spawn()
+        .expect("starting the API server again");
+    std::fs::write(
+        state.join("run/kube-apiserver.pid"),
+        restarted.id().to_string(),
+    )
+    .unwrap();
+    wait_for("the API server answers again", 120, || {
+        run(Path::new("."), "kubectl", &["get", "--raw", "/readyz"])
+            .status
+            .success()
+    });
+
+    wait_for("the deploy ends", 300, || {
+        child.try_wait().unwrap().is_some()
+    });
+    let code = child.wait().unwrap().code();
+    let stderr = watch.finish();
+    eprintln!("the deploy ended with {code:?}");
+    wait_for_node_ready();
+    let last = fx.history().pop().unwrap();
+    let status = fx.run(&["status"]);
+    status.assert_ok();
+    match code {
+        Some(0) => {
+            assert_eq!(last["result"], "succeeded", "{stderr}");
+            for name in ["fxapi", "fxweb"] {
+                fx.assert_serving(name, fx.digests()[name].as_str().unwrap());
+            }
+            fx.run(&["verify"]).assert_ok();
+        }
+        Some(1) | Some(3) => {
+            assert!(
+                last["result"].as_str().unwrap().starts_with("failed"),
+                "{last}"
+            );
+        }
+        other => panic!("the deploy ended with {other:?}: {stderr}"),
+    }
 }
 
 const SEEDED_WEB: &str = "seed = { build_arg = \"API_URL\", service = \"fxapi\" }";

@@ -32,6 +32,10 @@ const LOCK_REQUEST_TIMEOUT: &str = "--request-timeout=10s";
 const WRITE_REQUEST_TIMEOUT: &str = "--request-timeout=60s";
 /// The label every workload of the base carries; the deploy selects by it.
 const NAME_LABEL: &str = "app.kubernetes.io/name";
+/// The label the Deployment controller puts on a ReplicaSet and its pods.
+pub const TEMPLATE_HASH_LABEL: &str = "pod-template-hash";
+/// The controller's revision of a Deployment and of its ReplicaSets.
+pub const CONTROLLER_REVISION: &str = "deployment.kubernetes.io/revision";
 pub const REVISION_ANNOTATION: &str = "aiq.dev/revision";
 pub const TAG_ANNOTATION: &str = "aiq.dev/tag";
 pub const DIRTY_ANNOTATION: &str = "aiq.dev/dirty";
@@ -39,6 +43,21 @@ pub const DIRTY_ANNOTATION: &str = "aiq.dev/dirty";
 /// `kubectl kustomize DIR`: renders manifests; needs no cluster.
 pub fn kustomize(kubectl: &str, dir: &str) -> Cmd {
     Cmd::new(kubectl).args(["kustomize", dir])
+}
+
+/// The label selector of `deployment`'s pods, for `--selector`.
+fn selector_of(deployment: &Deployment) -> String {
+    let labels = &deployment.spec.selector.match_labels;
+    if labels.is_empty() {
+        // Only matchExpressions: the label the xtask's manifests carry.
+        format!("{NAME_LABEL}={}", deployment.metadata.name)
+    } else {
+        labels
+            .iter()
+            .map(|(key, value)| format!("{key}={value}"))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
 }
 
 /// Whether `object` is applied with deployment `name`: the apply selects
@@ -433,20 +452,50 @@ impl<'a> Kube<'a> {
         struct List {
             items: Vec<Pod>,
         }
-        let labels = &deployment.spec.selector.match_labels;
-        let selector = if labels.is_empty() {
-            // Only matchExpressions: the label the xtask's manifests carry.
-            format!("{NAME_LABEL}={}", deployment.metadata.name)
-        } else {
-            labels
-                .iter()
-                .map(|(key, value)| format!("{key}={value}"))
-                .collect::<Vec<_>>()
-                .join(",")
-        };
+        let selector = selector_of(deployment);
         let json = self.read(&["get", "pods", "--selector", &selector, "--output", "json"])?;
         let list: List = serde_json::from_str(&json).context("parsing `kubectl get pods`")?;
         Ok(list.items)
+    }
+
+    /// The `pod-template-hash` of `deployment`'s current ReplicaSet (the
+    /// one it owns of its current revision): its pods are the rollout's,
+    /// and an older ReplicaSet's are not, even with the same digest. None
+    /// until the controller has seen the current generation and made it.
+    pub fn template_hash(&self, deployment: &Deployment) -> Result<Option<String>> {
+        #[derive(Deserialize)]
+        struct List {
+            items: Vec<ReplicaSet>,
+        }
+        let Some(revision) = deployment
+            .revision()
+            .filter(|_| deployment.status.observed_generation >= deployment.metadata.generation)
+        else {
+            return Ok(None);
+        };
+        let selector = selector_of(deployment);
+        let json = self.read(&[
+            "get",
+            "replicasets",
+            "--selector",
+            &selector,
+            "--output",
+            "json",
+        ])?;
+        let list: List =
+            serde_json::from_str(&json).context("parsing `kubectl get replicasets`")?;
+        Ok(list
+            .items
+            .into_iter()
+            .find(|set| {
+                let owned = set
+                    .metadata
+                    .owner_references
+                    .iter()
+                    .any(|owner| owner.uid == deployment.metadata.uid);
+                owned && set.metadata.annotations.get(CONTROLLER_REVISION) == Some(&revision)
+            })
+            .and_then(|set| set.metadata.labels.get(TEMPLATE_HASH_LABEL).cloned()))
     }
 
     /// What a deployment runs, read from its pod template stamps and its

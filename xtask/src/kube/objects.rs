@@ -35,13 +35,32 @@ pub struct Metadata {
     #[serde(default)]
     pub name: String,
     #[serde(default)]
+    pub uid: String,
+    #[serde(default)]
     pub generation: i64,
     #[serde(default)]
+    pub labels: std::collections::BTreeMap<String, String>,
+    #[serde(default)]
     pub annotations: std::collections::BTreeMap<String, String>,
+    #[serde(default)]
+    pub owner_references: Vec<OwnerReference>,
     /// Set once the pod is being deleted; it may stay Ready through its
     /// `preStop` and grace period, but it no longer serves for long.
     #[serde(default)]
     pub deletion_timestamp: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub struct OwnerReference {
+    #[serde(default)]
+    pub uid: String,
+}
+
+/// A ReplicaSet: which Deployment owns it, and its revision and
+/// `pod-template-hash`.
+#[derive(Debug, Deserialize)]
+pub struct ReplicaSet {
+    pub metadata: Metadata,
 }
 
 #[derive(Debug, Deserialize)]
@@ -216,7 +235,7 @@ impl Deployment {
     pub fn revision(&self) -> Option<String> {
         self.metadata
             .annotations
-            .get("deployment.kubernetes.io/revision")
+            .get(super::CONTROLLER_REVISION)
             .cloned()
     }
 
@@ -352,14 +371,6 @@ impl Pod {
         self.metadata.deletion_timestamp.is_none()
             && !self.status.container_statuses.is_empty()
             && self.status.container_statuses.iter().all(|c| c.ready)
-    }
-
-    /// Whether this pod runs `digest` (it is in the spec's image).
-    pub fn wants(&self, digest: &str) -> bool {
-        self.spec
-            .containers
-            .iter()
-            .any(|c| c.image.ends_with(digest))
     }
 
     /// Whether `app`'s container reports `digest` as the image it runs
@@ -663,7 +674,7 @@ mod tests {
         let p = with_status(
             serde_json::json!({"containerStatuses": [{"name": "c", "ready": true, "imageID": "r/aiq-agent@sha256:new"}]}),
         );
-        assert!(p.wants("sha256:new") && p.runs("aiq-agent", "sha256:new") && p.is_ready());
+        assert!(p.runs("aiq-agent", "sha256:new") && p.is_ready());
         assert!(!p.runs("aiq-agent", "sha256:old"));
     }
 
