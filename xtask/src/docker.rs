@@ -320,7 +320,16 @@ pub fn bake_command(
         .arg(bake_file.display().to_string())
         .arg("--metadata-file")
         .arg(metadata_file.display().to_string())
-        .arg(format!("--progress={}", progress_style()))
+        // A push is followed as JSON, to tell its failures apart by the
+        // step that failed (`progress.rs`).
+        .arg(format!(
+            "--progress={}",
+            if opts.push {
+                "rawjson"
+            } else {
+                progress_style()
+            }
+        ))
         .arg("--provenance=false");
     if !opts.cache {
         if !opts.retry {

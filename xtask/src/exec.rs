@@ -147,20 +147,29 @@ impl<'a> Exec<'a> {
     /// that only have a real mode.
     pub fn run_anyway(&self, cmd: &Cmd) -> Result<()> {
         self.output.command(cmd, false);
-        self.spawn(cmd, false)
+        self.spawn(cmd)
     }
 
-    /// Like [`Exec::run`], but stderr passes through a pipe that keeps its
-    /// last lines, which a failure's message then carries: for failures the
-    /// caller must tell apart (a registry hiccup from a compile error). The
-    /// child sees no terminal, so its progress is plain.
-    pub fn run_keeping_stderr(&self, cmd: &Cmd) -> Result<()> {
+    /// Like [`Exec::run`], but `cmd`'s stderr goes to `follow` as it comes
+    /// (which shows it, and reads what failed): for failures the caller
+    /// must tell apart, such as a registry hiccup and a compile error.
+    /// Returns whether `cmd` succeeded and what `follow` found; a dry run
+    /// only prints the line.
+    pub fn run_following<T: Default>(
+        &self,
+        cmd: &Cmd,
+        follow: impl FnOnce(&mut dyn std::io::BufRead) -> T,
+    ) -> Result<(bool, T)> {
         if self.dry_run {
             self.output.command(cmd, true);
-            return Ok(());
+            return Ok((true, T::default()));
         }
         self.output.command(cmd, false);
-        self.spawn(cmd, true)
+        let mut child = self.start(cmd, Stdio::piped())?;
+        let stderr = child.stderr.take().context("no stderr pipe")?;
+        let found = follow(&mut std::io::BufReader::new(stderr));
+        let status = child.wait()?;
+        Ok((status.success(), found))
     }
 
     /// `from | into`, where `into` reads what `from` prints (a password):
@@ -174,18 +183,27 @@ impl<'a> Exec<'a> {
             return Ok(());
         }
         let printed = self.read(from)?;
-        self.spawn(&into.clone().hidden_stdin(printed), false)
+        self.spawn(&into.clone().hidden_stdin(printed))
     }
 
     /// Runs `cmd`, already echoed.
-    fn spawn(&self, cmd: &Cmd, keep_stderr: bool) -> Result<()> {
+    fn spawn(&self, cmd: &Cmd) -> Result<()> {
+        let status = self.start(cmd, Stdio::inherit())?.wait()?;
+        if !status.success() {
+            bail!("`{cmd}` failed ({status})");
+        }
+        Ok(())
+    }
+
+    /// Starts `cmd` with its stdout on our stderr (stdout is for results
+    /// only) and its stdin fed.
+    fn start(&self, cmd: &Cmd, stderr: Stdio) -> Result<std::process::Child> {
         let mut command: std::process::Command = cmd.to_xshell(self.sh).into();
-        command.stdout(Stdio::from(std::io::stderr()));
+        command
+            .stdout(Stdio::from(std::io::stderr()))
+            .stderr(stderr);
         if cmd.stdin.is_some() {
             command.stdin(Stdio::piped());
-        }
-        if keep_stderr {
-            command.stderr(Stdio::piped());
         }
         let mut child = command
             .spawn()
@@ -195,29 +213,7 @@ impl<'a> Exec<'a> {
                 .write_all(bytes)
                 .with_context(|| format!("feeding stdin to `{}`", cmd.argv[0]))?;
         }
-        let tail = child.stderr.take().map(|pipe| {
-            std::thread::spawn(move || {
-                use std::io::BufRead;
-                let mut last: std::collections::VecDeque<String> = Default::default();
-                for line in std::io::BufReader::new(pipe).lines().map_while(Result::ok) {
-                    eprintln!("{line}");
-                    if last.len() == 12 {
-                        last.pop_front();
-                    }
-                    last.push_back(line);
-                }
-                Vec::from(last).join("\n")
-            })
-        });
-        let status = child.wait()?;
-        let tail = tail.and_then(|t| t.join().ok()).unwrap_or_default();
-        if !status.success() {
-            if tail.is_empty() {
-                bail!("`{cmd}` failed ({status})");
-            }
-            bail!("`{cmd}` failed ({status}):\n{tail}");
-        }
-        Ok(())
+        Ok(child)
     }
 
     /// Starts `cmd` in the background as a daemon: its own process group

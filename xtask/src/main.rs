@@ -1,6 +1,7 @@
 //! `cargo xtask`: build, run and deploy this repository so that what runs is
 //! exactly what was committed.
 
+mod base64;
 mod bases;
 mod builder;
 mod cluster;
@@ -17,6 +18,7 @@ mod history;
 mod kube;
 mod lock;
 mod output;
+mod progress;
 mod push;
 mod registry;
 mod rollout;

@@ -12,14 +12,15 @@ use crate::{
     docker::{bake_command, parse_metadata, tags, BuildOptions},
     exec::Exec,
     git::Revision,
+    progress::{self, FailedStep},
     registry::resolve,
 };
 
 /// Attempts at a push that fails on the registry's side.
 const PUSH_ATTEMPTS: u32 = 3;
 
-/// How a push failed, read from the last lines BuildKit printed: there is
-/// no machine-readable failure to parse.
+/// How a push failed, read from the step that failed in BuildKit's
+/// progress.
 #[derive(Debug, PartialEq, Eq)]
 enum PushFailure {
     /// The registry hiccuped (5xx, 429, a dropped connection): retry.
@@ -29,31 +30,24 @@ enum PushFailure {
     Immutable,
 }
 
-/// Reads only buildx's final `ERROR:` line to decide whether the push
-/// failed (BuildKit: "failed to push <ref>: ..."; Docker's builder: "tag
-/// invalid", or an HTTP status after its "pushing" progress), so a compile
-/// error whose text says "immutable" (rustc's E0502) is never taken for
-/// one.
-fn push_failure(message: &str) -> Option<PushFailure> {
-    let message = message.to_ascii_lowercase();
-    let error = message.lines().rev().find(|l| l.starts_with("error:"))?;
-    let pushing = error.contains("failed to push")
-        || error.contains("tag invalid")
-        || (error.contains("unexpected http status")
-            && message
-                .lines()
-                .any(|l| l.starts_with('#') && l.contains(" pushing ")));
-    if !pushing {
+/// Whether the build failed in its push, and how: only when the image
+/// exporter's step failed and no build step did, so a compile error whose
+/// text says "immutable" (rustc's E0502) or a base image the registry
+/// could not serve is never taken for one. What the registry said is in
+/// that step's error and its last lines (BuildKit retries a hiccup itself,
+/// four tries over about 7 s, and logs each status).
+fn push_failure(failed: &[FailedStep]) -> Option<PushFailure> {
+    if failed.iter().any(|step| !step.is_push()) {
         return None;
     }
+    let push = failed.iter().find(|step| step.is_push())?;
+    let said = format!("{}\n{}", push.error, push.tail.join("\n")).to_ascii_lowercase();
     if ["tag invalid", "immutable", "cannot be overwritten"]
         .iter()
-        .any(|t| error.contains(t))
+        .any(|t| said.contains(t))
     {
         return Some(PushFailure::Immutable);
     }
-    // BuildKit retries a hiccup itself (four tries over about 7 s) and
-    // then names the last status in the lines before its ERROR.
     let transient = [
         "500 internal server error",
         "502 bad gateway",
@@ -67,8 +61,24 @@ fn push_failure(message: &str) -> Option<PushFailure> {
     ];
     transient
         .iter()
-        .any(|t| message.contains(t))
+        .any(|t| said.contains(t))
         .then_some(PushFailure::Transient)
+}
+
+/// A failed build's error: each failed step, what BuildKit said, and its
+/// last lines.
+fn build_error(cmd: &crate::exec::Cmd, failed: &[FailedStep]) -> anyhow::Error {
+    let mut message = format!("`{cmd}` failed");
+    if failed.is_empty() {
+        message.push_str(" (its output is above)");
+    }
+    for step in failed {
+        message.push_str(&format!("\n{}: {}", step.name, step.error));
+        for line in &step.tail {
+            message.push_str(&format!("\n  {line}"));
+        }
+    }
+    anyhow::anyhow!(message)
 }
 
 /// Builds and pushes in one bake, retrying what the registry gets wrong:
@@ -98,20 +108,21 @@ pub fn push(
             .map(|i| (i, tags(&config, i, rev)))
             .collect();
         let cmd = bake_command(bake_path, metadata_path, &tagged, &opts, rev.commit_time);
-        let error = match exec.run_keeping_stderr(&cmd) {
-            Ok(()) if exec.dry_run => return Ok(digests),
-            Ok(()) => {
-                let metadata = std::fs::read_to_string(metadata_path)
-                    .with_context(|| format!("reading {}", metadata_path.display()))?;
-                digests.extend(parse_metadata(&metadata, &remaining)?);
+        let (succeeded, failed) = exec.run_following(&cmd, |stderr| {
+            progress::follow(stderr, &mut std::io::stderr())
+        })?;
+        if succeeded {
+            if exec.dry_run {
                 return Ok(digests);
             }
-            Err(error) => error,
-        };
+            let metadata = std::fs::read_to_string(metadata_path)
+                .with_context(|| format!("reading {}", metadata_path.display()))?;
+            digests.extend(parse_metadata(&metadata, &remaining)?);
+            return Ok(digests);
+        }
+        let error = build_error(&cmd, &failed);
         failures += 1;
-        // The message is the command line, then the last lines it printed.
-        let printed = format!("{error:#}");
-        match push_failure(printed.split_once('\n').map_or("", |(_, tail)| tail)) {
+        match push_failure(&failed) {
             Some(PushFailure::Immutable) if config.push_latest && !rev.is_dirty() => {
                 exec.output.warn("the registry refuses to move a tag (immutable tags): pushing again without :latest, which nothing deployed uses (set push_latest = false for this registry)");
                 config.push_latest = false;
@@ -211,25 +222,57 @@ fn built_digests(
 mod tests {
     use super::*;
 
+    fn step(name: &str, error: &str, tail: &[&str]) -> FailedStep {
+        FailedStep {
+            name: name.into(),
+            error: error.into(),
+            tail: tail.iter().map(|l| l.to_string()).collect(),
+        }
+    }
+
     #[test]
-    fn push_failures_are_told_apart() {
-        let hiccup = "#8 pushing r/x:1 with docker\nERROR: received unexpected HTTP status: 503 Service Unavailable";
-        assert_eq!(push_failure(hiccup), Some(PushFailure::Transient));
-        let ecr = "ERROR: tag invalid: The image tag 'latest' already exists in the 'aiq' repository and cannot be overwritten because the repository is immutable.";
-        assert_eq!(push_failure(ecr), Some(PushFailure::Immutable));
-        let compile = "ERROR: failed to solve: process \"/bin/sh -c cargo build\" did not complete successfully: exit code: 101";
-        assert_eq!(push_failure(compile), None);
-        let exhausted = "7.504 error: failed commit on ref \"manifest-sha256:54e2\": unexpected status from PUT request to http://127.0.0.1:47111/v2/fx/flk/manifests/b08d2e271a96: 503 Service Unavailable\nERROR: failed to solve: failed to push 127.0.0.1:47111/fx/flk:b08d2e271a96: unavailable";
-        assert_eq!(push_failure(exhausted), Some(PushFailure::Transient));
-        let buildkit_immutable = "ERROR: failed to solve: failed to push 127.0.0.1:34011/fixtures/x:latest: unknown: The image tag 'latest' already exists in the 'fixtures/x' repository and cannot be overwritten because the repository is immutable.";
-        assert_eq!(
-            push_failure(buildkit_immutable),
-            Some(PushFailure::Immutable)
+    fn push_failures_are_told_apart_by_the_step_that_failed() {
+        let export = "exporting to image";
+        let exhausted = step(
+            export,
+            "failed to push 127.0.0.1:47111/fx/flk:b08d2e271a96: unavailable",
+            &["pushing layers done", "error: failed commit on ref \"manifest-sha256:54e2\": unexpected status from PUT request to http://127.0.0.1:47111/v2/fx/flk/manifests/b08d2e271a96: 503 Service Unavailable"],
         );
-        let e0502 = "#12 41.2 error[E0502]: cannot borrow `v` as mutable because it is also borrowed as immutable\n#12 41.2 pushing v.push(1) here\n#12 ERROR: process \"/bin/sh -c cargo build\" did not complete successfully: exit code: 101\nERROR: failed to solve: process \"/bin/sh -c cargo build --release\" did not complete successfully: exit code: 101";
-        assert_eq!(push_failure(e0502), None, "a compile error is not a push");
-        let base =
-            "ERROR: failed to solve: 127.0.0.1:5000/library/rust:1.95: 503 Service Unavailable";
-        assert_eq!(push_failure(base), None, "a base image pull is not a push");
+        assert_eq!(push_failure(&[exhausted]), Some(PushFailure::Transient));
+        let immutable = step(
+            export,
+            "failed to push 127.0.0.1:34011/fixtures/x:latest: unknown: The image tag 'latest' already exists in the 'fixtures/x' repository and cannot be overwritten because the repository is immutable.",
+            &[],
+        );
+        assert_eq!(push_failure(&[immutable]), Some(PushFailure::Immutable));
+        let refused = step(export, "failed to push r/x:1: unauthorized", &[]);
+        assert_eq!(push_failure(&[refused]), None, "not the registry's hiccup");
+        let e0502 = step(
+            "[web 4/5] RUN cargo build --release",
+            "process \"/bin/sh -c cargo build --release\" did not complete successfully: exit code: 101",
+            &["error[E0502]: cannot borrow `v` as mutable because it is also borrowed as immutable", "pushing v.push(1) here", "503 service unavailable"],
+        );
+        assert_eq!(
+            push_failure(std::slice::from_ref(&e0502)),
+            None,
+            "a compile error is not a push"
+        );
+        let hiccup = step(export, "failed to push r/x:1: 503 Service Unavailable", &[]);
+        assert_eq!(
+            push_failure(&[e0502, hiccup]),
+            None,
+            "a build step failed too: nothing to push again"
+        );
+        let base = step(
+            "[internal] load metadata for 127.0.0.1:5000/library/rust:1.95",
+            "127.0.0.1:5000/library/rust:1.95: 503 Service Unavailable",
+            &[],
+        );
+        assert_eq!(
+            push_failure(&[base]),
+            None,
+            "a base image pull is not a push"
+        );
+        assert_eq!(push_failure(&[]), None);
     }
 }
