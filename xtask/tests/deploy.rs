@@ -270,6 +270,42 @@ impl Fixture {
             .to_string()
     }
 
+    /// `kubectl get pods` of deployment `name`, printed with `--output`.
+    fn pods_of(&self, name: &str, output: &str) -> String {
+        self.kubectl(&[
+            "get",
+            "pods",
+            "--selector",
+            &selector(name),
+            "--output",
+            output,
+        ])
+    }
+
+    /// Writes `k8s/<file>` and makes the kustomization the workloads and
+    /// it.
+    fn add_manifest(&self, file: &str, yaml: &str) {
+        std::fs::write(self.root().join("k8s").join(file), yaml).unwrap();
+        std::fs::write(
+            self.root().join("k8s/kustomization.yaml"),
+            format!("resources:\n  - workloads.yaml\n  - {file}\n"),
+        )
+        .unwrap();
+    }
+
+    /// The field managers (their `managedFields` entries) that own
+    /// `spec.<field>` of deployment `name`.
+    fn owners(&self, name: &str, field: &str) -> Vec<Value> {
+        let deployment = self.get(&["get", "deployment", name, "--show-managed-fields"]);
+        deployment["metadata"]["managedFields"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|m| !m["fieldsV1"]["f:spec"][format!("f:{field}")].is_null())
+            .cloned()
+            .collect()
+    }
+
     /// The ReplicaSets of a deployment: (name, desired replicas).
     fn replica_sets(&self, name: &str) -> Vec<(String, i64)> {
         let sets = self.get(&["get", "replicasets", "--selector", &selector(name)]);
@@ -463,16 +499,10 @@ fn assert_restored_newest_first(run: &XtaskRun) {
 #[test]
 fn an_apply_that_fails_half_way_is_rolled_back() {
     let (fx, previous) = serving_first_commit();
-    std::fs::write(
-        fx.root().join("k8s/budget.yaml"),
+    fx.add_manifest(
+        "budget.yaml",
         "apiVersion: policy/v1\nkind: PodDisruptionBudget\nmetadata:\n  name: fxweb\n  labels:\n    app.kubernetes.io/name: fxweb\nspec:\n  minAvailable: half\n  selector:\n    matchLabels:\n      app.kubernetes.io/name: fxweb\n",
-    )
-    .unwrap();
-    std::fs::write(
-        fx.root().join("k8s/kustomization.yaml"),
-        "resources:\n  - workloads.yaml\n  - budget.yaml\n",
-    )
-    .unwrap();
+    );
     fx.commit(HEALTHY_APP);
     let run = fx.deploy(&[]);
     assert_failed_and_rolled_back(&fx, &run, "minAvailable", &previous);
@@ -483,22 +513,10 @@ fn an_apply_that_fails_half_way_is_rolled_back() {
 /// Service's port and a field added to it, `revisionHistoryLimit` removed
 /// from fxweb's Deployment, and a ConfigMap that did not exist.
 fn commit_web_objects(fx: &Fixture, later: bool, app: &str) {
-    let all = workloads("", "");
-    let (api, web) = all.split_once("---\n").unwrap();
-    let web = if later {
-        web.to_owned()
-    } else {
-        web.replacen(
-            "spec:\n  selector:",
-            "spec:\n  revisionHistoryLimit: 4\n  selector:",
-            1,
-        )
-    };
-    std::fs::write(
-        fx.root().join("k8s/workloads.yaml"),
-        format!("{api}---\n{web}"),
-    )
-    .unwrap();
+    std::fs::write(fx.root().join("k8s/workloads.yaml"), workloads("", "")).unwrap();
+    if !later {
+        set_web_spec(fx.root(), "revisionHistoryLimit: 4");
+    }
     let labels = "  labels:\n    app.kubernetes.io/name: fxweb\n";
     let (port, added) = if later {
         ("81", "  publishNotReadyAddresses: true\n")
@@ -513,12 +531,7 @@ fn commit_web_objects(fx: &Fixture, later: bool, app: &str) {
             "---\napiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: fxweb-settings\n{labels}data:\n  mode: new\n"
         ));
     }
-    std::fs::write(fx.root().join("k8s/web-objects.yaml"), objects).unwrap();
-    std::fs::write(
-        fx.root().join("k8s/kustomization.yaml"),
-        "resources:\n  - workloads.yaml\n  - web-objects.yaml\n",
-    )
-    .unwrap();
+    fx.add_manifest("web-objects.yaml", &objects);
     fx.commit(app);
 }
 
@@ -577,13 +590,7 @@ fn restores_every_object(killed: bool) {
         "",
         "what the failed deploy created is deleted"
     );
-    let deployment = fx.get(&["get", "deployment", "fxweb", "--show-managed-fields"]);
-    let owners: Vec<&Value> = deployment["metadata"]["managedFields"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|m| !m["fieldsV1"]["f:spec"]["f:revisionHistoryLimit"].is_null())
-        .collect();
+    let owners = fx.owners("fxweb", "revisionHistoryLimit");
     assert!(
         owners.len() == 1 && owners[0]["manager"] == "xtask" && owners[0]["operation"] == "Apply",
         "revisionHistoryLimit is the xtask's apply's again: {owners:?}"
@@ -749,18 +756,7 @@ fn pods_a_quota_refuses_fail_the_deploy_at_once_with_the_api_message() {
 #[test]
 fn a_rollout_past_its_progress_deadline_fails_with_the_condition() {
     let (fx, previous) = serving_first_commit();
-    let manifest = workloads("", "");
-    let (api, web) = manifest.split_once("---\n").unwrap();
-    let web = web.replacen(
-        "spec:\n  selector:",
-        "spec:\n  progressDeadlineSeconds: 3\n  selector:",
-        1,
-    );
-    std::fs::write(
-        fx.root().join("k8s/workloads.yaml"),
-        format!("{api}---\n{web}"),
-    )
-    .unwrap();
+    set_web_spec(fx.root(), "progressDeadlineSeconds: 3");
     fx.commit(NEVER_READY_APP);
     // A grace longer than the deadline: the controller's condition decides.
     let run = fx.run(&["deploy", "--poll-interval", "0.2", "--grace", "600"]);
@@ -867,14 +863,10 @@ fn old_pods_of_the_same_digest_are_not_the_rollouts() {
     assert_eq!(run.code, 1, "{}", run.stderr);
     let build = fx.digests();
     wait_for("fxweb's pod crash-loops", 90, || {
-        fx.kubectl(&[
-            "get",
-            "pods",
-            "--selector",
-            &selector("fxweb"),
-            "--output",
+        fx.pods_of(
+            "fxweb",
             "jsonpath={.items[*].status.containerStatuses[*].state.waiting.reason}",
-        ])
+        )
         .contains("CrashLoopBackOff")
     });
     // The fix is in the manifest; the images are the broken commit's.
@@ -1556,28 +1548,35 @@ impl Drop for Stopped {
     }
 }
 
+/// Ready only 15 s after it starts: an outage can come while the deploy
+/// waits for it.
+const SLOW_STARTER: &str =
+    "trap 'exit 0' TERM\nsleep 15\ntouch /tmp/ready\nwhile true; do sleep 1; done\n";
+const SLOW_STARTER_DEPLOY: [&str; 5] = ["deploy", "--poll-interval", "0.2", "--grace", "60"];
+
+/// Commits `app` for fxweb and starts `deploy` (`args`) in the background;
+/// returns it, its stderr watched, once it is applying fxweb.
+fn deploy_until_applying_fxweb(
+    fx: &Fixture,
+    app: &str,
+    args: &[&str],
+) -> (std::process::Child, StderrWatch) {
+    fx.commit(app);
+    let entries = fx.history().len();
+    let mut child = fx.spawn(args);
+    let watch = StderrWatch::new(&mut child);
+    wait_until_applying_fxweb(fx, entries);
+    (child, watch)
+}
+
 #[test]
 fn a_passing_api_outage_does_not_end_the_deploy() {
     let (fx, _) = serving_first_commit();
-    fx.commit("trap 'exit 0' TERM\nsleep 15\ntouch /tmp/ready\nwhile true; do sleep 1; done\n");
-    let entries = fx.history().len();
-    let mut child = fx.spawn(&["deploy", "--poll-interval", "0.2", "--grace", "60"]);
-    let watch = StderrWatch::new(&mut child);
-    wait_until_applying_fxweb(&fx, entries);
+    let (mut child, watch) = deploy_until_applying_fxweb(&fx, SLOW_STARTER, &SLOW_STARTER_DEPLOY);
     // The outage comes while the deploy waits on fxweb's new pod (ready
     // only after 15 s).
     wait_for("fxweb's new pod exists", 60, || {
-        fx.kubectl(&[
-            "get",
-            "pods",
-            "--selector",
-            &selector("fxweb"),
-            "--output",
-            "name",
-        ])
-        .lines()
-        .count()
-            > 1
+        fx.pods_of("fxweb", "name").lines().count() > 1
     });
     // The apiserver stops answering for longer than one read may take.
     let stopped = Stopped(apiserver_pid());
@@ -1634,11 +1633,7 @@ fn wait_for_node_ready() {
 #[test]
 fn an_api_server_frozen_past_the_lease_ends_the_deploy_with_a_true_record() {
     let (fx, _) = serving_first_commit();
-    fx.commit(NEVER_READY_APP);
-    let entries = fx.history().len();
-    let mut child = fx.spawn(&LONG_ROLLOUT);
-    let watch = StderrWatch::new(&mut child);
-    wait_until_applying_fxweb(&fx, entries);
+    let (mut child, watch) = deploy_until_applying_fxweb(&fx, NEVER_READY_APP, &LONG_ROLLOUT);
     watch.wait_for("deployment/fxweb: 1 of 1 updated", 60);
     let lease = fx.lease()["spec"].clone();
     let renewed = ok(
@@ -1695,12 +1690,8 @@ fn an_api_server_frozen_past_the_lease_ends_the_deploy_with_a_true_record() {
 #[test]
 fn an_api_server_killed_and_restarted_mid_rollout_never_leaves_a_wrong_record() {
     let (fx, _) = serving_first_commit();
-    // Ready only after 15 s: the restart comes while the deploy waits.
-    fx.commit("trap 'exit 0' TERM\nsleep 15\ntouch /tmp/ready\nwhile true; do sleep 1; done\n");
-    let entries = fx.history().len();
-    let mut child = fx.spawn(&["deploy", "--poll-interval", "0.2", "--grace", "60"]);
-    let watch = StderrWatch::new(&mut child);
-    wait_until_applying_fxweb(&fx, entries);
+    // The restart comes while the deploy waits for the slow starter.
+    let (mut child, watch) = deploy_until_applying_fxweb(&fx, SLOW_STARTER, &SLOW_STARTER_DEPLOY);
     watch.wait_for("deployment/fxweb: 1 of 1 updated", 60);
 
     let pid = apiserver_pid();
@@ -2478,12 +2469,7 @@ fn an_autoscaled_deployment_keeps_the_replica_count_its_autoscaler_owns() {
     assert_eq!(replicas(&fx), 2);
 
     std::fs::write(fx.root().join("k8s/workloads.yaml"), workloads("", "")).unwrap();
-    std::fs::write(fx.root().join("k8s/autoscaler.yaml"), WEB_AUTOSCALER).unwrap();
-    std::fs::write(
-        fx.root().join("k8s/kustomization.yaml"),
-        "resources:\n  - workloads.yaml\n  - autoscaler.yaml\n",
-    )
-    .unwrap();
+    fx.add_manifest("autoscaler.yaml", WEB_AUTOSCALER);
     fx.commit(HEALTHY_APP);
     fx.deploy(&[]).assert_ok();
     assert_eq!(
@@ -2491,15 +2477,11 @@ fn an_autoscaled_deployment_keeps_the_replica_count_its_autoscaler_owns() {
         2,
         "not reset to 1 when the field left the apply"
     );
-    let managers = fx.get(&["get", "deployment", "fxweb", "--show-managed-fields"]);
-    let owners: Vec<&str> = managers["metadata"]["managedFields"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|m| !m["fieldsV1"]["f:spec"]["f:replicas"].is_null())
-        .map(|m| m["manager"].as_str().unwrap())
-        .collect();
-    assert_eq!(owners, ["handover-to-hpa"], "{managers}");
+    let owners = fx.owners("fxweb", "replicas");
+    assert!(
+        owners.len() == 1 && owners[0]["manager"] == "handover-to-hpa",
+        "{owners:?}"
+    );
 
     fx.kubectl(&["scale", "deployment", "fxweb", "--replicas=3"]);
     set_web_spec(fx.root(), "replicas: 2");
