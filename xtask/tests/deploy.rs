@@ -1701,11 +1701,21 @@ fn an_api_server_killed_and_restarted_mid_rollout_never_leaves_a_wrong_record() 
         .filter(|arg| !arg.is_empty())
         .map(|arg| String::from_utf8(arg.to_vec()).unwrap())
         .collect();
+    // Its address, from the kubeconfig (JSON, as `cluster up` writes it).
+    let kubeconfig: Value = serde_json::from_str(
+        &std::fs::read_to_string(std::env::var("KUBECONFIG").unwrap()).unwrap(),
+    )
+    .unwrap();
+    let address = kubeconfig["clusters"][0]["cluster"]["server"]
+        .as_str()
+        .unwrap()
+        .trim_start_matches("https://")
+        .to_owned();
     ok(Path::new("."), "kill", &["-KILL", &pid]);
-    wait_for("the API server is gone", 30, || {
-        !Path::new(&format!("/proc/{pid}")).exists()
-            || std::fs::read_to_string(format!("/proc/{pid}/stat"))
-                .is_ok_and(|stat| stat.contains(") Z "))
+    // Gone once nothing listens on its port any more: its threads may
+    // still hold the socket after the main one has exited.
+    wait_for("the API server's port is free", 60, || {
+        std::net::TcpStream::connect(&address).is_err()
     });
     let state = Path::new(&std::env::var("KUBECONFIG").unwrap())
         .parent()
