@@ -5,7 +5,7 @@
 //! that happen to be in a compiler's message.
 
 use std::{
-    collections::{HashMap, VecDeque},
+    collections::{HashMap, HashSet, VecDeque},
     io::{BufRead, Write},
 };
 
@@ -69,10 +69,11 @@ pub struct FailedStep {
 }
 
 impl FailedStep {
-    /// The image exporter, which pushes when the output says `push=true`:
-    /// a failure there is the registry's, not the build's.
+    /// The export, which pushes the image (when the output says
+    /// `push=true`) and the registry cache: a failure there is the
+    /// registry's, not the build's.
     pub fn is_push(&self) -> bool {
-        self.name.starts_with("exporting to") || self.name.starts_with("pushing")
+        self.name.starts_with("exporting ") || self.name.starts_with("pushing")
     }
 }
 
@@ -85,15 +86,39 @@ struct Step {
     /// When it last completed: a step can start again (the exporter
     /// exports, then pushes), and only a new completion is shown.
     completed: Option<String>,
+    /// Its progress lines already shown as done (BuildKit sends them again).
+    done: HashSet<String>,
+    /// Output after its last newline: BuildKit sends output in chunks that
+    /// need not end lines (cargo's "   Compiling" and " fixture v0.1.0").
+    partial: String,
     tail: VecDeque<String>,
 }
 
 impl Step {
-    fn keep(&mut self, line: String) {
+    /// Shows `line` as this step's and keeps it for its error.
+    fn line(&mut self, line: &str, out: &mut dyn Write) {
+        let _ = writeln!(out, "#{} {line}", self.number);
         if self.tail.len() == TAIL {
             self.tail.pop_front();
         }
-        self.tail.push_back(line);
+        self.tail.push_back(line.to_owned());
+    }
+
+    /// Output as it comes: each completed line is shown.
+    fn output(&mut self, text: &str, out: &mut dyn Write) {
+        self.partial.push_str(text);
+        while let Some(end) = self.partial.find('\n') {
+            let line: String = self.partial.drain(..=end).collect();
+            self.line(line.trim_end_matches(['\n', '\r']), out);
+        }
+    }
+
+    /// Output left without a newline when the step ends.
+    fn flush(&mut self, out: &mut dyn Write) {
+        if !self.partial.is_empty() {
+            let line = std::mem::take(&mut self.partial);
+            self.line(line.trim_end_matches('\r'), out);
+        }
     }
 }
 
@@ -128,6 +153,9 @@ pub fn follow(input: &mut dyn BufRead, out: &mut dyn Write) -> Vec<FailedStep> {
         object.clear();
     }
     let _ = out.write_all(object.as_bytes());
+    for step in steps.values_mut() {
+        step.flush(out);
+    }
     failed
 }
 
@@ -137,6 +165,8 @@ fn show(
     failed: &mut Vec<FailedStep>,
     out: &mut dyn Write,
 ) {
+    // Steps start, then their output and progress, then those that ended
+    // (one status may carry all three).
     for vertex in &status.vertexes {
         // Numbered in the order steps are first seen.
         let number = steps.len() + 1;
@@ -145,18 +175,40 @@ fn show(
             name: vertex.name.clone(),
             ..Step::default()
         });
-        let number = step.number;
         if !step.announced && (vertex.started.is_some() || vertex.cached) {
             step.announced = true;
-            let _ = writeln!(out, "#{number} {}", step.name);
+            let _ = writeln!(out, "#{} {}", step.number, step.name);
         }
         if vertex.started.is_some() && vertex.completed.is_none() {
             step.completed = None;
         }
+    }
+    for log in &status.logs {
+        if let Some(step) = steps.get_mut(&log.vertex) {
+            let bytes = crate::base64::decode(&log.data).unwrap_or_default();
+            step.output(&String::from_utf8_lossy(&bytes), out);
+        }
+    }
+    for progress in &status.statuses {
+        if let Some(step) = steps.get_mut(&progress.vertex) {
+            if progress.completed.is_some()
+                && !progress.id.is_empty()
+                && step.done.insert(progress.id.clone())
+            {
+                step.line(&format!("{} done", progress.id), out);
+            }
+        }
+    }
+    for vertex in &status.vertexes {
+        let Some(step) = steps.get_mut(&vertex.digest) else {
+            continue;
+        };
         if vertex.completed.is_none() || vertex.completed == step.completed {
             continue;
         }
         step.completed = vertex.completed.clone();
+        step.flush(out);
+        let number = step.number;
         if !vertex.error.is_empty() {
             let _ = writeln!(out, "#{number} ERROR: {}", vertex.error);
             failed.push(FailedStep {
@@ -168,26 +220,6 @@ fn show(
             let _ = writeln!(out, "#{number} CACHED");
         } else {
             let _ = writeln!(out, "#{number} DONE");
-        }
-    }
-    for progress in &status.statuses {
-        let Some(step) = steps.get_mut(&progress.vertex) else {
-            continue;
-        };
-        if progress.completed.is_some() && !progress.id.is_empty() {
-            let line = format!("{} done", progress.id);
-            let _ = writeln!(out, "#{} {line}", step.number);
-            step.keep(line);
-        }
-    }
-    for log in &status.logs {
-        let Some(step) = steps.get_mut(&log.vertex) else {
-            continue;
-        };
-        let bytes = crate::base64::decode(&log.data).unwrap_or_default();
-        for line in String::from_utf8_lossy(&bytes).lines() {
-            let _ = writeln!(out, "#{} {line}", step.number);
-            step.keep(line.to_owned());
         }
     }
 }
@@ -264,6 +296,38 @@ ERROR: failed to solve: process "/bin/sh -c echo hello && exit 3" did not comple
             }]
         );
         assert!(!failed[0].is_push());
+    }
+
+    /// Output comes in chunks that need not end lines; a status that is
+    /// sent again is shown once.
+    #[test]
+    fn output_is_shown_by_whole_lines() {
+        let chunk = |text: &[u8]| {
+            format!(
+                "{{\n  \"logs\": [{{\"vertex\": \"sha256:r\", \"data\": \"{}\"}}]\n}}\n",
+                crate::base64::encode(text)
+            )
+        };
+        let vertex = |times: &str| {
+            format!("{{\n  \"vertexes\": [{{\"digest\": \"sha256:r\", \"name\": \"RUN cargo build\", {times}}}]\n}}\n")
+        };
+        let status = "{\n  \"statuses\": [{\"id\": \"copying\", \"vertex\": \"sha256:r\", \"completed\": \"2\"}]\n}\n";
+        let input = [
+            vertex("\"started\": \"1\""),
+            chunk(b"   Compiling"),
+            chunk(b" fixture v0.1.0\n    Finished"),
+            status.to_owned(),
+            status.to_owned(),
+            chunk(b" release"),
+            vertex("\"started\": \"1\", \"completed\": \"3\""),
+        ]
+        .concat();
+        let mut shown = Vec::new();
+        assert!(follow(&mut input.as_bytes(), &mut shown).is_empty());
+        assert_eq!(
+            String::from_utf8(shown).unwrap(),
+            "#1 RUN cargo build\n#1    Compiling fixture v0.1.0\n#1 copying done\n#1     Finished release\n#1 DONE\n"
+        );
     }
 
     /// The image exporter completes once it has exported, starts again to

@@ -30,16 +30,15 @@ enum PushFailure {
     Immutable,
 }
 
-/// Whether the build failed in its push, and how: only when the image
-/// exporter's step failed and no build step did, so a compile error whose
-/// text says "immutable" (rustc's E0502) or a base image the registry
-/// could not serve is never taken for one. What the registry said is in
-/// that step's error and its last lines (BuildKit retries a hiccup itself,
+/// Whether the build failed in its push, and how: only when the export's
+/// step failed (it runs once every build step has succeeded), so a compile
+/// error whose text says "immutable" (rustc's E0502) or a base image the
+/// registry could not serve is never taken for one. Other failed steps are
+/// not looked at: one the build survived (a registry cache not there yet
+/// to import) precedes an export. What the registry said is in the
+/// export's error and its last lines (BuildKit retries a hiccup itself,
 /// four tries over about 7 s, and logs each status).
 fn push_failure(failed: &[FailedStep]) -> Option<PushFailure> {
-    if failed.iter().any(|step| !step.is_push()) {
-        return None;
-    }
     let push = failed.iter().find(|step| step.is_push())?;
     let said = format!("{}\n{}", push.error, push.tail.join("\n")).to_ascii_lowercase();
     if ["tag invalid", "immutable", "cannot be overwritten"]
@@ -257,11 +256,16 @@ mod tests {
             None,
             "a compile error is not a push"
         );
+        let no_cache_yet = step(
+            "importing cache manifest from r/cache:x",
+            "failed to configure registry cache importer: r/cache:x: not found",
+            &[],
+        );
         let hiccup = step(export, "failed to push r/x:1: 503 Service Unavailable", &[]);
         assert_eq!(
-            push_failure(&[e0502, hiccup]),
-            None,
-            "a build step failed too: nothing to push again"
+            push_failure(&[no_cache_yet, hiccup]),
+            Some(PushFailure::Transient),
+            "a cache not there yet is no build failure"
         );
         let base = step(
             "[internal] load metadata for 127.0.0.1:5000/library/rust:1.95",
