@@ -324,7 +324,7 @@ pub fn bake_command(
         // step that failed (`progress.rs`).
         .arg(format!(
             "--progress={}",
-            if opts.push {
+            if opts.push && !opts.digest_only {
                 "rawjson"
             } else {
                 progress_style()

@@ -22,6 +22,9 @@ pub const SUCCEEDED: &str = "succeeded";
 pub const INTERRUPTED: &str = "interrupted";
 /// Entries kept: enough to look back weeks, far below a ConfigMap's 1 MiB.
 const KEEP: usize = 50;
+/// The largest kept manifests, base64: far below a ConfigMap's 1 MiB and
+/// a command-line argument's 128 KiB.
+const MAX_KEPT_BYTES: usize = 96 * 1024;
 /// How long a run's result is tried again when it cannot be written (the
 /// API server down or wedged): the lease's lifetime.
 const RESULT_WRITE_BUDGET: std::time::Duration = std::time::Duration::from_secs(60);
@@ -263,10 +266,20 @@ impl Record {
         for old in &self.kept[..older] {
             binary.insert(format!("{PREFIX}{old}"), serde_json::Value::Null);
         }
-        binary.insert(
-            format!("{PREFIX}{}", self.key),
-            json!(applied.encode(kube.exec)?),
-        );
+        // Kept only if it fits in one command-line argument (Linux takes
+        // 128 KiB): a deploy that succeeded is recorded so in any case.
+        match applied.encode(kube.exec) {
+            Ok(encoded) if encoded.len() < MAX_KEPT_BYTES => {
+                binary.insert(format!("{PREFIX}{}", self.key), json!(encoded));
+            }
+            kept => kube.exec.output.warn(&format!(
+                "the applied manifests are not kept ({}): undoing this deploy later restores pod templates only",
+                match kept {
+                    Ok(encoded) => format!("{} bytes compressed", encoded.len()),
+                    Err(e) => format!("{e:#}"),
+                }
+            )),
+        }
         self.write_result(kube, binary)
     }
 

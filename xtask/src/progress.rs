@@ -133,10 +133,15 @@ pub fn follow(input: &mut dyn BufRead, out: &mut dyn Write) -> Vec<FailedStep> {
     let mut failed = Vec::new();
     let mut object = String::new();
     for line in input.lines().map_while(Result::ok) {
-        // buildx prints each status as indented JSON: `{` and `}` alone
-        // at the start of a line open and close one.
+        // buildx 0.15 and later print each status on one line; older ones
+        // as indented JSON, where `{` and `}` alone open and close one.
         if object.is_empty() && line != "{" {
-            let _ = writeln!(out, "{line}");
+            match serde_json::from_str::<SolveStatus>(&line) {
+                Ok(status) if line.starts_with('{') => show(&status, &mut steps, &mut failed, out),
+                _ => {
+                    let _ = writeln!(out, "{line}");
+                }
+            }
             continue;
         }
         object.push_str(&line);
@@ -296,6 +301,20 @@ ERROR: failed to solve: process "/bin/sh -c echo hello && exit 3" did not comple
             }]
         );
         assert!(!failed[0].is_push());
+    }
+
+    /// buildx 0.15 and later print each status on one line.
+    #[test]
+    fn one_status_per_line_is_read_too() {
+        let input = "{\"vertexes\":[{\"digest\":\"sha256:e\",\"name\":\"exporting to image\",\"started\":\"1\"}]}\n{\"vertexes\":[{\"digest\":\"sha256:e\",\"name\":\"exporting to image\",\"started\":\"1\",\"completed\":\"2\",\"error\":\"failed to push r/x:1: unavailable\"}]}\nERROR: failed to solve: failed to push r/x:1: unavailable\n";
+        let mut shown = Vec::new();
+        let failed = follow(&mut input.as_bytes(), &mut shown);
+        assert_eq!(
+            String::from_utf8(shown).unwrap(),
+            "#1 exporting to image\n#1 ERROR: failed to push r/x:1: unavailable\nERROR: failed to solve: failed to push r/x:1: unavailable\n"
+        );
+        assert_eq!(failed.len(), 1);
+        assert!(failed[0].is_push());
     }
 
     /// Output comes in chunks that need not end lines; a status that is
