@@ -562,11 +562,11 @@ fn restores_every_object(killed: bool) {
     if killed {
         commit_web_objects(&fx, true, NEVER_READY_APP);
         let mut deploy = fx.spawn(&LONG_ROLLOUT);
-        wait_for("the deploy has applied fxweb's objects", 180, || {
-            fx.get(&["get", "deployment", "fxweb"])["spec"]["revisionHistoryLimit"] == 10
-        });
+        let watch = StderrWatch::new(&mut deploy);
+        // kubectl's word that it has applied fxweb's Deployment.
+        watch.wait_for("deployment.apps/fxweb serverside-applied", 180);
         signal(&deploy, "KILL");
-        deploy.wait().unwrap();
+        watch.exit(deploy, 30);
         // Made to look expired rather than waiting its 60 s.
         fx.patch_lease(
             r#"{"spec": {"renewTime": "2020-01-01T00:00:00.000000Z", "leaseDurationSeconds": 3}}"#,
@@ -1044,12 +1044,11 @@ fn a_webhook_that_timed_out_gets_a_short_budget_to_answer() {
     // The deploy has seen pods fail on the webhook and rides it out.
     watch.wait_for("waiting up to 30s for the webhook to answer", 120);
     drop(webhook);
-    let status = deploy.wait().unwrap();
-    let stderr = watch.finish();
+    let (code, stderr) = watch.exit(deploy, 300);
     stop.store(true, std::sync::atomic::Ordering::SeqCst);
     let _ = std::net::TcpStream::connect(("127.0.0.1", port));
     holder.join().unwrap();
-    assert!(status.success(), "{stderr}");
+    assert_eq!(code, Some(0), "{stderr}");
     let digests = fx.digests();
     for name in ["fxapi", "fxweb"] {
         fx.assert_serving(name, digests[name].as_str().unwrap());
@@ -1356,15 +1355,6 @@ fn a_rollout_undo_by_hand_shows_as_drift_and_the_next_deploy_takes_the_fields_ba
     fx.run(&["verify"]).assert_ok();
 }
 
-/// Waits until a deploy started after `entries` history entries records
-/// that it is applying fxweb.
-fn wait_until_applying_fxweb(fx: &Fixture, entries: usize) {
-    wait_for("the deploy reaches fxweb", 180, || {
-        let history = fx.history();
-        history.len() > entries && history.last().unwrap()["step"] == "apply deployment/fxweb"
-    });
-}
-
 fn signal(child: &std::process::Child, name: &str) {
     signal_pid(child.id(), name);
 }
@@ -1380,11 +1370,7 @@ fn signal_pid(pid: u32, name: &str) {
 #[test]
 fn deploys_take_turns_and_an_interrupted_or_killed_one_says_where_it_stopped() {
     let (fx, _) = serving_first_commit();
-    fx.commit(NEVER_READY_APP);
-    let args = LONG_ROLLOUT;
-    let entries = fx.history().len();
-    let first = fx.spawn(&args);
-    wait_until_applying_fxweb(&fx, entries);
+    let (first, watch) = deploy_until_applying_fxweb(&fx, NEVER_READY_APP, &LONG_ROLLOUT);
     // The holder renews its lease every 15 s.
     wait_for("the holder renews its lease", 30, || {
         let spec = fx.lease()["spec"].clone();
@@ -1407,9 +1393,8 @@ fn deploys_take_turns_and_an_interrupted_or_killed_one_says_where_it_stopped() {
 
     // Ctrl-C: history says where it stopped, the lease is released.
     signal(&first, "INT");
-    let out = first.wait_with_output().unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(130), "{stderr}");
+    let (code, stderr) = watch.exit(first, 60);
+    assert_eq!(code, Some(130), "{stderr}");
     assert!(
         !stderr.contains("renewing the deploy lock failed"),
         "{stderr}"
@@ -1439,12 +1424,9 @@ fn deploys_take_turns_and_an_interrupted_or_killed_one_says_where_it_stopped() {
     // stays until it expires (made to look expired here rather than waiting
     // its 60 s); then status calls the run killed and the next deploy takes
     // the lock over.
-    fx.commit(NEVER_READY_APP);
-    let entries = fx.history().len();
-    let killed = fx.spawn(&args);
-    wait_until_applying_fxweb(&fx, entries);
+    let (killed, watch) = deploy_until_applying_fxweb(&fx, NEVER_READY_APP, &LONG_ROLLOUT);
     signal(&killed, "KILL");
-    killed.wait_with_output().unwrap();
+    watch.exit(killed, 30);
     assert_ne!(fx.lease(), Value::Null, "a killed deploy leaves its lock");
     assert!(fx.run(&["status"]).stdout.contains("deploy lock: held by"));
     fx.patch_lease(
@@ -1499,9 +1481,8 @@ fn a_lease_that_only_looks_expired_is_not_taken_while_its_holder_renews_it() {
     // clock, still years behind).
     watch.wait_for("looks expired; watching it for", 60);
     fx.patch_lease(r#"{"spec": {"renewTime": "2020-01-01T00:00:01.000000Z"}}"#);
-    let status = deploy.wait().unwrap();
-    let stderr = watch.finish();
-    assert_eq!(status.code(), Some(2), "{stderr}");
+    let (code, stderr) = watch.exit(deploy, 120);
+    assert_eq!(code, Some(2), "{stderr}");
     assert!(
         stderr.contains("it was renewed while this deploy watched it"),
         "{stderr}"
@@ -1514,14 +1495,10 @@ fn a_lease_that_only_looks_expired_is_not_taken_while_its_holder_renews_it() {
 #[test]
 fn a_deploy_that_loses_its_lock_stops_and_leaves_the_new_holder_alone() {
     let (fx, _) = serving_first_commit();
-    fx.commit(NEVER_READY_APP);
-    let entries = fx.history().len();
-    let child = fx.spawn(&["deploy", "--poll-interval", "0.2", "--grace", "600"]);
-    wait_until_applying_fxweb(&fx, entries);
+    let (child, watch) = deploy_until_applying_fxweb(&fx, NEVER_READY_APP, &LONG_ROLLOUT);
     fx.patch_lease(r#"{"spec": {"holderIdentity": "mallory@elsewhere (pid 1)"}}"#);
-    let out = child.wait_with_output().unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    let (code, stderr) = watch.exit(child, 120);
+    assert_eq!(code, Some(1), "{stderr}");
     assert!(
         stderr.contains("lost the deploy lock: mallory@elsewhere (pid 1) holds it now")
             && stderr.contains("stopped without rolling back"),
@@ -1555,24 +1532,24 @@ const SLOW_STARTER: &str =
 const SLOW_STARTER_DEPLOY: [&str; 5] = ["deploy", "--poll-interval", "0.2", "--grace", "60"];
 
 /// Commits `app` for fxweb and starts `deploy` (`args`) in the background;
-/// returns it, its stderr watched, once it is applying fxweb.
+/// returns it, its stderr watched, once it says it applies fxweb (its
+/// history entry says so before).
 fn deploy_until_applying_fxweb(
     fx: &Fixture,
     app: &str,
     args: &[&str],
 ) -> (std::process::Child, StderrWatch) {
     fx.commit(app);
-    let entries = fx.history().len();
     let mut child = fx.spawn(args);
     let watch = StderrWatch::new(&mut child);
-    wait_until_applying_fxweb(fx, entries);
+    watch.wait_for("apply and roll out deployment/fxweb", 180);
     (child, watch)
 }
 
 #[test]
 fn a_passing_api_outage_does_not_end_the_deploy() {
     let (fx, _) = serving_first_commit();
-    let (mut child, watch) = deploy_until_applying_fxweb(&fx, SLOW_STARTER, &SLOW_STARTER_DEPLOY);
+    let (child, watch) = deploy_until_applying_fxweb(&fx, SLOW_STARTER, &SLOW_STARTER_DEPLOY);
     // The outage comes while the deploy waits on fxweb's new pod (ready
     // only after 15 s).
     wait_for("fxweb's new pod exists", 60, || {
@@ -1585,9 +1562,8 @@ fn a_passing_api_outage_does_not_end_the_deploy() {
     // retried: an outage longer than one read, which it must ride out.
     watch.wait_for("reading the cluster failed (try 1 of 3), retrying", 60);
     drop(stopped);
-    let status = child.wait().unwrap();
-    let stderr = watch.finish();
-    assert_eq!(status.code(), Some(0), "{stderr}");
+    let (code, stderr) = watch.exit(child, 300);
+    assert_eq!(code, Some(0), "{stderr}");
     assert!(
         stderr.contains("reading the cluster failed (try 1 of 3), retrying"),
         "{stderr}"
@@ -1633,7 +1609,7 @@ fn wait_for_node_ready() {
 #[test]
 fn an_api_server_frozen_past_the_lease_ends_the_deploy_with_a_true_record() {
     let (fx, _) = serving_first_commit();
-    let (mut child, watch) = deploy_until_applying_fxweb(&fx, NEVER_READY_APP, &LONG_ROLLOUT);
+    let (child, watch) = deploy_until_applying_fxweb(&fx, NEVER_READY_APP, &LONG_ROLLOUT);
     watch.wait_for("deployment/fxweb: 1 of 1 updated", 60);
     let lease = fx.lease()["spec"].clone();
     let renewed = ok(
@@ -1652,11 +1628,7 @@ fn an_api_server_frozen_past_the_lease_ends_the_deploy_with_a_true_record() {
             > expires + 1
     });
     drop(stopped);
-    wait_for("the deploy ends", 150, || {
-        child.try_wait().unwrap().is_some()
-    });
-    let code = child.wait().unwrap().code();
-    let stderr = watch.finish();
+    let (code, stderr) = watch.exit(child, 150);
     assert!(matches!(code, Some(1) | Some(3)), "{code:?}: {stderr}");
     assert!(
         stderr.contains("reading the cluster failed (try 2 of 3)")
@@ -1691,7 +1663,7 @@ fn an_api_server_frozen_past_the_lease_ends_the_deploy_with_a_true_record() {
 fn an_api_server_killed_and_restarted_mid_rollout_never_leaves_a_wrong_record() {
     let (fx, _) = serving_first_commit();
     // The restart comes while the deploy waits for the slow starter.
-    let (mut child, watch) = deploy_until_applying_fxweb(&fx, SLOW_STARTER, &SLOW_STARTER_DEPLOY);
+    let (child, watch) = deploy_until_applying_fxweb(&fx, SLOW_STARTER, &SLOW_STARTER_DEPLOY);
     watch.wait_for("deployment/fxweb: 1 of 1 updated", 60);
 
     let pid = apiserver_pid();
@@ -1748,11 +1720,7 @@ fn an_api_server_killed_and_restarted_mid_rollout_never_leaves_a_wrong_record() 
             .success()
     });
 
-    wait_for("the deploy ends", 300, || {
-        child.try_wait().unwrap().is_some()
-    });
-    let code = child.wait().unwrap().code();
-    let stderr = watch.finish();
+    let (code, stderr) = watch.exit(child, 300);
     eprintln!("the deploy ended with {code:?}");
     wait_for_node_ready();
     let last = fx.history().pop().unwrap();
@@ -2540,17 +2508,14 @@ fn a_cancelled_github_job_still_records_the_interrupt_and_releases_the_lock() {
     let (fx, _) = serving_first_commit();
     let args = LONG_ROLLOUT;
     for second_after in [Duration::from_millis(7500), Duration::from_millis(30)] {
-        fx.commit(NEVER_READY_APP);
-        let entries = fx.history().len();
-        let run = fx.spawn(&args);
-        wait_until_applying_fxweb(&fx, entries);
+        let (mut run, watch) = deploy_until_applying_fxweb(&fx, NEVER_READY_APP, &args);
         let pid = run.id();
         // The run's exit, told to the schedule below as it happens.
         let (exit_tx, exited) = std::sync::mpsc::channel();
         let waiter = std::thread::spawn(move || {
-            let out = run.wait_with_output().unwrap();
+            let status = run.wait().unwrap();
             let _ = exit_tx.send(());
-            out
+            status
         });
         let started = Instant::now();
         signal_pid(pid, "INT");
@@ -2570,13 +2535,9 @@ fn a_cancelled_github_job_still_records_the_interrupt_and_releases_the_lock() {
             signal_pid(pid, name);
             sent.push(name);
         }
-        let out = waiter.join().unwrap();
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(
-            out.status.code(),
-            Some(130),
-            "signals sent: {sent:?}\n{stderr}"
-        );
+        let status = waiter.join().unwrap();
+        let stderr = watch.finish();
+        assert_eq!(status.code(), Some(130), "signals sent: {sent:?}\n{stderr}");
         assert!(
             !sent.contains(&"KILL"),
             "it outlived the window: {sent:?}\n{stderr}"

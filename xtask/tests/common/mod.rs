@@ -255,17 +255,20 @@ pub fn registry_digest(repository: &str, tag: &str) -> Option<String> {
     manifest["digest"].as_str().map(str::to_owned)
 }
 
-/// Polls `condition` until it holds, at most `secs` seconds; panics naming
-/// `what` after that. Every test that waits for something waits through
-/// this: on the condition itself, with a bound, never on the clock alone.
+/// Checks `condition` until it holds, at most `secs` seconds; panics
+/// naming `what` after that. For state that tells nobody when it changes
+/// (the cluster's objects, a port, a process of the cluster's): what a run
+/// prints or its exit is waited for on the event itself (`StderrWatch`).
+/// The checks back off (10 ms, doubling up to 1 s): quick to see a change
+/// that comes at once, few kubectl calls over a long wait.
 pub fn wait_for(what: &str, secs: u64, mut condition: impl FnMut() -> bool) {
     let deadline = std::time::Instant::now() + Duration::from_secs(secs);
+    let mut pause = Duration::from_millis(10);
     while !condition() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "{what}: not within {secs}s"
-        );
-        std::thread::sleep(Duration::from_millis(100));
+        let now = std::time::Instant::now();
+        assert!(now < deadline, "{what}: not within {secs}s");
+        std::thread::sleep(pause.min(deadline - now));
+        pause = (pause * 2).min(Duration::from_secs(1));
     }
 }
 
@@ -316,6 +319,26 @@ impl StderrWatch {
             "the run did not print {needle:?} within {secs}s:\n{}",
             guard.0
         );
+    }
+
+    /// Waits, at most `secs`, for `child` (whose stderr this watches) to
+    /// exit: on its exit itself, reported by a thread that waits for it.
+    /// Returns its exit code and everything it printed.
+    pub fn exit(self, mut child: std::process::Child, secs: u64) -> (Option<i32>, String) {
+        let (exited, exit) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = exited.send(child.wait());
+        });
+        match exit.recv_timeout(Duration::from_secs(secs)) {
+            Ok(status) => (status.unwrap().code(), self.finish()),
+            Err(_) => {
+                let (text, _) = &*self.lines;
+                panic!(
+                    "the run did not exit within {secs}s:\n{}",
+                    text.lock().unwrap().0
+                )
+            }
+        }
     }
 
     /// Everything the run printed, once its stderr has closed.
