@@ -284,12 +284,36 @@ mod tests {
 ERROR: failed to solve: process "/bin/sh -c echo hello && exit 3" did not complete successfully: exit code: 3
 "#;
 
+    /// What `follow` shows of `input`, and the steps it found failed.
+    fn followed(input: &str) -> (String, Vec<FailedStep>) {
+        let mut shown = Vec::new();
+        let failed = follow(&mut input.as_bytes(), &mut shown);
+        (String::from_utf8(shown).unwrap(), failed)
+    }
+
+    /// One status (on one line, as buildx 0.15 and later print it) of the
+    /// step `digest` named `name`, with `times` (`started`, `completed`,
+    /// `error`).
+    fn vertex(digest: &str, name: &str, times: serde_json::Value) -> String {
+        let mut vertex = serde_json::json!({"digest": digest, "name": name});
+        vertex
+            .as_object_mut()
+            .unwrap()
+            .extend(times.as_object().unwrap().clone());
+        serde_json::json!({"vertexes": [vertex]}).to_string() + "\n"
+    }
+
+    /// One status carrying `text` as output of the step `digest`.
+    fn output(digest: &str, text: &[u8]) -> String {
+        let data = crate::base64::encode(text);
+        serde_json::json!({"logs": [{"vertex": digest, "data": data}]}).to_string() + "\n"
+    }
+
     #[test]
     fn progress_is_shown_in_plain_lines_and_the_failed_step_kept() {
-        let mut shown = Vec::new();
-        let failed = follow(&mut FAILED_RUN.as_bytes(), &mut shown);
+        let (shown, failed) = followed(FAILED_RUN);
         assert_eq!(
-            String::from_utf8(shown).unwrap(),
+            shown,
             "#1 [internal] load build definition from Dockerfile\n#1 DONE\n#2 [2/2] RUN echo hello && exit 3\n#2 hello\n#2 bad\n#2 ERROR: process \"/bin/sh -c echo hello && exit 3\" did not complete successfully: exit code: 3\nERROR: failed to solve: process \"/bin/sh -c echo hello && exit 3\" did not complete successfully: exit code: 3\n"
         );
         assert_eq!(
@@ -306,11 +330,18 @@ ERROR: failed to solve: process "/bin/sh -c echo hello && exit 3" did not comple
     /// buildx 0.15 and later print each status on one line.
     #[test]
     fn one_status_per_line_is_read_too() {
-        let input = "{\"vertexes\":[{\"digest\":\"sha256:e\",\"name\":\"exporting to image\",\"started\":\"1\"}]}\n{\"vertexes\":[{\"digest\":\"sha256:e\",\"name\":\"exporting to image\",\"started\":\"1\",\"completed\":\"2\",\"error\":\"failed to push r/x:1: unavailable\"}]}\nERROR: failed to solve: failed to push r/x:1: unavailable\n";
-        let mut shown = Vec::new();
-        let failed = follow(&mut input.as_bytes(), &mut shown);
+        let export = |times| vertex("sha256:e", "exporting to image", times);
+        let input = [
+            export(serde_json::json!({"started": "1"})),
+            export(
+                serde_json::json!({"started": "1", "completed": "2", "error": "failed to push r/x:1: unavailable"}),
+            ),
+            "ERROR: failed to solve: failed to push r/x:1: unavailable\n".to_owned(),
+        ]
+        .concat();
+        let (shown, failed) = followed(&input);
         assert_eq!(
-            String::from_utf8(shown).unwrap(),
+            shown,
             "#1 exporting to image\n#1 ERROR: failed to push r/x:1: unavailable\nERROR: failed to solve: failed to push r/x:1: unavailable\n"
         );
         assert_eq!(failed.len(), 1);
@@ -321,30 +352,24 @@ ERROR: failed to solve: process "/bin/sh -c echo hello && exit 3" did not comple
     /// sent again is shown once.
     #[test]
     fn output_is_shown_by_whole_lines() {
-        let chunk = |text: &[u8]| {
-            format!(
-                "{{\n  \"logs\": [{{\"vertex\": \"sha256:r\", \"data\": \"{}\"}}]\n}}\n",
-                crate::base64::encode(text)
-            )
-        };
-        let vertex = |times: &str| {
-            format!("{{\n  \"vertexes\": [{{\"digest\": \"sha256:r\", \"name\": \"RUN cargo build\", {times}}}]\n}}\n")
-        };
-        let status = "{\n  \"statuses\": [{\"id\": \"copying\", \"vertex\": \"sha256:r\", \"completed\": \"2\"}]\n}\n";
+        let run = |times| vertex("sha256:r", "RUN cargo build", times);
+        let status = serde_json::json!({"statuses": [{"id": "copying", "vertex": "sha256:r", "completed": "2"}]})
+            .to_string()
+            + "\n";
         let input = [
-            vertex("\"started\": \"1\""),
-            chunk(b"   Compiling"),
-            chunk(b" fixture v0.1.0\n    Finished"),
-            status.to_owned(),
-            status.to_owned(),
-            chunk(b" release"),
-            vertex("\"started\": \"1\", \"completed\": \"3\""),
+            run(serde_json::json!({"started": "1"})),
+            output("sha256:r", b"   Compiling"),
+            output("sha256:r", b" fixture v0.1.0\n    Finished"),
+            status.clone(),
+            status,
+            output("sha256:r", b" release"),
+            run(serde_json::json!({"started": "1", "completed": "3"})),
         ]
         .concat();
-        let mut shown = Vec::new();
-        assert!(follow(&mut input.as_bytes(), &mut shown).is_empty());
+        let (shown, failed) = followed(&input);
+        assert!(failed.is_empty());
         assert_eq!(
-            String::from_utf8(shown).unwrap(),
+            shown,
             "#1 RUN cargo build\n#1    Compiling fixture v0.1.0\n#1 copying done\n#1     Finished release\n#1 DONE\n"
         );
     }
@@ -354,23 +379,24 @@ ERROR: failed to solve: process "/bin/sh -c echo hello && exit 3" did not comple
     /// refuses): that second completion carries the error.
     #[test]
     fn a_push_that_fails_is_the_exporters_second_completion() {
-        let log = crate::base64::encode(b"error: failed commit on ref: 503 Service Unavailable\n");
-        let vertex = |times: &str| {
-            format!("{{\n  \"vertexes\": [{{\"digest\": \"sha256:e\", \"name\": \"exporting to image\", {times}}}]\n}}\n")
-        };
+        let export = |times| vertex("sha256:e", "exporting to image", times);
         let input = [
-            vertex("\"started\": \"1\""),
-            vertex("\"started\": \"1\", \"completed\": \"2\""),
-            vertex("\"started\": \"3\""),
-            format!("{{\n  \"logs\": [{{\"vertex\": \"sha256:e\", \"data\": \"{log}\"}}]\n}}\n"),
-            vertex("\"started\": \"3\", \"completed\": \"4\", \"error\": \"failed to push r/x:1: unavailable\""),
+            export(serde_json::json!({"started": "1"})),
+            export(serde_json::json!({"started": "1", "completed": "2"})),
+            export(serde_json::json!({"started": "3"})),
+            output(
+                "sha256:e",
+                b"error: failed commit on ref: 503 Service Unavailable\n",
+            ),
+            export(
+                serde_json::json!({"started": "3", "completed": "4", "error": "failed to push r/x:1: unavailable"}),
+            ),
             "ERROR: failed to solve: failed to push r/x:1: unavailable\n".to_owned(),
         ]
         .concat();
-        let mut shown = Vec::new();
-        let failed = follow(&mut input.as_bytes(), &mut shown);
+        let (shown, failed) = followed(&input);
         assert_eq!(
-            String::from_utf8(shown).unwrap(),
+            shown,
             "#1 exporting to image\n#1 DONE\n#1 error: failed commit on ref: 503 Service Unavailable\n#1 ERROR: failed to push r/x:1: unavailable\nERROR: failed to solve: failed to push r/x:1: unavailable\n"
         );
         assert_eq!(
