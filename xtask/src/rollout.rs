@@ -131,10 +131,8 @@ impl<'k, 'a> Rollout<'k, 'a> {
         let outcome = self.apply_all(order, overlay, digest_for, deadline);
         let kube = self.kube;
         let Err(failure) = outcome else {
-            let applied = Snapshot {
-                tag: self.record.entry.tag.clone(),
-                objects: self.rendered(overlay)?.to_vec(),
-            };
+            let tag = self.record.entry.tag.clone();
+            let applied = Snapshot::of(tag, self.rendered(overlay)?, order);
             return self.record.succeed(kube, &applied);
         };
         let entry = self.record.entry.clone();
@@ -488,7 +486,9 @@ pub fn roll_back(
         keep_going()?;
         exec.run(&kube.delete_objects(&doomed))?;
         for object in doomed {
-            eprintln!("{object} did not exist before this deploy: deleted");
+            if !exec.dry_run {
+                eprintln!("{object} did not exist before this deploy: deleted");
+            }
             deleted.insert(object.to_owned());
         }
     }

@@ -12,6 +12,7 @@ use serde_json::Value;
 use crate::{
     base64,
     exec::{Cmd, Exec},
+    kube::applied_with,
 };
 
 /// A `binaryData` key: this prefix, then the history entry's key.
@@ -30,6 +31,19 @@ pub struct Snapshot {
 }
 
 impl Snapshot {
+    /// What a rollback can restore of `rendered`: the objects applied with
+    /// one of `deployments`. Never a Secret: the history is a ConfigMap,
+    /// readable more widely than Secrets and not encrypted at rest.
+    pub fn of(tag: String, rendered: &[Value], deployments: &[String]) -> Snapshot {
+        let objects = rendered
+            .iter()
+            .filter(|o| o["kind"] != "Secret")
+            .filter(|o| deployments.iter().any(|name| applied_with(o, name)))
+            .cloned()
+            .collect();
+        Snapshot { tag, objects }
+    }
+
     /// Gzip (by the system's `gzip`, so the xtask needs no compression
     /// crate), then base64, as `binaryData` holds it.
     pub fn encode(&self, exec: &Exec) -> Result<String> {
@@ -48,5 +62,35 @@ impl Snapshot {
             .read(&gunzip)
             .context("decompressing the kept manifests")?;
         serde_json::from_str(&json).context("parsing the kept manifests")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_what_a_deployment_applies_is_kept_and_never_a_secret() {
+        let object = |kind: &str, name: &str, app: Option<&str>| {
+            let mut object = serde_json::json!({"kind": kind, "metadata": {"name": name}});
+            if let Some(app) = app {
+                object["metadata"]["labels"] = serde_json::json!({"app.kubernetes.io/name": app});
+            }
+            object
+        };
+        let rendered = [
+            object("Deployment", "web", Some("web")),
+            object("Service", "web", Some("web")),
+            object("Secret", "web-keys", Some("web")),
+            object("ConfigMap", "shared", None),
+            object("Deployment", "other", Some("other")),
+        ];
+        let kept = Snapshot::of("t".into(), &rendered, &["web".to_owned()]);
+        let names: Vec<_> = kept
+            .objects
+            .iter()
+            .map(|o| o["kind"].as_str().unwrap())
+            .collect();
+        assert_eq!(names, ["Deployment", "Service"]);
     }
 }
