@@ -274,10 +274,11 @@ fn a_cached_build_on_an_empty_builder_takes_everything_from_the_registry_cache()
 /// The namespace the real manifests deploy to.
 const NAMESPACE: &str = "aiq-agent";
 
-/// HEAD's real images, deployed; then `verify --rebuild` from another
-/// clone (at another path, made with umask 002) on a new, so empty,
-/// builder restricted to one CPU, so that output depending on parallelism
-/// shows: that second fresh build must give the digests the pods run. Then
+/// The test run's real images (HEAD with its markers), deployed; then
+/// `verify --rebuild` from another clone (at another path, made with umask
+/// 002) on a new, so empty, builder restricted to one CPU, so that output
+/// depending on parallelism shows: that second fresh build must give the
+/// digests the pods run. Then
 /// a build that lies (the commit plus an uncommitted change, pushed under
 /// the clean SHA tag, recorded as that revision and rolled out): plain
 /// `verify` passes, since every record agrees, and `verify --rebuild`
@@ -287,12 +288,12 @@ fn verify_rebuild_reproduces_what_runs_and_catches_a_build_that_lies() {
     let head = head_images();
     require_cluster();
     let _turn = cluster_turn();
-    let _namespace = Namespace(NAMESPACE.to_owned());
+    let _namespace = Namespace::reused(NAMESPACE);
     let env = [("XTASK_REGISTRY", head.repository.as_str())];
     let head_build = head.clone.join("target/xtask/build.json");
     let head_build = head_build.to_str().unwrap();
     let clone = TempDir::new("verify");
-    clone_head_into(clone.path(), "002");
+    clone_into(&head.clone, clone.path(), "002");
     let root = clone.path();
     let mode = ok(root, "stat", &["-c", "%a", "Cargo.toml"]);
     assert_eq!(mode, "664", "the second clone is made with umask 002");

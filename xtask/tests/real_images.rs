@@ -1,7 +1,8 @@
-//! The real `backend` and `frontend` images, built once fresh from a clone of
-//! HEAD and then driven through the cluster, `up`, new commits, the seed
-//! flow, a readiness failure, the page in headless Chromium, and `down`. One
-//! test, in phases, so the fresh build is shared and the suite stays short.
+//! The real `backend` and `frontend` images: the test run's fresh build of
+//! HEAD with its markers (shared with provable_builds.rs), driven through
+//! the cluster, `up`, new commits, the seed flow, a readiness failure, the
+//! page in headless Chromium, and `down`. One test, in phases, so the
+//! suite stays short.
 
 mod common;
 
@@ -192,44 +193,6 @@ fn page_state(dom: &str) -> &str {
 /// The namespace the real manifests deploy to.
 const NAMESPACE: &str = "aiq-agent";
 
-/// Adds a backend route at `path` answering a fresh random string, which
-/// it returns (uncommitted).
-fn add_marker_route(root: &Path, path: &str) -> String {
-    let main_rs = root.join("backend/src/main.rs");
-    let source = std::fs::read_to_string(&main_rs).unwrap();
-    let marker = unique("marker-");
-    let changed = source.replacen(
-        "let app = Router::new()",
-        &format!("let app = Router::new().route(\"{path}\", get(|| async {{ \"{marker}\" }}))"),
-        1,
-    );
-    assert_ne!(source, changed);
-    std::fs::write(&main_rs, changed).unwrap();
-    marker
-}
-
-/// Puts a fresh random string into the page component in place of any
-/// earlier one, and returns it (uncommitted).
-fn set_page_marker(root: &Path) -> String {
-    let page = root.join("frontend/app/page.tsx");
-    let source = std::fs::read_to_string(&page).unwrap();
-    let marker = unique("page-marker-");
-    let heading = "<h1>Which code is running?</h1>";
-    let kept: String = source
-        .lines()
-        .filter(|line| !line.contains("page-marker-"))
-        .map(|line| format!("{line}\n"))
-        .collect();
-    let changed = kept.replacen(
-        heading,
-        &format!("{heading}\n      <p className=\"marker\">{marker}</p>"),
-        1,
-    );
-    assert_ne!(kept, changed);
-    std::fs::write(&page, changed).unwrap();
-    marker
-}
-
 /// The files under the image's `/app/.next` that hold `marker`.
 fn next_output_holding(image: &str, marker: &str) -> String {
     ok(
@@ -301,39 +264,30 @@ fn assert_marker_running(marker: &str) {
 
 #[test]
 fn real_images_build_fresh_run_by_digest_and_never_serve_stale_code() {
-    require_docker();
+    let head = head_images();
     let _started_here = StartedHere::new();
-    let clone = clone_project("real");
+    // The test's own clone of the run's commit, for the commits it adds.
+    let clone = TempDir::new("real");
+    clone_into(&head.clone, clone.path(), "022");
     let root = clone.path();
+    let head_env = [("XTASK_REGISTRY", head.repository.as_str())];
     let registry_path = format!("{}/realtest", registry());
     let env = [("XTASK_REGISTRY", registry_path.as_str())];
-    // The seed's manual check, automated: a random string committed into
-    // the backend's source must be in the binary the cluster runs, and one
-    // committed into a page component in the frontend's .next output and
-    // in the page it serves.
-    let seed_marker = add_marker_route(root, "/api/seed");
-    let page_marker = set_page_marker(root);
-    let first = commit_all(root, "backend and frontend: seed markers");
+    // The seed's manual check, automated: the random string the run
+    // committed into the backend's source must be in the binary the
+    // cluster runs, and the one in a page component in the frontend's
+    // .next output and in the page it serves.
+    let seed_marker = head.backend_marker.clone();
+    let page_marker = head.page_marker.clone();
+    let first = head.revision.clone();
 
-    // Phase 1: a fresh build of both images; tags, labels and /version say HEAD.
-    let build = xtask(root, &["build", "--push"], &env);
-    build.assert_ok();
-    assert!(build.stderr.contains("--no-cache --pull"));
-    let file: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(root.join("target/xtask/build.json")).unwrap(),
-    )
-    .unwrap();
+    // Phase 1: the run's fresh build of both images (`head_images` checked
+    // that it was fresh, offline and tagged with the commit); labels and
+    // /version say that commit.
     let mut old_backend = String::new();
     let mut first_frontend = String::new();
-    for image in file["images"].as_array().unwrap() {
-        let name = image["name"].as_str().unwrap();
-        let digest = image["digest"].as_str().unwrap();
-        assert_eq!(image["revision"], first);
-        assert_eq!(
-            registry_digest(&format!("realtest/{name}"), &first[..12]).as_deref(),
-            Some(digest)
-        );
-        let pinned = format!("{registry_path}/{name}@{digest}");
+    for (name, digest) in &head.digests {
+        let pinned = format!("{}/{name}@{digest}", head.repository);
         ok(root, "docker", &["pull", "--quiet", &pinned]);
         let label = ok(
             root,
@@ -353,14 +307,6 @@ fn real_images_build_fresh_run_by_digest_and_never_serve_stale_code() {
             first_frontend = pinned;
         }
     }
-    // Every build step ran without a network and took its packages from
-    // the dependency stores, checked against the lockfiles.
-    assert!(
-        build.stderr.contains("crates match Cargo.lock")
-            && build.stderr.contains("packages match package-lock.json"),
-        "{}",
-        build.stderr
-    );
     let files = next_output_holding(&first_frontend, &page_marker);
     assert!(
         files.contains("/app/.next/server/"),
@@ -396,22 +342,23 @@ fn real_images_build_fresh_run_by_digest_and_never_serve_stale_code() {
     // runs the pushed digests, and the running binary holds the marker.
     require_cluster();
     let _turn = cluster_turn();
-    let _namespace = Namespace(NAMESPACE.to_owned());
+    let _namespace = Namespace::reused(NAMESPACE);
+    let head_build = head.clone.join("target/xtask/build.json");
     let deploy = xtask(
         root,
         &[
             "deploy",
             "--from",
-            "target/xtask/build.json",
+            head_build.to_str().unwrap(),
             "--context",
             CLUSTER_CONTEXT,
         ],
-        &env,
+        &head_env,
     );
     deploy.assert_ok();
     assert_marker_running(&seed_marker);
     assert_page_marker_running(&page_marker, None);
-    xtask(root, &["verify", "--context", CLUSTER_CONTEXT], &env).assert_ok();
+    xtask(root, &["verify", "--context", CLUSTER_CONTEXT], &head_env).assert_ok();
 
     // Phase 2: `up` runs the stack; both answer HEAD and the page says
     // "match". The configured base registry cannot be reached (no Docker

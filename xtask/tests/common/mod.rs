@@ -128,6 +128,11 @@ pub fn init_repo(dir: &Path) {
 
 /// `git clone` of the project's HEAD into `dir`, made with `umask`.
 pub fn clone_head_into(dir: &Path, umask: &str) {
+    clone_into(&project_root(), dir, umask);
+}
+
+/// `git clone` of the repository at `source` into `dir`, made with `umask`.
+pub fn clone_into(source: &Path, dir: &Path, umask: &str) {
     let script = format!("umask {umask} && git clone --quiet \"$0\" \"$1\"",);
     ok(
         Path::new("."),
@@ -135,10 +140,12 @@ pub fn clone_head_into(dir: &Path, umask: &str) {
         &[
             "-c",
             &script,
-            &project_root().display().to_string(),
+            &source.display().to_string(),
             &dir.display().to_string(),
         ],
     );
+    git(dir, &["config", "user.email", "tests@example.com"]);
+    git(dir, &["config", "user.name", "xtask tests"]);
 }
 
 /// `tests/fixtures/aws`: prints the test registry's password, as `aws ecr
@@ -160,8 +167,6 @@ pub fn fake_aws_login() -> String {
 pub fn clone_project(label: &str) -> TempDir {
     let clone = TempDir::new(label);
     clone_head_into(clone.path(), "022");
-    git(clone.path(), &["config", "user.email", "tests@example.com"]);
-    git(clone.path(), &["config", "user.name", "xtask tests"]);
     clone
 }
 
@@ -520,9 +525,11 @@ pub fn http_request_bytes(
     Ok((status, body))
 }
 
-/// HEAD's real images, built fresh and pushed once per test run (`cargo
-/// xtask test` names the run) and shared by every test that needs them:
-/// the clone they were built in, where they went, and their digests.
+/// The test run's real images: HEAD's backend and frontend with a fresh
+/// random string committed into each (so nothing built before can serve
+/// them), built fresh and pushed once per test run (`cargo xtask test`
+/// names the run) and shared by every test that needs the real images: the
+/// clone they were built in, where they went, their commit and digests.
 #[derive(serde::Serialize, serde::Deserialize)]
 pub struct HeadImages {
     pub clone: PathBuf,
@@ -530,6 +537,10 @@ pub struct HeadImages {
     pub repository: String,
     pub revision: String,
     pub digests: std::collections::BTreeMap<String, String>,
+    /// What the backend's `/api/seed` route answers.
+    pub backend_marker: String,
+    /// What the frontend's page shows.
+    pub page_marker: String,
 }
 
 pub fn head_images() -> HeadImages {
@@ -553,21 +564,89 @@ pub fn head_images() -> HeadImages {
     }
     let clone = dir.join(&run);
     clone_head_into(&clone, "022");
+    let backend_marker = add_marker_route(&clone, "/api/seed");
+    let page_marker = set_page_marker(&clone);
+    let revision = commit_all(&clone, "backend and frontend: this test run's markers");
     let repository = format!("{}/head", registry());
-    xtask(
+    let build = xtask(
         &clone,
         &["build", "--push"],
         &[("XTASK_REGISTRY", repository.as_str())],
-    )
-    .assert_ok();
+    );
+    build.assert_ok();
+    // Fresh, and every step offline with its packages from the dependency
+    // stores, checked against the lockfiles.
+    assert!(
+        build.stderr.contains("--no-cache --pull"),
+        "{}",
+        build.stderr
+    );
+    assert!(
+        build.stderr.contains("crates match Cargo.lock")
+            && build.stderr.contains("packages match package-lock.json"),
+        "{}",
+        build.stderr
+    );
+    let digests = build_digests(&clone);
+    let path = repository.split_once('/').unwrap().1;
+    for (image, digest) in &digests {
+        assert_eq!(
+            registry_digest(&format!("{path}/{image}"), &revision[..12]).as_deref(),
+            Some(digest.as_str()),
+            "{image}'s commit tag"
+        );
+    }
+    for image in build_file(&clone)["images"].as_array().unwrap() {
+        assert_eq!(image["revision"], revision.as_str());
+    }
     let head = HeadImages {
-        revision: git(&clone, &["rev-parse", "HEAD"]),
-        digests: build_digests(&clone),
         clone,
         repository,
+        revision,
+        digests,
+        backend_marker,
+        page_marker,
     };
     std::fs::write(&record, serde_json::to_string(&head).unwrap()).unwrap();
     head
+}
+
+/// Adds a backend route at `path` answering a fresh random string, which
+/// it returns (uncommitted).
+pub fn add_marker_route(root: &Path, path: &str) -> String {
+    let main_rs = root.join("backend/src/main.rs");
+    let source = std::fs::read_to_string(&main_rs).unwrap();
+    let marker = unique("marker-");
+    let changed = source.replacen(
+        "let app = Router::new()",
+        &format!("let app = Router::new().route(\"{path}\", get(|| async {{ \"{marker}\" }}))"),
+        1,
+    );
+    assert_ne!(source, changed);
+    std::fs::write(&main_rs, changed).unwrap();
+    marker
+}
+
+/// Puts a fresh random string into the page component in place of any
+/// earlier one, and returns it (uncommitted).
+pub fn set_page_marker(root: &Path) -> String {
+    let page = root.join("frontend/app/page.tsx");
+    let source = std::fs::read_to_string(&page).unwrap();
+    let marker = unique("page-marker-");
+    let heading = "<h1>Which code is running?</h1>";
+    let kept: String = source
+        .lines()
+        .filter(|line| !line.contains("page-marker-"))
+        .map(|line| format!("{line}\n"))
+        .collect();
+    let changed = kept.replacen(
+        heading,
+        &format!("{heading}\n      <p className=\"marker\">{marker}</p>"),
+        1,
+    );
+    assert_ne!(kept, changed);
+    std::fs::write(&page, changed).unwrap();
+    marker
 }
 
 /// The `target/xtask/build.json` the last build in `root` wrote.
@@ -787,6 +866,21 @@ pub fn explain_difference(repo_a: &str, digest_a: &str, repo_b: &str, digest_b: 
 /// A namespace of the test cluster, deleted (without waiting) when
 /// dropped, whatever the test's outcome.
 pub struct Namespace(pub String);
+
+impl Namespace {
+    /// The guard of a namespace another test may have used before (the
+    /// real manifests' own): once an earlier guard's deletion has ended,
+    /// since a terminating namespace refuses new objects.
+    pub fn reused(name: &str) -> Namespace {
+        kubectl(&[
+            "wait",
+            "--for=delete",
+            &format!("namespace/{name}"),
+            "--timeout=180s",
+        ]);
+        Namespace(name.to_owned())
+    }
+}
 
 impl Drop for Namespace {
     fn drop(&mut self) {
