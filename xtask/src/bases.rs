@@ -50,21 +50,25 @@ pub fn can_pull(exec: &Exec, reference: &str) -> bool {
     exec.succeeds(&Cmd::new("docker").args(["buildx", "imagetools", "inspect", "--raw", reference]))
 }
 
-/// Resolves every base image `images` build on, once, at the start of a
-/// build (that is what `--pull` means): reference → manifest digest. The
-/// build then uses exactly these (as named contexts), and `build.json`
-/// records them. A dry run resolves nothing.
+/// Resolves every base image `images` build on that `resolved` does not
+/// hold yet, once, at the start of a build (that is what `--pull` means):
+/// reference → manifest digest. The build then uses exactly these (as
+/// named contexts), and `build.json` records them. A dry run resolves
+/// nothing.
 pub fn resolve_all(
     exec: &Exec,
     config: &Config,
     images: &[Image],
-) -> Result<std::collections::BTreeMap<String, String>> {
-    let mut resolved = std::collections::BTreeMap::new();
+    resolved: &mut std::collections::BTreeMap<String, String>,
+) -> Result<()> {
     if exec.dry_run {
-        return Ok(resolved);
+        return Ok(());
     }
     for base in base_images_of(config, images)? {
         let reference = format!("{}/{base}", config.base_registry);
+        if resolved.contains_key(&reference) {
+            continue;
+        }
         match crate::registry::resolve(exec, &reference) {
             Ok((digest, _)) => {
                 resolved.insert(reference, digest);
@@ -75,7 +79,7 @@ pub fn resolve_all(
             }
         }
     }
-    Ok(resolved)
+    Ok(())
 }
 
 /// How the Dockerfile frontend names a base image when it looks for a

@@ -3,7 +3,10 @@
 //! environment variable the xtask reads is read here (`tests/tidy.rs`
 //! checks it).
 
-use std::{collections::BTreeMap, path::PathBuf};
+use std::{
+    collections::BTreeMap,
+    path::{Path, PathBuf},
+};
 
 use anyhow::{Context, Result};
 use clap::Args;
@@ -139,6 +142,26 @@ pub struct Image {
     /// from a dependency store, as the `deps` build context.
     #[serde(default)]
     pub lockfile: Option<PathBuf>,
+    /// The repository paths the build may read, besides its Dockerfile and
+    /// lockfile (default: its context). Only these are exported, so a
+    /// Dockerfile that reads anything else fails naming the path.
+    #[serde(default)]
+    pub inputs: Vec<PathBuf>,
+}
+
+impl Image {
+    /// Every repository path the build may read: the declared inputs (or
+    /// the context), the Dockerfile and the lockfile.
+    pub fn input_paths(&self) -> Vec<PathBuf> {
+        let mut paths = if self.inputs.is_empty() {
+            vec![self.context.clone()]
+        } else {
+            self.inputs.clone()
+        };
+        paths.push(self.dockerfile.clone());
+        paths.extend(self.lockfile.clone());
+        paths
+    }
 }
 
 /// The seed flow: `build_arg` is set from the LoadBalancer address of
@@ -160,6 +183,13 @@ fn default_seed_template() -> String {
 
 fn default_context() -> PathBuf {
     ".".into()
+}
+
+/// A relative path with no `..`: what `git archive` can export.
+fn inside_repository(path: &Path) -> bool {
+    use std::path::Component;
+    path.components()
+        .all(|c| matches!(c, Component::Normal(_) | Component::CurDir))
 }
 
 /// Flags that override the file and the environment; shared by every
@@ -233,10 +263,35 @@ impl Config {
                 build_args: BTreeMap::from([("EXTRA".into(), "1".into())]),
                 seed: None,
                 lockfile: None,
+                inputs: vec![],
             }],
             local: None,
             buildkit: "v0.34.2".into(),
         }
+    }
+
+    /// The `Cargo.toml` of each image's own Cargo workspace (one whose
+    /// lockfile is a `Cargo.lock` outside the repository root's workspace),
+    /// relative to the root: what fmt, clippy and the tests cover beside the
+    /// root's.
+    pub fn image_workspaces(&self) -> Vec<PathBuf> {
+        let mut manifests = Vec::new();
+        for image in &self.images {
+            let Some(lockfile) = &image.lockfile else {
+                continue;
+            };
+            let manifest = lockfile.with_file_name("Cargo.toml");
+            let own = lockfile
+                .parent()
+                .is_some_and(|dir| !dir.as_os_str().is_empty());
+            if crate::deps::Kind::of(lockfile) == Some(crate::deps::Kind::Cargo)
+                && own
+                && !manifests.contains(&manifest)
+            {
+                manifests.push(manifest);
+            }
+        }
+        manifests
     }
 
     /// Where generated files live: inside `target/`, so they never dirty
@@ -379,6 +434,13 @@ impl Config {
                 return Err(refuse(format!(
                     "[workspace.metadata.xtask] images: name {:?} must be lowercase letters, digits, '-', '_' or '.'",
                     image.name
+                )));
+            }
+            if let Some(path) = image.input_paths().iter().find(|p| !inside_repository(p)) {
+                return Err(refuse(format!(
+                    "[workspace.metadata.xtask] images: {}'s path {} must be relative to the repository root and stay inside it",
+                    image.name,
+                    path.display()
                 )));
             }
             if let Some(lockfile) = &image.lockfile {
@@ -650,6 +712,47 @@ mod tests {
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
         Config::from_cargo_metadata(json, |k| env.get(k).cloned(), &overrides)
+    }
+
+    #[test]
+    fn an_image_reads_its_inputs_its_dockerfile_and_its_lockfile() {
+        let config = load(METADATA, &[], Overrides::default()).unwrap();
+        assert_eq!(
+            config.images[0].input_paths(),
+            [PathBuf::from("."), "backend/Dockerfile".into()],
+            "no inputs declared: the context"
+        );
+        let declared = METADATA.replace(
+            r#""dockerfile": "backend/Dockerfile"}"#,
+            r#""dockerfile": "backend/Dockerfile", "context": "backend", "lockfile": "backend/Cargo.lock", "inputs": ["backend", "shared/proto"]}, {"name": "web", "dockerfile": "web/Dockerfile", "lockfile": "web/package-lock.json"}"#,
+        );
+        let config = load(&declared, &[], Overrides::default()).unwrap();
+        assert_eq!(
+            config.images[0].input_paths(),
+            [
+                PathBuf::from("backend"),
+                "shared/proto".into(),
+                "backend/Dockerfile".into(),
+                "backend/Cargo.lock".into()
+            ]
+        );
+        assert_eq!(
+            config.image_workspaces(),
+            [PathBuf::from("backend/Cargo.toml")]
+        );
+        for outside in ["../secrets", "/etc"] {
+            let escaping = METADATA.replace(
+                r#""dockerfile": "backend/Dockerfile"}"#,
+                &format!(r#""dockerfile": "backend/Dockerfile", "inputs": ["{outside}"]}}"#),
+            );
+            let error = load(&escaping, &[], Overrides::default()).unwrap_err();
+            assert!(
+                error.to_string().contains(&format!(
+                    "aiq-agent's path {outside} must be relative to the repository root"
+                )),
+                "{error}"
+            );
+        }
     }
 
     #[test]

@@ -156,8 +156,8 @@ pub fn labels(image: &Image, rev: &Revision, source: &str) -> BTreeMap<String, S
 /// What one bake builds from, beside the configuration and the revision.
 #[derive(Clone, Copy)]
 pub struct BakeInputs<'a> {
-    /// The exported tree (the repository root in the build).
-    pub tree: &'a Path,
+    /// Each image's exported inputs (the repository root in its build).
+    pub trees: &'a BTreeMap<String, PathBuf>,
     /// Each image's dependency store.
     pub stores: &'a [(String, Store)],
     /// Base image reference → digest.
@@ -169,8 +169,8 @@ pub struct BakeInputs<'a> {
 }
 
 /// The bake definition for `images`: one target each, tags, labels, the
-/// build args that bake the revision into the binaries, the exported tree
-/// as the context, each image's dependency store as its `deps` context,
+/// build args that bake the revision into the binaries, the image's
+/// exported inputs as the context, each image's dependency store as its `deps` context,
 /// each base image pinned to its digest, and the build secret. A fresh
 /// build also gets the commit time as the `SOURCE_DATE_EPOCH` build arg
 /// (see [`REPRODUCIBLE_OUTPUT`]).
@@ -181,7 +181,7 @@ pub fn bake_file(
     inputs: &BakeInputs,
 ) -> serde_json::Value {
     let BakeInputs {
-        tree,
+        trees,
         stores,
         bases,
         secret,
@@ -210,6 +210,7 @@ pub fn bake_file(
                 json!(format!("docker-image://{reference}@{digest}")),
             );
         }
+        let tree = &trees[&image.name];
         let mut target = json!({
             "context": tree.join(&image.context),
             "dockerfile": tree.join(&image.dockerfile),
@@ -410,25 +411,32 @@ pub fn build(
     }
     let bake_path = out.join("bake.json");
     let metadata_path = out.join("bake-metadata.json");
-    let tree = crate::export::export(exec, config, rev)?;
-    // The lockfiles and Dockerfiles are the revision's, as exported (a dry
-    // run exports nothing: there, the working tree's).
-    let source = Config {
-        root: if exec.dry_run {
-            config.root.clone()
-        } else {
-            tree.clone()
-        },
-        ..config.clone()
-    };
-    let stores = deps::ensure_all(exec, &source, images, opts.offline)?;
-    let bases = match &opts.pinned_bases {
-        Some(bases) => bases.clone(),
-        None => crate::bases::resolve_all(exec, &source, images)?,
-    };
+    // Each image's inputs, exported; its lockfile and Dockerfile are the
+    // revision's, as exported (a dry run exports nothing: there, the
+    // working tree's).
+    let mut trees = BTreeMap::new();
+    let mut stores = Vec::new();
+    let mut bases = opts.pinned_bases.clone().unwrap_or_default();
+    for image in images {
+        let tree = crate::export::export(exec, config, rev, image)?;
+        let source = Config {
+            root: if exec.dry_run {
+                config.root.clone()
+            } else {
+                tree.clone()
+            },
+            ..config.clone()
+        };
+        let image = std::slice::from_ref(image);
+        stores.extend(deps::ensure_all(exec, &source, image, opts.offline)?);
+        if opts.pinned_bases.is_none() {
+            crate::bases::resolve_all(exec, &source, image, &mut bases)?;
+        }
+        trees.insert(image[0].name.clone(), tree);
+    }
     let secret = build_secret(exec)?;
     let inputs = BakeInputs {
-        tree: &tree,
+        trees: &trees,
         stores: &stores,
         bases: &bases,
         secret: &secret,
@@ -505,17 +513,22 @@ mod tests {
 
     /// Bake inputs with no dependency stores and the test secret.
     fn inputs<'a>(
-        tree: &'a str,
+        trees: &'a BTreeMap<String, PathBuf>,
         bases: &'a BTreeMap<String, String>,
         fresh: bool,
     ) -> BakeInputs<'a> {
         BakeInputs {
-            tree: Path::new(tree),
+            trees,
             stores: &[],
             bases,
             secret: Path::new("/secret"),
             fresh,
         }
+    }
+
+    /// The example image's exported inputs at `dir`.
+    fn tree(dir: &str) -> BTreeMap<String, PathBuf> {
+        BTreeMap::from([("aiq-agent".to_owned(), PathBuf::from(dir))])
     }
 
     #[test]
@@ -529,7 +542,11 @@ mod tests {
             &c,
             &c.images,
             &Revision::example(None),
-            &inputs("/repo/target/xtask/context/0123456789ab", &bases, true),
+            &inputs(
+                &tree("/repo/target/xtask/context/0123456789ab/aiq-agent"),
+                &bases,
+                true,
+            ),
         );
         let target = &bake["target"]["aiq-agent"];
         assert_eq!(
@@ -555,14 +572,14 @@ mod tests {
         assert_eq!(labels["org.opencontainers.image.version"], "0123456789ab");
         assert_eq!(
             target["dockerfile"],
-            "/repo/target/xtask/context/0123456789ab/backend/Dockerfile"
+            "/repo/target/xtask/context/0123456789ab/aiq-agent/backend/Dockerfile"
         );
         assert_eq!(target["args"]["SOURCE_DATE_EPOCH"], "1795464000");
         let cached = bake_file(
             &c,
             &c.images,
             &Revision::example(None),
-            &inputs("/x", &bases, false),
+            &inputs(&tree("/x"), &bases, false),
         );
         assert!(
             cached["target"]["aiq-agent"]["args"]
@@ -586,7 +603,7 @@ mod tests {
             &c,
             &c.images,
             &Revision::example(Some("deadbeef")),
-            &inputs("/x", &BTreeMap::new(), true),
+            &inputs(&tree("/x"), &BTreeMap::new(), true),
         );
         assert_eq!(
             tags(&c, &c.images[0], &Revision::example(Some("deadbeef"))),

@@ -1,7 +1,9 @@
 //! The build context is the commit, never the working tree: each build
-//! exports the revision's files into `target/xtask/context/<tag>/` and
-//! builds from there, so nothing git ignores (a `.env`, editor files, build
-//! output) can ever enter an image.
+//! exports, per image, the revision's files under that image's declared
+//! inputs into `target/xtask/context/<tag>/<image>/` and builds from there,
+//! so nothing git ignores (a `.env`, editor files, build output) can ever
+//! enter an image, and a Dockerfile that reads a path outside its inputs
+//! fails its build naming it instead of silently depending on it.
 //!
 //! Every exported file gets the export's time, not the commit's: cargo and
 //! Next decide what to rebuild by file times, and a `--cache` build of an
@@ -17,26 +19,30 @@ use std::{
 use anyhow::{Context, Result};
 
 use crate::{
-    config::Config,
+    config::{Config, Image},
     exec::{Cmd, Exec},
     git::Revision,
 };
 
-/// Exports `rev` and returns the directory that stands for the repository
-/// root in the build. A clean revision is `git archive` of its commit with
-/// the modes a 022 umask gives (the cloning user's umask never shows); a
-/// dirty one is what the dirty hash covers: the tracked files as they are
-/// in the working tree plus the untracked files git does not ignore.
-pub fn export(exec: &Exec, config: &Config, rev: &Revision) -> Result<PathBuf> {
-    let parent = config.out_dir().join("context");
-    let dir = parent.join(rev.tag());
-    let tar = parent.join(format!("{}.tar", rev.tag()));
+/// Exports `image`'s inputs at `rev` and returns the directory that stands
+/// for the repository root in its build. A clean revision is `git archive`
+/// of its commit with the modes a 022 umask gives (the cloning user's
+/// umask never shows); a dirty one is what the dirty hash covers: the
+/// tracked files as they are in the working tree plus the untracked files
+/// git does not ignore.
+pub fn export(exec: &Exec, config: &Config, rev: &Revision, image: &Image) -> Result<PathBuf> {
+    let parent = config.out_dir().join("context").join(rev.tag());
+    let dir = parent.join(&image.name);
+    let tar = parent.join(format!("{}.tar", image.name));
+    let paths = image.input_paths();
     if exec.dry_run {
         // Printed, not run: a dry run writes nothing but the bake file.
         if rev.is_dirty() {
-            exec.output.command(&list_worktree(&config.root), true);
+            exec.output
+                .command(&list_worktree(&config.root, &paths), true);
         } else {
-            exec.output.command(&archive(config, rev, &tar), true);
+            exec.output
+                .command(&archive(config, rev, &paths, &tar), true);
             exec.output.command(&extract(&tar, &dir), true);
         }
         return Ok(dir);
@@ -47,9 +53,17 @@ pub fn export(exec: &Exec, config: &Config, rev: &Revision) -> Result<PathBuf> {
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755))?;
     if rev.is_dirty() {
-        copy_worktree(exec, &config.root, &dir)?;
+        copy_worktree(exec, &config.root, &paths, &dir)?;
     } else {
-        exec.run(&archive(config, rev, &tar))?;
+        exec.run(&archive(config, rev, &paths, &tar))
+            .with_context(|| {
+                format!(
+                    "exporting {}'s inputs ({}) at {}: each must exist in the commit",
+                    image.name,
+                    shown(&paths),
+                    rev.tag()
+                )
+            })?;
         exec.run(&extract(&tar, &dir))?;
         std::fs::remove_file(&tar).with_context(|| format!("removing {}", tar.display()))?;
     }
@@ -66,8 +80,18 @@ fn extract(tar: &Path, dir: &Path) -> Cmd {
         .arg(dir.display().to_string())
 }
 
-/// The files a dirty build covers: tracked, or untracked and not ignored.
-fn list_worktree(root: &Path) -> Cmd {
+/// `paths`, as a message names them.
+fn shown(paths: &[PathBuf]) -> String {
+    paths
+        .iter()
+        .map(|p| p.display().to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// The files under `paths` a dirty build covers: tracked, or untracked and
+/// not ignored.
+fn list_worktree(root: &Path, paths: &[PathBuf]) -> Cmd {
     Cmd::new("git")
         .arg("-C")
         .arg(root.display().to_string())
@@ -77,11 +101,13 @@ fn list_worktree(root: &Path) -> Cmd {
             "--cached",
             "--others",
             "--exclude-standard",
+            "--",
         ])
+        .args(paths.iter().map(|p| p.display().to_string()))
 }
 
-/// `git archive` of the commit, with the modes of a 022 umask.
-fn archive(config: &Config, rev: &Revision, output: &Path) -> Cmd {
+/// `git archive` of `paths` in the commit, with the modes of a 022 umask.
+fn archive(config: &Config, rev: &Revision, paths: &[PathBuf], output: &Path) -> Cmd {
     Cmd::new("git")
         .arg("-C")
         .arg(config.root.display().to_string())
@@ -94,12 +120,15 @@ fn archive(config: &Config, rev: &Revision, output: &Path) -> Cmd {
         ])
         .arg(output.display().to_string())
         .arg(&rev.sha)
+        .arg("--")
+        .args(paths.iter().map(|p| p.display().to_string()))
 }
 
-/// Copies the files a dirty build covers, with the modes `git archive`
-/// would give them (0755 for an executable, else 0644; directories 0755).
-fn copy_worktree(exec: &Exec, root: &Path, dir: &Path) -> Result<()> {
-    let list = exec.read(&list_worktree(root))?;
+/// Copies the files under `paths` a dirty build covers, with the modes
+/// `git archive` would give them (0755 for an executable, else 0644;
+/// directories 0755).
+fn copy_worktree(exec: &Exec, root: &Path, paths: &[PathBuf], dir: &Path) -> Result<()> {
+    let list = exec.read(&list_worktree(root, paths))?;
     for path in list.split('\0').filter(|p| !p.is_empty()) {
         let from = root.join(path);
         let Ok(meta) = std::fs::symlink_metadata(&from) else {

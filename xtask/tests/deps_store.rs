@@ -122,7 +122,7 @@ fn a_store_that_does_not_match_its_lockfile_fails_the_build_naming_the_package()
     ];
 
     // One changed .crate, under the same key: the backend's build stops.
-    let cargo_lock = root.join("Cargo.lock");
+    let cargo_lock = root.join("backend/Cargo.lock");
     let crates = copy_store(deps.path(), "cargo", &cargo_lock);
     let (name, version) = first_registry_crate(&cargo_lock);
     append_byte(&crates.join(format!("crates/{name}-{version}.crate")));

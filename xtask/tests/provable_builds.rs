@@ -113,6 +113,47 @@ fn files_git_ignores_never_enter_an_image() {
     assert_eq!(modes, "644 /src/app.txt\n644 /src/new.txt", "{modes}");
 }
 
+/// The context is the image's declared inputs only: a Dockerfile that
+/// reads a committed file outside them fails its build naming the file
+/// (instead of silently depending on it), and passes once it is declared.
+#[test]
+fn a_build_reads_only_the_inputs_its_image_declares() {
+    let image = unique("inputs");
+    let repo = context_fixture(&image);
+    let root = repo.path();
+    let declare = |inputs: &str| {
+        let manifest = std::fs::read_to_string(root.join("Cargo.toml")).unwrap();
+        let manifest = manifest
+            .lines()
+            .filter(|l| !l.starts_with("inputs = "))
+            .map(|l| format!("{l}\n"))
+            .collect::<String>()
+            + &format!("inputs = [{inputs}]\n");
+        std::fs::write(root.join("Cargo.toml"), manifest).unwrap();
+        commit_all(root, "declare inputs")
+    };
+    std::fs::write(root.join("other.txt"), "undeclared\n").unwrap();
+    std::fs::write(
+        root.join("Dockerfile"),
+        "ARG BASE_REGISTRY=docker.io/library\nFROM ${BASE_REGISTRY}/debian:bookworm-slim\nCOPY app.txt other.txt /src/\n",
+    )
+    .unwrap();
+    declare("\"app.txt\"");
+
+    let refused = xtask(root, &["build", "--push"], &[]);
+    refused.assert_fails(1, "\"/other.txt\": not found");
+    assert!(
+        !refused.stderr.contains("\"/app.txt\": not found"),
+        "{}",
+        refused.stderr
+    );
+
+    declare("\"app.txt\", \"other.txt\"");
+    xtask(root, &["build", "--push"], &[]).assert_ok();
+    let listing = in_image(&pinned(root, &image), "ls -A /src");
+    assert_eq!(listing, "app.txt\nother.txt", "{listing}");
+}
+
 /// A one-crate Rust fixture whose binary prints `marker`; its cached
 /// builds keep cargo's target directory in a cache mount of its own.
 /// `settings` are more lines of its `[workspace.metadata.xtask]`.

@@ -151,15 +151,22 @@ impl Bench {
         // C: the floor on the host, dependencies already downloaded: the
         // backend's release compile from an empty target dir, then the
         // frontend's install (from its store, offline) and `next build`.
-        exec.run(&Cmd::new(&cargo).args(["fetch", "--locked"]))?;
+        let backend = config
+            .image_workspaces()
+            .into_iter()
+            .next()
+            .context("no image is its own Cargo workspace")?
+            .display()
+            .to_string();
+        exec.run(&Cmd::new(&cargo).args(["fetch", "--locked", "--manifest-path", &backend]))?;
         let floor_target = work.join("target-floor");
         let compile = Cmd::new(&cargo)
             .args([
                 "build",
                 "--release",
                 "--locked",
-                "--package",
-                "backend",
+                "--manifest-path",
+                &backend,
                 "--target-dir",
             ])
             .arg(floor_target.display().to_string());

@@ -35,26 +35,40 @@ impl Ci {
         // manifests too.
         let _path = exec.sh.push_env("PATH", crate::cluster::path_with_tools()?);
         let cargo = crate::config::cargo();
+        // The repository's workspace, then each image's own.
+        let workspaces: Vec<std::path::PathBuf> = std::iter::once("Cargo.toml".into())
+            .chain(config.image_workspaces())
+            .collect();
         let mut timings: Vec<(&str, Duration, bool)> = Vec::new();
         let steps: Vec<CiStep> = vec![
             (
                 "fmt",
                 "cargo fmt --check",
-                Box::new(|| exec.run_anyway(&Cmd::new(&cargo).args(["fmt", "--all", "--check"]))),
+                Box::new(|| {
+                    for manifest in &workspaces {
+                        exec.run_anyway(
+                            &Cmd::new(&cargo)
+                                .args(["fmt", "--all", "--check", "--manifest-path"])
+                                .arg(manifest.display().to_string()),
+                        )?;
+                    }
+                    Ok(())
+                }),
             ),
             (
                 "clippy",
                 "cargo clippy",
                 Box::new(|| {
-                    exec.run_anyway(&Cmd::new(&cargo).args([
-                        "clippy",
-                        "--workspace",
-                        "--all-targets",
-                        "--locked",
-                        "--",
-                        "-D",
-                        "warnings",
-                    ]))
+                    for manifest in &workspaces {
+                        exec.run_anyway(
+                            &Cmd::new(&cargo)
+                                .args(["clippy", "--workspace", "--all-targets", "--locked"])
+                                .arg("--manifest-path")
+                                .arg(manifest.display().to_string())
+                                .args(["--", "-D", "warnings"]),
+                        )?;
+                    }
+                    Ok(())
                 }),
             ),
             (

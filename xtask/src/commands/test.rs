@@ -20,7 +20,7 @@ use crate::{
 /// Prepare Docker, the local registry, base images, dependency stores and the test cluster, then run every test
 #[derive(Args, Debug, Default)]
 pub struct Test {
-    /// Extra arguments for `cargo test` (e.g. a test name filter)
+    /// Extra arguments for the xtask's `cargo test` (e.g. a test name filter); with none, each image's own Cargo workspace is tested too
     #[arg(last = true)]
     pub cargo_args: Vec<String>,
 }
@@ -72,6 +72,21 @@ impl Test {
                 .sh
                 .push_env("XTASK_BASE_REGISTRY", format!("{registry}/library"));
             let cargo = crate::config::cargo();
+            // Each image's own workspace first (its unit tests take
+            // seconds), unless the arguments pick tests of the xtask's.
+            let own = if self.cargo_args.is_empty() {
+                config.image_workspaces()
+            } else {
+                vec![]
+            };
+            for manifest in own {
+                exec.run_anyway(
+                    &Cmd::new(&cargo)
+                        .args(["test", "--workspace", "--locked", "--all-targets"])
+                        .arg("--manifest-path")
+                        .arg(manifest.display().to_string()),
+                )?;
+            }
             exec.run_anyway(
                 &Cmd::new(cargo)
                     .args(["test", "--workspace", "--locked", "--all-targets"])
