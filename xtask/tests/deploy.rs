@@ -2158,6 +2158,76 @@ fn deploy_from_an_older_build_is_recorded_as_that_revision_never_as_head() {
     );
 }
 
+/// `verify --rebuild` on the real cluster: after a deploy it rebuilds the
+/// running revision fresh, from that commit's tree and the base digests
+/// recorded for it, and passes with the digests the pods run. Then a build
+/// that lies (the commit plus an uncommitted change, pushed under the
+/// clean SHA tag, recorded as that revision and rolled out): plain
+/// `verify` passes, since every record agrees, and `verify --rebuild`
+/// fails, naming the deployment. (The real images' reproducibility is
+/// provable_builds.rs's; a fixture's rebuild takes seconds.)
+#[test]
+fn verify_rebuild_passes_after_a_deploy_and_catches_a_build_that_lies() {
+    let fx = Fixture::new();
+    fx.deploy(&[]).assert_ok();
+    let file: Value =
+        serde_json::from_str(&std::fs::read_to_string(fx.build_file()).unwrap()).unwrap();
+    let deployed = build_digests(fx.root());
+    let honest = fx.run(&["verify", "--rebuild", "--json"]);
+    honest.assert_ok();
+    assert!(honest.stderr.contains("--no-cache"), "{}", honest.stderr);
+    let verified: std::collections::BTreeMap<String, String> =
+        events_of(&parse_events(&honest.stdout), "verified")
+            .into_iter()
+            .map(|e| {
+                (
+                    e["deployment"].as_str().unwrap().to_owned(),
+                    e["expected"].as_str().unwrap().to_owned(),
+                )
+            })
+            .collect();
+    assert_eq!(verified, deployed, "the rebuild gives the running digests");
+
+    // The lie: HEAD plus an uncommitted change, built (cached: it need not
+    // be fresh to lie), its manifest put under the clean SHA tag, and a
+    // build file that records it as HEAD's clean build.
+    let script = fx.root().join("fxweb.sh");
+    std::fs::write(&script, format!("# not committed\n{HEALTHY_APP}")).unwrap();
+    fx.run(&["build", "fxweb", "--push", "--cache", "--allow-dirty"])
+        .assert_ok();
+    let lie = build_digests(fx.root())["fxweb"].clone();
+    assert_ne!(lie, deployed["fxweb"]);
+    git(fx.root(), &["checkout", "--", "fxweb.sh"]);
+    let revision = file["revision"].as_str().unwrap();
+    put_manifest(&format!("{}/fxweb", fx.registry), &lie, &revision[..12]);
+    let mut lying = file.clone();
+    for image in lying["images"].as_array_mut().unwrap() {
+        if image["name"] == "fxweb" {
+            image["digest"] = json!(lie);
+        }
+    }
+    let lying_file = fx.root().join("target/lying-build.json");
+    std::fs::write(&lying_file, lying.to_string()).unwrap();
+    fx.deploy(&["--from", lying_file.to_str().unwrap()])
+        .assert_ok();
+    fx.assert_serving("fxweb", &lie);
+    fx.run(&["verify"]).assert_ok();
+    // Only the image that lies is rebuilt (fxapi was checked above).
+    let caught = fx.run(&["verify", "--rebuild", "fxweb"]);
+    caught.assert_fails(1, "deployment/fxweb runs");
+    assert!(caught.stderr.contains(&lie), "{}", caught.stderr);
+    let bake = caught
+        .stderr
+        .lines()
+        .find(|l| l.starts_with("$ docker buildx bake"))
+        .unwrap_or_default();
+    assert!(
+        bake.ends_with(" fxweb") && !caught.stdout.contains("fxapi"),
+        "only fxweb is rebuilt and judged: {}",
+        caught.stderr
+    );
+}
+
 /// `verify` and `rollback` log in to the registry before they read it, as
 /// `deploy` does (a fresh CI runner has no ECR login). Dry runs show the
 /// login as its one pipeline line, before the reads that then fail.

@@ -525,11 +525,23 @@ pub fn http_request_bytes(
     Ok((status, body))
 }
 
-/// The test run's real images: HEAD's backend and frontend with a fresh
-/// random string committed into each (so nothing built before can serve
-/// them), built fresh and pushed once per test run (`cargo xtask test`
-/// names the run) and shared by every test that needs the real images: the
-/// clone they were built in, where they went, their commit and digests.
+/// The test run's commit: HEAD's backend and frontend with a fresh random
+/// string committed into each, so nothing built before can serve them;
+/// made once per test run (`cargo xtask test` names the run) in a clone
+/// the tests share and clone from.
+#[derive(Clone, serde::Serialize, serde::Deserialize)]
+pub struct RunCommit {
+    pub clone: PathBuf,
+    pub revision: String,
+    /// What the backend's `/api/seed` route answers.
+    pub backend_marker: String,
+    /// What the frontend's page shows.
+    pub page_marker: String,
+}
+
+/// The test run's real images: the run's commit built fresh and pushed
+/// once per test run, shared by every test that needs the real images:
+/// where they went and their digests.
 #[derive(serde::Serialize, serde::Deserialize)]
 pub struct HeadImages {
     pub clone: PathBuf,
@@ -543,22 +555,29 @@ pub struct HeadImages {
     pub page_marker: String,
 }
 
-pub fn head_images() -> HeadImages {
-    require_docker();
+/// The directory of the run's shared clone and records, and the run's name.
+fn run_dir() -> (PathBuf, String) {
     let run = std::env::var("XTASK_TEST_RUN")
         .unwrap_or_else(|_| format!("process-{}", std::process::id()));
     let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("head-images");
     std::fs::create_dir_all(&dir).unwrap();
+    (dir, run)
+}
+
+/// The run's commit, made by the first test that asks.
+pub fn run_commit() -> RunCommit {
+    let (dir, run) = run_dir();
     let lock = std::fs::File::create(dir.join("lock")).unwrap();
     lock.lock().unwrap();
-    let record = dir.join(format!("{run}.json"));
+    let record = dir.join(format!("{run}.commit.json"));
     if let Ok(text) = std::fs::read_to_string(&record) {
         return serde_json::from_str(&text).unwrap();
     }
-    // An earlier run's clone and record are of no use to this one.
+    // An earlier run's clone and records are of no use to this one.
     for entry in std::fs::read_dir(&dir).unwrap() {
         let path = entry.unwrap().path();
-        if path.file_name() != Some("lock".as_ref()) {
+        let name = path.file_name().unwrap_or_default();
+        if name != "lock" && name != "build.lock" {
             let _ = std::fs::remove_dir_all(&path).or_else(|_| std::fs::remove_file(&path));
         }
     }
@@ -567,6 +586,33 @@ pub fn head_images() -> HeadImages {
     let backend_marker = add_marker_route(&clone, "/api/seed");
     let page_marker = set_page_marker(&clone);
     let revision = commit_all(&clone, "backend and frontend: this test run's markers");
+    let commit = RunCommit {
+        clone,
+        revision,
+        backend_marker,
+        page_marker,
+    };
+    std::fs::write(&record, serde_json::to_string(&commit).unwrap()).unwrap();
+    commit
+}
+
+/// The run's real images, built by the first test that asks.
+pub fn head_images() -> HeadImages {
+    require_docker();
+    let commit = run_commit();
+    let (dir, run) = run_dir();
+    let lock = std::fs::File::create(dir.join("build.lock")).unwrap();
+    lock.lock().unwrap();
+    let record = dir.join(format!("{run}.json"));
+    if let Ok(text) = std::fs::read_to_string(&record) {
+        return serde_json::from_str(&text).unwrap();
+    }
+    let RunCommit {
+        clone,
+        revision,
+        backend_marker,
+        page_marker,
+    } = commit;
     let repository = format!("{}/head", registry());
     let build = xtask(
         &clone,
