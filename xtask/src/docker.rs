@@ -80,6 +80,10 @@ pub struct BuiltImage {
     pub digest: Option<String>,
     pub revision: String,
     pub dirty: bool,
+    /// The last commit that changed the image's inputs (its revision
+    /// itself when they changed there); absent in older build files.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub inputs_revision: Option<String>,
 }
 
 impl BuiltImage {
@@ -93,6 +97,7 @@ impl BuiltImage {
             digest,
             revision: rev.sha.clone(),
             dirty: rev.is_dirty(),
+            inputs_revision: None,
         }
     }
 
@@ -415,9 +420,14 @@ pub fn build(
     // revision's, as exported (a dry run exports nothing: there, the
     // working tree's).
     let mut trees = BTreeMap::new();
+    let mut since = BTreeMap::new();
     let mut stores = Vec::new();
     let mut bases = opts.pinned_bases.clone().unwrap_or_default();
     for image in images {
+        since.insert(
+            image.name.clone(),
+            crate::git::inputs_revision(exec, rev, &image.name, &image.input_paths())?,
+        );
         let tree = crate::export::export(exec, config, rev, image)?;
         let source = Config {
             root: if exec.dry_run {
@@ -469,7 +479,10 @@ pub fn build(
     };
     let built: Vec<BuiltImage> = images
         .iter()
-        .map(|image| BuiltImage::new(config, &image.name, rev, digests.get(&image.name).cloned()))
+        .map(|image| BuiltImage {
+            inputs_revision: since.remove(&image.name),
+            ..BuiltImage::new(config, &image.name, rev, digests.get(&image.name).cloned())
+        })
         .collect();
     for image in &built {
         let kind = if image.digest.is_some() {
@@ -687,6 +700,7 @@ mod tests {
             digest: Some("sha256:abc".into()),
             revision: "x".into(),
             dirty: false,
+            inputs_revision: None,
         };
         assert_eq!(
             image.pinned().unwrap(),

@@ -1,4 +1,7 @@
-//! The revision being built: full SHA, short tag, commit time, dirty state.
+//! The revision being built: full SHA, short tag, commit time, dirty state;
+//! and each image's own revision, the last commit that changed its inputs.
+
+use std::path::{Component, Path, PathBuf};
 
 use anyhow::{Context, Result};
 
@@ -86,8 +89,9 @@ pub fn commit(exec: &Exec, rev: &str) -> Result<Revision> {
 }
 
 /// Reads HEAD and the working tree. A dirty tree is refused unless
-/// `allow_dirty`.
+/// `allow_dirty`, and a shallow clone always (see [`refuse_shallow`]).
 pub fn revision(exec: &Exec, allow_dirty: bool) -> Result<Revision> {
+    refuse_shallow(exec)?;
     let head = commit(exec, "HEAD")?;
     let status = exec.read(&Cmd::new("git").args([
         "status",
@@ -114,6 +118,87 @@ pub fn revision(exec: &Exec, allow_dirty: bool) -> Result<Revision> {
         )));
     };
     Ok(Revision { dirty_hash, ..head })
+}
+
+/// Refuses a shallow clone: an image's revision is the last commit that
+/// changed its inputs, and a clone whose history is cut would name the
+/// oldest commit it has instead.
+pub fn refuse_shallow(exec: &Exec) -> Result<()> {
+    let shallow = exec.read(&Cmd::new("git").args(["rev-parse", "--is-shallow-repository"]))?;
+    if shallow.trim() == "true" {
+        return Err(refuse(
+            "this clone is shallow, and an image's revision is the last commit that changed its inputs: fetch the whole history (`git fetch --unshallow`; in GitHub Actions, actions/checkout with `fetch-depth: 0`)",
+        ));
+    }
+    Ok(())
+}
+
+/// The image's own revision: the last commit at or before `rev` that
+/// changed any of `paths` (its inputs), checked: every path there is what
+/// it is at `rev` (`git log` simplifies merges, so a merge could name a
+/// commit whose inputs differ; then `rev` itself is the answer, never a
+/// wrong one). A dirty revision's inputs are its own.
+pub fn inputs_revision(
+    exec: &Exec,
+    rev: &Revision,
+    image: &str,
+    paths: &[PathBuf],
+) -> Result<String> {
+    if rev.is_dirty() {
+        return Ok(rev.sha.clone());
+    }
+    let shown = paths
+        .iter()
+        .map(|p| p.display().to_string())
+        .collect::<Vec<_>>()
+        .join(", ");
+    let objects = |commit: &str| -> Vec<String> {
+        paths
+            .iter()
+            .map(|p| format!("{commit}:{}", tree_path(p)))
+            .collect()
+    };
+    let at_rev = exec
+        .read(
+            &Cmd::new("git")
+                .args(["rev-parse", "--end-of-options"])
+                .args(objects(&rev.sha)),
+        )
+        .map_err(|e| {
+            refuse(format!(
+                "{image}'s inputs ({shown}) must each exist at {}: {e}",
+                rev.short()
+            ))
+        })?;
+    let last = exec.read(
+        &Cmd::new("git")
+            .args(["log", "-1", "--format=%H", &rev.sha, "--"])
+            .args(paths.iter().map(|p| p.display().to_string())),
+    )?;
+    if last.is_empty() || last == rev.sha {
+        return Ok(rev.sha.clone());
+    }
+    let at_last = exec.read(
+        &Cmd::new("git")
+            .args(["rev-parse", "--end-of-options"])
+            .args(objects(&last)),
+    );
+    Ok(match at_last {
+        Ok(at_last) if at_last == at_rev => last,
+        _ => rev.sha.clone(),
+    })
+}
+
+/// `path` as `<commit>:<path>` wants it: relative, `/`-separated, the root
+/// empty.
+fn tree_path(path: &Path) -> String {
+    path.components()
+        .filter_map(|c| match c {
+            Component::Normal(part) => Some(part.to_string_lossy().into_owned()),
+            _ => None,
+        })
+        .collect::<Vec<_>>()
+        .join("/")
 }
 
 /// One entry of `git status --porcelain`: a tracked file that differs from
@@ -169,6 +254,13 @@ fn dirty_hash(exec: &Exec, changes: &[Change]) -> Result<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn input_paths_are_named_as_tree_paths() {
+        assert_eq!(tree_path(Path::new(".")), "");
+        assert_eq!(tree_path(Path::new("./backend/")), "backend");
+        assert_eq!(tree_path(Path::new("frontend/app")), "frontend/app");
+    }
 
     #[test]
     fn tags_are_short_sha_or_marked_dirty() {

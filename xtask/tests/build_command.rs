@@ -31,6 +31,68 @@ fn fixture(image: &str) -> TempDir {
     dir
 }
 
+/// An image's own revision is the last commit that changed its inputs: a
+/// commit elsewhere leaves it where it was, and the build says so. A
+/// shallow clone, whose history is cut, is refused before anything is
+/// built.
+#[test]
+fn an_images_inputs_revision_is_the_last_commit_that_changed_them() {
+    let image = unique("since");
+    let repo = fixture(&image);
+    let root = repo.path();
+    std::fs::write(
+        root.join("Cargo.toml"),
+        std::fs::read_to_string(root.join("Cargo.toml")).unwrap() + "inputs = [\"app.txt\"]\n",
+    )
+    .unwrap();
+    std::fs::write(root.join("app.txt"), "the last change to an input\n").unwrap();
+    let changed = commit_all(root, "declare the inputs and change one");
+    std::fs::write(root.join("notes.txt"), "not an input\n").unwrap();
+    let head = commit_all(root, "a commit outside the inputs");
+
+    let run = xtask(root, &["build", "--json"], &[]);
+    run.assert_ok();
+    let events = parse_events(&run.stdout);
+    let built = &events_of(&events, "image_built")[0];
+    assert_eq!(built["revision"], head.as_str());
+    assert_eq!(built["inputs_revision"], changed.as_str());
+    assert!(
+        run.stderr
+            .contains(&format!("(inputs unchanged since {})", &changed[..12])),
+        "{}",
+        run.stderr
+    );
+
+    std::fs::write(root.join("app.txt"), "changed\n").unwrap();
+    let head = commit_all(root, "change an input");
+    xtask(root, &["build"], &[]).assert_ok();
+    assert_eq!(
+        build_file(root)["images"][0]["inputs_revision"],
+        head.as_str()
+    );
+
+    let shallow = TempDir::new("shallow");
+    ok(
+        root,
+        "git",
+        &[
+            "clone",
+            "--quiet",
+            "--depth",
+            "1",
+            &format!("file://{}", root.display()),
+            &shallow.path().display().to_string(),
+        ],
+    );
+    let refused = xtask(shallow.path(), &["build", "--push"], &[]);
+    refused.assert_fails(2, "fetch-depth: 0");
+    assert!(
+        !refused.stderr.contains("docker buildx bake"),
+        "{}",
+        refused.stderr
+    );
+}
+
 #[test]
 fn fresh_build_pushes_sha_tag_with_labels_and_digest() {
     let image = unique("fresh");

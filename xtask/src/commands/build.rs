@@ -96,9 +96,16 @@ fn names(images: &[crate::config::Image]) -> String {
 
 fn print_summary(built: &[BuiltImage]) {
     for image in built {
-        match &image.digest {
-            Some(digest) => eprintln!("{}  {}  {digest}", image.name, image.reference),
-            None => eprintln!("{}  {}  (not pushed)", image.name, image.reference),
-        }
+        let digest = image.digest.as_deref().unwrap_or("(not pushed)");
+        let since = match &image.inputs_revision {
+            Some(since) if *since != image.revision => {
+                format!(
+                    "  (inputs unchanged since {})",
+                    &since[..12.min(since.len())]
+                )
+            }
+            _ => String::new(),
+        };
+        eprintln!("{}  {}  {digest}{since}", image.name, image.reference);
     }
 }

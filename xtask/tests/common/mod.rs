@@ -370,11 +370,26 @@ pub fn parse_events(stdout: &str) -> Vec<serde_json::Value> {
         ("command", &["argv", "line", "dry_run"]),
         (
             "image_built",
-            &["name", "reference", "tag", "revision", "dirty"],
+            &[
+                "name",
+                "reference",
+                "tag",
+                "revision",
+                "dirty",
+                "inputs_revision",
+            ],
         ),
         (
             "image_pushed",
-            &["name", "reference", "tag", "digest", "revision", "dirty"],
+            &[
+                "name",
+                "reference",
+                "tag",
+                "digest",
+                "revision",
+                "dirty",
+                "inputs_revision",
+            ],
         ),
         (
             "rollout",
