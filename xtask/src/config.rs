@@ -185,11 +185,13 @@ fn default_context() -> PathBuf {
     ".".into()
 }
 
-/// A relative path with no `..`: what `git archive` can export.
+/// A relative, non-empty path with no `..`: what `git archive` can export.
 fn inside_repository(path: &Path) -> bool {
     use std::path::Component;
-    path.components()
-        .all(|c| matches!(c, Component::Normal(_) | Component::CurDir))
+    !path.as_os_str().is_empty()
+        && path
+            .components()
+            .all(|c| matches!(c, Component::Normal(_) | Component::CurDir))
 }
 
 /// Flags that override the file and the environment; shared by every
@@ -425,22 +427,29 @@ impl Config {
             ));
         }
         for image in &self.images {
-            let valid = !image.name.is_empty()
+            // It names a directory of the export too: never `.` or `..`.
+            let valid = image
+                .name
+                .starts_with(|c: char| c.is_ascii_lowercase() || c.is_ascii_digit())
                 && image
                     .name
                     .chars()
                     .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "-_.".contains(c));
             if !valid {
                 return Err(refuse(format!(
-                    "[workspace.metadata.xtask] images: name {:?} must be lowercase letters, digits, '-', '_' or '.'",
+                    "[workspace.metadata.xtask] images: name {:?} must start with a lowercase letter or digit and hold only those, '-', '_' or '.'",
                     image.name
                 )));
             }
-            if let Some(path) = image.input_paths().iter().find(|p| !inside_repository(p)) {
+            let paths = image
+                .input_paths()
+                .into_iter()
+                .chain([image.context.clone()]);
+            if let Some(path) = paths.into_iter().find(|p| !inside_repository(p)) {
                 return Err(refuse(format!(
-                    "[workspace.metadata.xtask] images: {}'s path {} must be relative to the repository root and stay inside it",
+                    "[workspace.metadata.xtask] images: {}'s path {:?} must be relative to the repository root, not empty, and stay inside it",
                     image.name,
-                    path.display()
+                    path.display().to_string()
                 )));
             }
             if let Some(lockfile) = &image.lockfile {
@@ -740,7 +749,7 @@ mod tests {
             config.image_workspaces(),
             [PathBuf::from("backend/Cargo.toml")]
         );
-        for outside in ["../secrets", "/etc"] {
+        for outside in ["../secrets", "/etc", ""] {
             let escaping = METADATA.replace(
                 r#""dockerfile": "backend/Dockerfile"}"#,
                 &format!(r#""dockerfile": "backend/Dockerfile", "inputs": ["{outside}"]}}"#),
@@ -748,7 +757,7 @@ mod tests {
             let error = load(&escaping, &[], Overrides::default()).unwrap_err();
             assert!(
                 error.to_string().contains(&format!(
-                    "aiq-agent's path {outside} must be relative to the repository root"
+                    "aiq-agent's path {outside:?} must be relative to the repository root"
                 )),
                 "{error}"
             );

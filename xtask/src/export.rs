@@ -96,6 +96,7 @@ fn list_worktree(root: &Path, paths: &[PathBuf]) -> Cmd {
         .arg("-C")
         .arg(root.display().to_string())
         .args([
+            "--literal-pathspecs",
             "ls-files",
             "-z",
             "--cached",
@@ -112,6 +113,7 @@ fn archive(config: &Config, rev: &Revision, paths: &[PathBuf], output: &Path) ->
         .arg("-C")
         .arg(config.root.display().to_string())
         .args([
+            "--literal-pathspecs",
             "-c",
             "tar.umask=0022",
             "archive",

@@ -89,9 +89,8 @@ pub fn commit(exec: &Exec, rev: &str) -> Result<Revision> {
 }
 
 /// Reads HEAD and the working tree. A dirty tree is refused unless
-/// `allow_dirty`, and a shallow clone always (see [`refuse_shallow`]).
+/// `allow_dirty`.
 pub fn revision(exec: &Exec, allow_dirty: bool) -> Result<Revision> {
-    refuse_shallow(exec)?;
     let head = commit(exec, "HEAD")?;
     let status = exec.read(&Cmd::new("git").args([
         "status",
@@ -122,7 +121,8 @@ pub fn revision(exec: &Exec, allow_dirty: bool) -> Result<Revision> {
 
 /// Refuses a shallow clone: an image's revision is the last commit that
 /// changed its inputs, and a clone whose history is cut would name the
-/// oldest commit it has instead.
+/// oldest commit it has instead. Every command that builds calls it in its
+/// preflight; [`inputs_revision`] too, for those that build later.
 pub fn refuse_shallow(exec: &Exec) -> Result<()> {
     let shallow = exec.read(&Cmd::new("git").args(["rev-parse", "--is-shallow-repository"]))?;
     if shallow.trim() == "true" {
@@ -147,6 +147,7 @@ pub fn inputs_revision(
     if rev.is_dirty() {
         return Ok(rev.sha.clone());
     }
+    refuse_shallow(exec)?;
     let shown = paths
         .iter()
         .map(|p| p.display().to_string())
@@ -158,31 +159,26 @@ pub fn inputs_revision(
             .map(|p| format!("{commit}:{}", tree_path(p)))
             .collect()
     };
+    // Every argument starts with a full SHA: none can be read as an option.
     let at_rev = exec
-        .read(
-            &Cmd::new("git")
-                .args(["rev-parse", "--end-of-options"])
-                .args(objects(&rev.sha)),
-        )
+        .read(&Cmd::new("git").arg("rev-parse").args(objects(&rev.sha)))
         .map_err(|e| {
             refuse(format!(
-                "{image}'s inputs ({shown}) must each exist at {}: {e}",
+                "{image}'s inputs ({shown}) must each exist at {} (this checkout's configuration describes the images: rebuild an older layout from a checkout of it): {e}",
                 rev.short()
             ))
         })?;
+    // Literal pathspecs, as `rev-parse` reads the paths; `rev-list`, which
+    // no user setting (`log.showSignature`, ...) changes.
     let last = exec.read(
         &Cmd::new("git")
-            .args(["log", "-1", "--format=%H", &rev.sha, "--"])
+            .args(["--literal-pathspecs", "rev-list", "-1", &rev.sha, "--"])
             .args(paths.iter().map(|p| p.display().to_string())),
     )?;
     if last.is_empty() || last == rev.sha {
         return Ok(rev.sha.clone());
     }
-    let at_last = exec.read(
-        &Cmd::new("git")
-            .args(["rev-parse", "--end-of-options"])
-            .args(objects(&last)),
-    );
+    let at_last = exec.read(&Cmd::new("git").arg("rev-parse").args(objects(&last)));
     Ok(match at_last {
         Ok(at_last) if at_last == at_rev => last,
         _ => rev.sha.clone(),

@@ -66,6 +66,7 @@ impl Build {
             exec.sh.change_dir(&config.root);
             let images = config.with_seed_values(config.select_images(&self.images)?, &exec.output);
             let rev = git::revision(exec, self.flags.allow_dirty)?;
+            git::refuse_shallow(exec)?;
             Ok((config, images, rev))
         })?;
         let opts = self.flags.options(&config, self.push);

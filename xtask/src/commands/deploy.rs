@@ -57,6 +57,9 @@ impl Deploy {
             let config = Config::load(exec, &self.flags.overrides)?;
             exec.sh.change_dir(&config.root);
             let rev = git::revision(exec, self.flags.allow_dirty)?;
+            if self.from.is_none() {
+                git::refuse_shallow(exec)?;
+            }
             let (kube, reachable) =
                 Kube::connect(exec, &config, self.context.as_deref(), !exec.dry_run)?;
             if !reachable {

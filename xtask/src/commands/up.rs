@@ -84,7 +84,9 @@ impl Up {
             let stack = config.local.clone().ok_or_else(|| {
                 refuse("[workspace.metadata.xtask.local] is missing: `up` needs the backend and frontend images and their ports")
             })?;
-            Ok((config, stack, git::revision(exec, self.flags.allow_dirty)?))
+            let rev = git::revision(exec, self.flags.allow_dirty)?;
+            git::refuse_shallow(exec)?;
+            Ok((config, stack, rev))
         })?;
         let backend_port = self.backend_port.unwrap_or(stack.backend.port);
         let frontend_port = self.frontend_port.unwrap_or(stack.frontend.port);
