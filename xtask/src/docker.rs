@@ -437,12 +437,12 @@ pub fn build(
             },
             ..config.clone()
         };
-        let image = std::slice::from_ref(image);
-        stores.extend(deps::ensure_all(exec, &source, image, opts.offline)?);
+        let one = std::slice::from_ref(image);
+        stores.extend(deps::ensure_all(exec, &source, one, opts.offline)?);
         if opts.pinned_bases.is_none() {
-            crate::bases::resolve_all(exec, &source, image, &mut bases)?;
+            crate::bases::resolve_all(exec, &source, one, &mut bases)?;
         }
-        trees.insert(image[0].name.clone(), tree);
+        trees.insert(image.name.clone(), tree);
     }
     let secret = build_secret(exec)?;
     let inputs = BakeInputs {

@@ -55,15 +55,7 @@ pub fn export(exec: &Exec, config: &Config, rev: &Revision, image: &Image) -> Re
     if rev.is_dirty() {
         copy_worktree(exec, &config.root, &paths, &dir)?;
     } else {
-        exec.run(&archive(config, rev, &paths, &tar))
-            .with_context(|| {
-                format!(
-                    "exporting {}'s inputs ({}) at {}: each must exist in the commit",
-                    image.name,
-                    shown(&paths),
-                    rev.tag()
-                )
-            })?;
+        exec.run(&archive(config, rev, &paths, &tar))?;
         exec.run(&extract(&tar, &dir))?;
         std::fs::remove_file(&tar).with_context(|| format!("removing {}", tar.display()))?;
     }
@@ -78,15 +70,6 @@ fn extract(tar: &Path, dir: &Path) -> Cmd {
         .arg(tar.display().to_string())
         .arg("-C")
         .arg(dir.display().to_string())
-}
-
-/// `paths`, as a message names them.
-fn shown(paths: &[PathBuf]) -> String {
-    paths
-        .iter()
-        .map(|p| p.display().to_string())
-        .collect::<Vec<_>>()
-        .join(", ")
 }
 
 /// The files under `paths` a dirty build covers: tracked, or untracked and

@@ -36,7 +36,7 @@ impl Revision {
     }
 
     pub fn short(&self) -> &str {
-        &self.sha[..SHORT_LEN.min(self.sha.len())]
+        short(&self.sha)
     }
 
     pub fn is_dirty(&self) -> bool {
@@ -51,6 +51,11 @@ impl Revision {
             Some(hash) => format!("{}-dirty-{hash}", self.short()),
         }
     }
+}
+
+/// The first 12 hex digits of `sha`, as tags and messages show it.
+pub fn short(sha: &str) -> &str {
+    &sha[..SHORT_LEN.min(sha.len())]
 }
 
 /// A commit (`HEAD`, a SHA or a prefix of one), as a clean revision.
@@ -122,7 +127,8 @@ pub fn revision(exec: &Exec, allow_dirty: bool) -> Result<Revision> {
 /// Refuses a shallow clone: an image's revision is the last commit that
 /// changed its inputs, and a clone whose history is cut would name the
 /// oldest commit it has instead. Every command that builds calls it in its
-/// preflight; [`inputs_revision`] too, for those that build later.
+/// preflight (`build`, `deploy` but `--from`, `up`, `verify --rebuild`),
+/// before anything is built or changed.
 pub fn refuse_shallow(exec: &Exec) -> Result<()> {
     let shallow = exec.read(&Cmd::new("git").args(["rev-parse", "--is-shallow-repository"]))?;
     if shallow.trim() == "true" {
@@ -147,7 +153,6 @@ pub fn inputs_revision(
     if rev.is_dirty() {
         return Ok(rev.sha.clone());
     }
-    refuse_shallow(exec)?;
     let shown = paths
         .iter()
         .map(|p| p.display().to_string())

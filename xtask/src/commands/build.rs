@@ -100,10 +100,7 @@ fn print_summary(built: &[BuiltImage]) {
         let digest = image.digest.as_deref().unwrap_or("(not pushed)");
         let since = match &image.inputs_revision {
             Some(since) if *since != image.revision => {
-                format!(
-                    "  (inputs unchanged since {})",
-                    &since[..12.min(since.len())]
-                )
+                format!("  (inputs unchanged since {})", git::short(since))
             }
             _ => String::new(),
         };

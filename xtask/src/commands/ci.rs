@@ -35,40 +35,39 @@ impl Ci {
         // manifests too.
         let _path = exec.sh.push_env("PATH", crate::cluster::path_with_tools()?);
         let cargo = crate::config::cargo();
-        // The repository's workspace, then each image's own.
+        // `cargo ARGS --manifest-path M [-- AFTER]` for the repository's
+        // workspace, then each image's own.
         let workspaces: Vec<std::path::PathBuf> = std::iter::once("Cargo.toml".into())
             .chain(config.image_workspaces())
             .collect();
+        let in_each_workspace = |args: &[&str], after: &[&str]| -> Result<()> {
+            for manifest in &workspaces {
+                let mut cmd = Cmd::new(&cargo)
+                    .args(args.iter().copied())
+                    .arg("--manifest-path")
+                    .arg(manifest.display().to_string());
+                if !after.is_empty() {
+                    cmd = cmd.arg("--").args(after.iter().copied());
+                }
+                exec.run_anyway(&cmd)?;
+            }
+            Ok(())
+        };
         let mut timings: Vec<(&str, Duration, bool)> = Vec::new();
         let steps: Vec<CiStep> = vec![
             (
                 "fmt",
                 "cargo fmt --check",
-                Box::new(|| {
-                    for manifest in &workspaces {
-                        exec.run_anyway(
-                            &Cmd::new(&cargo)
-                                .args(["fmt", "--all", "--check", "--manifest-path"])
-                                .arg(manifest.display().to_string()),
-                        )?;
-                    }
-                    Ok(())
-                }),
+                Box::new(|| in_each_workspace(&["fmt", "--all", "--check"], &[])),
             ),
             (
                 "clippy",
                 "cargo clippy",
                 Box::new(|| {
-                    for manifest in &workspaces {
-                        exec.run_anyway(
-                            &Cmd::new(&cargo)
-                                .args(["clippy", "--workspace", "--all-targets", "--locked"])
-                                .arg("--manifest-path")
-                                .arg(manifest.display().to_string())
-                                .args(["--", "-D", "warnings"]),
-                        )?;
-                    }
-                    Ok(())
+                    in_each_workspace(
+                        &["clippy", "--workspace", "--all-targets", "--locked"],
+                        &["-D", "warnings"],
+                    )
                 }),
             ),
             (

@@ -52,6 +52,7 @@ impl Verify {
         crate::registry::login(exec, &config)?;
         let history = History::read(&kube)?;
         if self.rebuild {
+            git::refuse_shallow(exec)?;
             return self.rebuild(exec, &config, &kube, &history);
         }
         let head = git::commit(exec, "HEAD")?;
