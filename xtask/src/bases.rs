@@ -70,8 +70,8 @@ pub fn resolve_all(
             continue;
         }
         match crate::registry::resolve(exec, &reference) {
-            Ok((digest, _)) => {
-                resolved.insert(reference, digest);
+            Ok(found) => {
+                resolved.insert(reference, found.digest);
             }
             Err(error) => {
                 return Err(explain_base_image_failure(exec, config, images)

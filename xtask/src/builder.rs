@@ -97,6 +97,51 @@ fn running(exec: &Exec, builder: &str) -> bool {
     exec.succeeds(&inspect(builder).arg("--bootstrap"))
 }
 
+/// What an input key names a builder by: `BuildKit <version> <platform>`,
+/// its BuildKit version and the platform it builds for by default (its
+/// first, native one), started first if it is not running; so one version
+/// on one platform gives one key, on whichever machine or builder. `None`
+/// when buildx does not say, or its nodes differ.
+pub fn identity(exec: &Exec, builder: &str) -> Option<String> {
+    #[derive(serde::Deserialize)]
+    struct Node {
+        #[serde(rename = "Version", default)]
+        version: String,
+        #[serde(rename = "Platforms", default)]
+        platforms: Vec<String>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Builder {
+        #[serde(rename = "Name")]
+        name: String,
+        #[serde(rename = "Nodes", default)]
+        nodes: Vec<Node>,
+    }
+    if exec.dry_run || !running(exec, builder) {
+        return None;
+    }
+    // `--format json` is buildx 0.13's; an older one names no version.
+    let Ok(listed) = exec.read(&Cmd::new("docker").args(["buildx", "ls", "--format", "json"]))
+    else {
+        return None;
+    };
+    let mut identities: Vec<String> = listed
+        .lines()
+        .filter_map(|line| serde_json::from_str::<Builder>(line).ok())
+        .filter(|b| b.name == builder)
+        .flat_map(|b| b.nodes)
+        .filter_map(|n| {
+            let platform = n.platforms.first()?;
+            (!n.version.is_empty()).then(|| format!("BuildKit {} {platform}", n.version))
+        })
+        .collect();
+    identities.dedup();
+    match identities.as_slice() {
+        [one] => Some(one.clone()),
+        _ => None,
+    }
+}
+
 /// `docker buildx inspect BUILDER`: whether buildx knows it.
 fn inspect(builder: &str) -> Cmd {
     Cmd::new("docker").args(["buildx", "inspect", builder])

@@ -67,6 +67,8 @@ pub struct BuildOptions {
     /// Base image digests to build from instead of resolving them now: a
     /// rebuild uses the ones recorded for the build it checks.
     pub pinned_bases: Option<BTreeMap<String, String>>,
+    /// Build every image, even one the registry holds under its input key.
+    pub rebuild: bool,
 }
 
 /// One built image, as recorded in `target/xtask/build.json`.
@@ -84,6 +86,12 @@ pub struct BuiltImage {
     /// itself when they changed there); absent in older build files.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub inputs_revision: Option<String>,
+    /// The input key (see [`Planned`]); none for a dirty build.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
+    /// Found in the registry under its input key: not built, not pushed.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub reused: bool,
 }
 
 impl BuiltImage {
@@ -98,7 +106,15 @@ impl BuiltImage {
             revision: rev.sha.clone(),
             dirty: rev.is_dirty(),
             inputs_revision: None,
+            key: None,
+            reused: false,
         }
+    }
+
+    /// The image's own revision: the last commit that changed its inputs
+    /// (the build's revision for a file written before it was recorded).
+    pub fn own_revision(&self) -> &str {
+        self.inputs_revision.as_deref().unwrap_or(&self.revision)
     }
 
     /// `<registry>/<name>`: the reference without its tag.
@@ -141,9 +157,15 @@ pub struct Inputs {
     pub bases: BTreeMap<String, String>,
 }
 
+/// The label that carries an image's whole input key: what a later build
+/// looks for before it builds.
+pub const KEY_LABEL: &str = "org.aiq.xtask.input-key";
+
 /// The OCI labels every image carries, from the configuration and the
-/// commit only: `created` is the commit time, whatever the caller's
-/// environment says, so the same commit always describes itself the same.
+/// image's own revision only: `created` is that commit's time, whatever the
+/// caller's environment says, so the same inputs always describe
+/// themselves the same. The version (its tag) and the key are added once
+/// the key is known.
 pub fn labels(image: &Image, rev: &Revision, source: &str) -> BTreeMap<String, String> {
     let created = rev.commit_time;
     [
@@ -151,21 +173,21 @@ pub fn labels(image: &Image, rev: &Revision, source: &str) -> BTreeMap<String, S
         ("org.opencontainers.image.source", source.to_owned()),
         ("org.opencontainers.image.created", rfc3339(created)),
         ("org.opencontainers.image.title", image.name.clone()),
-        ("org.opencontainers.image.version", rev.tag()),
     ]
     .into_iter()
     .map(|(k, v)| (k.to_owned(), v))
     .collect()
 }
 
-/// What one bake builds from, beside the configuration and the revision.
-#[derive(Clone, Copy)]
-pub struct BakeInputs<'a> {
-    /// Each image's exported inputs (the repository root in its build).
-    pub trees: &'a BTreeMap<String, PathBuf>,
-    /// Each image's dependency store.
-    pub stores: &'a [(String, Store)],
-    /// Base image reference → digest.
+/// What one image's bake target is made from, beside the configuration.
+pub struct TargetInputs<'a> {
+    /// The image's own revision (its inputs' last commit).
+    pub rev: &'a Revision,
+    /// The image's exported inputs (the repository root in its build).
+    pub tree: &'a Path,
+    /// The image's dependency store.
+    pub store: Option<&'a Store>,
+    /// The image's base images: reference → digest.
     pub bases: &'a BTreeMap<String, String>,
     /// The build secret's file.
     pub secret: &'a Path,
@@ -173,76 +195,204 @@ pub struct BakeInputs<'a> {
     pub fresh: bool,
 }
 
-/// The bake definition for `images`: one target each, tags, labels, the
-/// build args that bake the revision into the binaries, the image's
-/// exported inputs as the context, each image's dependency store as its `deps` context,
-/// each base image pinned to its digest, and the build secret. A fresh
-/// build also gets the commit time as the `SOURCE_DATE_EPOCH` build arg
-/// (see [`REPRODUCIBLE_OUTPUT`]).
-pub fn bake_file(
-    config: &Config,
-    images: &[Image],
-    rev: &Revision,
-    inputs: &BakeInputs,
-) -> serde_json::Value {
-    let BakeInputs {
-        trees,
-        stores,
+/// One image's bake target: the build args that bake its own revision
+/// into the binaries, labels, its exported inputs as the context, its
+/// dependency store as its `deps` context, each of its base images pinned
+/// to its digest, and the build secret. A fresh build also gets the
+/// revision's commit time as the `SOURCE_DATE_EPOCH` build arg (see
+/// [`REPRODUCIBLE_OUTPUT`]).
+pub fn bake_target(config: &Config, image: &Image, inputs: &TargetInputs) -> serde_json::Value {
+    let TargetInputs {
+        rev,
+        tree,
+        store,
         bases,
         secret,
         fresh,
     } = *inputs;
     let source = config.source.as_deref().unwrap_or("unknown");
-    let mut targets = serde_json::Map::new();
-    for image in images {
-        let mut args = BTreeMap::from([
-            ("BASE_REGISTRY".to_owned(), config.base_registry.clone()),
-            ("GIT_REVISION".to_owned(), rev.sha.clone()),
-            ("GIT_DIRTY".to_owned(), rev.is_dirty().to_string()),
-            ("GIT_COMMIT_TIME".to_owned(), rfc3339(rev.commit_time)),
-        ]);
-        if fresh {
-            args.insert("SOURCE_DATE_EPOCH".to_owned(), rev.commit_time.to_string());
-        }
-        args.extend(image.build_args.clone());
-        let mut contexts = serde_json::Map::new();
-        if let Some((_, store)) = stores.iter().find(|(name, _)| *name == image.name) {
-            contexts.insert("deps".into(), json!(store.dir));
-        }
-        for (reference, digest) in bases {
-            contexts.insert(
-                crate::bases::familiar(reference),
-                json!(format!("docker-image://{reference}@{digest}")),
-            );
-        }
-        let tree = &trees[&image.name];
-        let mut target = json!({
-            "context": tree.join(&image.context),
-            "dockerfile": tree.join(&image.dockerfile),
-            "args": args,
-            "labels": labels(image, rev, source),
-            "secret": [format!("id={BUILD_SECRET_ID},src={}", secret.display())],
-        });
-        if !contexts.is_empty() {
-            target["contexts"] = serde_json::Value::Object(contexts);
-        }
-        targets.insert(image.name.clone(), target);
+    let mut args = BTreeMap::from([
+        ("BASE_REGISTRY".to_owned(), config.base_registry.clone()),
+        ("GIT_REVISION".to_owned(), rev.sha.clone()),
+        ("GIT_DIRTY".to_owned(), rev.is_dirty().to_string()),
+        ("GIT_COMMIT_TIME".to_owned(), rfc3339(rev.commit_time)),
+    ]);
+    if fresh {
+        args.insert("SOURCE_DATE_EPOCH".to_owned(), rev.commit_time.to_string());
     }
-    let names: Vec<&str> = images.iter().map(|i| i.name.as_str()).collect();
+    args.extend(image.build_args.clone());
+    let mut contexts = serde_json::Map::new();
+    if let Some(store) = store {
+        contexts.insert("deps".into(), json!(store.dir));
+    }
+    for (reference, digest) in bases {
+        contexts.insert(
+            crate::bases::familiar(reference),
+            json!(format!("docker-image://{reference}@{digest}")),
+        );
+    }
+    let mut target = json!({
+        "context": tree.join(&image.context),
+        "dockerfile": tree.join(&image.dockerfile),
+        "args": args,
+        "labels": labels(image, rev, source),
+        "secret": [format!("id={BUILD_SECRET_ID},src={}", secret.display())],
+    });
+    if !contexts.is_empty() {
+        target["contexts"] = serde_json::Value::Object(contexts);
+    }
+    target
+}
+
+/// The version of what [`key_material`] hashes: a change to it gives
+/// every image a new key.
+const KEY_FORMAT: u32 = 2;
+
+/// What an image's key hashes beside its bake target.
+pub struct KeyContext<'a> {
+    /// The sha256 of the exported tree's canonical tar: every file the
+    /// build can read, whatever selected it (the `inputs` list, git's
+    /// export attributes).
+    pub tree_sha256: &'a str,
+    pub secret_sha256: &'a str,
+    /// The builder: its BuildKit version and native platform.
+    pub builder: &'a str,
+    /// The exporter's `source-date-epoch`.
+    pub epoch: i64,
+    pub fresh: bool,
+}
+
+/// What an image's input key hashes: its bake target as the build sees
+/// it, with only what names this machine made portable (paths inside the
+/// exported tree, the dependency store by its lockfile's hash, the secret
+/// by its content's hash), plus what the target does not name: the
+/// exported tree's content, the builder (its BuildKit version and
+/// platform, or its name where buildx does not say), the exporter's
+/// options and whether the build is fresh. Nothing is listed by hand: a
+/// field added to the target is in the key.
+pub fn key_material(
+    target: &serde_json::Value,
+    tree: &Path,
+    context: &KeyContext,
+) -> serde_json::Value {
+    let mut target = target.clone();
+    let relative = |value: &serde_json::Value| -> serde_json::Value {
+        let path = Path::new(value.as_str().unwrap_or_default());
+        json!(path.strip_prefix(tree).unwrap_or(path))
+    };
+    target["context"] = relative(&target["context"]);
+    target["dockerfile"] = relative(&target["dockerfile"]);
+    if let Some(deps) = target.pointer_mut("/contexts/deps") {
+        let name = Path::new(deps.as_str().unwrap_or_default())
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        *deps = json!(format!("dependency store {name}"));
+    }
+    target["secret"] = json!([format!(
+        "id={BUILD_SECRET_ID},sha256={}",
+        context.secret_sha256
+    )]);
+    json!({
+        "format": KEY_FORMAT,
+        "target": target,
+        "tree": context.tree_sha256,
+        "builder": context.builder,
+        "output": format!("{REPRODUCIBLE_OUTPUT},source-date-epoch={}", context.epoch),
+        "fresh": context.fresh,
+    })
+}
+
+/// One image as a build plans it, before anything is built.
+#[derive(Clone, Debug)]
+pub struct Planned {
+    pub image: Image,
+    /// The image's own revision: the last commit that changed its inputs
+    /// (for a dirty tree, the dirty HEAD).
+    pub rev: Revision,
+    /// The sha256 of [`key_material`]; none for a dirty build, which is
+    /// never reused and never reusable.
+    pub key: Option<String>,
+    pub material: serde_json::Value,
+    /// `<12-hex revision>-<8-hex key>`, or `<12-hex HEAD>-dirty-<hash>`.
+    pub tag: String,
+    /// The bake target, with its version and key labels.
+    pub target: serde_json::Value,
+    pub store: Option<Store>,
+    /// Its base images: reference → digest.
+    pub bases: BTreeMap<String, String>,
+}
+
+impl Planned {
+    /// The tag for `key` at `rev`: two keys never share one, so an
+    /// immutable registry never has to move it.
+    pub fn tag_for(rev: &Revision, key: Option<&str>) -> String {
+        match key {
+            Some(key) if !rev.is_dirty() => format!("{}-{}", rev.short(), &key[..8]),
+            _ => rev.tag(),
+        }
+    }
+
+    /// `<registry>/<image>:<tag>`, and `:latest` unless configured off; a
+    /// dirty build never moves `:latest`.
+    pub fn tags(&self, config: &Config) -> Vec<String> {
+        let mut tags = vec![config.image_ref(&self.image.name, &self.tag)];
+        if config.push_latest && !self.rev.is_dirty() {
+            tags.push(config.image_ref(&self.image.name, "latest"));
+        }
+        tags
+    }
+
+    /// The key's parts, in a line: what a reuse is printed with.
+    pub fn describe_key(&self) -> String {
+        let target = &self.material["target"];
+        let bases: Vec<String> = self
+            .bases
+            .iter()
+            .map(|(reference, digest)| {
+                format!(
+                    "{}@{}",
+                    reference.rsplit('/').next().unwrap_or(reference),
+                    &digest[..digest.len().min(19)]
+                )
+            })
+            .collect();
+        format!(
+            "key {} = revision {}, {} build args, bases {}, {}, {}, builder {}",
+            &self.key.as_deref().unwrap_or("none")
+                [..12.min(self.key.as_deref().unwrap_or("none").len())],
+            self.rev.short(),
+            target["args"].as_object().map_or(0, |a| a.len()),
+            if bases.is_empty() {
+                "none".into()
+            } else {
+                bases.join(", ")
+            },
+            target
+                .pointer("/contexts/deps")
+                .and_then(|d| d.as_str())
+                .unwrap_or("no dependency store"),
+            if self.material["fresh"] == true {
+                "fresh"
+            } else {
+                "cached"
+            },
+            self.material["builder"].as_str().unwrap_or("?"),
+        )
+    }
+}
+
+/// A bake file of `planned`'s targets.
+pub fn bake_file(planned: &[Planned]) -> serde_json::Value {
+    let targets: serde_json::Map<String, serde_json::Value> = planned
+        .iter()
+        .map(|p| (p.image.name.clone(), p.target.clone()))
+        .collect();
+    let names: Vec<&str> = planned.iter().map(|p| p.image.name.as_str()).collect();
     json!({
         "group": { "default": { "targets": names } },
         "target": targets,
     })
-}
-
-/// `<registry>/<image>:<sha tag>`, and `:latest` unless configured off; a
-/// dirty build never moves `:latest`.
-pub fn tags(config: &Config, image: &Image, rev: &Revision) -> Vec<String> {
-    let mut tags = vec![config.image_ref(&image.name, &rev.tag())];
-    if config.push_latest && !rev.is_dirty() {
-        tags.push(config.image_ref(&image.name, "latest"));
-    }
-    tags
 }
 
 /// The build secret's id in `RUN --mount=type=secret`: keys a build must
@@ -308,14 +458,14 @@ const REPRODUCIBLE_OUTPUT: &str = "rewrite-timestamp=true,oci-mediatypes=true,co
 /// tagged and where it goes. Fresh by default: `--no-cache` so no layer (and
 /// no cache mount) survives from an earlier build, `--pull` so base images
 /// are re-resolved. No provenance attestation: it records the build's times
-/// and an invocation id, so no two builds would share a digest. `epoch` is
-/// the commit time, the exporter's `source-date-epoch`.
+/// and an invocation id, so no two builds would share a digest. Each target
+/// comes with its tags and its epoch: its own revision's commit time, the
+/// exporter's `source-date-epoch`.
 pub fn bake_command(
     bake_file: &Path,
     metadata_file: &Path,
-    images: &[(&Image, Vec<String>)],
+    targets: &[(&Image, Vec<String>, i64)],
     opts: &BuildOptions,
-    epoch: i64,
 ) -> Cmd {
     let mut cmd = Cmd::new("docker").arg("buildx").arg("bake");
     if let Some(builder) = &opts.builder {
@@ -350,15 +500,15 @@ pub fn bake_command(
             cmd = cmd.arg("--set").arg(format!("*.cache-to={to}"));
         }
     }
-    let epoch = format!("source-date-epoch={epoch}");
-    let output = if opts.digest_only {
-        format!("type=image,push=false,{REPRODUCIBLE_OUTPUT},{epoch}")
-    } else if opts.push {
-        format!("type=image,push=true,{REPRODUCIBLE_OUTPUT},{epoch}")
-    } else {
-        format!("type=docker,rewrite-timestamp=true,{epoch}")
-    };
-    for (image, tags) in images {
+    for (image, tags, epoch) in targets {
+        let epoch = format!("source-date-epoch={epoch}");
+        let output = if opts.digest_only {
+            format!("type=image,push=false,{REPRODUCIBLE_OUTPUT},{epoch}")
+        } else if opts.push {
+            format!("type=image,push=true,{REPRODUCIBLE_OUTPUT},{epoch}")
+        } else {
+            format!("type=docker,rewrite-timestamp=true,{epoch}")
+        };
         for tag in tags {
             cmd = cmd.arg("--set").arg(format!("{}.tags={tag}", image.name));
         }
@@ -366,7 +516,7 @@ pub fn bake_command(
             .arg("--set")
             .arg(format!("{}.output={output}", image.name));
     }
-    cmd.args(images.iter().map(|(i, _)| i.name.clone()))
+    cmd.args(targets.iter().map(|(i, _, _)| i.name.clone()))
 }
 
 /// What buildx writes per target in `--metadata-file`.
@@ -396,11 +546,143 @@ pub fn parse_metadata(json: &str, images: &[Image]) -> Result<BTreeMap<String, S
         .collect()
 }
 
+/// The sha256 of `bytes`, in hex.
+fn sha256(exec: &Exec, bytes: Vec<u8>) -> Result<String> {
+    let sum = exec.read(&Cmd::new("sha256sum").hidden_stdin(bytes))?;
+    sum.get(..64)
+        .map(str::to_owned)
+        .context("sha256sum printed no sum")
+}
+
+/// Plans `images` at `rev`: each one's own revision (the last commit that
+/// changed its inputs), its exported inputs, its dependency store (named,
+/// not filled), its base images (resolved now, or as `pinned_bases`
+/// recorded them), its bake target, its input key and its tag. `builder`
+/// names the builder for the key.
+fn plan(
+    exec: &Exec,
+    config: &Config,
+    images: &[Image],
+    rev: &Revision,
+    opts: &BuildOptions,
+    builder: &str,
+) -> Result<Vec<Planned>> {
+    let secret = build_secret(exec)?;
+    let secret_sha256 = if secret.exists() {
+        sha256(
+            exec,
+            std::fs::read(&secret).with_context(|| format!("reading {}", secret.display()))?,
+        )?
+    } else {
+        "none yet (dry run)".to_owned()
+    };
+    let fresh = !opts.cache;
+    let mut resolved = opts.pinned_bases.clone().unwrap_or_default();
+    let mut planned = Vec::new();
+    for image in images {
+        let own = crate::git::inputs_revision(exec, rev, &image.name, &image.input_paths())?;
+        let own = if own == rev.sha {
+            rev.clone()
+        } else {
+            crate::git::commit(exec, &own)?
+        };
+        // The inputs are exported from `rev` (its tree is `own`'s, checked
+        // path by path); a dry run exports nothing and reads the working
+        // tree's lockfile and Dockerfile.
+        let tree = crate::export::export(exec, config, rev, image)?;
+        let source = Config {
+            root: if exec.dry_run {
+                config.root.clone()
+            } else {
+                tree.clone()
+            },
+            ..config.clone()
+        };
+        let one = std::slice::from_ref(image);
+        let store = deps::Store::of(exec, &source, image)?;
+        if opts.pinned_bases.is_none() {
+            crate::bases::resolve_all(exec, &source, one, &mut resolved)?;
+        }
+        let bases: BTreeMap<String, String> = crate::bases::base_images_of(&source, one)?
+            .into_iter()
+            .filter_map(|base| {
+                let reference = format!("{}/{base}", config.base_registry);
+                let digest = resolved.get(&reference)?.clone();
+                Some((reference, digest))
+            })
+            .collect();
+        let mut target = bake_target(
+            config,
+            image,
+            &TargetInputs {
+                rev: &own,
+                tree: &tree,
+                store: store.as_ref(),
+                bases: &bases,
+                secret: &secret,
+                fresh,
+            },
+        );
+        // What the build can read: the exported tree, hashed as a
+        // canonical tar (a dirty build has no key; a dry run no tree).
+        let tree_sha256 = if own.is_dirty() || exec.dry_run {
+            "none".to_owned()
+        } else {
+            sha256(exec, exec.read_bytes(&crate::export::canonical_tar(&tree))?)?
+        };
+        let material = key_material(
+            &target,
+            &tree,
+            &KeyContext {
+                tree_sha256: &tree_sha256,
+                secret_sha256: &secret_sha256,
+                builder,
+                epoch: own.commit_time,
+                fresh,
+            },
+        );
+        let key = if own.is_dirty() {
+            None
+        } else {
+            Some(sha256(exec, material.to_string().into_bytes())?)
+        };
+        let tag = Planned::tag_for(&own, key.as_deref());
+        target["labels"]["org.opencontainers.image.version"] = json!(tag);
+        if let Some(key) = &key {
+            target["labels"][KEY_LABEL] = json!(key);
+        }
+        planned.push(Planned {
+            image: image.clone(),
+            rev: own,
+            key,
+            material,
+            tag,
+            target,
+            store,
+            bases,
+        });
+    }
+    Ok(planned)
+}
+
+/// The digest of the image the registry holds under `planned`'s tag, if
+/// it carries `planned`'s whole key: then a fresh build would give exactly
+/// it. Anything else (no such tag, an unreadable registry, another key) is
+/// no reuse, and the image is built.
+fn reusable(exec: &Exec, config: &Config, planned: &Planned) -> Option<String> {
+    let key = planned.key.as_deref()?;
+    let reference = config.image_ref(&planned.image.name, &planned.tag);
+    let found = crate::registry::resolve(exec, &reference).ok()?;
+    (found.label(KEY_LABEL) == Some(key)).then_some(found.digest)
+}
+
 /// Builds (and with `push`, pushes) `images` in one bake session on the
-/// pinned builder (or `opts.builder`), from the revision's exported tree
-/// and base images resolved now (or as `pinned_bases` recorded them).
-/// Returns the images and what they were built on. In a dry run only the
-/// bake file is written and the commands printed.
+/// pinned builder (or `opts.builder`), each from its exported inputs at
+/// its own revision, on base images resolved now (or as `pinned_bases`
+/// recorded them). A fresh push first looks each image's input key up in
+/// the registry: one already there is reused, not built (unless
+/// `rebuild`). Returns the images and what they were built on. In a dry
+/// run only the bake file is written and the commands printed.
 pub fn build(
     exec: &Exec,
     config: &Config,
@@ -414,83 +696,101 @@ pub fn build(
     if opts.builder.is_none() {
         opts.builder = Some(crate::builder::ensure(exec, config)?);
     }
+    let name = opts.builder.clone().unwrap_or_default();
+    // The key names the builder by its BuildKit version and the platform
+    // it builds for: one version on one platform gives one image, on the
+    // pinned builder, a one-CPU one or a remote one.
+    let builder =
+        crate::builder::identity(exec, &name).unwrap_or_else(|| format!("buildx builder {name}"));
     let bake_path = out.join("bake.json");
     let metadata_path = out.join("bake-metadata.json");
-    // Each image's inputs, exported; its lockfile and Dockerfile are the
-    // revision's, as exported (a dry run exports nothing: there, the
-    // working tree's).
-    let mut trees = BTreeMap::new();
-    let mut since = BTreeMap::new();
-    let mut stores = Vec::new();
-    let mut bases = opts.pinned_bases.clone().unwrap_or_default();
-    for image in images {
-        since.insert(
-            image.name.clone(),
-            crate::git::inputs_revision(exec, rev, &image.name, &image.input_paths())?,
-        );
-        let tree = crate::export::export(exec, config, rev, image)?;
-        let source = Config {
-            root: if exec.dry_run {
-                config.root.clone()
-            } else {
-                tree.clone()
-            },
-            ..config.clone()
-        };
-        let one = std::slice::from_ref(image);
-        stores.extend(deps::ensure_all(exec, &source, one, opts.offline)?);
-        if opts.pinned_bases.is_none() {
-            crate::bases::resolve_all(exec, &source, one, &mut bases)?;
+    let planned = plan(exec, config, images, rev, &opts, &builder)?;
+    let mut reused = BTreeMap::new();
+    let may_reuse = opts.push && !opts.cache && !opts.rebuild && !opts.digest_only;
+    if may_reuse && !exec.dry_run {
+        for p in &planned {
+            if let Some(digest) = reusable(exec, config, p) {
+                eprintln!(
+                    "{}: reused {}@{digest}, not built: its inputs are unchanged since {} ({})",
+                    p.image.name,
+                    config.image_ref(&p.image.name, &p.tag),
+                    p.rev.short(),
+                    p.describe_key()
+                );
+                reused.insert(p.image.name.clone(), digest);
+            }
         }
-        trees.insert(image.name.clone(), tree);
     }
-    let secret = build_secret(exec)?;
-    let inputs = BakeInputs {
-        trees: &trees,
-        stores: &stores,
-        bases: &bases,
-        secret: &secret,
-        fresh: !opts.cache,
-    };
-    let bake = serde_json::to_string_pretty(&bake_file(config, images, rev, &inputs))?;
-    std::fs::write(&bake_path, bake).with_context(|| format!("writing {}", bake_path.display()))?;
-    let _ = std::fs::remove_file(&metadata_path);
-
-    // Digests exist only in a registry (or, digest_only, in BuildKit): a
-    // build loaded into Docker has none.
-    let digests = if opts.push {
-        crate::push::push(exec, config, images, rev, &opts, &bake_path, &metadata_path)?
-    } else {
-        let tagged: Vec<(&Image, Vec<String>)> =
-            images.iter().map(|i| (i, tags(config, i, rev))).collect();
-        let cmd = bake_command(&bake_path, &metadata_path, &tagged, &opts, rev.commit_time);
-        if let Err(error) = exec.run(&cmd) {
-            return Err(
-                crate::bases::explain_base_image_failure(exec, config, images).unwrap_or(error),
-            );
-        }
-        if opts.digest_only && !exec.dry_run {
-            let metadata = std::fs::read_to_string(&metadata_path)
-                .with_context(|| format!("reading {}", metadata_path.display()))?;
-            parse_metadata(&metadata, images)?
-        } else {
-            BTreeMap::new()
-        }
-    };
-    let built: Vec<BuiltImage> = images
+    let to_build: Vec<&Planned> = planned
         .iter()
-        .map(|image| BuiltImage {
-            inputs_revision: since.remove(&image.name),
-            ..BuiltImage::new(config, &image.name, rev, digests.get(&image.name).cloned())
-        })
+        .filter(|p| !reused.contains_key(&p.image.name))
         .collect();
-    for image in &built {
-        let kind = if image.digest.is_some() {
+    for store in to_build.iter().filter_map(|p| p.store.as_ref()) {
+        store.ensure(exec, opts.offline)?;
+    }
+    let digests = if to_build.is_empty() {
+        // Nothing built: no bake file of an earlier build is left to read.
+        let _ = std::fs::remove_file(&bake_path);
+        BTreeMap::new()
+    } else {
+        let building: Vec<Planned> = to_build.iter().map(|p| (*p).clone()).collect();
+        let bake = serde_json::to_string_pretty(&bake_file(&building))?;
+        std::fs::write(&bake_path, bake)
+            .with_context(|| format!("writing {}", bake_path.display()))?;
+        let _ = std::fs::remove_file(&metadata_path);
+        let images: Vec<Image> = building.iter().map(|p| p.image.clone()).collect();
+        // Digests exist only in a registry (or, digest_only, in BuildKit):
+        // a build loaded into Docker has none.
+        if opts.push {
+            crate::push::push(exec, config, &building, &opts, &bake_path, &metadata_path)?
+        } else {
+            let targets: Vec<(&Image, Vec<String>, i64)> = building
+                .iter()
+                .map(|p| (&p.image, p.tags(config), p.rev.commit_time))
+                .collect();
+            let cmd = bake_command(&bake_path, &metadata_path, &targets, &opts);
+            if let Err(error) = exec.run(&cmd) {
+                return Err(
+                    crate::bases::explain_base_image_failure(exec, config, &images)
+                        .unwrap_or(error),
+                );
+            }
+            if opts.digest_only && !exec.dry_run {
+                let metadata = std::fs::read_to_string(&metadata_path)
+                    .with_context(|| format!("reading {}", metadata_path.display()))?;
+                parse_metadata(&metadata, &images)?
+            } else {
+                BTreeMap::new()
+            }
+        }
+    };
+    let mut bases = BTreeMap::new();
+    let mut built = Vec::new();
+    for p in &planned {
+        bases.extend(p.bases.clone());
+        let name = &p.image.name;
+        let image = BuiltImage {
+            name: name.clone(),
+            reference: config.image_ref(name, &p.tag),
+            tag: p.tag.clone(),
+            digest: reused.get(name).or_else(|| digests.get(name)).cloned(),
+            revision: rev.sha.clone(),
+            dirty: rev.is_dirty(),
+            inputs_revision: Some(p.rev.sha.clone()),
+            key: p.key.clone(),
+            reused: reused.contains_key(name),
+        };
+        let mut event = serde_json::to_value(&image)?;
+        let kind = if image.reused {
+            event["key_parts"] = p.material.clone();
+            "image_reused"
+        } else if image.digest.is_some() {
             "image_pushed"
         } else {
             "image_built"
         };
-        exec.output.event(kind, serde_json::to_value(image)?);
+        exec.output.event(kind, event);
+        built.push(image);
     }
     let inputs = Inputs {
         buildkit: config.buildkit.clone(),
@@ -498,6 +798,13 @@ pub fn build(
         bases,
     };
     Ok((built, inputs))
+}
+
+/// This checkout's last `target/xtask/build.json`, if there is one that
+/// parses.
+pub fn read_build_file(config: &Config) -> Option<BuildFile> {
+    let text = std::fs::read_to_string(config.out_dir().join("build.json")).ok()?;
+    serde_json::from_str(&text).ok()
 }
 
 /// Writes `target/xtask/build.json`: what `deploy --from` deploys, and
@@ -524,105 +831,146 @@ pub fn write_build_file(
 mod tests {
     use super::*;
 
-    /// Bake inputs with no dependency stores and the test secret.
-    fn inputs<'a>(
-        trees: &'a BTreeMap<String, PathBuf>,
-        bases: &'a BTreeMap<String, String>,
+    /// The example image's target at `rev`, from `/repo/ctx`.
+    fn example_target(
+        rev: &Revision,
+        bases: &BTreeMap<String, String>,
         fresh: bool,
-    ) -> BakeInputs<'a> {
-        BakeInputs {
-            trees,
-            stores: &[],
-            bases,
-            secret: Path::new("/secret"),
-            fresh,
-        }
-    }
-
-    /// The example image's exported inputs at `dir`.
-    fn tree(dir: &str) -> BTreeMap<String, PathBuf> {
-        BTreeMap::from([("aiq-agent".to_owned(), PathBuf::from(dir))])
+    ) -> serde_json::Value {
+        let c = Config::example();
+        bake_target(
+            &c,
+            &c.images[0],
+            &TargetInputs {
+                rev,
+                tree: Path::new("/repo/ctx"),
+                store: None,
+                bases,
+                secret: Path::new("/secret"),
+                fresh,
+            },
+        )
     }
 
     #[test]
-    fn bake_file_tags_labels_and_args() {
-        let c = Config::example();
+    fn a_target_bakes_in_its_own_revision() {
+        let rev = Revision::example(None);
         let bases = BTreeMap::from([(
             "127.0.0.1:5000/library/rust:1.95".to_owned(),
             "sha256:b".to_owned(),
         )]);
-        let bake = bake_file(
-            &c,
-            &c.images,
-            &Revision::example(None),
-            &inputs(
-                &tree("/repo/target/xtask/context/0123456789ab/aiq-agent"),
-                &bases,
-                true,
-            ),
-        );
-        let target = &bake["target"]["aiq-agent"];
-        assert_eq!(
-            tags(&c, &c.images[0], &Revision::example(None)),
-            [
-                "ghcr.io/acme/aiq-agent:0123456789ab",
-                "ghcr.io/acme/aiq-agent:latest"
-            ]
-        );
-        assert_eq!(target["args"]["GIT_REVISION"], Revision::example(None).sha);
+        let target = example_target(&rev, &bases, true);
+        assert_eq!(target["args"]["GIT_REVISION"], rev.sha);
         assert_eq!(target["args"]["BASE_REGISTRY"], "127.0.0.1:5000/library");
         assert_eq!(target["args"]["EXTRA"], "1");
+        assert_eq!(target["args"]["SOURCE_DATE_EPOCH"], "1795464000");
         let labels = &target["labels"];
-        assert_eq!(
-            labels["org.opencontainers.image.revision"],
-            Revision::example(None).sha
-        );
+        assert_eq!(labels["org.opencontainers.image.revision"], rev.sha);
         assert_eq!(
             labels["org.opencontainers.image.created"],
             "2026-11-23T20:00:00Z"
         );
         assert_eq!(labels["org.opencontainers.image.title"], "aiq-agent");
-        assert_eq!(labels["org.opencontainers.image.version"], "0123456789ab");
-        assert_eq!(
-            target["dockerfile"],
-            "/repo/target/xtask/context/0123456789ab/aiq-agent/backend/Dockerfile"
-        );
-        assert_eq!(target["args"]["SOURCE_DATE_EPOCH"], "1795464000");
-        let cached = bake_file(
-            &c,
-            &c.images,
-            &Revision::example(None),
-            &inputs(&tree("/x"), &bases, false),
-        );
-        assert!(
-            cached["target"]["aiq-agent"]["args"]
-                .get("SOURCE_DATE_EPOCH")
-                .is_none(),
-            "a cached build keeps the epoch out of every step's cache key"
-        );
+        assert_eq!(labels["org.opencontainers.image.source"], "unknown");
+        assert_eq!(target["dockerfile"], "/repo/ctx/backend/Dockerfile");
         assert_eq!(
             target["contexts"]["127.0.0.1:5000/library/rust:1.95"],
             "docker-image://127.0.0.1:5000/library/rust:1.95@sha256:b"
         );
         assert_eq!(target["secret"][0], "id=build_key,src=/secret");
-        assert_eq!(labels["org.opencontainers.image.source"], "unknown");
-        assert_eq!(bake["group"]["default"]["targets"], json!(["aiq-agent"]));
+        assert!(
+            example_target(&rev, &bases, false)["args"]
+                .get("SOURCE_DATE_EPOCH")
+                .is_none(),
+            "a cached build keeps the epoch out of every step's cache key"
+        );
     }
 
     #[test]
-    fn dirty_builds_never_move_latest() {
+    fn the_key_hashes_what_the_build_sees_and_not_where_this_machine_keeps_it() {
+        let rev = Revision::example(None);
+        let bases = BTreeMap::from([("r/library/rust:1.95".to_owned(), "sha256:b".to_owned())]);
+        let context = |builder| KeyContext {
+            tree_sha256: "t",
+            secret_sha256: "s",
+            builder,
+            epoch: 1,
+            fresh: true,
+        };
+        let key = |target: &serde_json::Value, tree: &str| {
+            key_material(
+                target,
+                Path::new(tree),
+                &context("BuildKit v0.34.2 linux/amd64"),
+            )
+        };
+        let here = key(&example_target(&rev, &bases, true), "/repo/ctx");
+        assert_eq!(here["target"]["dockerfile"], "backend/Dockerfile");
+        assert_eq!(here["target"]["secret"][0], "id=build_key,sha256=s");
+        let mut elsewhere = example_target(&rev, &bases, true);
+        elsewhere["context"] = json!("/other/checkout/backend");
+        elsewhere["dockerfile"] = json!("/other/checkout/backend/Dockerfile");
+        let mut at_home = here.clone();
+        at_home["target"]["context"] = json!("backend");
+        assert_eq!(key(&elsewhere, "/other/checkout"), at_home);
+        let moved = BTreeMap::from([("r/library/rust:1.95".to_owned(), "sha256:c".to_owned())]);
+        assert_ne!(
+            key(&example_target(&rev, &moved, true), "/repo/ctx"),
+            here,
+            "a moved base"
+        );
+        let mut seeded = example_target(&rev, &bases, true);
+        seeded["args"]["NEXT_PUBLIC_BACKEND_URL"] = json!("http://10.0.0.9");
+        assert_ne!(key(&seeded, "/repo/ctx"), here, "a changed build arg");
+        assert_ne!(
+            key_material(
+                &example_target(&rev, &bases, true),
+                Path::new("/repo/ctx"),
+                &context("BuildKit v0.34.2 linux/arm64")
+            ),
+            here,
+            "another platform"
+        );
+    }
+
+    #[test]
+    fn tags_name_the_images_revision_and_key_and_dirty_builds_never_move_latest() {
         let c = Config::example();
-        let bake = bake_file(
-            &c,
-            &c.images,
-            &Revision::example(Some("deadbeef")),
-            &inputs(&tree("/x"), &BTreeMap::new(), true),
+        let key = "89abcdef".repeat(8);
+        assert_eq!(
+            Planned::tag_for(&Revision::example(None), Some(&key)),
+            "0123456789ab-89abcdef"
         );
         assert_eq!(
-            tags(&c, &c.images[0], &Revision::example(Some("deadbeef"))),
+            Planned::tag_for(&Revision::example(Some("deadbeef")), None),
+            "0123456789ab-dirty-deadbeef"
+        );
+        let planned = |rev: Revision, key: Option<String>| Planned {
+            image: c.images[0].clone(),
+            tag: Planned::tag_for(&rev, key.as_deref()),
+            rev,
+            key,
+            material: json!({}),
+            target: json!({}),
+            store: None,
+            bases: BTreeMap::new(),
+        };
+        assert_eq!(
+            planned(Revision::example(None), Some(key.clone())).tags(&c),
+            [
+                "ghcr.io/acme/aiq-agent:0123456789ab-89abcdef",
+                "ghcr.io/acme/aiq-agent:latest"
+            ]
+        );
+        assert_eq!(
+            planned(Revision::example(Some("deadbeef")), None).tags(&c),
             ["ghcr.io/acme/aiq-agent:0123456789ab-dirty-deadbeef"]
         );
-        assert_eq!(bake["target"]["aiq-agent"]["args"]["GIT_DIRTY"], "true");
+        assert_eq!(
+            example_target(&Revision::example(Some("deadbeef")), &BTreeMap::new(), true)["args"]
+                ["GIT_DIRTY"],
+            "true"
+        );
     }
 
     #[test]
@@ -630,14 +978,17 @@ mod tests {
         let c = Config::example();
         let tagged = [(
             &c.images[0],
-            tags(&c, &c.images[0], &Revision::example(None)),
+            vec![
+                "ghcr.io/acme/aiq-agent:0123456789ab".to_owned(),
+                "ghcr.io/acme/aiq-agent:latest".to_owned(),
+            ],
+            0,
         )];
         let fresh = bake_command(
             Path::new("b.json"),
             Path::new("m.json"),
             &tagged,
             &BuildOptions::default(),
-            0,
         );
         assert!(fresh
             .to_string()
@@ -656,7 +1007,7 @@ mod tests {
             cache_to: vec!["type=registry,ref=r/cache:aiq,mode=max".into()],
             ..BuildOptions::default()
         };
-        let cached = bake_command(Path::new("b.json"), Path::new("m.json"), &tagged, &opts, 0);
+        let cached = bake_command(Path::new("b.json"), Path::new("m.json"), &tagged, &opts);
         assert!(cached.to_string().contains(
             "--set '*.cache-from=type=registry,ref=r/cache:aiq' --set '*.cache-to=type=registry,ref=r/cache:aiq,mode=max'"
         ), "{cached}");
@@ -668,7 +1019,7 @@ mod tests {
             retry: true,
             ..BuildOptions::default()
         };
-        let retry = bake_command(Path::new("b.json"), Path::new("m.json"), &tagged, &retry, 0);
+        let retry = bake_command(Path::new("b.json"), Path::new("m.json"), &tagged, &retry);
         assert!(
             retry.to_string().contains(" --pull ") && !retry.to_string().contains("--no-cache")
         );
@@ -701,6 +1052,8 @@ mod tests {
             revision: "x".into(),
             dirty: false,
             inputs_revision: None,
+            key: None,
+            reused: false,
         };
         assert_eq!(
             image.pinned().unwrap(),

@@ -62,6 +62,26 @@ pub fn export(exec: &Exec, config: &Config, rev: &Revision, image: &Image) -> Re
     Ok(dir)
 }
 
+/// `dir` as a tar that depends only on its files' names, contents and
+/// modes (sorted, one time, one owner): what an input key hashes.
+pub fn canonical_tar(dir: &Path) -> Cmd {
+    Cmd::new("tar")
+        .args([
+            "--sort=name",
+            "--mtime=@0",
+            "--owner=0",
+            "--group=0",
+            "--numeric-owner",
+            "--format=gnu",
+            "-c",
+            "-f",
+            "-",
+            "-C",
+        ])
+        .arg(dir.display().to_string())
+        .arg(".")
+}
+
 /// Unpacks `tar` into `dir`: `--touch` gives every file the export's time
 /// (see above); `-p` keeps the archive's modes whatever the umask.
 fn extract(tar: &Path, dir: &Path) -> Cmd {

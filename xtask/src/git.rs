@@ -126,9 +126,9 @@ pub fn revision(exec: &Exec, allow_dirty: bool) -> Result<Revision> {
 
 /// Refuses a shallow clone: an image's revision is the last commit that
 /// changed its inputs, and a clone whose history is cut would name the
-/// oldest commit it has instead. Every command that builds calls it in its
-/// preflight (`build`, `deploy` but `--from`, `up`, `verify --rebuild`),
-/// before anything is built or changed.
+/// oldest commit it has instead. Every command that builds, deploys or
+/// judges what runs calls it in its preflight (`build`, `deploy`, `up`,
+/// `verify`, `status`, `rollback`), before anything is built or changed.
 pub fn refuse_shallow(exec: &Exec) -> Result<()> {
     let shallow = exec.read(&Cmd::new("git").args(["rev-parse", "--is-shallow-repository"]))?;
     if shallow.trim() == "true" {

@@ -42,6 +42,10 @@ pub struct Entry {
     /// Image name → digest.
     #[serde(default)]
     pub digests: BTreeMap<String, Option<String>>,
+    /// Image name → its own revision, tag and key, and whether it was
+    /// reused; absent in entries an older xtask wrote.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub images: BTreeMap<String, ImageRecord>,
     pub time: String,
     pub who: String,
     #[serde(default)]
@@ -68,6 +72,39 @@ pub struct Entry {
     pub inputs: Inputs,
 }
 
+/// One image of a deploy, as deployed: the deploy's revision is the
+/// entry's, this is the image's own.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImageRecord {
+    /// The last commit that changed its inputs.
+    pub revision: String,
+    pub tag: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub reused: bool,
+}
+
+impl ImageRecord {
+    /// The record of `image`, if it knows its own revision.
+    pub fn of(image: &BuiltImage) -> Option<ImageRecord> {
+        Some(ImageRecord {
+            revision: image.inputs_revision.clone()?,
+            tag: image.tag.clone(),
+            key: image.key.clone(),
+            reused: image.reused,
+        })
+    }
+
+    /// `image` as this record and `digest` describe it.
+    pub fn apply(&self, image: &mut BuiltImage, config: &crate::config::Config) {
+        image.reference = config.image_ref(&image.name, &self.tag);
+        image.tag = self.tag.clone();
+        image.inputs_revision = Some(self.revision.clone());
+        image.key = self.key.clone();
+    }
+}
+
 impl Entry {
     pub fn new(kind: &str, rev: &Revision, images: &[BuiltImage]) -> Entry {
         Entry {
@@ -78,6 +115,11 @@ impl Entry {
             digests: images
                 .iter()
                 .map(|b| (b.name.clone(), b.digest.clone()))
+                .collect(),
+            images: images
+                .iter()
+                .filter(|b| b.digest.is_some())
+                .filter_map(|b| Some((b.name.clone(), ImageRecord::of(b)?)))
                 .collect(),
             time: rfc3339(now_epoch()),
             who: who(),
@@ -368,16 +410,40 @@ pub fn recorded_inputs(history: &History, sha: &str) -> Option<Inputs> {
         .cloned()
 }
 
-/// The digests a clean build of `sha` was deployed with, from the newest
-/// successful deploy or rollback of it that has all of them.
-pub fn recorded_digests(history: &History, sha: &str) -> Option<BTreeMap<String, String>> {
+/// The images a clean build of `sha` was deployed with (digest, and its
+/// own revision where recorded), from the newest successful deploy or
+/// rollback of it that has all of their digests.
+pub fn recorded_images(
+    history: &History,
+    sha: &str,
+) -> Option<BTreeMap<String, (String, Option<ImageRecord>)>> {
     succeeded(history, sha).find_map(|e| {
         e.digests
             .clone()
             .into_iter()
-            .map(|(k, v)| Some((k, v?)))
+            .map(|(name, digest)| {
+                let record = e.images.get(&name).cloned();
+                Some((name, (digest?, record)))
+            })
             .collect()
     })
+}
+
+/// The newest successful deploy of a clean build of image `name` at its
+/// own revision `own`, whatever revision the deploy was of (an image
+/// reused by later commits): its digest and record.
+pub fn recorded_image(history: &History, name: &str, own: &str) -> Option<(String, ImageRecord)> {
+    history
+        .entries
+        .iter()
+        .rev()
+        .map(|(_, e)| e)
+        .filter(|e| !e.dirty && e.result == SUCCEEDED)
+        .find_map(|e| {
+            let record = e.images.get(name).filter(|r| r.revision == own)?;
+            let digest = e.digests.get(name)?.clone()?;
+            Some((digest, record.clone()))
+        })
 }
 
 #[cfg(test)]
@@ -422,16 +488,16 @@ mod tests {
             ..History::default()
         };
         assert_eq!(
-            recorded_digests(&history, "a").unwrap()["aiq-agent"],
+            recorded_images(&history, "a").unwrap()["aiq-agent"].0,
             "sha256:good"
         );
         assert!(recorded_inputs(&history, "a").is_some());
-        assert_eq!(recorded_digests(&history, "c"), None);
+        assert_eq!(recorded_images(&history, "c"), None);
         let failed_only = History {
             entries: vec![("2-a".into(), entry("a", "rolled back", "sha256:x"))],
             ..History::default()
         };
-        assert_eq!(recorded_digests(&failed_only, "a"), None);
+        assert_eq!(recorded_images(&failed_only, "a"), None);
         assert_eq!(recorded_inputs(&failed_only, "a"), None);
     }
 }

@@ -9,9 +9,8 @@ use anyhow::{bail, Context, Result};
 use crate::{
     bases::explain_base_image_failure,
     config::{Config, Image},
-    docker::{bake_command, parse_metadata, tags, BuildOptions},
+    docker::{bake_command, parse_metadata, BuildOptions, Planned},
     exec::Exec,
-    git::Revision,
     progress::{self, FailedStep},
     registry::resolve,
 };
@@ -89,24 +88,24 @@ fn build_error(cmd: &crate::exec::Cmd, failed: &[FailedStep]) -> anyhow::Error {
 pub fn push(
     exec: &Exec,
     config: &Config,
-    images: &[Image],
-    rev: &Revision,
+    planned: &[Planned],
     opts: &BuildOptions,
     bake_path: &Path,
     metadata_path: &Path,
 ) -> Result<BTreeMap<String, String>> {
     let mut digests = BTreeMap::new();
-    let mut remaining: Vec<Image> = images.to_vec();
+    let mut remaining: Vec<&Planned> = planned.iter().collect();
+    let images = |of: &[&Planned]| -> Vec<Image> { of.iter().map(|p| p.image.clone()).collect() };
     let mut opts = opts.clone();
     // Immutable tags turn `push_latest` off for the attempts that follow.
     let mut config = config.clone();
     let mut failures = 0;
     loop {
-        let tagged: Vec<(&Image, Vec<String>)> = remaining
+        let tagged: Vec<(&Image, Vec<String>, i64)> = remaining
             .iter()
-            .map(|i| (i, tags(&config, i, rev)))
+            .map(|p| (&p.image, p.tags(&config), p.rev.commit_time))
             .collect();
-        let cmd = bake_command(bake_path, metadata_path, &tagged, &opts, rev.commit_time);
+        let cmd = bake_command(bake_path, metadata_path, &tagged, &opts);
         let (succeeded, failed) = exec.run_following(&cmd, |stderr| {
             progress::follow(stderr, &mut std::io::stderr())
         })?;
@@ -116,28 +115,29 @@ pub fn push(
             }
             let metadata = std::fs::read_to_string(metadata_path)
                 .with_context(|| format!("reading {}", metadata_path.display()))?;
-            digests.extend(parse_metadata(&metadata, &remaining)?);
+            digests.extend(parse_metadata(&metadata, &images(&remaining))?);
             return Ok(digests);
         }
         let error = build_error(&cmd, &failed);
         failures += 1;
         match push_failure(&failed) {
-            Some(PushFailure::Immutable) if config.push_latest && !rev.is_dirty() => {
+            Some(PushFailure::Immutable)
+                if config.push_latest && remaining.iter().any(|p| !p.rev.is_dirty()) =>
+            {
                 exec.output.warn("the registry refuses to move a tag (immutable tags): pushing again without :latest, which nothing deployed uses (set push_latest = false for this registry)");
                 config.push_latest = false;
             }
             Some(PushFailure::Immutable) => {
-                let built = built_digests(exec, &remaining, &opts, rev, bake_path, metadata_path)?;
-                for image in &remaining {
+                let built = built_digests(exec, &remaining, &opts, bake_path, metadata_path)?;
+                for planned in &remaining {
                     let this_build = built
-                        .get(&image.name)
+                        .get(&planned.image.name)
                         .context("BuildKit gave no digest for the build")?;
-                    if let Some(digest) = already_published(exec, &config, image, rev, this_build)?
-                    {
-                        digests.insert(image.name.clone(), digest);
+                    if let Some(digest) = already_published(exec, &config, planned, this_build)? {
+                        digests.insert(planned.image.name.clone(), digest);
                     }
                 }
-                remaining.retain(|i| !digests.contains_key(&i.name));
+                remaining.retain(|p| !digests.contains_key(&p.image.name));
                 if remaining.is_empty() {
                     return Ok(digests);
                 }
@@ -150,7 +150,9 @@ pub fn push(
                 std::thread::sleep(std::time::Duration::from_secs(wait));
             }
             _ => {
-                return Err(explain_base_image_failure(exec, &config, images).unwrap_or(error));
+                return Err(
+                    explain_base_image_failure(exec, &config, &images(&remaining)).unwrap_or(error),
+                );
             }
         }
         if failures > PUSH_ATTEMPTS {
@@ -162,25 +164,24 @@ pub fn push(
     }
 }
 
-/// When `image`'s SHA tag already exists in the registry: its digest if it
+/// When the planned tag already exists in the registry: its digest if it
 /// holds the image just built, an error if it holds another build. `None`
 /// when the tag is not there. Builds are reproducible, so "the same build"
 /// is the same manifest digest: `built` is this build's, from BuildKit.
 fn already_published(
     exec: &Exec,
     config: &Config,
-    image: &Image,
-    rev: &Revision,
+    planned: &Planned,
     built: &str,
 ) -> Result<Option<String>> {
-    let reference = config.image_ref(&image.name, &rev.tag());
-    let Ok((published, _)) = resolve(exec, &reference) else {
+    let reference = config.image_ref(&planned.image.name, &planned.tag);
+    let Ok(found) = resolve(exec, &reference) else {
         return Ok(None);
     };
+    let published = found.digest;
     if published != built {
         bail!(
-            "{reference} already exists with another build ({published}; this build is {built}) and the registry's tags are immutable: deploy the published one (`cargo xtask rollback --to {}`), or commit and build a new revision",
-            rev.short()
+            "{reference} already exists with another build ({published}; this build is {built}) and the registry's tags are immutable: the same inputs built otherwise (a build that is not reproducible, or one pushed by something else); find what differs (`docker buildx imagetools inspect` both), and deploy the published one or change the image's inputs"
         );
     }
     exec.output.warn(&format!(
@@ -189,13 +190,12 @@ fn already_published(
     Ok(Some(published))
 }
 
-/// The digests BuildKit gives `images` without pushing them (from this
+/// The digests BuildKit gives `planned` without pushing them (from this
 /// build's cache): what an existing tag is compared with.
 fn built_digests(
     exec: &Exec,
-    images: &[Image],
+    planned: &[&Planned],
     opts: &BuildOptions,
-    rev: &Revision,
     bake_path: &Path,
     metadata_path: &Path,
 ) -> Result<BTreeMap<String, String>> {
@@ -204,17 +204,15 @@ fn built_digests(
         retry: true,
         ..opts.clone()
     };
-    let tagged: Vec<(&Image, Vec<String>)> = images.iter().map(|i| (i, vec![])).collect();
-    exec.run(&bake_command(
-        bake_path,
-        metadata_path,
-        &tagged,
-        &opts,
-        rev.commit_time,
-    ))?;
+    let tagged: Vec<(&Image, Vec<String>, i64)> = planned
+        .iter()
+        .map(|p| (&p.image, vec![], p.rev.commit_time))
+        .collect();
+    exec.run(&bake_command(bake_path, metadata_path, &tagged, &opts))?;
     let metadata = std::fs::read_to_string(metadata_path)
         .with_context(|| format!("reading {}", metadata_path.display()))?;
-    parse_metadata(&metadata, images)
+    let images: Vec<Image> = planned.iter().map(|p| p.image.clone()).collect();
+    parse_metadata(&metadata, &images)
 }
 
 #[cfg(test)]

@@ -3,6 +3,7 @@
 //! registry holds under a reference, and logging Docker in to one.
 
 use std::{
+    collections::BTreeMap,
     io::{Read, Write},
     net::{TcpStream, ToSocketAddrs},
     path::PathBuf,
@@ -289,9 +290,28 @@ fn state_dir() -> PathBuf {
     crate::config::cache_dir().join("registry")
 }
 
+/// What a registry holds under a reference: the manifest digest and its
+/// image's labels.
+#[derive(Debug)]
+pub struct Resolved {
+    pub digest: String,
+    pub labels: BTreeMap<String, String>,
+}
+
+impl Resolved {
+    pub fn label(&self, key: &str) -> Option<&str> {
+        self.labels.get(key).map(String::as_str)
+    }
+
+    /// The image's revision label.
+    pub fn revision(&self) -> Option<&str> {
+        self.label("org.opencontainers.image.revision")
+    }
+}
+
 /// What the registry holds under `reference`: its manifest digest and the
-/// revision label of its image config (one `imagetools inspect`).
-pub fn resolve(exec: &Exec, reference: &str) -> Result<(String, Option<String>)> {
+/// labels of its image config (one `imagetools inspect`).
+pub fn resolve(exec: &Exec, reference: &str) -> Result<Resolved> {
     #[derive(Deserialize)]
     struct Descriptor {
         digest: String,
@@ -318,10 +338,19 @@ pub fn resolve(exec: &Exec, reference: &str) -> Result<(String, Option<String>)>
     } else {
         image.as_object().and_then(|m| m.values().next())
     };
-    let revision = config
-        .and_then(|c| c["config"]["Labels"]["org.opencontainers.image.revision"].as_str())
-        .map(str::to_owned);
-    Ok((manifest.digest, revision))
+    let labels = config
+        .and_then(|c| c["config"]["Labels"].as_object())
+        .map(|labels| {
+            labels
+                .iter()
+                .filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_owned())))
+                .collect()
+        })
+        .unwrap_or_default();
+    Ok(Resolved {
+        digest: manifest.digest,
+        labels,
+    })
 }
 
 /// How to log in to `config.registry`: the configured `registry_login`,

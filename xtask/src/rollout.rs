@@ -19,10 +19,11 @@ use crate::{
     exec::Exec,
     exit::{check_interrupted, refuse, rollback_failed, was_interrupted},
     git::Revision,
-    history::{Entry, Record, INTERRUPTED},
+    history::{Entry, ImageRecord, Record, INTERRUPTED},
     kube::{
         applied_with, object_ref, Autoscaled, Deployment, Kube, CONTROLLER_REVISION,
-        DIRTY_ANNOTATION, REVISION_ANNOTATION, TAG_ANNOTATION, TEMPLATE_HASH_LABEL,
+        DEPLOYED_REVISION_ANNOTATION, DEPLOYED_TAG_ANNOTATION, DIRTY_ANNOTATION,
+        REVISION_ANNOTATION, TAG_ANNOTATION, TEMPLATE_HASH_LABEL,
     },
     snapshot::Snapshot,
     time::now_epoch,
@@ -66,6 +67,8 @@ impl WaitFlags {
 /// One deployment rolled out and verified.
 pub struct Verified {
     pub name: String,
+    /// Its image's tag: its own revision and input key.
+    pub tag: String,
     pub digest: String,
     pub ready: usize,
     /// Its pods still there past their deletion time and grace period.
@@ -118,17 +121,17 @@ impl<'k, 'a> Rollout<'k, 'a> {
     }
 
     /// Applies `order` one deployment at a time from `overlay`, each waited
-    /// for and verified before the next. `digest_for` gives the digest each
-    /// must run (and may build it first: the seed flow). On failure the
+    /// for and verified before the next. `image_for` gives the image (and
+    /// digest) each must run (and may build it first: the seed flow). On failure the
     /// deployments this run changed are undone, unless `--no-rollback`.
     pub fn run(
         &mut self,
         order: &[String],
         overlay: &str,
-        digest_for: &mut dyn FnMut(&str) -> Result<String>,
+        image_for: &mut dyn FnMut(&str) -> Result<BuiltImage>,
     ) -> Result<()> {
         let deadline = Instant::now() + Duration::from_secs(self.flags.timeout);
-        let outcome = self.apply_all(order, overlay, digest_for, deadline);
+        let outcome = self.apply_all(order, overlay, image_for, deadline);
         let kube = self.kube;
         let Err(failure) = outcome else {
             let tag = self.record.entry.tag.clone();
@@ -179,18 +182,23 @@ impl<'k, 'a> Rollout<'k, 'a> {
         &mut self,
         order: &[String],
         overlay: &str,
-        digest_for: &mut dyn FnMut(&str) -> Result<String>,
+        image_for: &mut dyn FnMut(&str) -> Result<BuiltImage>,
         deadline: Instant,
     ) -> Result<()> {
         let kube = self.kube;
         for name in order {
             keep_going()?;
-            let digest = digest_for(name)?;
+            let image = image_for(name)?;
+            let digest = image
+                .digest
+                .clone()
+                .with_context(|| format!("{name} has no pushed digest"))?;
             // A seeded image's digest is known only now.
-            self.record
-                .entry
-                .digests
-                .insert(name.clone(), Some(digest.clone()));
+            let entry = &mut self.record.entry;
+            entry.digests.insert(name.clone(), Some(digest.clone()));
+            if let Some(record) = ImageRecord::of(&image) {
+                entry.images.insert(name.clone(), record);
+            }
             // Every object applied with it, as it is before the apply.
             let deployment_ref = format!("deployment.apps/{name}");
             let mut refs: Vec<String> = self
@@ -263,6 +271,7 @@ impl<'k, 'a> Rollout<'k, 'a> {
                 let (ready, stuck) = verify_pods(kube, &rolled_out, &digest)?;
                 self.verified.push(Verified {
                     name: name.clone(),
+                    tag: image.tag.clone(),
                     digest: digest.clone(),
                     ready,
                     stuck,
@@ -536,6 +545,14 @@ pub fn roll_back(
                 ));
                 let revision = entry.previous.get(name).and_then(Option::as_ref);
                 exec.run(&kube.undo(name, revision))?;
+                // The undone deploy's stamps on the Deployment itself (an
+                // undo restores only the pod template): the deploy before
+                // it, by an older xtask, left none.
+                let unstamp = json!({"metadata": {"annotations": {
+                    DEPLOYED_REVISION_ANNOTATION: null,
+                    DEPLOYED_TAG_ANNOTATION: null,
+                }}});
+                exec.run(&kube.merge_patch("deployment", name, &unstamp))?;
             }
         }
         if exec.dry_run {
@@ -638,17 +655,35 @@ pub fn render_overlay(
             json!({"name": image.name, "newName": image.repository(), "digest": digest})
         })
         .collect();
-    let annotations = json!({
-        REVISION_ANNOTATION: rev.sha,
-        TAG_ANNOTATION: rev.tag(),
-        DIRTY_ANNOTATION: rev.is_dirty().to_string(),
+    // The deploy's revision and cause go on each Deployment's own metadata;
+    // a pod template carries only what belongs to its image (its own
+    // revision, its tag; the digest is in its image reference), so a
+    // reused image's pods do not restart.
+    let deployed = json!({
+        DEPLOYED_REVISION_ANNOTATION: rev.sha,
+        DEPLOYED_TAG_ANNOTATION: rev.tag(),
         "kubernetes.io/change-cause": cause,
     });
     let patch = json!({
-        "apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "any"},
-        "spec": {"template": {"metadata": {"annotations": annotations}}},
+        "apiVersion": "apps/v1", "kind": "Deployment",
+        "metadata": {"name": "any", "annotations": deployed},
     });
     let mut patches = vec![json!({"target": {"kind": "Deployment"}, "patch": patch.to_string()})];
+    for image in built {
+        let stamps = json!({
+            REVISION_ANNOTATION: image.own_revision(),
+            TAG_ANNOTATION: image.tag,
+            DIRTY_ANNOTATION: image.dirty.to_string(),
+        });
+        let patch = json!({
+            "apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": image.name},
+            "spec": {"template": {"metadata": {"annotations": stamps}}},
+        });
+        patches.push(json!({
+            "target": {"kind": "Deployment", "name": image.name},
+            "patch": patch.to_string(),
+        }));
+    }
     for scaled in autoscaled {
         // A null in a strategic merge patch removes the field.
         let patch = json!({
@@ -688,38 +723,89 @@ pub fn render_overlay(
     Ok(dir_str)
 }
 
-/// The digests built for `rev`: those the deploy history recorded, or else
-/// those its SHA tag resolves to in the registry, each checked against the
-/// image's revision label (a tag can be moved; the label is in the image).
+/// The images built for `rev`, with their digests: those the deploy
+/// history recorded for `rev`, or else for each image the newest deploy of
+/// it at the same own revision (its inputs unchanged since), or else this
+/// checkout's last `build --push` of `rev` (`build.json`), or else those
+/// `rev`'s SHA tag resolves to in the registry (an image built before
+/// input keys); the last two checked in the registry against the image's
+/// labels (a tag can be moved, a file edited; the labels are in the image).
 pub fn digests_for(
     exec: &Exec,
     config: &Config,
     history: &crate::history::History,
     rev: &Revision,
 ) -> Result<Vec<BuiltImage>> {
-    let recorded = crate::history::recorded_digests(history, &rev.sha);
+    let recorded = crate::history::recorded_images(history, &rev.sha);
+    let build_file = crate::docker::read_build_file(config)
+        .filter(|file| file.revision == rev.sha && file.images.iter().all(|i| !i.dirty));
     config
         .images
         .iter()
         .map(|image| {
-            let reference = config.image_ref(&image.name, &rev.tag());
-            let digest = match recorded.as_ref().and_then(|r| r.get(&image.name)) {
-                Some(digest) => digest.clone(),
-                None => {
-                    let (digest, label) = crate::registry::resolve(exec, &reference).map_err(|e| {
-                        anyhow::anyhow!("{} was never deployed from this namespace's history, and {reference} is not in the registry: {e:#}", rev.short())
-                    })?;
-                    if label.as_deref() != Some(rev.sha.as_str()) {
-                        bail!(
-                            "{reference} is labelled revision {} instead of {}: the tag was moved; refusing it",
-                            label.as_deref().unwrap_or("(none)"),
-                            rev.sha
-                        );
-                    }
-                    digest
+            let name = &image.name;
+            if let Some((digest, record)) = recorded.as_ref().and_then(|r| r.get(name)) {
+                let mut built = BuiltImage::new(config, name, rev, Some(digest.clone()));
+                if let Some(record) = record {
+                    record.apply(&mut built, config);
                 }
+                return Ok(built);
+            }
+            let own = crate::git::inputs_revision(exec, rev, name, &image.input_paths())?;
+            if let Some((digest, record)) = crate::history::recorded_image(history, name, &own) {
+                let mut built = BuiltImage::new(config, name, rev, Some(digest));
+                record.apply(&mut built, config);
+                return Ok(built);
+            }
+            let pushed_here = build_file
+                .iter()
+                .flat_map(|file| &file.images)
+                .find(|built| built.name == *name && built.digest.is_some());
+            if let Some(built) = pushed_here {
+                let pinned = built.pinned().context("a pushed image has a digest")?;
+                let found = crate::registry::resolve(exec, &pinned)?;
+                if found.revision() != Some(built.own_revision())
+                    || found.label(crate::docker::KEY_LABEL) != built.key.as_deref()
+                {
+                    bail!("{pinned}, which build.json records for {}, is labelled otherwise in the registry; refusing it", rev.short());
+                }
+                return Ok(built.clone());
+            }
+            let reference = config.image_ref(name, &rev.tag());
+            let found = crate::registry::resolve(exec, &reference).map_err(|e| {
+                anyhow::anyhow!("{name} at {} (inputs unchanged since {}) was never deployed from this namespace's history, and {reference} is not in the registry: deploy that commit (`cargo xtask deploy` from a checkout of it): {e:#}", rev.short(), crate::git::short(&own))
+            })?;
+            if found.revision() != Some(rev.sha.as_str()) {
+                bail!(
+                    "{reference} is labelled revision {} instead of {}: the tag was moved; refusing it",
+                    found.revision().unwrap_or("(none)"),
+                    rev.sha
+                );
+            }
+            Ok(BuiltImage::new(config, name, rev, Some(found.digest)))
+        })
+        .collect()
+}
+
+/// Each image's own revision at `head` (the last commit that changed its
+/// inputs): as the history recorded it for a deploy of `head`, else from
+/// git. Reads no registry.
+pub fn own_revisions(
+    exec: &Exec,
+    config: &Config,
+    history: &crate::history::History,
+    head: &Revision,
+) -> Result<BTreeMap<String, String>> {
+    let recorded = crate::history::recorded_images(history, &head.sha).unwrap_or_default();
+    config
+        .images
+        .iter()
+        .map(|image| {
+            let own = match recorded.get(&image.name).and_then(|(_, r)| r.as_ref()) {
+                Some(record) => record.revision.clone(),
+                None => crate::git::inputs_revision(exec, head, &image.name, &image.input_paths())?,
             };
-            Ok(BuiltImage::new(config, &image.name, rev, Some(digest)))
+            Ok((image.name.clone(), own))
         })
         .collect()
 }

@@ -113,9 +113,16 @@ fn fresh_build_pushes_sha_tag_with_labels_and_digest() {
     assert_eq!(file["revision"], head);
     let built = &file["images"][0];
     assert_eq!(built["name"], image.as_str());
+    // `<12-hex revision>-<8-hex input key>`, the key whole in a label.
+    let key = built["key"]
+        .as_str()
+        .expect("a clean build has an input key");
+    assert_eq!(key.len(), 64, "{key}");
+    let tag = format!("{short}-{}", &key[..8]);
+    assert_eq!(built["tag"], tag.as_str());
     assert_eq!(
         built["reference"],
-        format!("{}/fixtures/{image}:{short}", registry())
+        format!("{}/fixtures/{image}:{tag}", registry())
     );
     let digest = built["digest"].as_str().expect("a digest after --push");
     assert!(digest.starts_with("sha256:"), "{digest}");
@@ -124,9 +131,9 @@ fn fresh_build_pushes_sha_tag_with_labels_and_digest() {
         "digests are printed at the end"
     );
 
-    // The registry serves that digest under the SHA tag and under :latest.
+    // The registry serves that digest under its tag and under :latest.
     let repository = format!("fixtures/{image}");
-    assert_eq!(registry_digest(&repository, short).as_deref(), Some(digest));
+    assert_eq!(registry_digest(&repository, &tag).as_deref(), Some(digest));
     assert_eq!(
         registry_digest(&repository, "latest").as_deref(),
         Some(digest)
@@ -148,7 +155,8 @@ fn fresh_build_pushes_sha_tag_with_labels_and_digest() {
     ))
     .unwrap();
     assert_eq!(labels["org.opencontainers.image.revision"], head);
-    assert_eq!(labels["org.opencontainers.image.version"], short);
+    assert_eq!(labels["org.opencontainers.image.version"], tag.as_str());
+    assert_eq!(labels["org.aiq.xtask.input-key"], key);
     assert_eq!(labels["org.opencontainers.image.title"], image.as_str());
     assert_eq!(
         labels["org.opencontainers.image.source"],
@@ -564,14 +572,12 @@ fn a_registry_hiccup_is_retried_from_this_builds_cache() {
         "the retry reuses what was just built, from the same base"
     );
     assert_eq!(flaky.count("PUT", "/manifests/", "503"), 8);
-    let digest = build_file(root)["images"][0]["digest"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    let short = &git(root, &["rev-parse", "HEAD"])[..12];
+    let file = build_file(root);
+    let digest = file["images"][0]["digest"].as_str().unwrap();
+    let tag = file["images"][0]["tag"].as_str().unwrap();
     assert_eq!(
-        registry_digest(&format!("fixtures/{image}"), short).as_deref(),
-        Some(digest.as_str())
+        registry_digest(&format!("fixtures/{image}"), tag).as_deref(),
+        Some(digest)
     );
 }
 
@@ -611,36 +617,83 @@ fn immutable_tags_skip_latest_and_refuse_another_build_under_a_sha_tag() {
         registry_digest(&repository, "latest").unwrap(),
         first_latest
     );
-    let digest = build_file(root)["images"][0]["digest"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let (tag, digest) = tag_and_digest(root);
+    assert!(tag.starts_with(&second[..12]), "{tag}");
     assert_eq!(
-        registry_digest(&repository, &second[..12]).as_deref(),
+        registry_digest(&repository, &tag).as_deref(),
         Some(digest.as_str()),
-        "the SHA tag holds the build recorded in build.json"
+        "the tag holds the build recorded in build.json"
     );
 
-    // Another build of the same commit (another build secret, which the
-    // image depends on): refused, the published one untouched.
+    // The same commit with another build secret (which the image depends
+    // on) has another input key, so another tag: nothing to overwrite.
     let other_secret = TempDir::new("secret");
     let secret_file = other_secret.path().join("key");
     std::fs::write(&secret_file, [7u8; 32]).unwrap();
-    let again = xtask(
+    let other = xtask(
         root,
         &push,
         &[("XTASK_BUILD_SECRET", secret_file.to_str().unwrap())],
     );
-    again.assert_fails(1, "already exists with another build");
+    other.assert_ok();
+    let (other_tag, other_digest) = tag_and_digest(root);
+    assert!(other_tag != tag && other_digest != digest, "{other_tag}");
     assert_eq!(
-        registry_digest(&repository, &second[..12]).as_deref(),
+        registry_digest(&repository, &tag).as_deref(),
+        Some(digest.as_str()),
+        "the first build is untouched"
+    );
+    // The same inputs again: the image is reused, not built.
+    let again = xtask(root, &push, &[]);
+    again.assert_ok();
+    assert!(
+        again.stderr.contains(&format!(
+            "reused {}/{repository}:{tag}@{digest}",
+            flaky.address
+        )) && !again.stderr.contains("docker buildx bake"),
+        "{}",
+        again.stderr
+    );
+    assert_eq!(tag_and_digest(root), (tag.clone(), digest.clone()));
+    // `--rebuild` builds it anyway: byte for byte the published build.
+    let rebuild = [push.as_slice(), &["--rebuild"]].concat();
+    let rebuilt = xtask(root, &rebuild, &[]);
+    rebuilt.assert_ok();
+    assert!(
+        rebuilt.stderr.contains("--no-cache --pull") && !rebuilt.stderr.contains("reused"),
+        "{}",
+        rebuilt.stderr
+    );
+    assert_eq!(tag_and_digest(root), (tag, digest));
+
+    // An image that is not reproducible (it records random bytes): a
+    // rebuild under the same key is another build, refused, the published
+    // one untouched.
+    let dockerfile = std::fs::read_to_string(root.join("Dockerfile")).unwrap();
+    std::fs::write(
+        root.join("Dockerfile"),
+        format!("{dockerfile}RUN head -c 16 /dev/urandom > /nonce\n"),
+    )
+    .unwrap();
+    commit_all(root, "not reproducible");
+    xtask(root, &push, &[]).assert_ok();
+    let (tag, digest) = tag_and_digest(root);
+    xtask(root, &rebuild, &[]).assert_fails(1, "already exists with another build");
+    assert_eq!(
+        registry_digest(&repository, &tag).as_deref(),
         Some(digest.as_str()),
         "the published build is untouched"
     );
-    // A fresh rebuild with the same inputs is the same build, byte for
-    // byte: published already.
-    xtask(root, &push, &[]).assert_ok();
-    assert_eq!(build_file(root)["images"][0]["digest"], digest.as_str());
+}
+
+/// The tag and digest `build.json` records for the fixture's image.
+fn tag_and_digest(root: &std::path::Path) -> (String, String) {
+    let file = build_file(root);
+    let image = &file["images"][0];
+    (
+        image["tag"].as_str().unwrap().to_owned(),
+        image["digest"].as_str().unwrap().to_owned(),
+    )
 }
 
 /// Runs the xtask on a pseudo-terminal (util-linux `script`), as a person

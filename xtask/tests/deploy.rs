@@ -66,10 +66,11 @@ impl Fixture {
         std::fs::write(
             root.join("Cargo.toml"),
             format!(
-                "[workspace]\nmembers = []\n\n[workspace.metadata.xtask]\nregistry = \"{registry}\"\nnamespace = \"{namespace}\"\ncontext = \"{}\"\nrollout_order = [\"fxapi\", \"fxweb\"]\n{}\n\n[[workspace.metadata.xtask.images]]\nname = \"fxweb\"\ndockerfile = \"Dockerfile\"\n{}\n\n[[workspace.metadata.xtask.images]]\nname = \"fxapi\"\ndockerfile = \"Dockerfile\"\n",
+                "[workspace]\nmembers = []\n\n[workspace.metadata.xtask]\nregistry = \"{registry}\"\nnamespace = \"{namespace}\"\ncontext = \"{}\"\nrollout_order = [\"fxapi\", \"fxweb\"]\n{}\n\n[[workspace.metadata.xtask.images]]\nname = \"fxweb\"\ndockerfile = \"Dockerfile\"\n{}\n\n[[workspace.metadata.xtask.images]]\nname = \"fxapi\"\ndockerfile = \"Dockerfile\"\n{}\n",
                 options.context.unwrap_or(CLUSTER_CONTEXT),
                 options.config,
-                options.web_config
+                options.web_config,
+                options.api_config
             ),
         )
         .unwrap();
@@ -340,6 +341,8 @@ fn workloads(web_container: &str, web_pod: &str) -> String {
 struct Options {
     /// Extra keys for fxweb's `[[images]]` entry.
     web_config: &'static str,
+    /// Extra keys for fxapi's `[[images]]` entry.
+    api_config: &'static str,
     /// A LoadBalancer Service in front of fxapi.
     api_service: bool,
     /// The context the configuration expects, if not the test cluster's.
@@ -352,6 +355,201 @@ struct Options {
 
 fn selector(name: &str) -> String {
     format!("app.kubernetes.io/name={name}")
+}
+
+/// The names of the images `events` say were pushed, and reused.
+fn pushed_and_reused(events: &[Value]) -> (Vec<String>, Vec<String>) {
+    let names = |kind: &str| -> Vec<String> {
+        let mut names: Vec<String> = events_of(events, kind)
+            .iter()
+            .map(|e| e["name"].as_str().unwrap().to_owned())
+            .collect();
+        names.sort();
+        names
+    };
+    (names("image_pushed"), names("image_reused"))
+}
+
+/// Images addressed by their inputs, on the real cluster: each image
+/// declares its own inputs (fxapi.sh, fxweb.sh), and a deploy builds only
+/// the images whose input key changed; a reused image's pods keep running
+/// (same pod UIDs), and what says which revision runs stays exact. Then:
+/// a commit that changes no image's inputs (as an xtask-only commit)
+/// builds nothing and restarts nothing; `--rebuild` builds both fresh and
+/// gets the same digests; a changed build argument rebuilds its image; a
+/// base image moved under the same tag (in a base path this test owns)
+/// rebuilds both; a revert is built again at the revert's revision.
+#[test]
+fn a_deploy_builds_only_the_images_whose_inputs_changed() {
+    let fx = Fixture::with(Options {
+        web_config: "inputs = [\"fxweb.sh\"]",
+        api_config: "inputs = [\"fxapi.sh\"]",
+        ..Options::default()
+    });
+    let root = fx.root();
+    let base = format!("{}/base", fx.registry);
+    let move_base_to = |from: &str| {
+        let to = format!("{base}/debian:bookworm-slim");
+        ok(
+            root,
+            "docker",
+            &["buildx", "imagetools", "create", "--tag", &to, from],
+        );
+    };
+    move_base_to(&format!("{}/debian:bookworm-slim", base_registry()));
+    let run = |args: &[&str]| {
+        xtask(
+            root,
+            args,
+            &[
+                ("XTASK_REGISTRY", fx.registry.as_str()),
+                ("XTASK_BASE_REGISTRY", base.as_str()),
+            ],
+        )
+    };
+    let deploy = |args: &[&str]| {
+        let mut all = vec!["deploy", "--json"];
+        all.extend_from_slice(FAST);
+        all.extend_from_slice(args);
+        let deployed = run(&all);
+        deployed.assert_ok();
+        (parse_events(&deployed.stdout), deployed.stderr)
+    };
+    let uids = |name: &str| pod_uids(&fx.namespace.0, &selector(name));
+    let both = vec!["fxapi".to_owned(), "fxweb".to_owned()];
+    let (events, _) = deploy(&[]);
+    assert_eq!(pushed_and_reused(&events), (both.clone(), vec![]));
+    let first = git(root, &["rev-parse", "HEAD"]);
+    let first_digests = fx.digests();
+    let (api_pods, web_pods) = (uids("fxapi"), uids("fxweb"));
+
+    // fxweb's inputs change: fxapi is reused, its pods untouched.
+    std::fs::write(root.join("fxweb.sh"), format!("# two\n{HEALTHY_APP}")).unwrap();
+    let second = commit_all(root, "fxweb only");
+    let (events, _) = deploy(&[]);
+    assert_eq!(
+        pushed_and_reused(&events),
+        (vec!["fxweb".to_owned()], vec!["fxapi".to_owned()])
+    );
+    let reused = &events_of(&events, "image_reused")[0];
+    assert_eq!(reused["inputs_revision"], first.as_str());
+    assert_eq!(reused["digest"], first_digests["fxapi"]);
+    assert!(reused["key_parts"]["target"]["args"]["GIT_REVISION"] == first.as_str());
+    assert_eq!(
+        uids("fxapi"),
+        api_pods,
+        "a reused image's pods keep running"
+    );
+    assert_ne!(uids("fxweb"), web_pods);
+    fx.assert_serving("fxapi", first_digests["fxapi"].as_str().unwrap());
+    let web_digest = fx.digests()["fxweb"].as_str().unwrap().to_owned();
+    fx.assert_serving("fxweb", &web_digest);
+    for (name, own) in [("fxapi", &first), ("fxweb", &second)] {
+        let deployment = fx.get(&["get", "deployment", name]);
+        assert_eq!(
+            deployment["spec"]["template"]["metadata"]["annotations"]["aiq.dev/revision"],
+            own.as_str(),
+            "{name}'s pods carry its own revision"
+        );
+        assert_eq!(
+            deployment["metadata"]["annotations"]["aiq.dev/deployed-revision"],
+            second.as_str(),
+            "{name} says which deploy it was"
+        );
+    }
+    let entry = fx.history().pop().unwrap();
+    assert_eq!(entry["revision"], second.as_str());
+    assert_eq!(entry["images"]["fxapi"]["revision"], first.as_str());
+    assert_eq!(entry["images"]["fxapi"]["reused"], true);
+    assert_eq!(entry["images"]["fxweb"]["revision"], second.as_str());
+    let verify = run(&["verify"]);
+    verify.assert_ok();
+    assert!(
+        verify.stdout.contains(&format!(
+            "(built at {}, inputs unchanged since; deployed at {})",
+            &first[..12],
+            &second[..12]
+        )),
+        "{}",
+        verify.stdout
+    );
+    run(&["verify", "--rebuild"]).assert_ok();
+
+    // A commit that changes no image's inputs builds and restarts nothing.
+    std::fs::write(root.join("note.txt"), unique("v")).unwrap();
+    let third = commit_all(root, "neither image");
+    let (web_pods, digests) = (uids("fxweb"), fx.digests());
+    let (events, stderr) = deploy(&[]);
+    assert_eq!(pushed_and_reused(&events), (vec![], both.clone()));
+    assert!(!stderr.contains("docker buildx bake"), "{stderr}");
+    assert_eq!(
+        (uids("fxapi"), uids("fxweb")),
+        (api_pods.clone(), web_pods.clone())
+    );
+    assert_eq!(fx.digests(), digests);
+    let status = run(&["status"]);
+    assert_eq!(
+        status.stdout.matches("ok (HEAD)").count(),
+        2,
+        "{}",
+        status.stdout
+    );
+    assert_eq!(
+        fx.get(&["get", "deployment", "fxweb"])["metadata"]["annotations"]
+            ["aiq.dev/deployed-revision"],
+        third.as_str()
+    );
+
+    // `--rebuild` builds both fresh: the same digests, so nothing restarts.
+    let (events, stderr) = deploy(&["--rebuild"]);
+    assert_eq!(pushed_and_reused(&events), (both.clone(), vec![]));
+    assert!(stderr.contains("--no-cache --pull"), "{stderr}");
+    assert_eq!(
+        fx.digests(),
+        digests,
+        "a fresh build gives the reused digests"
+    );
+    assert_eq!((uids("fxapi"), uids("fxweb")), (api_pods.clone(), web_pods));
+
+    // A changed build argument (configuration, no input path) is in the key.
+    let config = std::fs::read_to_string(root.join("Cargo.toml")).unwrap();
+    std::fs::write(
+        root.join("Cargo.toml"),
+        config.replace(
+            "inputs = [\"fxweb.sh\"]",
+            "inputs = [\"fxweb.sh\"]\nbuild_args = { API_URL = \"http://changed\" }",
+        ),
+    )
+    .unwrap();
+    commit_all(root, "fxweb's build argument");
+    let (events, _) = deploy(&[]);
+    assert_eq!(
+        pushed_and_reused(&events),
+        (vec!["fxweb".to_owned()], vec!["fxapi".to_owned()])
+    );
+    assert_eq!(uids("fxapi"), api_pods);
+
+    // A base image moved under the same tag, at the same commit: both
+    // images are built again on it.
+    move_base_to(&format!("{}/node:20-bookworm-slim", base_registry()));
+    let (events, _) = deploy(&[]);
+    assert_eq!(pushed_and_reused(&events), (both.clone(), vec![]));
+    assert_ne!(fx.digests()["fxapi"], first_digests["fxapi"]);
+
+    // A revert to fxweb's first tree is built again, at the revert.
+    git(root, &["revert", "--no-edit", &second]);
+    let revert = git(root, &["rev-parse", "HEAD"]);
+    let (events, _) = deploy(&[]);
+    assert_eq!(
+        pushed_and_reused(&events),
+        (vec!["fxweb".to_owned()], vec!["fxapi".to_owned()])
+    );
+    assert_eq!(
+        events_of(&events, "image_pushed")[0]["inputs_revision"],
+        revert.as_str()
+    );
+    let baked = fx.kubectl(&["exec", "deployment/fxweb", "--", "cat", "/revision"]);
+    assert!(baked.starts_with(&revert), "{baked}");
 }
 
 #[test]
@@ -1191,8 +1389,8 @@ fn status_and_verify_compare_the_cluster_with_head() {
             .stdout
             .contains("FAIL  deployment/fxweb runs revision")
             && drift.stdout.contains(&format!(
-                "not HEAD ({}), whose build is {head_digest}",
-                &git(fx.root(), &["rev-parse", "HEAD"])[..12]
+                "not HEAD ({head}, where fxweb's inputs last changed at {head}), whose build is {head_digest}",
+                head = &git(fx.root(), &["rev-parse", "HEAD"])[..12]
             )),
         "names the revision that runs, and HEAD's digest from the registry: {}",
         drift.stdout
@@ -2122,7 +2320,13 @@ fn deploy_from_an_older_build_is_recorded_as_that_revision_never_as_head() {
     let mislabelled_file = fx.root().join("target/mislabelled.json");
     std::fs::write(&mislabelled_file, mislabelled.to_string()).unwrap();
     fx.deploy(&["--from", mislabelled_file.to_str().unwrap()])
-        .assert_fails(2, &format!("is labelled revision {older}"));
+        .assert_fails(
+            2,
+            &format!(
+                "says its inputs last changed at {older}, but at {} they last changed at {newer}",
+                &newer[..12]
+            ),
+        );
     assert!(
         fx.kubectl(&["get", "deployments", "--output", "name"])
             .is_empty(),
@@ -2149,10 +2353,11 @@ fn deploy_from_an_older_build_is_recorded_as_that_revision_never_as_head() {
     assert_eq!(verify.code, 1, "{}", verify.stderr);
     assert!(
         verify.stdout.contains(&format!(
-            "FAIL  deployment/fxweb runs revision {older} ({}), not HEAD ({})",
+            "FAIL  deployment/fxweb runs revision {older} ({}-",
             &older[..12],
-            &newer[..12]
-        )),
+        )) && verify
+            .stdout
+            .contains(&format!("not HEAD ({}, where", &newer[..12])),
         "{}",
         verify.stdout
     );
@@ -2198,12 +2403,17 @@ fn verify_rebuild_passes_after_a_deploy_and_catches_a_build_that_lies() {
     let lie = build_digests(fx.root())["fxweb"].clone();
     assert_ne!(lie, deployed["fxweb"]);
     git(fx.root(), &["checkout", "--", "fxweb.sh"]);
-    let revision = file["revision"].as_str().unwrap();
-    put_manifest(&format!("{}/fxweb", fx.registry), &lie, &revision[..12]);
     let mut lying = file.clone();
     for image in lying["images"].as_array_mut().unwrap() {
         if image["name"] == "fxweb" {
+            put_manifest(
+                &format!("{}/fxweb", fx.registry),
+                &lie,
+                image["tag"].as_str().unwrap(),
+            );
             image["digest"] = json!(lie);
+            // The lie carries no input key label, so its file names none.
+            image.as_object_mut().unwrap().remove("key");
         }
     }
     let lying_file = fx.root().join("target/lying-build.json");

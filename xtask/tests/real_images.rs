@@ -249,6 +249,12 @@ fn assert_page_marker_running(marker: &str, stale: Option<&str>) {
     }
 }
 
+/// The UIDs of `app`'s pods in the real manifests' namespace that are not
+/// terminating, sorted.
+fn app_pod_uids(app: &str) -> Vec<String> {
+    pod_uids(NAMESPACE, &format!("app.kubernetes.io/name={app}"))
+}
+
 /// Every ready backend pod's binary holds `marker` (`kubectl exec ... grep`).
 fn assert_marker_running(marker: &str) {
     let ready = serving_pods(NAMESPACE, "app.kubernetes.io/name=aiq-agent");
@@ -359,6 +365,113 @@ fn real_images_build_fresh_run_by_digest_and_never_serve_stale_code() {
     assert_marker_running(&seed_marker);
     assert_page_marker_running(&page_marker, None);
     xtask(root, &["verify", "--context", CLUSTER_CONTEXT], &head_env).assert_ok();
+
+    // Phase 1c: deploy only what changed, on the real images. A
+    // frontend-only commit on the run's commit (in a clone of its own):
+    // the backend is reused (not built; its pods keep running), the
+    // frontend is built fresh, every frontend pod serves the new page, and
+    // `verify` and a rebuild of the frontend from its commit agree. Then a
+    // commit that changes neither image, then a backend-only one.
+    let reuse = TempDir::new("reuse");
+    clone_into(&head.clone, reuse.path(), "022");
+    let reuse_root = reuse.path();
+    let backend_pods = app_pod_uids("aiq-agent");
+    let frontend_marker = set_page_marker(reuse_root);
+    let frontend_only = commit_all(reuse_root, "frontend only");
+    let deploy_json = ["deploy", "--json", "--context", CLUSTER_CONTEXT];
+    let deployed = xtask(reuse_root, &deploy_json, &head_env);
+    deployed.assert_ok();
+    assert!(
+        deployed.stderr.contains("--no-cache --pull"),
+        "{}",
+        deployed.stderr
+    );
+    let events = parse_events(&deployed.stdout);
+    let reused = events_of(&events, "image_reused");
+    let pushed = events_of(&events, "image_pushed");
+    assert_eq!((reused.len(), pushed.len()), (1, 1), "{}", deployed.stderr);
+    assert_eq!(reused[0]["name"], "aiq-agent");
+    assert_eq!(reused[0]["digest"], head.digests["aiq-agent"].as_str());
+    assert_eq!(reused[0]["inputs_revision"], first.as_str());
+    assert_eq!(pushed[0]["name"], "aiq-frontend");
+    assert_eq!(pushed[0]["inputs_revision"], frontend_only.as_str());
+    assert_eq!(
+        app_pod_uids("aiq-agent"),
+        backend_pods,
+        "the backend's pods keep running"
+    );
+    assert_marker_running(&seed_marker);
+    assert_page_marker_running(&frontend_marker, Some(&page_marker));
+    let verify_here = ["verify", "--context", CLUSTER_CONTEXT];
+    xtask(reuse_root, &verify_here, &head_env).assert_ok();
+    xtask(
+        reuse_root,
+        &[
+            "verify",
+            "--rebuild",
+            "aiq-frontend",
+            "--context",
+            CLUSTER_CONTEXT,
+        ],
+        &head_env,
+    )
+    .assert_ok();
+    // A commit that changes neither image's inputs (the xtask's code, as
+    // most commits do): nothing is built, no pod restarts.
+    let frontend_pods = app_pod_uids("aiq-frontend");
+    let main_rs = reuse_root.join("xtask/src/main.rs");
+    let code = std::fs::read_to_string(&main_rs).unwrap();
+    std::fs::write(&main_rs, format!("{code}// {}\n", unique("xtask-only"))).unwrap();
+    commit_all(reuse_root, "xtask only");
+    let deployed = xtask(reuse_root, &deploy_json, &head_env);
+    deployed.assert_ok();
+    let events = parse_events(&deployed.stdout);
+    assert_eq!(events_of(&events, "image_reused").len(), 2);
+    assert!(events_of(&events, "image_pushed").is_empty());
+    assert!(
+        !deployed.stderr.contains("docker buildx bake"),
+        "{}",
+        deployed.stderr
+    );
+    assert_eq!(
+        (app_pod_uids("aiq-agent"), app_pod_uids("aiq-frontend")),
+        (backend_pods, frontend_pods.clone()),
+        "no pod restarted"
+    );
+    xtask(reuse_root, &verify_here, &head_env).assert_ok();
+    // A backend-only commit: the reverse. The frontend is reused, the
+    // backend built fresh, and every backend pod runs the new code.
+    let backend_marker = add_marker_route(reuse_root, "/api/reuse");
+    let backend_only = commit_all(reuse_root, "backend only");
+    let deployed = xtask(reuse_root, &deploy_json, &head_env);
+    deployed.assert_ok();
+    let events = parse_events(&deployed.stdout);
+    let reused = events_of(&events, "image_reused");
+    let pushed = events_of(&events, "image_pushed");
+    assert_eq!((reused.len(), pushed.len()), (1, 1), "{}", deployed.stderr);
+    assert_eq!(reused[0]["name"], "aiq-frontend");
+    assert_eq!(reused[0]["inputs_revision"], frontend_only.as_str());
+    assert_eq!(pushed[0]["name"], "aiq-agent");
+    assert_eq!(pushed[0]["inputs_revision"], backend_only.as_str());
+    assert_eq!(
+        app_pod_uids("aiq-frontend"),
+        frontend_pods,
+        "the frontend's pods keep running"
+    );
+    assert_marker_running(&backend_marker);
+    xtask(reuse_root, &verify_here, &head_env).assert_ok();
+    xtask(
+        reuse_root,
+        &[
+            "verify",
+            "--rebuild",
+            "aiq-agent",
+            "--context",
+            CLUSTER_CONTEXT,
+        ],
+        &head_env,
+    )
+    .assert_ok();
 
     // Phase 2: `up` runs the stack; both answer HEAD and the page says
     // "match". The configured base registry cannot be reached (no Docker
@@ -527,7 +640,14 @@ fn real_images_build_fresh_run_by_digest_and_never_serve_stale_code() {
         dom.contains(&format!("id=\"backend-revision\">{second}<")),
         "the backend answered at its public address: {dom}"
     );
-    assert_eq!(page_state(&dom), "differ", "{dom}");
+    // The seeded environment's commit changed only the configuration, no
+    // input of either image: the frontend's own revision is still the
+    // backend's.
+    assert!(
+        dom.contains(&format!("id=\"frontend-revision\">{second}<")),
+        "{dom}"
+    );
+    assert_eq!(page_state(&dom), "match", "{dom}");
 
     // Phase 5: a backend that never becomes ready is refused; the previous
     // revision keeps serving on the same ports.

@@ -38,6 +38,9 @@ pub struct BuildFlags {
     /// Never download dependencies: the stores for the lockfiles must exist (or cargo's cache must hold the crates)
     #[arg(long)]
     pub offline: bool,
+    /// Build every image fresh, even one the registry already holds under its input key
+    #[arg(long, conflicts_with = "cache")]
+    pub rebuild: bool,
     #[command(flatten)]
     pub overrides: Overrides,
 }
@@ -54,6 +57,7 @@ impl BuildFlags {
             offline: self.offline,
             digest_only: false,
             pinned_bases: None,
+            rebuild: self.rebuild,
         }
     }
 }
@@ -104,6 +108,10 @@ fn print_summary(built: &[BuiltImage]) {
             }
             _ => String::new(),
         };
-        eprintln!("{}  {}  {digest}{since}", image.name, image.reference);
+        let reused = if image.reused { "  reused" } else { "" };
+        eprintln!(
+            "{}  {}  {digest}{since}{reused}",
+            image.name, image.reference
+        );
     }
 }

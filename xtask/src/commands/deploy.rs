@@ -57,9 +57,7 @@ impl Deploy {
             let config = Config::load(exec, &self.flags.overrides)?;
             exec.sh.change_dir(&config.root);
             let rev = git::revision(exec, self.flags.allow_dirty)?;
-            if self.from.is_none() {
-                git::refuse_shallow(exec)?;
-            }
+            git::refuse_shallow(exec)?;
             let (kube, reachable) =
                 Kube::connect(exec, &config, self.context.as_deref(), !exec.dry_run)?;
             if !reachable {
@@ -101,10 +99,10 @@ impl Deploy {
         if !exec.dry_run {
             let seconds = started.elapsed().as_secs_f64();
             eprintln!(
-                "deployed {} in {seconds:.1}s: every ready pod runs the digests just pushed",
+                "deployed {} in {seconds:.1}s: every ready pod runs its image's digest",
                 rev.tag()
             );
-            print_summary(exec, &rev, &verified);
+            print_summary(exec, &verified);
         }
         Ok(())
     }
@@ -184,30 +182,26 @@ impl Deploy {
         let mut entry = Entry::new("deploy", rev, &built);
         entry.inputs = inputs.clone();
         let mut rollout = Rollout::start(kube, &self.wait, entry, &past)?;
-        let mut digest_for = |name: &str| -> Result<String> {
+        let mut image_for = |name: &str| -> Result<BuiltImage> {
             let image = built
                 .iter()
                 .find(|b| b.name == name)
                 .with_context(|| format!("no image configured for deployment {name}"))?;
-            if let Some(digest) = &image.digest {
-                return Ok(digest.clone());
+            if image.digest.is_some() {
+                return Ok(image.clone());
             }
             let seed_image = seeded
                 .iter()
                 .find(|i| i.name == name)
                 .with_context(|| format!("{name} has no pushed digest"))?;
             let pushed = self.build_seeded(kube, config, rev, seed_image, &opts)?;
-            let digest = pushed
-                .digest
-                .clone()
-                .context("the seeded build has no digest")?;
             built.retain(|b| b.name != name);
-            built.push(pushed);
+            built.push(pushed.clone());
             render(&built)?;
             docker::write_build_file(config, rev, &built, &inputs)?;
-            Ok(digest)
+            Ok(pushed)
         };
-        let outcome = rollout.run(&order, &overlay, &mut digest_for);
+        let outcome = rollout.run(&order, &overlay, &mut image_for);
         outcome.with_context(|| format!("deploy of {} failed", rev.tag()))?;
         Ok(rollout.verified)
     }
@@ -353,15 +347,42 @@ impl Deploy {
                     config.registry
                 )));
             }
-            let (_, label) = crate::registry::resolve(exec, &pinned)
+            let found = crate::registry::resolve(exec, &pinned)
                 .map_err(|e| refuse(format!("{pinned} is not in the registry: {e:#}")))?;
-            if label.as_deref() != Some(file.revision.as_str()) {
+            // The image's own revision: its inputs' last commit at the
+            // file's revision, as this clone's history says.
+            let own = image.own_revision();
+            if let (false, Some(configured)) = (
+                image.dirty,
+                config.images.iter().find(|i| i.name == image.name),
+            ) {
+                let at = git::commit(exec, &file.revision)?;
+                let expected =
+                    git::inputs_revision(exec, &at, &image.name, &configured.input_paths())?;
+                if own != expected {
+                    return Err(refuse(format!(
+                        "{} in {} says its inputs last changed at {own}, but at {} they last changed at {expected}: refusing it",
+                        image.name,
+                        path.display(),
+                        git::short(&file.revision)
+                    )));
+                }
+            }
+            if found.revision() != Some(own) {
                 return Err(refuse(format!(
-                    "{pinned} is labelled revision {} but {} says {}: refusing it",
-                    label.as_deref().unwrap_or("(none)"),
+                    "{pinned} is labelled revision {} but {} says {own}: refusing it",
+                    found.revision().unwrap_or("(none)"),
                     path.display(),
-                    file.revision
                 )));
+            }
+            if let Some(key) = &image.key {
+                if found.label(docker::KEY_LABEL) != Some(key.as_str()) {
+                    return Err(refuse(format!(
+                        "{pinned} carries input key {} but {} says {key}: refusing it",
+                        found.label(docker::KEY_LABEL).unwrap_or("(none)"),
+                        path.display(),
+                    )));
+                }
             }
         }
         Ok(file)
@@ -448,19 +469,16 @@ fn wait_for_address(kube: &Kube, service: &str, timeout: u64, poll: f64) -> Resu
     }
 }
 
-fn print_summary(exec: &Exec, rev: &Revision, verified: &[crate::rollout::Verified]) {
+fn print_summary(exec: &Exec, verified: &[crate::rollout::Verified]) {
     let out = exec.output;
     eprintln!(
-        "\n{:<14} {:<12} {:<73} ready",
-        "component", "revision", "digest"
+        "\n{:<14} {:<21} {:<73} ready",
+        "component", "image tag", "digest"
     );
     for v in verified {
         out.result(&format!(
-            "{:<14} {:<12} {:<73} {}",
-            v.name,
-            rev.tag(),
-            v.digest,
-            v.ready
+            "{:<14} {:<21} {:<73} {}",
+            v.name, v.tag, v.digest, v.ready
         ));
     }
     for v in verified {

@@ -11,7 +11,7 @@ use crate::{
     exec::Exec,
     exit::{refuse, rollback_failed},
     git::{self, Revision},
-    history::{Entry, History, Record, IN_PROGRESS, SUCCEEDED},
+    history::{Entry, History, ImageRecord, Record, IN_PROGRESS, SUCCEEDED},
     kube::Kube,
     lock::Lock,
     rollout::{digests_for, print_diff, render_overlay, roll_back, Rollout, WaitFlags},
@@ -72,6 +72,8 @@ impl Rollback {
         // Everything that can refuse is checked before the lock.
         let (config, kube, reachable, target, history, plan) = exec.step("preflight", || {
             let (config, kube, reachable) = self.cluster.connect(exec, !exec.dry_run)?;
+            // An image's own revision needs the whole history.
+            git::refuse_shallow(exec)?;
             // `--to` reads the registry: a fresh CI runner can only once
             // logged in.
             crate::registry::login(exec, &config)?;
@@ -149,23 +151,20 @@ impl Rollback {
         }
         let entry = Entry::new("rollback", rev, images);
         let mut rollout = Rollout::start(kube, &self.wait, entry, history)?;
-        let mut digest_for = |name: &str| -> Result<String> {
+        let mut image_for = |name: &str| -> Result<BuiltImage> {
             images
                 .iter()
-                .find(|i| i.name == name)
-                .and_then(|i| i.digest.clone())
+                .find(|i| i.name == name && i.digest.is_some())
+                .cloned()
                 .ok_or_else(|| anyhow::anyhow!("no digest for {name}"))
         };
         rollout
-            .run(&order, &overlay, &mut digest_for)
+            .run(&order, &overlay, &mut image_for)
             .map_err(|e| e.context(format!("rollback to {} failed", rev.tag())))?;
         for v in &rollout.verified {
             exec.output.result(&format!(
-                "{:<14} {:<12} {} {}",
-                v.name,
-                rev.tag(),
-                v.digest,
-                v.ready
+                "{:<14} {:<21} {} {}",
+                v.name, v.tag, v.digest, v.ready
             ));
         }
         eprintln!(
@@ -212,13 +211,36 @@ impl Rollback {
         // The entry names what now runs: the restored revision and digests.
         for name in &changed {
             if let Some(running) = kube.running(name)? {
-                record.entry.revision = running.revision.clone().unwrap_or_default();
-                record.entry.tag = running.tag.clone().unwrap_or_default();
+                // The deploy's revision, or (deployed by an older xtask)
+                // the one its pod template carries.
+                record.entry.revision = running
+                    .deployed_revision
+                    .clone()
+                    .or_else(|| running.revision.clone())
+                    .unwrap_or_default();
+                record.entry.tag = running
+                    .deployed_tag
+                    .clone()
+                    .or_else(|| running.tag.clone())
+                    .unwrap_or_default();
                 record.entry.dirty = running.dirty;
                 record
                     .entry
                     .digests
                     .insert(name.clone(), running.digest.clone());
+                match (&running.revision, &running.tag) {
+                    (Some(revision), Some(tag)) => {
+                        let restored = ImageRecord {
+                            revision: revision.clone(),
+                            tag: tag.clone(),
+                            ..ImageRecord::default()
+                        };
+                        record.entry.images.insert(name.clone(), restored);
+                    }
+                    _ => {
+                        record.entry.images.remove(name);
+                    }
+                }
                 exec.output.result(&format!(
                     "{name:<14} {:<12} {}",
                     record.entry.tag,

@@ -6,6 +6,7 @@ use serde_json::json;
 
 use crate::{
     commands::cluster_flags::ClusterFlags, exec::Exec, git, history::History, kube::Running, lock,
+    rollout::own_revisions,
 };
 
 /// What each deployment runs (revision, digest, readiness, age), drift from HEAD, the deploy history
@@ -21,7 +22,12 @@ pub struct Status {
 impl Status {
     pub fn run(self, exec: &Exec) -> Result<()> {
         let (config, kube, _) = self.cluster.connect(exec, true)?;
+        // Each image's own revision at HEAD needs the whole history.
+        git::refuse_shallow(exec)?;
         let head = git::commit(exec, "HEAD")?;
+        let history = History::read(&kube)?;
+        // Each image's own revision at HEAD (its inputs' last commit).
+        let own = own_revisions(exec, &config, &history, &head)?;
         let out = exec.output;
         out.result(&format!(
             "namespace {} on {}; HEAD is {}",
@@ -30,24 +36,28 @@ impl Status {
             head.short()
         ));
         out.result(&format!(
-            "{:<14} {:<26} {:<20} {:>7} {:>8}  state",
-            "component", "revision", "digest", "ready", "age"
+            "{:<14} {:<26} {:<14} {:<20} {:>7} {:>8}  state",
+            "component", "image tag", "deployed at", "digest", "ready", "age"
         ));
         for name in config.rollout() {
             let running = kube.running(&name)?;
-            let state = state(running.as_ref(), &head.sha);
+            // A deployment of no configured image (none of ours) has no
+            // revision of its own: HEAD's stands in.
+            let expected = own.get(&name).unwrap_or(&head.sha);
+            let state = state(running.as_ref(), expected);
             match &running {
                 Some(r) => out.result(&format!(
-                    "{:<14} {:<26} {:<20} {:>7} {:>8}  {state}",
+                    "{:<14} {:<26} {:<14} {:<20} {:>7} {:>8}  {state}",
                     name,
                     r.tag.as_deref().unwrap_or("(not by xtask)"),
+                    r.deployed_revision.as_deref().map_or("-", git::short),
                     r.digest.as_deref().map_or("-", |d| &d[..d.len().min(19)]),
                     format!("{}/{}", r.ready, r.desired),
                     r.age_secs.map_or("-".into(), age),
                 )),
                 None => out.result(&format!(
-                    "{name:<14} {:<26} {:<20} {:>7} {:>8}  {state}",
-                    "-", "-", "-", "-"
+                    "{name:<14} {:<26} {:<14} {:<20} {:>7} {:>8}  {state}",
+                    "-", "-", "-", "-", "-"
                 )),
             }
             for other in running.iter().flat_map(|r| &r.other_containers) {
@@ -62,7 +72,7 @@ impl Status {
             }
             out.event(
                 "component",
-                json!({"name": name, "running": running, "state": state, "head": head.sha}),
+                json!({"name": name, "running": running, "state": state, "head": head.sha, "head_image_revision": own.get(&name)}),
             );
         }
         let holder = lock::live_holder(&kube)?;
@@ -71,7 +81,6 @@ impl Status {
             None => out.result("deploy lock: free"),
         }
         out.event("lock", json!({ "holder": holder }));
-        let history = History::read(&kube)?;
         let entries = &history.entries;
         out.result(&format!(
             "last {} deploys (newest last):",
@@ -96,7 +105,8 @@ impl Status {
     }
 }
 
-/// One word or phrase for how a deployment compares with HEAD.
+/// One word or phrase for how a deployment compares with HEAD: `head` is
+/// its image's own revision at HEAD.
 pub fn state(running: Option<&Running>, head: &str) -> String {
     let Some(r) = running else {
         return "not deployed".into();

@@ -17,7 +17,7 @@ use crate::{
     git::{self, Revision},
     history::{self, History},
     kube::{Kube, Running},
-    rollout::digests_for,
+    rollout::{digests_for, own_revisions},
 };
 
 /// Exit 0 only if every deployment runs exactly the digests built for HEAD
@@ -51,15 +51,21 @@ impl Verify {
         // A fresh CI runner reads ECR only once logged in.
         crate::registry::login(exec, &config)?;
         let history = History::read(&kube)?;
+        // Each image's own revision needs the whole history.
+        git::refuse_shallow(exec)?;
         if self.rebuild {
-            git::refuse_shallow(exec)?;
             return self.rebuild(exec, &config, &kube, &history);
         }
         let head = git::commit(exec, "HEAD")?;
         let mut running = running_deployments(&kube, &config)?;
+        // Each image's own revision at HEAD: a deployment runs HEAD when its
+        // image is the one HEAD's inputs give, whatever commit deployed it.
+        let own = own_revisions(exec, &config, &history, &head)?;
+        let runs_head = |r: &Running| {
+            !r.dirty && r.revision.is_some() && r.revision.as_ref() == own.get(&r.name)
+        };
         // HEAD's digests are needed only where a deployment says it runs
         // HEAD; elsewhere the revision it runs is the finding.
-        let runs_head = |r: &Running| r.revision.as_deref() == Some(head.sha.as_str());
         let expected = if running.values().flatten().any(runs_head) {
             digests_for(exec, &config, &history, &head)?
         } else {
@@ -74,6 +80,7 @@ impl Verify {
                 .and_then(|b| b.digest.as_deref())
                 .unwrap_or_default();
             let running = running.remove(name).flatten();
+            let own = own.get(name).map_or("?", |o| git::short(o));
             let problem = match &running {
                 None => Some(format!("deployment/{name} does not exist")),
                 Some(r) if r.dirty => Some(format!(
@@ -81,7 +88,7 @@ impl Verify {
                     r.tag.as_deref().unwrap_or("?")
                 )),
                 Some(r) if !runs_head(r) => Some(format!(
-                    "deployment/{name} runs revision {} ({}), not HEAD ({}){}",
+                    "deployment/{name} runs revision {} ({}), not HEAD ({}, where {name}'s inputs last changed at {own}){}",
                     r.revision.as_deref().unwrap_or("unknown"),
                     r.tag.as_deref().unwrap_or("no tag"),
                     head.short(),
@@ -96,7 +103,7 @@ impl Verify {
                     r.digest.as_deref().unwrap_or("no digest"),
                     r.revision.as_deref().unwrap_or("unknown")
                 )),
-                Some(r) => not_serving(r, &head.sha),
+                Some(r) => not_serving(r, r.revision.as_deref().unwrap_or_default()),
             };
             report(exec, name, digest, &running, problem, &mut failures);
         }
@@ -178,7 +185,7 @@ impl Verify {
                     r.digest.as_deref().unwrap_or("no digest"),
                     rev.short()
                 )),
-                Some(r) => not_serving(r, &rev.sha),
+                Some(r) => not_serving(r, r.revision.as_deref().unwrap_or_default()),
             };
             report(exec, name, &digest, &running, problem, &mut failures);
         }
@@ -206,12 +213,13 @@ fn running_deployments(kube: &Kube, config: &Config) -> Result<BTreeMap<String, 
         .collect()
 }
 
-/// The one revision the deployments say they run.
+/// The one revision the deployments say they were deployed at (by an
+/// older xtask: the one their pod templates carry).
 fn running_revision(exec: &Exec, running: &BTreeMap<String, Option<Running>>) -> Result<Revision> {
     let mut revisions: Vec<&str> = running
         .values()
         .flatten()
-        .filter_map(|r| r.revision.as_deref())
+        .filter_map(|r| r.deployed_revision.as_deref().or(r.revision.as_deref()))
         .collect();
     revisions.sort();
     revisions.dedup();
@@ -228,7 +236,7 @@ fn running_revision(exec: &Exec, running: &BTreeMap<String, Option<Running>>) ->
 }
 
 /// Why a deployment that pins the right digest still does not serve it
-/// everywhere, if it does not.
+/// everywhere, if it does not; `sha` is its image's expected own revision.
 fn not_serving(r: &Running, sha: &str) -> Option<String> {
     (r.stale_pod.is_some() || !r.rolled_out || r.ready as i64 != r.desired).then(|| {
         format!(
@@ -250,8 +258,18 @@ fn report(
     problem: Option<String>,
     failures: &mut Vec<String>,
 ) {
+    let built_at = running
+        .as_ref()
+        .map(|r| {
+            format!(
+                " (built at {}, inputs unchanged since; deployed at {})",
+                r.revision.as_deref().map_or("?", git::short),
+                r.deployed_revision.as_deref().map_or("?", git::short)
+            )
+        })
+        .unwrap_or_default();
     let line = match &problem {
-        None => format!("ok    {name}: every one of its ready pods runs {digest}"),
+        None => format!("ok    {name}: every one of its ready pods runs {digest}{built_at}"),
         Some(p) => format!("FAIL  {p}"),
     };
     exec.output.result(&line);

@@ -36,9 +36,15 @@ const NAME_LABEL: &str = "app.kubernetes.io/name";
 pub const TEMPLATE_HASH_LABEL: &str = "pod-template-hash";
 /// The controller's revision of a Deployment and of its ReplicaSets.
 pub const CONTROLLER_REVISION: &str = "deployment.kubernetes.io/revision";
+/// On a pod template: its image's own revision (the last commit that
+/// changed the image's inputs), its tag, whether it is a dirty build.
 pub const REVISION_ANNOTATION: &str = "aiq.dev/revision";
 pub const TAG_ANNOTATION: &str = "aiq.dev/tag";
 pub const DIRTY_ANNOTATION: &str = "aiq.dev/dirty";
+/// On a Deployment's own metadata: the revision the deploy was of (HEAD)
+/// and its tag.
+pub const DEPLOYED_REVISION_ANNOTATION: &str = "aiq.dev/deployed-revision";
+pub const DEPLOYED_TAG_ANNOTATION: &str = "aiq.dev/deployed-tag";
 
 /// `kubectl kustomize DIR`: renders manifests; needs no cluster.
 pub fn kustomize(kubectl: &str, dir: &str) -> Cmd {
@@ -523,6 +529,16 @@ impl<'a> Kube<'a> {
             revision: deployment.stamp(REVISION_ANNOTATION).map(str::to_owned),
             tag: deployment.stamp(TAG_ANNOTATION).map(str::to_owned),
             dirty: deployment.stamp(DIRTY_ANNOTATION) == Some("true"),
+            deployed_revision: deployment
+                .metadata
+                .annotations
+                .get(DEPLOYED_REVISION_ANNOTATION)
+                .cloned(),
+            deployed_tag: deployment
+                .metadata
+                .annotations
+                .get(DEPLOYED_TAG_ANNOTATION)
+                .cloned(),
             digest,
             ready: ready.len(),
             desired: deployment.spec.replicas,

@@ -8,10 +8,17 @@ use serde::Deserialize;
 #[derive(Debug, serde::Serialize)]
 pub struct Running {
     pub name: String,
-    /// The revision stamped by the deploy (none if not deployed by xtask).
+    /// The image's own revision, stamped on the pod template by the deploy
+    /// (none if not deployed by xtask): the last commit that changed its
+    /// inputs.
     pub revision: Option<String>,
+    /// The image's tag.
     pub tag: Option<String>,
     pub dirty: bool,
+    /// The revision the last deploy was of (HEAD then) and its tag, from
+    /// the Deployment's own metadata; none if deployed by an older xtask.
+    pub deployed_revision: Option<String>,
+    pub deployed_tag: Option<String>,
     /// The digest the pod template pins.
     pub digest: Option<String>,
     pub ready: usize,

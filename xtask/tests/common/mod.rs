@@ -392,6 +392,21 @@ pub fn parse_events(stdout: &str) -> Vec<serde_json::Value> {
             ],
         ),
         (
+            "image_reused",
+            &[
+                "name",
+                "reference",
+                "tag",
+                "digest",
+                "revision",
+                "dirty",
+                "inputs_revision",
+                "key",
+                "reused",
+                "key_parts",
+            ],
+        ),
+        (
             "rollout",
             &["deployment", "desired", "updated", "ready", "available"],
         ),
@@ -650,15 +665,18 @@ pub fn head_images() -> HeadImages {
     );
     let digests = build_digests(&clone);
     let path = repository.split_once('/').unwrap().1;
-    for (image, digest) in &digests {
-        assert_eq!(
-            registry_digest(&format!("{path}/{image}"), &revision[..12]).as_deref(),
-            Some(digest.as_str()),
-            "{image}'s commit tag"
-        );
-    }
     for image in build_file(&clone)["images"].as_array().unwrap() {
         assert_eq!(image["revision"], revision.as_str());
+        // The run's commit changes both images: each one's own revision.
+        assert_eq!(image["inputs_revision"], revision.as_str());
+        let name = image["name"].as_str().unwrap();
+        let tag = image["tag"].as_str().unwrap();
+        assert!(tag.starts_with(&revision[..12]), "{tag}");
+        assert_eq!(
+            registry_digest(&format!("{path}/{name}"), tag).as_deref(),
+            Some(digests[name].as_str()),
+            "{name}'s tag"
+        );
     }
     let head = HeadImages {
         clone,
@@ -957,6 +975,29 @@ pub fn delete_object(kind: &str, name: &str) {
         "kubectl",
         &["delete", kind, name, "--wait=false", "--ignore-not-found"],
     );
+}
+
+/// The UIDs of the pods of `namespace` matching `selector` that are not
+/// terminating, sorted: the same UIDs before and after a deploy mean no
+/// pod restarted.
+pub fn pod_uids(namespace: &str, selector: &str) -> Vec<String> {
+    let pods = kubectl_json(&[
+        "--namespace",
+        namespace,
+        "get",
+        "pods",
+        "--selector",
+        selector,
+    ]);
+    let mut uids: Vec<String> = pods["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|p| p["metadata"]["deletionTimestamp"].is_null())
+        .map(|p| p["metadata"]["uid"].as_str().unwrap().to_owned())
+        .collect();
+    uids.sort();
+    uids
 }
 
 /// The pods of `namespace` matching `selector` that serve: Ready and not
