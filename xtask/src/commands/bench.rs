@@ -25,10 +25,14 @@ pub struct Bench {
     /// Runs of the cached dev loop (D1, D2), each after a new one-line commit
     #[arg(long, default_value_t = 3)]
     pub cached_runs: usize,
+    /// Only the commit-to-live benchmark, on the cluster of this kube context
+    /// (the seed's script against `cargo xtask deploy`, --rounds times)
+    #[arg(long, value_name = "CONTEXT")]
+    pub deploy: Option<String>,
 }
 
 #[derive(Serialize)]
-struct Measurement {
+pub struct Measurement {
     name: &'static str,
     what: &'static str,
     command: String,
@@ -64,6 +68,18 @@ impl Bench {
         let _base = exec
             .sh
             .push_env("XTASK_BASE_REGISTRY", &config.base_registry);
+        if let Some(context) = &self.deploy {
+            let (results, longest) = super::bench_deploy::commit_to_live(
+                exec,
+                &config,
+                &clone,
+                &xtask,
+                context,
+                self.rounds,
+            )?;
+            drop(_in_clone);
+            return write_deploy_report(exec, &config, &rev, &results, &longest);
+        }
 
         // A and B, alternated so machine drift hits both. A builds each
         // image alone from its classic Dockerfile, which downloads its
@@ -81,23 +97,12 @@ impl Bench {
                         "--load",
                         "--progress=plain",
                     ])
-                    .args([
-                        "--file",
-                        &image
-                            .dockerfile
-                            .with_extension("classic")
-                            .display()
-                            .to_string(),
-                    ])
-                    .arg("--build-arg")
-                    .arg(format!("BASE_REGISTRY={}", config.base_registry))
-                    .arg("--build-arg")
-                    .arg(format!("GIT_REVISION={}", rev.sha))
-                    .args([
-                        "--tag",
+                    .args(classic_build_args(
+                        &config,
+                        image,
+                        &rev.sha,
                         &format!("bench.invalid/classic/{}:{}", image.name, rev.short()),
-                    ])
-                    .arg(image.context.display().to_string())
+                    ))
             })
             .collect();
         let fresh = Cmd::new(&xtask).args(["build", "--no-latest"]);
@@ -107,9 +112,12 @@ impl Bench {
         let local = crate::registry::ensure_local(exec)?;
         let bench_registry = format!("{local}/bench");
         let pushed = |builder: Option<&str>| {
+            // `--rebuild`: the registry holds the last round's images under
+            // the same input keys, which would be reused instead.
             let cmd = Cmd::new(&xtask).args([
                 "build",
                 "--push",
+                "--rebuild",
                 "--no-latest",
                 "--registry",
                 &bench_registry,
@@ -307,7 +315,7 @@ fn timed(exec: &Exec, cmd: &Cmd) -> Result<f64> {
     Ok(started.elapsed().as_secs_f64())
 }
 
-fn measure(
+pub fn measure(
     name: &'static str,
     what: &'static str,
     command: String,
@@ -320,6 +328,40 @@ fn measure(
         median: median(&seconds),
         seconds,
     }
+}
+
+/// The median of the measurement `name` (NaN if it was not taken).
+fn median_of(results: &[Measurement], name: &str) -> f64 {
+    results
+        .iter()
+        .find(|m| m.name == name)
+        .map_or(f64::NAN, |m| m.median)
+}
+
+/// The seed's build of `image` from its classic Dockerfile, as `docker`
+/// arguments after the build verb and its own flags: the file, the build
+/// args, the tag and the context.
+pub fn classic_build_args(
+    config: &Config,
+    image: &crate::config::Image,
+    sha: &str,
+    tag: &str,
+) -> Vec<String> {
+    vec![
+        "--file".to_owned(),
+        image
+            .dockerfile
+            .with_extension("classic")
+            .display()
+            .to_string(),
+        "--build-arg".to_owned(),
+        format!("BASE_REGISTRY={}", config.base_registry),
+        "--build-arg".to_owned(),
+        format!("GIT_REVISION={sha}"),
+        "--tag".to_owned(),
+        tag.to_owned(),
+        image.context.display().to_string(),
+    ]
 }
 
 fn median(values: &[f64]) -> f64 {
@@ -338,12 +380,7 @@ fn write_reports(
     rev: &git::Revision,
     results: &[Measurement],
 ) -> Result<()> {
-    let get = |name: &str| {
-        results
-            .iter()
-            .find(|m| m.name == name)
-            .map_or(f64::NAN, |m| m.median)
-    };
+    let get = |name: &str| median_of(results, name);
     let ratios = [
         (
             "B/A",
@@ -420,6 +457,14 @@ fn write_reports(
     // A failed B0 stops the bench before this report is written.
     md += "| B0 (fresh build with no downloads) | built | must build | yes |\n";
     let path = config.root.join("BENCHMARKS.md");
+    // The commit-to-live section is `bench --deploy`'s: kept as it is.
+    if let Some(section) = std::fs::read_to_string(&path)
+        .ok()
+        .and_then(|old| old.find(DEPLOY_SECTION).map(|at| old[at..].to_owned()))
+    {
+        md += "\n";
+        md += &section;
+    }
     std::fs::write(&path, md).with_context(|| format!("writing {}", path.display()))?;
     for (name, value, limit, what) in ratios.iter().chain(absolute.iter()) {
         eprintln!("{name:<4} {value:>7.2}  (target <= {limit}: {what})");
@@ -428,6 +473,88 @@ fn write_reports(
         "wrote {} and {}",
         path.display(),
         out.join("bench.json").display()
+    );
+    Ok(())
+}
+
+/// The heading of `bench --deploy`'s section of BENCHMARKS.md.
+const DEPLOY_SECTION: &str = "## Commit to live";
+
+/// Writes `bench --deploy`'s section of BENCHMARKS.md (replacing the one
+/// there) and `target/xtask/bench-deploy.json`.
+fn write_deploy_report(
+    exec: &Exec,
+    config: &Config,
+    rev: &git::Revision,
+    results: &[Measurement],
+    longest: &[(&'static str, String)],
+) -> Result<()> {
+    let get = |name: &str| median_of(results, name);
+    let ratios = [
+        ("X2/S", get("X2") / get("S"), 0.5, "frontend-only commit"),
+        ("X1/S", get("X1") / get("S"), 0.65, "backend-only commit"),
+        ("X3/S", get("X3") / get("S"), 0.9, "commit changing both"),
+        (
+            "X0/S",
+            get("X0") / get("S"),
+            0.15,
+            "commit changing neither",
+        ),
+    ];
+    let machine = machine_description(exec);
+    let date = exec.read(&Cmd::new("date").args(["-u", "+%Y-%m-%d %H:%M UTC"]))?;
+    let out = config.out_dir();
+    std::fs::create_dir_all(&out)?;
+    let json = serde_json::json!({
+        "date": date, "machine": machine, "revision": rev.sha, "measurements": results,
+        "ratios": ratios.iter().map(|(n, v, t, _)| serde_json::json!({"name": n, "value": v, "target": t, "met": v <= t})).collect::<Vec<_>>(),
+    });
+    std::fs::write(
+        out.join("bench-deploy.json"),
+        serde_json::to_string_pretty(&json)? + "\n",
+    )?;
+    let mut md = format!("{DEPLOY_SECTION} (`cargo xtask bench --deploy CONTEXT`)\n\nFrom a new commit to every new pod ready (and, for the xtask, verified), on the real test cluster, alternated. Raw timings: `target/xtask/bench-deploy.json`.\n\n- date: {date}\n- machine: {machine}\n- revision: `{}`\n\n", rev.sha);
+    md += "| | what | runs (s) | median (s) | longest step |\n| --- | --- | --- | --- | --- |\n";
+    for m in results {
+        let runs: Vec<String> = m.seconds.iter().map(|s| format!("{s:.1}")).collect();
+        let step = longest
+            .iter()
+            .find(|(name, _)| *name == m.name)
+            .map_or("", |(_, step)| step.as_str());
+        md += &format!(
+            "| {} | {} | {} | {:.1} | {step} |\n",
+            m.name,
+            m.what,
+            runs.join(", "),
+            m.median
+        );
+    }
+    md += "\n| target | value | limit | met |\n| --- | --- | --- | --- |\n";
+    for (name, value, limit, what) in &ratios {
+        md += &format!(
+            "| {name} ({what}) | {value:.2} | {limit} | {} |\n",
+            if value <= limit { "yes" } else { "**no**" }
+        );
+    }
+    let path = config.root.join("BENCHMARKS.md");
+    let old = std::fs::read_to_string(&path).unwrap_or_default();
+    let kept = old
+        .find(DEPLOY_SECTION)
+        .map_or(old.as_str(), |at| &old[..at]);
+    let kept = kept.trim_end();
+    let whole = if kept.is_empty() {
+        format!("# Benchmarks\n\n{md}")
+    } else {
+        format!("{kept}\n\n{md}")
+    };
+    std::fs::write(&path, whole).with_context(|| format!("writing {}", path.display()))?;
+    for (name, value, limit, what) in &ratios {
+        eprintln!("{name:<5} {value:>6.2}  (target <= {limit}: {what})");
+    }
+    eprintln!(
+        "wrote {} and {}",
+        path.display(),
+        out.join("bench-deploy.json").display()
     );
     Ok(())
 }

@@ -1,6 +1,7 @@
 //! One file per subcommand, and the flags several of them share.
 
 pub mod bench;
+mod bench_deploy;
 pub mod build;
 pub mod ci;
 pub mod cluster;
