@@ -1060,16 +1060,20 @@ impl LoginRegistry {
     pub fn start() -> LoginRegistry {
         let port = free_port();
         let dir = TempDir::new("login-registry");
-        // Distribution reads bcrypt only; glibc's crypt makes it.
+        // Distribution reads bcrypt only. Perl's crypt is libcrypt's, which
+        // makes it (Python's `crypt` module is gone since 3.13; perl-base is
+        // on every Debian and Ubuntu machine).
         let hash = ok(
             dir.path(),
-            "python3",
+            "perl",
             &[
-                "-W",
-                "ignore",
-                "-c",
-                "import crypt; print(crypt.crypt('s3cret', '$2b$05$' + 'abcdefghijklmnopqrstuv'))",
+                "-e",
+                r#"print crypt("s3cret", q{$2b$05$abcdefghijklmnopqrstuu})"#,
             ],
+        );
+        assert!(
+            hash.starts_with("$2b$05$"),
+            "libcrypt made no bcrypt hash: {hash}"
         );
         std::fs::write(dir.path().join("htpasswd"), format!("ci:{hash}\n")).unwrap();
         let address = format!("127.0.0.1:{port}");
