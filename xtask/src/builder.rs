@@ -47,7 +47,7 @@ pub fn ensure(exec: &Exec, config: &Config) -> Result<String> {
     if running(exec, &builder) {
         return Ok(builder);
     }
-    let dir = state_dir(&config.buildkit);
+    let dir = state_dir(&config.buildkit)?;
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let lock = std::fs::File::create(dir.join("lock"))
         .with_context(|| format!("creating {}", dir.join("lock").display()))?;
@@ -163,7 +163,7 @@ fn image(exec: &Exec, config: &Config) -> Result<String> {
     }
     eprintln!("{official} cannot be pulled: making {reference} from BuildKit's module");
     let bin = binaries(exec, &config.buildkit)?;
-    let dir = state_dir(&config.buildkit).join("image");
+    let dir = state_dir(&config.buildkit)?.join("image");
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     for tool in ["buildkitd", "buildctl"] {
         std::fs::copy(bin.join(tool), dir.join(tool)).with_context(|| format!("copying {tool}"))?;
@@ -217,8 +217,8 @@ const LIBSECCOMP: &str = "/usr/lib/x86_64-linux-gnu/libseccomp.so.2";
 const DOCKERFILE: &str = "ARG BASE\nFROM ${BASE}\nCOPY buildkitd buildctl runc /usr/bin/\nCOPY libseccomp.so.2 /usr/lib/x86_64-linux-gnu/\nVOLUME /var/lib/buildkit\nENTRYPOINT [\"buildkitd\"]\n";
 
 /// Where a version's binaries, image files and lock live.
-fn state_dir(version: &str) -> PathBuf {
-    crate::config::cache_dir().join("buildkit").join(version)
+fn state_dir(version: &str) -> Result<PathBuf> {
+    Ok(crate::config::cache_dir()?.join("buildkit").join(version))
 }
 
 /// `buildkitd` and `buildctl` of `version`, compiled once into the cache.
@@ -226,11 +226,8 @@ fn state_dir(version: &str) -> PathBuf {
 /// (the module's go.mod has `exclude` directives), so they are built inside
 /// a copy of the module.
 pub fn binaries(exec: &Exec, version: &str) -> Result<PathBuf> {
-    let bin = state_dir(version).join("bin");
-    if ["buildkitd", "buildctl"]
-        .iter()
-        .all(|t| bin.join(t).exists())
-    {
+    let bin = state_dir(version)?.join("bin");
+    if crate::cache::verify(exec, &bin, &["buildkitd", "buildctl"])? {
         return Ok(bin);
     }
     require_tool(
@@ -240,8 +237,8 @@ pub fn binaries(exec: &Exec, version: &str) -> Result<PathBuf> {
     let module = crate::gomod::download(exec, &format!("github.com/moby/buildkit@{version}"))?
         .dir
         .context("`go mod download -json` gave no Dir")?;
-    let copy = state_dir(version).join("module");
-    let partial = state_dir(version).join("bin.partial");
+    let copy = state_dir(version)?.join("module");
+    let partial = state_dir(version)?.join("bin.partial");
     for dir in [&copy, &partial] {
         if dir.exists() {
             exec.run(&Cmd::new("chmod").args(["-R", "u+w"]).arg(path(dir)))?;
@@ -263,9 +260,13 @@ pub fn binaries(exec: &Exec, version: &str) -> Result<PathBuf> {
             .args(["./cmd/buildkitd", "./cmd/buildctl"]),
     )?;
     // Moved into place whole, so an interrupted build never looks cached.
+    if bin.exists() {
+        std::fs::remove_dir_all(&bin).with_context(|| format!("removing {}", bin.display()))?;
+    }
     std::fs::rename(&partial, &bin)
         .with_context(|| format!("moving the binaries to {}", bin.display()))?;
     std::fs::remove_dir_all(&copy).ok();
+    crate::cache::record(exec, &bin)?;
     Ok(bin)
 }
 

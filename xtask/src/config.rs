@@ -614,13 +614,11 @@ pub fn use_cache_requested() -> bool {
 /// `<cache>/secrets/build-key`, made on first use. Keys a build must
 /// generate (Next.js's) are derived from it, so two builds agree and no one
 /// can derive them from the source.
-pub fn build_secret_file() -> PathBuf {
-    std::env::var_os("XTASK_BUILD_SECRET")
-        .filter(|path| !path.is_empty())
-        .map_or_else(
-            || cache_dir().join("secrets").join("build-key"),
-            PathBuf::from,
-        )
+pub fn build_secret_file() -> Result<PathBuf> {
+    match std::env::var_os("XTASK_BUILD_SECRET").filter(|path| !path.is_empty()) {
+        Some(path) => Ok(PathBuf::from(path)),
+        None => Ok(cache_dir()?.join("secrets").join("build-key")),
+    }
 }
 
 /// `GITHUB_RUN_ID`: the CI run a deploy is recorded with.
@@ -677,35 +675,60 @@ pub fn docker_auth(host: &str) -> Option<String> {
 
 /// Where the xtask keeps what outlives a clone and `cargo clean`: the
 /// local registry's data, the test cluster's binaries, the dependency
-/// stores (`~/.cache/aiq-xtask`).
-pub fn cache_dir() -> PathBuf {
-    let home = std::env::var_os("HOME").map_or_else(std::env::temp_dir, PathBuf::from);
-    home.join(".cache").join("aiq-xtask")
+/// stores: `$XDG_CACHE_HOME/aiq-xtask`, else `~/.cache/aiq-xtask`, checked
+/// by [`crate::cache::checked`]. Never the temporary directory, where
+/// anyone could have put what root would then run.
+pub fn cache_dir() -> Result<PathBuf> {
+    let dir = cache_dir_from(|key| std::env::var_os(key).filter(|v| !v.is_empty()))?;
+    crate::cache::checked(dir)
+}
+
+fn cache_dir_from(env: impl Fn(&str) -> Option<std::ffi::OsString>) -> Result<PathBuf> {
+    if let Some(cache) = env("XDG_CACHE_HOME") {
+        return Ok(PathBuf::from(cache).join("aiq-xtask"));
+    }
+    let home = env("HOME").ok_or_else(|| {
+        crate::exit::refuse(
+            "HOME is not set (nor XDG_CACHE_HOME): the xtask keeps its cache under it and never in the temporary directory; set HOME",
+        )
+    })?;
+    Ok(PathBuf::from(home).join(".cache").join("aiq-xtask"))
 }
 
 /// Where dependency stores live: `XTASK_DEPS_DIR`, else `<cache>/deps`.
-pub fn deps_dir() -> PathBuf {
-    std::env::var_os("XTASK_DEPS_DIR")
-        .filter(|dir| !dir.is_empty())
-        .map_or_else(|| cache_dir().join("deps"), PathBuf::from)
+pub fn deps_dir() -> Result<PathBuf> {
+    match std::env::var_os("XTASK_DEPS_DIR").filter(|dir| !dir.is_empty()) {
+        Some(dir) => Ok(PathBuf::from(dir)),
+        None => Ok(cache_dir()?.join("deps")),
+    }
 }
 
 /// Cargo's home, where it keeps downloaded crates: `CARGO_HOME`, else
 /// `~/.cargo`.
-pub fn cargo_home() -> PathBuf {
-    std::env::var_os("CARGO_HOME")
+pub fn cargo_home() -> Result<PathBuf> {
+    if let Some(dir) = std::env::var_os("CARGO_HOME").filter(|dir| !dir.is_empty()) {
+        return Ok(PathBuf::from(dir));
+    }
+    let home = std::env::var_os("HOME")
         .filter(|dir| !dir.is_empty())
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            std::env::var_os("HOME")
-                .map_or_else(std::env::temp_dir, PathBuf::from)
-                .join(".cargo")
-        })
+        .context("neither CARGO_HOME nor HOME is set: cargo's downloads cannot be found")?;
+    Ok(PathBuf::from(home).join(".cargo"))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_cache_is_never_the_temporary_directory() {
+        let os = |v: &str| Some(std::ffi::OsString::from(v));
+        let home_only = cache_dir_from(|k| (k == "HOME").then(|| os("/root")).flatten());
+        assert_eq!(home_only.unwrap(), PathBuf::from("/root/.cache/aiq-xtask"));
+        let xdg = cache_dir_from(|k| (k == "XDG_CACHE_HOME").then(|| os("/c")).flatten());
+        assert_eq!(xdg.unwrap(), PathBuf::from("/c/aiq-xtask"));
+        let neither = cache_dir_from(|_| None).unwrap_err().to_string();
+        assert!(neither.contains("HOME is not set"), "{neither}");
+    }
 
     const METADATA: &str = r#"{
         "workspace_root": "/repo",

@@ -71,7 +71,7 @@ impl Store {
             .read(&Cmd::new("sha256sum").arg(lockfile.display().to_string()))
             .with_context(|| format!("hashing {}", lockfile.display()))?;
         let key = sum.get(..16).context("sha256sum printed no sum")?;
-        let dir = config::deps_dir().join(format!("{}-{key}", kind.name()));
+        let dir = config::deps_dir()?.join(format!("{}-{key}", kind.name()));
         let npm_image = crate::bases::base_images_of(config, std::slice::from_ref(image))?
             .first()
             .map(|base| format!("{}/{base}", config.base_registry));
@@ -305,7 +305,7 @@ pub fn npm_stores(exec: &Exec, config: &Config) -> Result<Vec<Store>> {
 /// `$CARGO_HOME/registry/cache/*`: where cargo keeps downloaded `.crate`s,
 /// one directory per registry.
 fn cargo_download_caches() -> Result<Vec<PathBuf>> {
-    let root = config::cargo_home().join("registry/cache");
+    let root = config::cargo_home()?.join("registry/cache");
     let entries =
         std::fs::read_dir(&root).with_context(|| format!("reading {}", root.display()))?;
     Ok(entries

@@ -18,9 +18,15 @@ pub struct Module {
     error: Option<String>,
 }
 
-/// `go mod download -json MODULE@VERSION`, or the error it reports.
+/// `go mod download -json MODULE@VERSION`.
+pub fn download_command(module: &str) -> Cmd {
+    Cmd::new("go").args(["mod", "download", "-json", module])
+}
+
+/// The module `go mod download -json MODULE@VERSION` put in the module
+/// cache, or the error it reports.
 pub fn download(exec: &Exec, module: &str) -> Result<Module> {
-    let json = exec.read(&Cmd::new("go").args(["mod", "download", "-json", module]))?;
+    let json = exec.read(&download_command(module))?;
     let download: Module =
         serde_json::from_str(&json).context("parsing `go mod download -json`")?;
     if let Some(error) = &download.error {

@@ -4,6 +4,7 @@
 mod base64;
 mod bases;
 mod builder;
+mod cache;
 mod cluster;
 mod commands;
 mod config;

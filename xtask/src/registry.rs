@@ -206,7 +206,7 @@ pub fn ensure_local(exec: &Exec) -> Result<String> {
     }
     bail!(
         "the local registry did not answer on {DEFAULT_LOCAL} within 20 s (log: {})",
-        state_dir().join("registry.log").display()
+        state_dir()?.join("registry.log").display()
     )
 }
 
@@ -231,7 +231,7 @@ fn start(exec: &Exec) -> Result<()> {
             REGISTRY_IMAGE,
         ]));
     }
-    let dir = state_dir();
+    let dir = state_dir()?;
     let config = dir.join("config.yml");
     if !exec.dry_run {
         std::fs::create_dir_all(dir.join("data"))
@@ -259,7 +259,7 @@ fn start(exec: &Exec) -> Result<()> {
 /// Stops the registry `ensure_local` started, if it did.
 pub fn stop(exec: &Exec) -> Result<()> {
     remove_container(exec)?;
-    let pid_file = state_dir().join("registry.pid");
+    let pid_file = state_dir()?.join("registry.pid");
     let Ok(pid) = std::fs::read_to_string(&pid_file) else {
         return Ok(());
     };
@@ -286,8 +286,8 @@ fn remove_container(exec: &Exec) -> Result<()> {
 
 /// Survives `cargo clean` and fresh clones, so base images seeded once are
 /// reused.
-fn state_dir() -> PathBuf {
-    crate::config::cache_dir().join("registry")
+fn state_dir() -> Result<PathBuf> {
+    Ok(crate::config::cache_dir()?.join("registry"))
 }
 
 /// What a registry holds under a reference: the manifest digest and its

@@ -17,28 +17,56 @@ const COMMANDS: [&str; 5] = [
     "kubectl",
 ];
 
-/// Builds the binaries into the version's cache directory unless every one
-/// is already there. `go install k8s.io/kubernetes/cmd/...@VERSION` is
-/// refused because that module's go.mod points every staging module
+/// Whether the version's binaries are cached, each as it was built here
+/// (refused, naming it, if one was changed since).
+pub fn verified(exec: &Exec, paths: &Paths) -> Result<bool> {
+    let cached = crate::cache::verify(exec, &paths.bin, &COMMANDS)?;
+    if cached {
+        eprintln!("cached in {}", paths.bin.display());
+    }
+    Ok(cached)
+}
+
+/// Builds the binaries into the version's cache directory. `go install
+/// k8s.io/kubernetes/cmd/...@VERSION` is refused because that module's go.mod points every staging module
 /// (`k8s.io/api`, `k8s.io/client-go`, ...) at `./staging` as `v0.0.0`; a
 /// wrapper module requires it and replaces each of those with its
 /// published `v0.N.y`, the list taken from the module's own go.mod.
 pub fn kubernetes(exec: &Exec, paths: &Paths) -> Result<()> {
-    if COMMANDS.iter().all(|c| paths.bin.join(c).exists()) {
-        eprintln!("cached in {}", paths.bin.display());
-        return Ok(());
-    }
     let version_dir = paths.bin.parent().context("the cache path has a parent")?;
     let module = version_dir.join("module");
+    let upstream = format!("k8s.io/kubernetes@{VERSION}");
+    if exec.dry_run {
+        // What it would run, without the download or the wrapper module
+        // it needs: a dry run changes nothing.
+        exec.run(&crate::gomod::download_command(&upstream))?;
+        return exec.run(&go_build(&version_dir.join("bin.partial")));
+    }
     std::fs::create_dir_all(&module).with_context(|| format!("creating {}", module.display()))?;
     let _dir = exec.sh.push_dir(&module);
-    let upstream = crate::gomod::download(exec, &format!("k8s.io/kubernetes@{VERSION}"))?
+    let upstream = crate::gomod::download(exec, &upstream)?
         .go_mod
         .context("`go mod download -json` gave no GoMod path")?;
     let upstream =
         std::fs::read_to_string(&upstream).with_context(|| format!("reading {upstream}"))?;
     let go_mod = wrapper_go_mod(&upstream)?;
     std::fs::write(module.join("go.mod"), go_mod).context("writing the wrapper go.mod")?;
+    // Built into a fresh directory and moved into place whole, so an
+    // interrupted build never looks cached.
+    let partial = version_dir.join("bin.partial");
+    let _ = std::fs::remove_dir_all(&partial);
+    let _cgo = exec.sh.push_env("CGO_ENABLED", "0");
+    let _mod = exec.sh.push_env("GOFLAGS", "-mod=mod");
+    exec.run(&go_build(&partial))?;
+    let _ = std::fs::remove_dir_all(&paths.bin);
+    std::fs::rename(&partial, &paths.bin)
+        .with_context(|| format!("moving the binaries to {}", paths.bin.display()))?;
+    crate::cache::record(exec, &paths.bin)
+}
+
+/// `go build` of every command into `out`, with the version stamped as
+/// Kubernetes' own release builds stamp it.
+fn go_build(out: &std::path::Path) -> Cmd {
     let minor = minor();
     let mut ldflags = vec!["-s".to_owned(), "-w".to_owned()];
     for package in [
@@ -54,28 +82,14 @@ pub fn kubernetes(exec: &Exec, paths: &Paths) -> Result<()> {
             ldflags.push(format!("-X {package}.{var}={value}"));
         }
     }
-    // Built into a fresh directory and moved into place whole, so an
-    // interrupted build never looks cached.
-    let partial = version_dir.join("bin.partial");
-    let _ = std::fs::remove_dir_all(&partial);
-    let _cgo = exec.sh.push_env("CGO_ENABLED", "0");
-    let _mod = exec.sh.push_env("GOFLAGS", "-mod=mod");
-    exec.run(
-        &Cmd::new("go")
-            .args(["build", "-trimpath", "-ldflags", &ldflags.join(" "), "-o"])
-            .arg(format!("{}/", partial.display()))
-            .args(
-                COMMANDS
-                    .iter()
-                    .map(|c| format!("k8s.io/kubernetes/cmd/{c}")),
-            ),
-    )?;
-    if !exec.dry_run {
-        let _ = std::fs::remove_dir_all(&paths.bin);
-        std::fs::rename(&partial, &paths.bin)
-            .with_context(|| format!("moving the binaries to {}", paths.bin.display()))?;
-    }
-    Ok(())
+    Cmd::new("go")
+        .args(["build", "-trimpath", "-ldflags", &ldflags.join(" "), "-o"])
+        .arg(format!("{}/", out.display()))
+        .args(
+            COMMANDS
+                .iter()
+                .map(|c| format!("k8s.io/kubernetes/cmd/{c}")),
+        )
 }
 
 /// "34" of "v1.34.4".
@@ -142,10 +156,12 @@ pub fn pause_image(exec: &Exec, registry: &str) -> Result<String> {
         eprintln!("{reference} is in the registry");
         return Ok(reference);
     }
-    let dir = crate::config::cache_dir().join("pause").join(&tag);
-    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    std::fs::write(dir.join("pause.c"), SOURCE)?;
-    std::fs::write(dir.join("Dockerfile"), DOCKERFILE)?;
+    let dir = crate::config::cache_dir()?.join("pause").join(&tag);
+    if !exec.dry_run {
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        std::fs::write(dir.join("pause.c"), SOURCE)?;
+        std::fs::write(dir.join("Dockerfile"), DOCKERFILE)?;
+    }
     let path = |f: &str| dir.join(f).display().to_string();
     exec.run(&Cmd::new("gcc").args([
         "-static",

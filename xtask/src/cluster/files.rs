@@ -7,8 +7,8 @@ use anyhow::{Context, Result};
 use serde_json::json;
 
 use super::{
-    Paths, API_PORT, BRIDGE, CONTEXT, ETCD_CLIENT_PORT, ETCD_PEER_PORT, FIRST_SERVICE_IP, NODE_IP,
-    NODE_NAME, POD_CIDR, SERVICE_CIDR,
+    Paths, API_PORT, BRIDGE, CGROUP_ROOT, CONTEXT, ETCD_CLIENT_PORT, ETCD_PEER_PORT,
+    FIRST_SERVICE_IP, NODE_IP, NODE_NAME, POD_CIDR, SERVICE_CIDR,
 };
 use crate::exec::{Cmd, Exec};
 
@@ -16,14 +16,27 @@ use crate::exec::{Cmd, Exec};
 pub const CNI_BIN_DIR: &str = "/usr/lib/cni";
 
 /// A CA; the apiserver's serving certificate (loopback, the node address,
-/// the first service address and the in-cluster names); one admin client
-/// certificate in `system:masters` that every component and the tests
-/// use; the service-account signing key pair.
+/// the first service address and the in-cluster names); etcd's (serving
+/// its clients and its one peer, on loopback) and the apiserver's client
+/// certificate for it; one admin client certificate in `system:masters`
+/// that every component and the tests use; the service-account signing key
+/// pair. The keys are readable by root alone.
 pub fn certificates(exec: &Exec, paths: &Paths) -> Result<()> {
     let pki = |f: &str| paths.pki(f);
     let openssl = |args: &[&str]| exec.run(&Cmd::new("openssl").args(args.iter().copied()));
-    for key in ["ca.key", "apiserver.key", "admin.key", "sa.key"] {
+    const KEYS: [&str; 6] = [
+        "ca.key",
+        "apiserver.key",
+        "etcd.key",
+        "apiserver-etcd-client.key",
+        "admin.key",
+        "sa.key",
+    ];
+    for key in KEYS {
         openssl(&["genrsa", "-out", &pki(key), "2048"])?;
+        if !exec.dry_run {
+            restrict(std::path::Path::new(&pki(key)), 0o600)?;
+        }
     }
     openssl(&[
         "rsa",
@@ -53,10 +66,31 @@ pub fn certificates(exec: &Exec, paths: &Paths) -> Result<()> {
     sign(
         exec,
         paths,
+        "etcd",
+        "/CN=aiq-test-etcd",
+        "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth,clientAuth\n",
+    )?;
+    sign(
+        exec,
+        paths,
+        "apiserver-etcd-client",
+        "/CN=kube-apiserver-etcd-client",
+        "extendedKeyUsage=clientAuth\n",
+    )?;
+    sign(
+        exec,
+        paths,
         "admin",
         "/O=system:masters/CN=aiq-test-admin",
         "extendedKeyUsage=clientAuth\n",
     )
+}
+
+/// Sets `path`'s mode (`0o600` for a key: root alone reads it).
+pub fn restrict(path: &std::path::Path, mode: u32) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+        .with_context(|| format!("setting the mode of {} to {mode:o}", path.display()))
 }
 
 /// `NAME.crt` for `NAME.key`, signed by the CA with `extensions`.
@@ -123,6 +157,7 @@ pub fn write_configs(paths: &Paths, registry: &str, pause: &str) -> Result<()> {
         "admin.kubeconfig",
         serde_json::to_string_pretty(&kubeconfig)?,
     )?;
+    restrict(&paths.kubeconfig(), 0o600)?;
 
     // containerd 1.7's config format; the registry over plain HTTP through
     // its hosts.toml (once `config_path` is set, localhost is not implicitly
@@ -220,6 +255,8 @@ state = "{run}"
         "authorization": {"mode": "Webhook"},
         "containerRuntimeEndpoint": format!("unix://{}", paths.containerd_socket()),
         "cgroupDriver": "cgroupfs",
+        // Pods under a root of its own, which the teardown alone clears.
+        "cgroupRoot": format!("/{CGROUP_ROOT}"),
         "failSwapOn": false,
         "failCgroupV1": false,
         "resolvConf": state("resolv.conf"),
@@ -240,11 +277,21 @@ state = "{run}"
 pub fn daemon_command(paths: &Paths, daemon: &str) -> Cmd {
     let state = |p: &str| paths.state.join(p).display().to_string();
     let kubeconfig = paths.kubeconfig().display().to_string();
-    let etcd = format!("http://127.0.0.1:{ETCD_CLIENT_PORT}");
-    let peer = format!("http://127.0.0.1:{ETCD_PEER_PORT}");
+    // TLS both ways, clients and peer alike: only a certificate the
+    // cluster's CA signed (root alone reads its keys) reaches the store.
+    let etcd = format!("https://127.0.0.1:{ETCD_CLIENT_PORT}");
+    let peer = format!("https://127.0.0.1:{ETCD_PEER_PORT}");
     match daemon {
         "etcd" => Cmd::new("etcd").args([
             "--name=aiq-test".to_owned(),
+            format!("--cert-file={}", paths.pki("etcd.crt")),
+            format!("--key-file={}", paths.pki("etcd.key")),
+            format!("--trusted-ca-file={}", paths.pki("ca.crt")),
+            "--client-cert-auth".to_owned(),
+            format!("--peer-cert-file={}", paths.pki("etcd.crt")),
+            format!("--peer-key-file={}", paths.pki("etcd.key")),
+            format!("--peer-trusted-ca-file={}", paths.pki("ca.crt")),
+            "--peer-client-cert-auth".to_owned(),
             format!("--data-dir={}", state("etcd")),
             format!("--listen-client-urls={etcd}"),
             format!("--advertise-client-urls={etcd}"),
@@ -257,6 +304,11 @@ pub fn daemon_command(paths: &Paths, daemon: &str) -> Cmd {
         ]),
         "kube-apiserver" => Cmd::new(paths.tool(daemon)).args([
             format!("--etcd-servers={etcd}"),
+            format!("--etcd-cafile={}", paths.pki("ca.crt")),
+            format!("--etcd-certfile={}", paths.pki("apiserver-etcd-client.crt")),
+            format!("--etcd-keyfile={}", paths.pki("apiserver-etcd-client.key")),
+            // No anonymous requests, not even for /healthz or /version.
+            "--anonymous-auth=false".to_owned(),
             "--bind-address=127.0.0.1".to_owned(),
             format!("--secure-port={API_PORT}"),
             format!("--advertise-address={NODE_IP}"),

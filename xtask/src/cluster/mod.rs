@@ -46,6 +46,10 @@ const SERVICE_CIDR: &str = "10.213.128.0/24";
 const FIRST_SERVICE_IP: &str = "10.213.128.1";
 /// Ports away from the defaults, so a developer's own cluster is not hit.
 const API_PORT: u16 = 16443;
+/// The cgroup, in every hierarchy, that the kubelet puts its pods under
+/// (`cgroupRoot`) and the teardown clears: another node's `kubepods` is
+/// not ours to touch.
+pub const CGROUP_ROOT: &str = "aiq-test";
 const ETCD_CLIENT_PORT: u16 = 12379;
 const ETCD_PEER_PORT: u16 = 12380;
 
@@ -58,14 +62,14 @@ pub struct Paths {
 }
 
 impl Paths {
-    pub fn new() -> Paths {
-        Paths {
-            bin: crate::config::cache_dir()
+    pub fn new() -> Result<Paths> {
+        Ok(Paths {
+            bin: crate::config::cache_dir()?
                 .join("kubernetes")
                 .join(VERSION)
                 .join("bin"),
             state: PathBuf::from("/var/lib/aiq-xtask/cluster"),
-        }
+        })
     }
 
     pub fn kubeconfig(&self) -> PathBuf {
@@ -108,7 +112,7 @@ impl Paths {
 /// kubectl that matches the server.
 pub fn path_with_tools() -> Result<std::ffi::OsString> {
     let path = crate::config::env_os("PATH").unwrap_or_default();
-    std::env::join_paths(std::iter::once(Paths::new().bin).chain(std::env::split_paths(&path)))
+    std::env::join_paths(std::iter::once(Paths::new()?.bin).chain(std::env::split_paths(&path)))
         .context("building PATH")
 }
 
@@ -134,15 +138,26 @@ fn is_running(exec: &Exec, paths: &Paths) -> bool {
 /// Builds what is missing, starts the cluster (or finds it running) and
 /// returns its kubeconfig path.
 pub fn up(exec: &Exec) -> Result<PathBuf> {
-    let paths = Paths::new();
+    let paths = Paths::new()?;
     preflight()?;
+    // Before anything runs them: the binaries are the ones built here.
+    let cached = build::verified(exec, &paths)?;
+    if let Some((pid, cmdline)) = teardown::foreign_node(&paths).first() {
+        return Err(refuse(format!(
+            "another Kubernetes node runs on this machine (pid {pid}: {cmdline}); the test \
+             cluster would share its iptables and cgroups with it: stop it, or run the tests \
+             on another machine"
+        )));
+    }
     if !exec.dry_run && is_running(exec, &paths) {
         eprintln!("the test cluster is already running");
         return Ok(paths.kubeconfig());
     }
-    exec.step(format!("Kubernetes {VERSION} binaries"), || {
-        build::kubernetes(exec, &paths)
-    })?;
+    if !cached {
+        exec.step(format!("Kubernetes {VERSION} binaries"), || {
+            build::kubernetes(exec, &paths)
+        })?;
+    }
     let registry = crate::registry::ensure_local(exec)?;
     let pause = exec.step("pause image", || build::pause_image(exec, &registry))?;
     exec.step("clear what an earlier cluster left", || {
@@ -156,14 +171,14 @@ pub fn up(exec: &Exec) -> Result<PathBuf> {
 
 /// Stops exactly what `up` started and removes its state.
 pub fn down(exec: &Exec) -> Result<()> {
-    let paths = Paths::new();
+    let paths = Paths::new()?;
     exec.step("stop the test cluster", || teardown::run(exec, &paths))
 }
 
 /// What the cluster needs from the machine, each named with what installs
 /// it, checked before anything is built or started.
 pub fn preflight() -> Result<()> {
-    let hint = "run `bash .ci/install-packages` as root";
+    let hint = "run `sudo -H cargo xtask test`, which installs it";
     if !crate::exec::is_root() {
         return Err(refuse(
             "the test cluster needs root (it runs a kubelet, containerd and network setup)",
@@ -198,11 +213,16 @@ pub fn preflight() -> Result<()> {
 }
 
 fn start(exec: &Exec, paths: &Paths, registry: &str, pause: &str) -> Result<()> {
-    for dir in ["run", "log", "pki"] {
-        std::fs::create_dir_all(paths.state.join(dir))
-            .with_context(|| format!("creating {}", paths.state.join(dir).display()))?;
+    if !exec.dry_run {
+        for dir in ["run", "log", "pki"] {
+            std::fs::create_dir_all(paths.state.join(dir))
+                .with_context(|| format!("creating {}", paths.state.join(dir).display()))?;
+        }
+        // The keys: root alone reads them.
+        files::restrict(&paths.state.join("pki"), 0o700)?;
     }
     files::certificates(exec, paths)?;
+    make_cgroup_root(exec)?;
     if !exec.dry_run {
         files::write_configs(paths, registry, pause)?;
     }
@@ -224,17 +244,65 @@ fn start(exec: &Exec, paths: &Paths, registry: &str, pause: &str) -> Result<()> 
     Ok(())
 }
 
+/// The kubelet's `cgroupRoot` in every hierarchy: it must exist before the
+/// kubelet starts. A new v1 cpuset cgroup has no CPUs or memory nodes
+/// until given its parent's.
+fn make_cgroup_root(exec: &Exec) -> Result<()> {
+    let dirs = cgroup_roots();
+    exec.run(
+        &Cmd::new("mkdir")
+            .arg("-p")
+            .args(dirs.iter().map(|d| d.display().to_string())),
+    )?;
+    for dir in dirs
+        .iter()
+        .filter(|d| d.starts_with("/sys/fs/cgroup/cpuset"))
+    {
+        for file in ["cpuset.cpus", "cpuset.mems"] {
+            let parent = dir.parent().unwrap_or(dir).join(file);
+            if exec.dry_run || !parent.exists() {
+                continue;
+            }
+            let value = std::fs::read_to_string(&parent)
+                .with_context(|| format!("reading {}", parent.display()))?;
+            std::fs::write(dir.join(file), value.trim())
+                .with_context(|| format!("writing {}", dir.join(file).display()))?;
+        }
+    }
+    Ok(())
+}
+
+/// [`CGROUP_ROOT`] in each cgroup hierarchy: below every v1 hierarchy
+/// mounted under `/sys/fs/cgroup` (its links, such as `cpu` for
+/// `cpu,cpuacct`, skipped), or below the one v2 hierarchy.
+pub fn cgroup_roots() -> Vec<PathBuf> {
+    let top = Path::new("/sys/fs/cgroup");
+    if top.join("cgroup.controllers").exists() {
+        return vec![top.join(CGROUP_ROOT)];
+    }
+    let Ok(entries) = std::fs::read_dir(top) else {
+        return Vec::new();
+    };
+    let mut roots: Vec<PathBuf> = entries
+        .flatten()
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+        .map(|e| e.path().join(CGROUP_ROOT))
+        .collect();
+    roots.sort();
+    roots
+}
+
 /// Whether `daemon` answers, each in its own way.
 fn ready(exec: &Exec, paths: &Paths, daemon: &str) -> Result<bool> {
     Ok(match daemon {
-        "etcd" => matches!(
-            crate::registry::http_get(
-                &format!("127.0.0.1:{ETCD_CLIENT_PORT}"),
-                "/health",
-                Duration::from_secs(2)
-            ),
-            Ok((200, _))
-        ),
+        // It takes clients only with the CA's certificates: accepting
+        // connections is what it can show; the apiserver's readiness, next,
+        // includes etcd's health.
+        "etcd" => std::net::TcpStream::connect_timeout(
+            &std::net::SocketAddr::from(([127, 0, 0, 1], ETCD_CLIENT_PORT)),
+            Duration::from_secs(2),
+        )
+        .is_ok(),
         "kube-apiserver" => exec.succeeds(&paths.kubectl(&["get", "--raw", "/readyz"])),
         // The ServiceAccount controller runs: pods can be admitted.
         "kube-controller-manager" => exec.succeeds(&paths.kubectl(&[

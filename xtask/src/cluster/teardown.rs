@@ -2,8 +2,10 @@
 //! one of its processes was SIGKILLed: the daemons, the containerd shims
 //! and pod processes they leave behind, the mounts (container root
 //! filesystems, pod volumes, network namespaces, all under the state
-//! directory), the bridge, the iptables chains the kubelet adds, the pod
-//! cgroups, and the state directory itself.
+//! directory), the bridges, iptables rules that name them or the cluster's
+//! addresses, the cgroups under its own root, and the state directory.
+//! Nothing else: another node's pods, cgroups and `KUBE-*` chains (every
+//! kubelet names its chains alike, so they are left) are not touched.
 
 use std::{
     path::{Path, PathBuf},
@@ -13,6 +15,37 @@ use std::{
 use anyhow::{Context, Result};
 
 use super::{Paths, BRIDGE, DAEMONS, NODE_LINK};
+
+/// What in an iptables rule makes it the cluster's: its bridges, or an
+/// address in its range (nodes, pods and services are all in 10.213/16).
+const OURS_IN_RULES: [&str; 3] = [BRIDGE, NODE_LINK, " 10.213."];
+
+/// Process names of a Kubernetes node (the kubelet, or the one binary of
+/// k3s, k0s, RKE2 or MicroK8s) that are not this cluster's.
+const NODE_PROCESSES: [&str; 8] = [
+    "kubelet",
+    "kube-apiserver",
+    "k3s",
+    "k3s-server",
+    "k3s-agent",
+    "k0s",
+    "rke2",
+    "kubelite",
+];
+
+/// Every process of another Kubernetes node on this machine: a kubelet or
+/// a distribution's node binary whose command line does not name this
+/// cluster's state directory.
+pub fn foreign_node(paths: &Paths) -> Vec<(u32, String)> {
+    let state = paths.state.display().to_string();
+    processes()
+        .into_iter()
+        .filter(|(pid, cmdline)| {
+            let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+            NODE_PROCESSES.contains(&comm.trim()) && !cmdline.contains(&state)
+        })
+        .collect()
+}
 use crate::exec::{Cmd, Exec};
 
 /// The pid in `daemon`'s pid file, if that process is alive and is still
@@ -54,7 +87,9 @@ pub fn run(exec: &Exec, paths: &Paths) -> Result<()> {
         .filter_map(|d| live_pid(paths, d))
         .collect();
     kill(exec, "TERM", &daemons)?;
-    wait_gone(&daemons, Duration::from_secs(5));
+    if !exec.dry_run {
+        wait_gone(&daemons, Duration::from_secs(5));
+    }
     let survivors: Vec<u32> = daemons.into_iter().filter(|p| alive(*p)).collect();
     kill(exec, "KILL", &survivors)?;
     // Shims outlive containerd, and pod processes outlive their shims.
@@ -65,18 +100,11 @@ pub fn run(exec: &Exec, paths: &Paths) -> Result<()> {
         .map(|(pid, _)| pid)
         .collect();
     kill(exec, "KILL", &shims)?;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let pods = pod_processes();
-        if pods.is_empty() {
-            break;
-        }
-        anyhow::ensure!(
-            Instant::now() < deadline,
-            "pod processes survive SIGKILL: {pods:?}"
-        );
-        kill(exec, "KILL", &pods)?;
-        std::thread::sleep(Duration::from_millis(200));
+    if exec.dry_run {
+        // Printed once; nothing was killed, so nothing is waited for.
+        kill(exec, "KILL", &pod_processes())?;
+    } else {
+        kill_pod_processes(exec)?;
     }
     unmount_all_under(exec, &paths.state)?;
     for link in [BRIDGE, NODE_LINK] {
@@ -85,7 +113,7 @@ pub fn run(exec: &Exec, paths: &Paths) -> Result<()> {
         }
     }
     for iptables in ["iptables", "ip6tables"] {
-        remove_kube_chains(exec, iptables)?;
+        remove_our_rules(exec, iptables)?;
     }
     if !exec.dry_run {
         remove_pod_cgroups()?;
@@ -94,6 +122,24 @@ pub fn run(exec: &Exec, paths: &Paths) -> Result<()> {
         exec.run(&Cmd::new("rm").args(["-rf", &paths.state.display().to_string()]))?;
     }
     Ok(())
+}
+
+/// SIGKILLs every pod process until none is left (a process can fork
+/// while its siblings die), for 10 s at most.
+fn kill_pod_processes(exec: &Exec) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let pods = pod_processes();
+        if pods.is_empty() {
+            return Ok(());
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "pod processes survive SIGKILL: {pods:?}"
+        );
+        kill(exec, "KILL", &pods)?;
+        std::thread::sleep(Duration::from_millis(200));
+    }
 }
 
 fn kill(exec: &Exec, signal: &str, pids: &[u32]) -> Result<()> {
@@ -130,19 +176,17 @@ fn processes() -> Vec<(u32, String)> {
         .collect()
 }
 
-/// The cgroup the kubelet puts every pod under (cgroupfs driver), in one
-/// v1 hierarchy (pids), or the unified one.
-const POD_CGROUPS: [&str; 2] = ["/sys/fs/cgroup/pids/kubepods", "/sys/fs/cgroup/kubepods"];
-
-/// Every process in a pod cgroup.
+/// Every process in a cgroup under the cluster's own root.
 fn pod_processes() -> Vec<u32> {
     let mut pids = Vec::new();
-    for root in POD_CGROUPS {
-        for dir in cgroup_tree(Path::new(root)) {
+    for root in super::cgroup_roots() {
+        for dir in cgroup_tree(&root) {
             let procs = std::fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default();
             pids.extend(procs.lines().filter_map(|l| l.trim().parse::<u32>().ok()));
         }
     }
+    pids.sort_unstable();
+    pids.dedup();
     pids
 }
 
@@ -164,18 +208,10 @@ fn cgroup_tree(root: &Path) -> Vec<PathBuf> {
     all
 }
 
-/// Removes the pod cgroups from every hierarchy, children first (a cgroup
-/// directory goes only once it is empty).
+/// Removes the cluster's cgroup root from every hierarchy, children first
+/// (a cgroup directory goes only once it is empty).
 fn remove_pod_cgroups() -> Result<()> {
-    let Ok(hierarchies) = std::fs::read_dir("/sys/fs/cgroup") else {
-        return Ok(());
-    };
-    let mut roots: Vec<PathBuf> = hierarchies
-        .flatten()
-        .map(|h| h.path().join("kubepods"))
-        .collect();
-    roots.push(PathBuf::from("/sys/fs/cgroup/kubepods"));
-    for root in roots {
+    for root in super::cgroup_roots() {
         let mut tree = cgroup_tree(&root);
         tree.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
         for dir in tree {
@@ -215,27 +251,19 @@ fn unescape_mount_path(field: &str) -> String {
         .replace("\\134", "\\")
 }
 
-/// Deletes every `KUBE-*` chain (the kubelet's; nothing else on these
-/// machines makes them) and the rules that jump to them, in every table.
-fn remove_kube_chains(exec: &Exec, iptables: &str) -> Result<()> {
+/// Deletes every rule that names the cluster's bridges or addresses, in
+/// every table; chains stay.
+fn remove_our_rules(exec: &Exec, iptables: &str) -> Result<()> {
     if which::which(iptables).is_err() {
         return Ok(());
     }
     let Ok(saved) = exec.read(&Cmd::new(format!("{iptables}-save"))) else {
         return Ok(());
     };
-    for (table, chains, jumps) in kube_chains(&saved) {
-        for rule in jumps {
-            let mut words = split_rule(&rule);
-            words[0] = "-D".into();
-            exec.run(&Cmd::new(iptables).args(["-t", &table]).args(words))?;
-        }
-        for chain in &chains {
-            exec.run(&Cmd::new(iptables).args(["-t", &table, "-F", chain]))?;
-        }
-        for chain in &chains {
-            exec.run(&Cmd::new(iptables).args(["-t", &table, "-X", chain]))?;
-        }
+    for (table, rule) in our_rules(&saved) {
+        let mut words = split_rule(&rule);
+        words[0] = "-D".into();
+        exec.run(&Cmd::new(iptables).args(["-t", &table]).args(words))?;
     }
     Ok(())
 }
@@ -265,32 +293,19 @@ fn split_rule(rule: &str) -> Vec<String> {
     words
 }
 
-/// Per table of an `iptables-save` dump: its `KUBE-*` chains, and the
-/// rules of other chains that jump to one of them.
-fn kube_chains(saved: &str) -> Vec<(String, Vec<String>, Vec<String>)> {
-    let mut tables = Vec::new();
+/// The rules of an `iptables-save` dump that are the cluster's, each with
+/// its table.
+fn our_rules(saved: &str) -> Vec<(String, String)> {
+    let mut table = String::new();
+    let mut rules = Vec::new();
     for line in saved.lines() {
-        if let Some(table) = line.strip_prefix('*') {
-            tables.push((table.to_owned(), Vec::new(), Vec::new()));
-        } else if let (Some(chain), Some((_, chains, _))) =
-            (line.strip_prefix(':'), tables.last_mut())
-        {
-            let name = chain.split_whitespace().next().unwrap_or_default();
-            if name.starts_with("KUBE-") {
-                chains.push(name.to_owned());
-            }
-        } else if let (Some(rule), Some((_, _, jumps))) =
-            (line.strip_prefix("-A "), tables.last_mut())
-        {
-            let chain = rule.split_whitespace().next().unwrap_or_default();
-            let target = rule.split_whitespace().skip_while(|w| *w != "-j").nth(1);
-            if !chain.starts_with("KUBE-") && target.is_some_and(|t| t.starts_with("KUBE-")) {
-                jumps.push(line.to_owned());
-            }
+        if let Some(name) = line.strip_prefix('*') {
+            name.clone_into(&mut table);
+        } else if line.starts_with("-A ") && OURS_IN_RULES.iter().any(|o| line.contains(o)) {
+            rules.push((table.clone(), line.to_owned()));
         }
     }
-    tables.retain(|(_, chains, _)| !chains.is_empty());
-    tables
+    rules
 }
 
 #[cfg(test)]
@@ -298,7 +313,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn kube_chains_and_the_rules_that_jump_to_them_are_found() {
+    fn only_rules_naming_the_clusters_bridges_or_addresses_are_ours() {
         let saved = "\
 # Generated by iptables-save
 *mangle
@@ -308,25 +323,30 @@ COMMIT
 *filter
 :INPUT ACCEPT [0:0]
 :FORWARD DROP [0:0]
-:DOCKER - [0:0]
 :KUBE-FIREWALL - [0:0]
 -A INPUT -j KUBE-FIREWALL
--A FORWARD -j DOCKER
+-A FORWARD -i aiq-cni0 -j ACCEPT
 -A KUBE-FIREWALL -m comment --comment \"drop\" -j DROP
 COMMIT
 *nat
-:DOCKER - [0:0]
--A DOCKER -i docker0 -j RETURN
+:POSTROUTING ACCEPT [0:0]
+-A POSTROUTING -s 10.213.1.0/24 -j RETURN
+-A POSTROUTING -s 10.21.1.0/24 -j MASQUERADE
 COMMIT
 ";
-        let found = kube_chains(saved);
-        assert_eq!(found.len(), 2, "{found:?}");
-        assert_eq!(found[0].0, "mangle");
-        assert_eq!(found[0].1, ["KUBE-KUBELET-CANARY"]);
-        assert!(found[0].2.is_empty());
-        assert_eq!(found[1].0, "filter");
-        assert_eq!(found[1].1, ["KUBE-FIREWALL"]);
-        assert_eq!(found[1].2, ["-A INPUT -j KUBE-FIREWALL"]);
+        assert_eq!(
+            our_rules(saved),
+            [
+                (
+                    "filter".to_owned(),
+                    "-A FORWARD -i aiq-cni0 -j ACCEPT".to_owned()
+                ),
+                (
+                    "nat".to_owned(),
+                    "-A POSTROUTING -s 10.213.1.0/24 -j RETURN".to_owned()
+                ),
+            ]
+        );
     }
 
     #[test]
