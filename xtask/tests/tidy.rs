@@ -95,6 +95,62 @@ fn every_build_step_of_the_services_runs_without_a_network() {
     }
 }
 
+/// Least privilege: the job that runs the repository's build code holds
+/// the build role (push and read ECR), never the deploy role, and each job
+/// that deploys or rolls back holds the deploy role.
+#[test]
+fn the_build_job_holds_the_build_role_and_only_deploys_hold_the_deploy_role() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../.github/workflows");
+    let mut checked = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        let text = std::fs::read_to_string(&path).unwrap();
+        let Some((_, jobs)) = text.split_once("\njobs:\n") else {
+            continue;
+        };
+        // Each job: from its two-space-indented name to the next one.
+        let mut job = String::new();
+        let mut bodies: Vec<String> = Vec::new();
+        for line in jobs.lines() {
+            if line.starts_with("  ") && !line.starts_with("   ") && line.ends_with(':') {
+                bodies.push(std::mem::take(&mut job));
+            }
+            job.push_str(line);
+            job.push('\n');
+        }
+        bodies.push(job);
+        for body in bodies.iter().filter(|b| b.contains("role-to-assume")) {
+            let name = body.lines().next().unwrap_or_default().trim();
+            let builds = body.contains("xtask build --push");
+            let deploys = body.contains("xtask deploy") || body.contains("xtask rollback");
+            assert!(
+                builds != deploys,
+                "{}: job {name} both builds and deploys",
+                path.display()
+            );
+            let role = if builds {
+                "AWS_BUILD_ROLE_ARN"
+            } else {
+                "AWS_DEPLOY_ROLE_ARN"
+            };
+            let roles: Vec<&str> = body
+                .lines()
+                .filter(|l| l.contains("role-to-assume"))
+                .collect();
+            assert!(
+                roles.iter().all(|l| l.contains(role)),
+                "{}: job {name} must assume {role} only: {roles:?}",
+                path.display()
+            );
+            checked += 1;
+        }
+    }
+    assert_eq!(
+        checked, 4,
+        "build, deploy-staging, deploy-prod and rollback"
+    );
+}
+
 /// Every `.rs` file under `xtask/src`, with its path relative to it.
 fn xtask_sources() -> Vec<(String, String)> {
     fn walk(dir: &Path, root: &Path, found: &mut Vec<(String, String)>) {
