@@ -18,43 +18,92 @@ use crate::{
     exit::refuse,
 };
 
-/// `dir` once every directory on its path (those that exist; the rest the
-/// xtask makes itself) is safe to write to and run from.
+/// `dir`, its links resolved, once every directory on its path (those
+/// that exist; the rest the xtask makes itself) is safe to write to and
+/// run from.
 pub fn checked(dir: PathBuf) -> Result<PathBuf> {
-    check_path(&dir)?;
-    Ok(dir)
+    check_path(&dir)
 }
 
 /// Refuses, naming the directory and the fix, when a directory on `path`
-/// could be changed by a user other than the one running this (or root).
-fn check_path(path: &Path) -> Result<()> {
+/// could be changed by a user other than the one running this (or root):
+/// each directory on the path as written (a link's own directory decides
+/// where it points) and on the path it resolves to. Returns the resolved
+/// path, which is what the caller then uses.
+fn check_path(path: &Path) -> Result<PathBuf> {
     let me = std::fs::metadata("/proc/self")
         .context("reading who runs this (/proc/self)")?
         .uid();
     let mut existing = path.to_owned();
     while !existing.exists() {
         if !existing.pop() {
-            return Ok(());
+            return Ok(path.to_owned());
         }
     }
-    // Links resolved: what is checked is where writes and runs really go.
     let real = existing
         .canonicalize()
         .with_context(|| format!("resolving {}", existing.display()))?;
-    for (depth, dir) in real.ancestors().enumerate() {
-        let meta = std::fs::metadata(dir).with_context(|| format!("reading {}", dir.display()))?;
-        if let Some(problem) = problem(dir, meta.uid(), meta.mode(), me, depth > 0) {
-            return Err(refuse(problem));
+    for start in [&existing, &real] {
+        for (depth, dir) in start.ancestors().enumerate() {
+            let meta =
+                std::fs::metadata(dir).with_context(|| format!("reading {}", dir.display()))?;
+            // Only the cache itself must not be a shared directory; a
+            // directory it is yet to be made in may be one.
+            let above = depth > 0 || existing != path;
+            let private = private_group(meta.uid(), meta.gid());
+            if let Some(problem) = problem(dir, meta.uid(), meta.mode(), me, above, private) {
+                return Err(refuse(problem));
+            }
         }
     }
-    Ok(())
+    let rest = path.strip_prefix(&existing).unwrap_or(Path::new(""));
+    Ok(real.join(rest))
+}
+
+/// Whether `gid` is the private group of user `uid` (Debian's and
+/// Ubuntu's default: a group of the user's name, with no other member),
+/// so that its write permission gives no one else anything. Ubuntu's
+/// umask 002 makes every directory a user creates group-writable.
+fn private_group(uid: u32, gid: u32) -> bool {
+    let field = |line: &str, n: usize| line.split(':').nth(n).map(str::to_owned);
+    let passwd = std::fs::read_to_string("/etc/passwd").unwrap_or_default();
+    let Some(user) = passwd
+        .lines()
+        .find(|l| field(l, 2) == Some(uid.to_string()))
+    else {
+        return false;
+    };
+    let group = std::fs::read_to_string("/etc/group").unwrap_or_default();
+    let Some(entry) = group.lines().find(|l| field(l, 2) == Some(gid.to_string())) else {
+        return false;
+    };
+    let members = field(entry, 3).unwrap_or_default();
+    // No one else has it as their primary group either.
+    let others = passwd
+        .lines()
+        .filter(|l| field(l, 3) == Some(gid.to_string()) && field(l, 2) != Some(uid.to_string()))
+        .count();
+    field(user, 3) == Some(gid.to_string())
+        && field(entry, 0) == field(user, 0)
+        && others == 0
+        && members
+            .split(',')
+            .all(|m| m.is_empty() || Some(m.to_owned()) == field(user, 0))
 }
 
 /// What makes `dir` (owned by `owner`, with `mode`) unsafe for user `me`.
 /// A root-owned sticky directory (`/tmp`) is safe above the cache, not as
 /// it: others can add entries there but not replace root's or `me`'s, and
-/// the next directory down is checked in turn.
-fn problem(dir: &Path, owner: u32, mode: u32, me: u32, above: bool) -> Option<String> {
+/// the next directory down is checked in turn. Group write is harmless
+/// when the group is the owner's private one.
+fn problem(
+    dir: &Path,
+    owner: u32,
+    mode: u32,
+    me: u32,
+    above: bool,
+    private_group: bool,
+) -> Option<String> {
     if owner != me && owner != 0 {
         let fix = if me == 0 {
             "HOME is another user's, as under `sudo -E`: run with `sudo -H` (HOME=/root), or set XDG_CACHE_HOME to a directory of root's"
@@ -67,7 +116,8 @@ fn problem(dir: &Path, owner: u32, mode: u32, me: u32, above: bool) -> Option<St
         ));
     }
     let sticky = mode & 0o1000 != 0 && owner == 0;
-    if mode & 0o022 != 0 && !(sticky && above) {
+    let writable = if private_group { 0o002 } else { 0o022 };
+    if mode & writable != 0 && !(sticky && above) {
         return Some(format!(
             "the xtask's cache is in {}, writable by group or others (mode {:o}), who could change what it runs: run `chmod go-w {}`, or set XDG_CACHE_HOME elsewhere",
             dir.display(),
@@ -114,7 +164,7 @@ pub fn record(exec: &Exec, bin: &Path) -> Result<()> {
 /// record is missing (build them again); a refusal naming the file when
 /// one differs from what was recorded, or when `bin` is not safe.
 pub fn verify(exec: &Exec, bin: &Path, names: &[&str]) -> Result<bool> {
-    check_path(bin)?;
+    let bin = &check_path(bin)?;
     let record = record_of(bin);
     if !names.iter().all(|n| bin.join(n).exists()) || !record.exists() {
         return Ok(false);
@@ -144,24 +194,37 @@ mod tests {
     #[test]
     fn a_directory_another_user_owns_or_can_write_is_refused() {
         let dir = Path::new("/home/alice/.cache");
-        assert_eq!(problem(dir, 0, 0o40755, 0, false), None);
-        assert_eq!(problem(dir, 1000, 0o40700, 1000, false), None);
-        let sudo = problem(dir, 1000, 0o40755, 0, true).unwrap();
+        assert_eq!(problem(dir, 0, 0o40755, 0, false, false), None);
+        assert_eq!(problem(dir, 1000, 0o40700, 1000, false, false), None);
+        assert_eq!(
+            problem(dir, 1000, 0o40775, 1000, false, true),
+            None,
+            "Ubuntu's umask 002"
+        );
+        assert!(problem(dir, 1000, 0o40777, 1000, false, true).is_some());
+        let sudo = problem(dir, 1000, 0o40755, 0, true, false).unwrap();
         assert!(
             sudo.contains("/home/alice/.cache, owned by uid 1000") && sudo.contains("sudo -H"),
             "{sudo}"
         );
-        let writable = problem(dir, 0, 0o40775, 0, true).unwrap();
+        let writable = problem(dir, 0, 0o40775, 0, true, false).unwrap();
         assert!(
             writable.contains("mode 775") && writable.contains("chmod go-w /home/alice/.cache"),
             "{writable}"
         );
         let tmp = Path::new("/tmp");
         assert!(
-            problem(tmp, 0, 0o41777, 0, false).is_some(),
+            problem(tmp, 0, 0o41777, 0, false, false).is_some(),
             "the cache itself"
         );
-        assert_eq!(problem(tmp, 0, 0o41777, 0, true), None, "above the cache");
-        assert!(problem(tmp, 1000, 0o41777, 0, true).is_some(), "not root's");
+        assert_eq!(
+            problem(tmp, 0, 0o41777, 0, true, false),
+            None,
+            "above the cache"
+        );
+        assert!(
+            problem(tmp, 1000, 0o41777, 0, true, false).is_some(),
+            "not root's"
+        );
     }
 }

@@ -61,6 +61,9 @@ struct Metadata {
     /// The BuildKit version every build runs on (the pinned builder).
     #[serde(default = "default_buildkit")]
     buildkit: String,
+    /// The pinned builder's build cache is kept under this many GB.
+    #[serde(default = "default_build_cache_gb")]
+    build_cache_gb: u32,
 }
 
 /// `[workspace.metadata.xtask.local]`: the stack `up` runs.
@@ -114,6 +117,9 @@ fn default_base_registry() -> String {
 }
 fn default_buildkit() -> String {
     crate::builder::DEFAULT_VERSION.into()
+}
+fn default_build_cache_gb() -> u32 {
+    10
 }
 fn default_true() -> bool {
     true
@@ -236,6 +242,8 @@ pub struct Config {
     pub local: Option<LocalStack>,
     /// BuildKit's version, e.g. `v0.34.2`: the pinned builder's.
     pub buildkit: String,
+    /// The most the pinned builder's build cache may hold, in GB.
+    pub build_cache_gb: u32,
 }
 
 impl Config {
@@ -269,6 +277,7 @@ impl Config {
             }],
             local: None,
             buildkit: "v0.34.2".into(),
+            build_cache_gb: 10,
         }
     }
 
@@ -387,6 +396,7 @@ impl Config {
             images: file.images,
             local: file.local,
             buildkit: file.buildkit,
+            build_cache_gb: file.build_cache_gb,
         };
         config.validate()?;
         Ok(config)
@@ -418,6 +428,11 @@ impl Config {
                 "[workspace.metadata.xtask] buildkit {:?} must be a BuildKit release such as \"v0.34.2\"",
                 self.buildkit
             )));
+        }
+        if self.build_cache_gb == 0 {
+            return Err(refuse(
+                "[workspace.metadata.xtask] build_cache_gb must be at least 1",
+            ));
         }
         check_registry("registry", &self.registry)?;
         check_registry("base_registry", &self.base_registry)?;
@@ -598,6 +613,11 @@ fn check_registry(key: &str, value: &str) -> Result<()> {
 /// Plain lines, no colour or live progress, asked for by `CI` or `NO_COLOR`.
 pub fn plain_output_requested() -> bool {
     std::env::var_os("CI").is_some() || std::env::var_os("NO_COLOR").is_some()
+}
+
+/// `CI` set: a run no one watches, so nothing asks before it acts.
+pub fn ci_requested() -> bool {
+    std::env::var_os("CI").is_some()
 }
 
 /// The cargo that runs us (`cargo xtask` sets CARGO), else the one on PATH.

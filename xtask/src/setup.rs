@@ -38,6 +38,10 @@ pub enum Need {
 #[derive(Debug, PartialEq, Eq)]
 struct Missing {
     what: &'static str,
+    /// Needed whatever the machine reaches; else only where Docker Hub
+    /// cannot be reached (the registry image and base images come from
+    /// there otherwise), installed only by root.
+    required: bool,
     /// From the distribution's own suites.
     packages: Vec<&'static str>,
     /// On Debian 12, from trixie (pinned low).
@@ -85,6 +89,7 @@ fn missing(exec: &Exec, need: Need, distro: Distro) -> Vec<Missing> {
     let bookworm = distro == Distro::Bookworm;
     let item = |what, packages: &[&'static str], newer: &[&'static str]| Missing {
         what,
+        required: true,
         packages: if bookworm {
             packages.to_vec()
         } else {
@@ -119,15 +124,35 @@ fn missing(exec: &Exec, need: Need, distro: Distro) -> Vec<Missing> {
             )
         });
     }
+    // For `up`, only where Docker Hub cannot be reached: the registry
+    // runs as its `registry:2` image and the base images are pulled
+    // otherwise.
+    let optional = |m: Missing| Missing {
+        required: need == Need::Test,
+        ..m
+    };
     if !has("docker-registry") {
-        found.push(item("the Distribution registry", &["docker-registry"], &[]));
+        found.push(optional(item(
+            "the Distribution registry",
+            &["docker-registry"],
+            &[],
+        )));
     }
     if !has("debootstrap") {
-        found.push(item(
+        found.push(optional(item(
             "debootstrap (the base-image mirror)",
             &["debootstrap"],
             &[],
-        ));
+        )));
+    }
+    // BuildKit (where moby/buildkit cannot be pulled) and the test cluster
+    // are compiled from the Go module proxy; trixie's Go is 1.24.
+    if !has("go") {
+        found.push(optional(item(
+            "Go (compiles BuildKit and the test cluster)",
+            &[],
+            &["golang-go"],
+        )));
     }
     if need == Need::Up {
         return found;
@@ -195,23 +220,48 @@ pub fn ensure(exec: &Exec, need: Need) -> Result<()> {
     start_docker(exec, need)
 }
 
-/// The one command that sets up the machine for `need`.
-fn as_root(need: Need) -> &'static str {
-    match need {
-        Need::Up => "sudo -H cargo xtask up",
-        Need::Test => "sudo -H cargo xtask test",
+/// The trixie source and its low pin, as `install` writes them.
+const TRIXIE_SOURCE: (&str, &str) = (
+    "/etc/apt/sources.list.d/trixie.sources",
+    "Types: deb\nURIs: http://deb.debian.org/debian\nSuites: trixie\nComponents: main\nSigned-By: /usr/share/keyrings/debian-archive-keyring.gpg\n",
+);
+const TRIXIE_PIN: (&str, &str) = (
+    "/etc/apt/preferences.d/trixie-low",
+    "Package: *\nPin: release n=trixie\nPin-Priority: 100\n",
+);
+
+/// What installs `packages` (and `newer` from trixie) as one shell line,
+/// for a user who is not root to run with sudo: the same steps `install`
+/// runs.
+fn install_line(packages: &[&str], newer: &[&str]) -> String {
+    let mut steps = Vec::new();
+    if !newer.is_empty() {
+        for (path, text) in [TRIXIE_SOURCE, TRIXIE_PIN] {
+            steps.push(format!("printf '{}' > {path}", text.replace('\n', "\\n")));
+        }
     }
+    steps.push("apt-get update".to_owned());
+    steps.push(format!(
+        "apt-get install -y --no-install-recommends ca-certificates {}",
+        packages.join(" ")
+    ));
+    if !newer.is_empty() {
+        steps.push(format!(
+            "apt-get install -y --no-install-recommends -t trixie {}",
+            newer.join(" ")
+        ));
+    }
+    format!("sudo sh -c \"{}\"", steps.join(" && "))
 }
 
 fn install(exec: &Exec, need: Need, distro: Distro, missing: &[Missing]) -> Result<()> {
-    let names: Vec<&str> = missing.iter().map(|m| m.what).collect();
-    if !crate::exec::is_root() {
-        return Err(refuse(format!(
-            "this machine lacks {}: run `{}` once, which installs them",
-            names.join(", "),
-            as_root(need)
-        )));
+    let root = crate::exec::is_root();
+    // Not as root, what is optional is left to where it is needed.
+    let missing: Vec<&Missing> = missing.iter().filter(|m| root || m.required).collect();
+    if missing.is_empty() {
+        return Ok(());
     }
+    let names: Vec<&str> = missing.iter().map(|m| m.what).collect();
     if !matches!(distro, Distro::Bookworm | Distro::Debian | Distro::Ubuntu) {
         return Err(refuse(format!(
             "this machine lacks {}, and the xtask installs packages on Debian and Ubuntu only: install them yourself",
@@ -224,7 +274,31 @@ fn install(exec: &Exec, need: Need, distro: Distro, missing: &[Missing]) -> Resu
         list.sort_unstable();
         list.dedup();
     }
-    if !exec.dry_run && std::io::stdin().is_terminal() && !crate::config::plain_output_requested() {
+    if !root {
+        return Err(refuse(format!(
+            "this machine lacks {}: install {} as root with `{}`, then run `cargo xtask {}` again",
+            names.join(", "),
+            if names.len() == 1 { "it" } else { "them" },
+            install_line(&packages, &newer),
+            if need == Need::Up { "up" } else { "test" }
+        )));
+    }
+    // Docker CE's containerd.io conflicts with Debian's containerd: apt
+    // would remove Docker CE to install it.
+    let docker_ce = exec
+        .read(&Cmd::new("dpkg-query").args([
+            "--show",
+            "--showformat",
+            "${Status}",
+            "containerd.io",
+        ]))
+        .is_ok_and(|s| s.contains("ok installed"));
+    if docker_ce && packages.iter().chain(&newer).any(|p| *p == "containerd") {
+        return Err(refuse(
+            "the test cluster needs containerd 1.7, and this machine has Docker CE's containerd.io, which Debian's containerd would replace (removing Docker CE): install containerd 1.7 from Docker's repository (containerd.io 1.7.x) or run the tests on another machine",
+        ));
+    }
+    if !exec.dry_run && std::io::stdin().is_terminal() && !crate::config::ci_requested() {
         eprint!(
             "This machine lacks {}.\nInstall with apt-get: {}{}? [Y/n] ",
             names.join(", "),
@@ -254,13 +328,12 @@ fn install(exec: &Exec, need: Need, distro: Distro, missing: &[Missing]) -> Resu
                 &Cmd::new("apt-get")
                     .args(["install", "-y", "-qq", "--no-install-recommends"])
                     .args(extra.iter().copied())
-                    .arg("ca-certificates")
                     .args(list.iter().copied()),
             )
         };
-        if !packages.is_empty() {
-            apt(&[], &packages)?;
-        }
+        // The distribution's own first (with the certificates apt needs),
+        // then only what must be newer from trixie.
+        apt(&[], &[&["ca-certificates"], packages.as_slice()].concat())?;
         if !newer.is_empty() {
             apt(&["-t", "trixie"], &newer)?;
         }
@@ -271,12 +344,7 @@ fn install(exec: &Exec, need: Need, distro: Distro, missing: &[Missing]) -> Resu
 /// Debian trixie as a source, pinned below bookworm: only what is asked
 /// for with `-t trixie` (and what it needs) comes from there.
 fn trixie_pinned_low(exec: &Exec) -> Result<()> {
-    const SOURCE: &str = "Types: deb\nURIs: http://deb.debian.org/debian\nSuites: trixie\nComponents: main\nSigned-By: /usr/share/keyrings/debian-archive-keyring.gpg\n";
-    const PIN: &str = "Package: *\nPin: release n=trixie\nPin-Priority: 100\n";
-    for (path, text) in [
-        ("/etc/apt/sources.list.d/trixie.sources", SOURCE),
-        ("/etc/apt/preferences.d/trixie-low", PIN),
-    ] {
+    for (path, text) in [TRIXIE_SOURCE, TRIXIE_PIN] {
         if std::fs::read_to_string(path).is_ok_and(|t| t == text) {
             continue;
         }
@@ -293,15 +361,21 @@ fn start_docker(exec: &Exec, need: Need) -> Result<()> {
     if answers() {
         return Ok(());
     }
+    let systemd = Path::new("/run/systemd/system").exists();
     if !crate::exec::is_root() {
         return Err(refuse(format!(
-            "no Docker engine answers: start it (`sudo systemctl start docker`), or run `{}`, which starts it",
-            as_root(need)
+            "no Docker engine answers: start it with `{}`, then run `cargo xtask {}` again",
+            if systemd {
+                "sudo systemctl start docker"
+            } else {
+                "sudo sh -c 'dockerd >>/var/log/dockerd-xtask.log 2>&1 &'"
+            },
+            if need == Need::Up { "up" } else { "test" }
         )));
     }
     let log = Path::new("/var/log/dockerd-xtask.log");
     exec.step("start the Docker engine", || {
-        if Path::new("/run/systemd/system").exists() {
+        if systemd {
             exec.run(&Cmd::new("systemctl").args(["start", "docker"]))?;
         } else {
             exec.start_daemon(&Cmd::new("dockerd"), log)?;
@@ -315,6 +389,9 @@ fn start_docker(exec: &Exec, need: Need) -> Result<()> {
                 return Ok(());
             }
             std::thread::sleep(Duration::from_millis(250));
+        }
+        if systemd {
+            bail!("the Docker engine did not answer within 60 s of `systemctl start docker`: see `journalctl -u docker`");
         }
         let tail = std::fs::read_to_string(log).unwrap_or_default();
         let tail: Vec<&str> = tail.lines().rev().take(15).collect();
@@ -369,6 +446,20 @@ pub fn linters(exec: &Exec, root: &Path) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn one_line_installs_for_a_user_who_is_not_root() {
+        let line = install_line(&["docker.io"], &["docker-buildx"]);
+        assert!(
+            line.starts_with("sudo sh -c \"printf 'Types: deb\\nURIs: "),
+            "{line}"
+        );
+        assert!(
+            line.ends_with(" && apt-get update && apt-get install -y --no-install-recommends ca-certificates docker.io && apt-get install -y --no-install-recommends -t trixie docker-buildx\""),
+            "{line}"
+        );
+        assert!(!install_line(&["debootstrap"], &[]).contains("trixie"));
+    }
 
     #[test]
     fn the_distribution_is_read_from_os_release() {

@@ -64,7 +64,7 @@ struct Traces {
 fn traces() -> Traces {
     let state = state_dir().display().to_string();
     let mut pod_processes = Vec::new();
-    let mut todo = vec![PathBuf::from("/sys/fs/cgroup/pids/aiq-test")];
+    let mut todo = vec![cgroup_hierarchies()[0].join("aiq-test")];
     while let Some(dir) = todo.pop() {
         let procs = std::fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default();
         pod_processes.extend(procs.lines().filter_map(|l| l.parse::<u32>().ok()));
@@ -97,9 +97,7 @@ fn traces() -> Traces {
                 .filter(|l| {
                     l.starts_with(":CNI-")
                         || (l.starts_with("-A ")
-                            && ["aiq-cni0", "aiq-node0", " 10.213."]
-                                .iter()
-                                .any(|o| l.contains(o)))
+                            && ["aiq-cni0", "aiq-node0"].iter().any(|o| l.contains(o)))
                 })
                 .map(|l| format!("{save} {l}")),
         );
@@ -179,6 +177,20 @@ fn cluster(action: &str) -> XtaskRun {
     run
 }
 
+/// The cgroup hierarchies a pod's cgroups are in: the one v2 hierarchy,
+/// or (v1) the pids, memory and cpu ones.
+fn cgroup_hierarchies() -> Vec<PathBuf> {
+    let top = Path::new("/sys/fs/cgroup");
+    if top.join("cgroup.controllers").exists() {
+        vec![top.to_owned()]
+    } else {
+        ["pids", "memory", "cpu"]
+            .iter()
+            .map(|h| top.join(h))
+            .collect()
+    }
+}
+
 /// What another Kubernetes node on this machine would have, made for the
 /// test and removed when dropped: a process in a pod cgroup of its own
 /// `kubepods` (in every v1 hierarchy the cluster uses) and an iptables
@@ -186,27 +198,33 @@ fn cluster(action: &str) -> XtaskRun {
 struct ForeignNode {
     process: std::process::Child,
     cgroups: Vec<PathBuf>,
+    /// Every cgroup directory the test made, parents first.
+    made: Vec<PathBuf>,
     chain: String,
 }
 
 impl ForeignNode {
     fn start() -> ForeignNode {
         let pod = unique("podforeign");
-        let cgroups: Vec<PathBuf> = ["pids", "memory", "cpu"]
+        let cgroups: Vec<PathBuf> = cgroup_hierarchies()
             .iter()
-            .map(|h| {
-                Path::new("/sys/fs/cgroup")
-                    .join(h)
-                    .join("kubepods/besteffort")
-                    .join(&pod)
-            })
+            .map(|h| h.join("kubepods/besteffort").join(&pod))
             .collect();
         let process = std::process::Command::new("sleep")
             .arg("3600")
             .spawn()
             .unwrap();
+        let mut made = Vec::new();
         for cgroup in &cgroups {
+            let mut missing: Vec<PathBuf> = cgroup
+                .ancestors()
+                .take(3)
+                .filter(|d| !d.exists())
+                .map(Path::to_owned)
+                .collect();
+            missing.reverse();
             std::fs::create_dir_all(cgroup).unwrap();
+            made.extend(missing);
             std::fs::write(cgroup.join("cgroup.procs"), process.id().to_string()).unwrap();
         }
         let chain = "KUBE-SOMETHING-ELSE".to_owned();
@@ -219,6 +237,7 @@ impl ForeignNode {
         ForeignNode {
             process,
             cgroups,
+            made,
             chain,
         }
     }
@@ -251,7 +270,7 @@ impl Drop for ForeignNode {
     fn drop(&mut self) {
         let _ = self.process.kill();
         let _ = self.process.wait();
-        for cgroup in &self.cgroups {
+        for cgroup in self.made.iter().rev() {
             let _ = std::fs::remove_dir(cgroup);
         }
         let _ = run(
@@ -533,6 +552,13 @@ fn a_cache_another_user_could_change_is_refused_naming_the_path() {
         ],
     );
 
+    // Writable by a group with others in it (nogroup; root's own group,
+    // with root alone in it, would give no one else anything).
+    ok(
+        Path::new("."),
+        "chgrp",
+        &["65534", &cache.display().to_string()],
+    );
     ok(
         Path::new("."),
         "chmod",
@@ -549,6 +575,11 @@ fn a_cache_another_user_could_change_is_refused_naming_the_path() {
         Path::new("."),
         "chmod",
         &["g-w", &cache.display().to_string()],
+    );
+    ok(
+        Path::new("."),
+        "chgrp",
+        &["0", &cache.display().to_string()],
     );
 
     ok(

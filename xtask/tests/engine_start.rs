@@ -22,9 +22,24 @@ fn engine_answers() -> bool {
     .success()
 }
 
-/// Stops the engine the way its service manager would: SIGTERM to the
-/// pid it recorded, then waits until it is gone.
+fn systemd() -> bool {
+    Path::new("/run/systemd/system").exists()
+}
+
+/// Stops the engine the way its service manager would: `systemctl stop`
+/// (its socket too, which would start it again) where systemd runs the
+/// machine, else SIGTERM to the pid it recorded; then waits until it is
+/// gone.
 fn stop_engine() {
+    if systemd() {
+        ok(
+            Path::new("."),
+            "systemctl",
+            &["stop", "docker.socket", "docker"],
+        );
+        wait_for("the Docker engine has stopped", 60, || !engine_answers());
+        return;
+    }
     let pid = std::fs::read_to_string("/var/run/docker.pid")
         .expect("the engine's pid file")
         .trim()
@@ -42,12 +57,16 @@ struct EngineBack;
 impl Drop for EngineBack {
     fn drop(&mut self) {
         if !engine_answers() {
-            // In the background, outliving the test, as `up` starts it.
-            let _ = run(
-                Path::new("/"),
-                "sh",
-                &["-c", "nohup dockerd >>/var/log/dockerd-xtask.log 2>&1 &"],
-            );
+            if systemd() {
+                let _ = run(Path::new("."), "systemctl", &["start", "docker"]);
+            } else {
+                // In the background, outliving the test, as `up` starts it.
+                let _ = run(
+                    Path::new("/"),
+                    "sh",
+                    &["-c", "nohup dockerd >>/var/log/dockerd-xtask.log 2>&1 &"],
+                );
+            }
             wait_for("the Docker engine answers again", 60, engine_answers);
         }
         let _ = xtask(&project_root(), &["down", "--project", PROJECT], &[]);
@@ -79,8 +98,13 @@ fn up_starts_a_stopped_docker_engine_and_the_stack_comes_up() {
         &[("XTASK_LOCAL_REGISTRY", head.repository.as_str())],
     );
     up.assert_ok();
+    let started = if systemd() {
+        "$ systemctl start docker"
+    } else {
+        "$ dockerd"
+    };
     assert!(
-        up.stderr.contains("start the Docker engine") && up.stderr.contains("$ dockerd"),
+        up.stderr.contains("start the Docker engine") && up.stderr.contains(started),
         "{}",
         up.stderr
     );
