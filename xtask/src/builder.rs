@@ -36,43 +36,70 @@ pub fn name(version: &str) -> String {
 /// Returns its name. A dry run prints what it would create.
 pub fn ensure(exec: &Exec, config: &Config) -> Result<String> {
     let builder = name(&config.buildkit);
+    let dir = state_dir(&config.buildkit)?;
+    let settings = dir.join("buildkitd.toml");
+    let wanted = buildkitd_config(config.build_cache_gb);
+    // Made with other settings (an older xtask, another cache limit): made
+    // again, since buildx reads them only when it creates a builder.
+    let current = || std::fs::read_to_string(&settings).is_ok_and(|s| s == wanted);
     if exec.dry_run {
         // Only asked whether it exists: `--bootstrap` would start it.
-        if !exec.succeeds(&inspect(&builder)) {
-            exec.output
-                .command(&create(&builder, &image_ref(&config.buildkit), &[]), true);
+        let exists = exec.succeeds(&inspect(&builder));
+        if exists && !current() {
+            exec.output.command(
+                &Cmd::new("docker").args(["buildx", "rm", "--force", &builder]),
+                true,
+            );
+        }
+        if !exists || !current() {
+            exec.output.command(
+                &create(&builder, &image_ref(&config.buildkit), &[], &settings),
+                true,
+            );
         }
         return Ok(builder);
     }
-    if running(exec, &builder) {
+    if current() && running(exec, &builder) {
         return Ok(builder);
     }
-    let dir = state_dir(&config.buildkit)?;
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let lock = std::fs::File::create(dir.join("lock"))
         .with_context(|| format!("creating {}", dir.join("lock").display()))?;
     lock.lock()
         .context("waiting for the BuildKit builder's lock")?;
-    if running(exec, &builder) {
+    if current() && running(exec, &builder) {
         return Ok(builder);
     }
     exec.step(
         format!("BuildKit {} builder {builder} (once)", config.buildkit),
         || {
-            // A builder whose container is gone is removed and made again.
+            // A builder whose container is gone, or made with other
+            // settings, is removed (its cache with it) and made again.
             if exec.succeeds(&inspect(&builder)) {
                 exec.run(&Cmd::new("docker").args(["buildx", "rm", "--force", &builder]))?;
             }
             let image = image(exec, config)?;
-            exec.run(&create(&builder, &image, &[]))
+            std::fs::write(&settings, &wanted)
+                .with_context(|| format!("writing {}", settings.display()))?;
+            exec.run(&create(&builder, &image, &[], &settings))
         },
     )?;
     Ok(builder)
 }
 
-/// `docker buildx create` of a builder on `image`, with the host's network
-/// and `extra` driver options (e.g. `cpuset-cpus=0`).
-pub fn create(builder: &str, image: &str, extra: &[&str]) -> Cmd {
+/// The pinned builder's BuildKit settings: garbage collection keeps its
+/// build cache under `limit_gb` (BuildKit's `maxUsedSpace`), so repeated
+/// builds do not fill the disk.
+fn buildkitd_config(limit_gb: u32) -> String {
+    format!(
+        "# Written by cargo xtask: the build cache stays under build_cache_gb.\n[worker.oci]\n  gc = true\n  maxUsedSpace = \"{limit_gb}GB\"\n"
+    )
+}
+
+/// `docker buildx create` of a builder on `image`, with the host's network,
+/// `extra` driver options (e.g. `cpuset-cpus=0`) and BuildKit's settings
+/// from `settings`.
+pub fn create(builder: &str, image: &str, extra: &[&str], settings: &Path) -> Cmd {
     let mut cmd = Cmd::new("docker").args([
         "buildx",
         "create",
@@ -88,7 +115,9 @@ pub fn create(builder: &str, image: &str, extra: &[&str]) -> Cmd {
     for opt in extra {
         cmd = cmd.args(["--driver-opt", opt]);
     }
-    cmd.arg("--bootstrap")
+    cmd.arg("--buildkitd-config")
+        .arg(settings.display().to_string())
+        .arg("--bootstrap")
 }
 
 /// Whether `builder` exists and its BuildKit answers (starting its
@@ -180,6 +209,10 @@ fn image(exec: &Exec, config: &Config) -> Result<String> {
     exec.run(
         &Cmd::new("docker")
             .args(["buildx", "build", "--builder", "default", "--load"])
+            .args([
+                "--label",
+                &format!("{}=buildkit", crate::commands::clean::MADE_LABEL),
+            ])
             .args(["--build-arg", &format!("BASE={base}"), "--tag", &reference])
             .arg(dir.display().to_string()),
     )?;
@@ -281,7 +314,14 @@ mod tests {
     #[test]
     fn a_builder_is_named_after_its_version() {
         assert_eq!(name("v0.34.2"), "xtask-buildkit-v0-34-2");
-        let cmd = create("b", "img:1", &["cpuset-cpus=0"]).to_string();
-        assert!(cmd.contains("--driver docker-container --driver-opt image=img:1 --driver-opt network=host --driver-opt cpuset-cpus=0 --bootstrap"), "{cmd}");
+        let cmd = create(
+            "b",
+            "img:1",
+            &["cpuset-cpus=0"],
+            Path::new("/c/buildkitd.toml"),
+        )
+        .to_string();
+        assert!(cmd.contains("--driver docker-container --driver-opt image=img:1 --driver-opt network=host --driver-opt cpuset-cpus=0 --buildkitd-config /c/buildkitd.toml --bootstrap"), "{cmd}");
+        assert!(buildkitd_config(10).contains("maxUsedSpace = \"10GB\""));
     }
 }

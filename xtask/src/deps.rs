@@ -270,6 +270,32 @@ impl Store {
     }
 }
 
+/// The store directories this checkout's lockfiles name, as they are in
+/// the working tree and as HEAD has them (what a build of HEAD uses):
+/// `clean` keeps these.
+pub fn current_stores(exec: &Exec, config: &Config) -> Result<Vec<PathBuf>> {
+    let mut dirs = Vec::new();
+    for image in &config.images {
+        let Some(store) = Store::of(exec, config, image)? else {
+            continue;
+        };
+        if let (Some(lockfile), Some(name)) = (&image.lockfile, store.dir.file_name()) {
+            let committed = exec.read_bytes(
+                &Cmd::new("git").args(["show", &format!("HEAD:{}", lockfile.display())]),
+            );
+            if let Ok(bytes) = committed {
+                let sum = exec.read(&Cmd::new("sha256sum").hidden_stdin(bytes))?;
+                let kind = name.to_string_lossy();
+                let kind = kind.split('-').next().unwrap_or_default();
+                let key = sum.get(..16).context("sha256sum printed no sum")?;
+                dirs.push(store.dir.with_file_name(format!("{kind}-{key}")));
+            }
+        }
+        dirs.push(store.dir);
+    }
+    Ok(dirs)
+}
+
 /// The stores `images` build with, filled where missing.
 pub fn ensure_all(
     exec: &Exec,

@@ -57,6 +57,7 @@ enum Command {
     Up(commands::up::Up),
     Down(commands::down::Down),
     Mirror(commands::mirror::Mirror),
+    Clean(commands::clean::Clean),
     Test(commands::test::Test),
     Ci(commands::ci::Ci),
 }
@@ -103,6 +104,7 @@ fn run(cli: Cli, output: output::Output) -> anyhow::Result<()> {
         Command::Up(cmd) => cmd.run(&exec),
         Command::Down(cmd) => cmd.run(&exec),
         Command::Mirror(cmd) => cmd.run(&exec),
+        Command::Clean(cmd) => cmd.run(&exec),
         Command::Test(cmd) => cmd.run(&exec),
         Command::Ci(cmd) => cmd.run(&exec),
     }

@@ -259,6 +259,12 @@ fn start(exec: &Exec) -> Result<()> {
 /// Stops the registry `ensure_local` started, if it did.
 pub fn stop(exec: &Exec) -> Result<()> {
     remove_container(exec)?;
+    stop_server(exec)
+}
+
+/// Stops the host's Distribution registry `ensure_local` started, if it
+/// did (its data under the cache stays).
+pub fn stop_server(exec: &Exec) -> Result<()> {
     let pid_file = state_dir()?.join("registry.pid");
     let Ok(pid) = std::fs::read_to_string(&pid_file) else {
         return Ok(());

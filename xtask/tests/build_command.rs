@@ -913,3 +913,42 @@ fn a_dry_run_shows_the_local_registry_start_as_a_command() {
         "{start}"
     );
 }
+
+/// The pinned builder's BuildKit collects its own garbage under the
+/// configured size (`build_cache_gb`, 10 by default): asked of BuildKit
+/// itself, whose workers report the policies they run.
+#[test]
+fn the_pinned_builder_keeps_its_build_cache_under_the_configured_size() {
+    require_docker();
+    let container = "buildx_buildkit_xtask-buildkit-v0-34-20";
+    let workers = ok(
+        std::path::Path::new("."),
+        "docker",
+        &[
+            "exec",
+            container,
+            "buildctl",
+            "debug",
+            "workers",
+            "--format",
+            "{{json .}}",
+        ],
+    );
+    // One JSON array of workers, each with the policies it collects by.
+    let workers_json: serde_json::Value = serde_json::from_str(&workers).unwrap();
+    let limits: Vec<i64> = workers_json
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|w| w["gcPolicy"].as_array().cloned().unwrap_or_default())
+        .map(|p| p["maxUsedSpace"].as_i64().unwrap_or(0))
+        .collect();
+    // "10GB" as BuildKit reads it (binary units); unconfigured, it would
+    // allow 60 % of this disk.
+    let configured = [10 << 30, 10_000_000_000];
+    let largest = limits.iter().copied().max().unwrap_or(0);
+    assert!(
+        configured.contains(&largest),
+        "GC policies' max used space: {limits:?} ({workers})"
+    );
+}

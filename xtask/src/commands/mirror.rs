@@ -140,6 +140,9 @@ pub fn seed(exec: &Exec, config: &Config, registry: &str, force: bool) -> Result
         }
         exec.run(&import.arg(path_str(&tarball)).arg(&reference))?;
         exec.run(&Cmd::new("docker").args(["push", "--quiet", &reference]))?;
+        // Builds pull it from the registry: Docker's copy would only fill
+        // the disk (kept if a container uses it).
+        let _ = exec.run(&Cmd::new("docker").args(["image", "rm", &reference]));
         exec.run(&Cmd::new("rm").args(["-rf", &path_str(&rootfs), &path_str(&tarball)]))
         })?;
     }

@@ -4,6 +4,7 @@ pub mod bench;
 mod bench_deploy;
 pub mod build;
 pub mod ci;
+pub mod clean;
 pub mod cluster;
 pub mod cluster_flags;
 pub mod deploy;
