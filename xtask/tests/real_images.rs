@@ -178,7 +178,7 @@ fn browser() -> String {
     ["chromium", "chromium-browser", "google-chrome"]
         .into_iter()
         .find(|name| run(Path::new("."), "sh", &["-c", &format!("command -v {name}")]).status.success())
-        .expect("no Chromium found: install Debian's `chromium` (`sudo -H cargo xtask test` does) or set XTASK_CHROMIUM")
+        .expect("no Chromium found: install Debian's `chromium` (`cargo xtask test` as root does) or set XTASK_CHROMIUM")
         .to_owned()
 }
 

@@ -178,7 +178,7 @@ pub fn down(exec: &Exec) -> Result<()> {
 /// What the cluster needs from the machine, each named with what installs
 /// it, checked before anything is built or started.
 pub fn preflight() -> Result<()> {
-    let hint = "run `sudo -H cargo xtask test`, which installs it";
+    let hint = "`cargo xtask test`, run as root, installs it";
     if !crate::exec::is_root() {
         return Err(refuse(
             "the test cluster needs root (it runs a kubelet, containerd and network setup)",
