@@ -45,8 +45,16 @@ fn stop_engine() {
         .trim()
         .to_owned();
     ok(Path::new("."), "kill", &["-TERM", &pid]);
+    // Exited: gone, or a zombie its parent (here, often PID 1 after `up`
+    // started it and exited) has not reaped yet.
+    let exited = || {
+        std::fs::read_to_string(format!("/proc/{pid}/stat")).map_or(true, |stat| {
+            stat.rsplit_once(')')
+                .is_some_and(|(_, rest)| rest.trim_start().starts_with(['Z', 'X']))
+        })
+    };
     wait_for("the Docker engine has stopped", 60, || {
-        !Path::new("/proc").join(&pid).exists() && !engine_answers()
+        exited() && !engine_answers()
     });
 }
 
