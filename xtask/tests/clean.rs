@@ -99,31 +99,25 @@ fn clean_removes_what_the_xtask_made_and_nothing_else() {
     let foreign = format!("{u}-foreign");
     docker(&["create", "--name", &foreign, &base, "true"]);
     made.0.push(("container", foreign.clone()));
+    // An image as the xtask labels what it builds, from `foreign`'s
+    // filesystem, with `extra` config changes.
+    let labelled = |name: &str, extra: &[&str]| {
+        let version = format!("LABEL org.opencontainers.image.version={u}");
+        let mut args = vec!["commit", "--change", "LABEL org.aiq.xtask.made=build"];
+        args.extend(["--change", version.as_str()]);
+        for change in extra {
+            args.extend(["--change", change]);
+        }
+        args.extend([foreign.as_str(), name]);
+        docker(&args);
+    };
     let built = format!("cleantest/made:{u}");
-    docker(&[
-        "commit",
-        "--change",
-        "LABEL org.aiq.xtask.made=build",
-        "--change",
-        &format!("LABEL org.opencontainers.image.version={u}"),
-        &foreign,
-        &built,
-    ]);
+    labelled(&built, &[]);
     made.0.push(("image", built.clone()));
     // Built FROM an image the xtask made: it inherits the labels, but no
     // tag the xtask gave is on it.
     let derived = format!("cleantest/derived:{u}-mine");
-    docker(&[
-        "commit",
-        "--change",
-        "LABEL org.aiq.xtask.made=build",
-        "--change",
-        &format!("LABEL org.opencontainers.image.version={u}"),
-        "--change",
-        "ENV DERIVED=1",
-        &foreign,
-        &derived,
-    ]);
+    labelled(&derived, &["ENV DERIVED=1"]);
     made.0.push(("image", derived.clone()));
     let theirs = format!("cleantest/theirs:{u}");
     docker(&["tag", &base, &theirs]);

@@ -515,6 +515,10 @@ fn a_cache_another_user_could_change_is_refused_naming_the_path() {
             &[("HOME", &home.display().to_string())],
         )
     };
+    // A setup command of the test's, which must succeed.
+    let on = |tool: &str, args: &[&str]| {
+        ok(Path::new("."), tool, args);
+    };
     let refused = |run: &XtaskRun, needle: &str| {
         assert_eq!(run.code, 2, "{}", run.stderr);
         assert!(
@@ -532,8 +536,7 @@ fn a_cache_another_user_could_change_is_refused_naming_the_path() {
     std::fs::create_dir_all(&version).unwrap();
     let real =
         Path::new(&std::env::var("HOME").unwrap()).join(".cache/aiq-xtask/kubernetes/v1.34.4");
-    ok(
-        Path::new("."),
+    on(
         "cp",
         &[
             "-a",
@@ -542,8 +545,7 @@ fn a_cache_another_user_could_change_is_refused_naming_the_path() {
             &version.display().to_string(),
         ],
     );
-    ok(
-        Path::new("."),
+    on(
         "cp",
         &[
             "-a",
@@ -554,16 +556,8 @@ fn a_cache_another_user_could_change_is_refused_naming_the_path() {
 
     // Writable by a group with others in it (nogroup; root's own group,
     // with root alone in it, would give no one else anything).
-    ok(
-        Path::new("."),
-        "chgrp",
-        &["65534", &cache.display().to_string()],
-    );
-    ok(
-        Path::new("."),
-        "chmod",
-        &["g+w", &cache.display().to_string()],
-    );
+    on("chgrp", &["65534", &cache.display().to_string()]);
+    on("chmod", &["g+w", &cache.display().to_string()]);
     refused(
         &up(home.path()),
         &format!(
@@ -571,33 +565,17 @@ fn a_cache_another_user_could_change_is_refused_naming_the_path() {
             cache.display()
         ),
     );
-    ok(
-        Path::new("."),
-        "chmod",
-        &["g-w", &cache.display().to_string()],
-    );
-    ok(
-        Path::new("."),
-        "chgrp",
-        &["0", &cache.display().to_string()],
-    );
+    on("chmod", &["g-w", &cache.display().to_string()]);
+    on("chgrp", &["0", &cache.display().to_string()]);
 
-    ok(
-        Path::new("."),
-        "chown",
-        &["65534", &home.path().display().to_string()],
-    );
+    on("chown", &["65534", &home.path().display().to_string()]);
     let sudo_e = up(home.path());
     refused(
         &sudo_e,
         &format!("{}, owned by uid 65534", home.path().display()),
     );
     refused(&sudo_e, "sudo -H");
-    ok(
-        Path::new("."),
-        "chown",
-        &["0", &home.path().display().to_string()],
-    );
+    on("chown", &["0", &home.path().display().to_string()]);
 
     // Swapped: a new file in its place (the real one, linked, is untouched).
     let kubelet = version.join("bin/kubelet");
