@@ -118,8 +118,12 @@ fn default_base_registry() -> String {
 fn default_buildkit() -> String {
     crate::builder::DEFAULT_VERSION.into()
 }
+/// The size each builder's cache is kept under unless `build_cache_gb`
+/// says otherwise.
+pub const DEFAULT_BUILD_CACHE_GB: u32 = 10;
+
 fn default_build_cache_gb() -> u32 {
-    10
+    DEFAULT_BUILD_CACHE_GB
 }
 fn default_true() -> bool {
     true
@@ -277,7 +281,7 @@ impl Config {
             }],
             local: None,
             buildkit: "v0.34.2".into(),
-            build_cache_gb: 10,
+            build_cache_gb: DEFAULT_BUILD_CACHE_GB,
         }
     }
 

@@ -829,6 +829,16 @@ pub fn write_build_file(
     Ok(path)
 }
 
+/// Runs a Docker query printing JSON lines (`--format json` or
+/// `{{json .}}`) and parses one object per line.
+pub fn json_lines<T: for<'de> Deserialize<'de>>(exec: &Exec, cmd: &Cmd) -> Result<Vec<T>> {
+    exec.read(cmd)?
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).with_context(|| format!("parsing `{cmd}`: {l}")))
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -228,6 +228,9 @@ fn start(exec: &Exec) -> Result<()> {
             "org.aiq.xtask.role=registry",
             "--publish",
             "127.0.0.1:5000:5000",
+            // The tests delete what they push through the API.
+            "--env",
+            "REGISTRY_STORAGE_DELETE_ENABLED=true",
             REGISTRY_IMAGE,
         ]));
     }
@@ -280,6 +283,70 @@ pub fn stop_server(exec: &Exec) -> Result<()> {
         std::fs::remove_file(&pid_file)?;
     }
     Ok(())
+}
+
+/// Frees what deleted images held in the registry `ensure_local` started
+/// from Debian's Distribution server (its data under the cache): removes
+/// the repositories left without a tag, then runs the garbage
+/// collector, which sweeps every blob no manifest references. The server
+/// is stopped first, since the collector must not run beside an upload;
+/// the next command that needs it starts it again. Returns the bytes
+/// freed, or `None` when there is no such registry.
+pub fn collect_garbage(exec: &Exec) -> Result<Option<u64>> {
+    let dir = state_dir()?;
+    let config = dir.join("config.yml");
+    let repositories = dir.join("data/docker/registry/v2/repositories");
+    if !config.exists() {
+        return Ok(None);
+    }
+    let before = crate::cache::size_of(&dir.join("data"));
+    stop_server(exec)?;
+    for repository in repositories_under(&repositories) {
+        if !has_a_tag(&repository.join("_manifests")) {
+            exec.run(&Cmd::new("rm").args(["-rf", &repository.display().to_string()]))?;
+        }
+    }
+    // No blobs: nothing was ever pushed, nothing to collect. The
+    // collector prints a line per blob it marks and sweeps, which no one
+    // reads: what it freed is measured instead.
+    if dir.join("data/docker/registry/v2/blobs").is_dir() {
+        exec.run_capturing(
+            &Cmd::new("docker-registry")
+                .arg("garbage-collect")
+                .arg(config.display().to_string()),
+        )?;
+    }
+    Ok(Some(
+        before.saturating_sub(crate::cache::size_of(&dir.join("data"))),
+    ))
+}
+
+/// Distribution's repositories under its `repositories` directory: each
+/// directory that holds `_manifests`.
+pub fn repositories_under(root: &std::path::Path) -> Vec<PathBuf> {
+    let mut found = Vec::new();
+    let mut todo = vec![root.to_owned()];
+    while let Some(dir) = todo.pop() {
+        if dir.join("_manifests").is_dir() {
+            found.push(dir);
+            continue;
+        }
+        if let Ok(entries) = std::fs::read_dir(&dir) {
+            todo.extend(entries.flatten().map(|e| e.path()).filter(|p| p.is_dir()));
+        }
+    }
+    found.sort();
+    found
+}
+
+/// Whether a repository's `_manifests` holds a tag. One whose tags were
+/// all deleted can hold manifests no tag names (a tag that moved leaves
+/// its old one); nothing names them any more, and the repository goes.
+fn has_a_tag(manifests: &std::path::Path) -> bool {
+    std::fs::read_dir(manifests.join("tags")).is_ok_and(|tags| {
+        tags.flatten()
+            .any(|tag| tag.path().join("current/link").is_file())
+    })
 }
 
 /// Removes a stopped or running registry container of ours, if there is one.

@@ -375,6 +375,7 @@ fn start_docker(exec: &Exec, need: Need) -> Result<()> {
     }
     let log = Path::new("/var/log/dockerd-xtask.log");
     exec.step("start the Docker engine", || {
+        limit_docker_build_cache(exec)?;
         if systemd {
             exec.run(&Cmd::new("systemctl").args(["start", "docker"]))?;
         } else {
@@ -401,6 +402,26 @@ fn start_docker(exec: &Exec, need: Need) -> Result<()> {
             tail.into_iter().rev().collect::<Vec<_>>().join("\n")
         )
     })
+}
+
+/// Docker's own engine configuration, written only where there is none.
+const DAEMON_JSON: &str = "/etc/docker/daemon.json";
+
+/// Before the engine starts: Docker's own builder (the xtask builds only
+/// the pinned BuildKit's image with it) keeps its cache under the default
+/// `build_cache_gb`, as the pinned builder does, through the engine's
+/// builder garbage collection. A configuration someone wrote stays as it
+/// is.
+fn limit_docker_build_cache(exec: &Exec) -> Result<()> {
+    if Path::new(DAEMON_JSON).exists() {
+        return Ok(());
+    }
+    let limit = crate::config::DEFAULT_BUILD_CACHE_GB;
+    let json = format!(
+        "{{\n  \"builder\": {{\n    \"gc\": {{\n      \"enabled\": true,\n      \"defaultKeepStorage\": \"{limit}GB\"\n    }}\n  }}\n}}\n"
+    );
+    exec.run(&Cmd::new("mkdir").args(["-p", "/etc/docker"]))?;
+    exec.run(&Cmd::new("cp").args(["/dev/stdin", DAEMON_JSON]).stdin(json))
 }
 
 /// The linters at the versions `.ci/linters.txt` pins, in a virtual

@@ -6,8 +6,8 @@ mod common;
 use common::*;
 
 /// A fixture repository whose one image records the revision it was built
-/// from, as the real services do.
-fn fixture(image: &str) -> TempDir {
+/// from, as the real services do; what it pushes is deleted with it.
+fn fixture(image: &str) -> FixtureRepo {
     require_docker();
     let dir = TempDir::new("build");
     let root = dir.path();
@@ -28,7 +28,7 @@ fn fixture(image: &str) -> TempDir {
     std::fs::write(root.join("app.txt"), format!("{}\n", unique("content"))).unwrap();
     init_repo(root);
     commit_all(root, "fixture");
-    dir
+    FixtureRepo::new(dir, &[format!("{}/fixtures/{image}", registry())])
 }
 
 /// An image's own revision is the last commit that changed its inputs: a

@@ -56,7 +56,19 @@ fn clean_removes_what_the_xtask_made_and_nothing_else() {
     // A local registry's data: the mirror and a pushed repository.
     let registry = cache.join("registry");
     let repositories = registry.join("data/docker/registry/v2/repositories");
-    let mirror = filled(&repositories.join("library/debian/_manifests"), 10);
+    // The mirror's tag links to its manifest; a repository whose tags
+    // were all deleted (through the API) keeps the manifests of tags that
+    // moved, which nothing names any more.
+    let mirror = filled(
+        &repositories.join("library/debian/_manifests/tags/bookworm-slim/current"),
+        10,
+    );
+    std::fs::write(mirror.join("link"), "sha256:0").unwrap();
+    let emptied = filled(
+        &repositories.join("library/emptied/_manifests/revisions/sha256/0"),
+        10,
+    );
+    std::fs::write(emptied.join("link"), "sha256:0").unwrap();
     let pushed = filled(&repositories.join(format!("{u}/app/_manifests")), 10);
     std::fs::create_dir_all(registry.join("data/docker/registry/v2/blobs/sha256")).unwrap();
     std::fs::write(
@@ -131,6 +143,7 @@ fn clean_removes_what_the_xtask_made_and_nothing_else() {
             && exists("image", &built)
             && old.exists()
             && pushed.exists()
+            && emptied.exists()
     };
 
     let dry = xtask(&root, &["clean", "--dry-run"], &env);
@@ -163,6 +176,11 @@ fn clean_removes_what_the_xtask_made_and_nothing_else() {
         "an image built FROM one of its own"
     );
     assert!(current.exists() && mirror.exists());
+    assert!(
+        !emptied.exists(),
+        "an emptied repository stays: {}",
+        clean.stderr
+    );
     assert!(
         clean
             .stderr

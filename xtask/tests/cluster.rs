@@ -128,9 +128,11 @@ fn assert_nothing_left(what: &str) {
     );
 }
 
-/// Runs a pod in a namespace of its own and waits until it is Ready.
-fn run_pod(namespace: &str) {
+/// Runs a pod in a namespace of its own and waits until it is Ready; the
+/// namespace is deleted when the returned guard drops.
+fn run_pod(namespace: &str) -> Namespace {
     kubectl(&["create", "namespace", namespace]);
+    let guard = Namespace(namespace.to_owned());
     let image = format!("{}/library/debian:bookworm-slim", registry());
     // The ServiceAccount controller creates `default` a moment after the
     // namespace; pods are refused until then.
@@ -169,6 +171,7 @@ fn run_pod(namespace: &str) {
         "--for=condition=Ready",
         "--timeout=90s",
     ]);
+    guard
 }
 
 fn cluster(action: &str) -> XtaskRun {
@@ -426,7 +429,7 @@ fn down_leaves_nothing_and_up_recovers_from_a_sigkill_of_every_cluster_process()
     let mut foreign = ForeignNode::start();
 
     // A running pod: a shim, a container, its mounts and network namespace.
-    run_pod(&unique("life-"));
+    let _pod = run_pod(&unique("life-"));
     let before = traces();
     assert!(
         !before.pod_processes.is_empty() && !before.mounts.is_empty(),
@@ -443,7 +446,7 @@ fn down_leaves_nothing_and_up_recovers_from_a_sigkill_of_every_cluster_process()
     let up = cluster("up");
     assert_eq!(up.stdout.trim(), kubeconfig_line);
     foreign.assert_intact("cluster up");
-    run_pod(&unique("life-"));
+    let _pod = run_pod(&unique("life-"));
 
     // A second up finds it running and changes nothing.
     let daemons = traces().processes;
@@ -497,7 +500,7 @@ fn down_leaves_nothing_and_up_recovers_from_a_sigkill_of_every_cluster_process()
         }
     }
     // And it works: a pod runs on the new node.
-    run_pod(&unique("life-"));
+    let _pod = run_pod(&unique("life-"));
 }
 
 /// Root runs the cached Kubernetes binaries, so `cluster up` refuses a

@@ -45,6 +45,8 @@ struct Fixture {
     registry: String,
     /// Deleted when the test ends, freeing the node for the next one.
     namespace: Namespace,
+    /// What it pushed to the test registry, deleted when it ends.
+    _pushed: Pushed,
     _turn: MutexGuard<'static, ()>,
 }
 
@@ -112,6 +114,7 @@ impl Fixture {
         commit_all(root, "fixture");
         Fixture {
             repo,
+            _pushed: Pushed::at(&registry),
             registry,
             namespace: Namespace(namespace),
             _turn: turn,

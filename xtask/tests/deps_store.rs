@@ -115,6 +115,7 @@ fn a_store_that_does_not_match_its_lockfile_fails_the_build_naming_the_package()
     let root = clone.path();
     let deps = TempDir::new("deps-tampered");
     let registry_path = format!("{}/{}", registry(), unique("tamper"));
+    let _pushed = Pushed::at(&registry_path);
     let tag = git(root, &["rev-parse", "--short=12", "HEAD"]);
     let env = [
         ("XTASK_DEPS_DIR", deps.path().to_str().unwrap()),
@@ -155,6 +156,7 @@ fn a_changed_lockfile_names_a_new_store_and_offline_never_downloads() {
     let root = clone.path();
     let deps = TempDir::new("deps-empty");
     let registry_path = format!("{}/{}", registry(), unique("offline"));
+    let _pushed = Pushed::at(&registry_path);
     let env = [
         ("XTASK_DEPS_DIR", deps.path().to_str().unwrap()),
         ("XTASK_REGISTRY", registry_path.as_str()),

@@ -2,7 +2,9 @@
 //! running: `cargo xtask up` starts it (printing the command, as every
 //! command is printed) and the stack comes up. A binary of its own, since
 //! it stops the engine every other test uses; a guard starts it again
-//! whatever the test's outcome.
+//! whatever the test's outcome. Where the engine has no configuration of
+//! someone else's, `up` writes one that keeps Docker's own build cache
+//! under the default limit, and the engine starts with it.
 
 mod common;
 
@@ -81,14 +83,30 @@ impl Drop for EngineBack {
     }
 }
 
+const DAEMON_JSON: &str = "/etc/docker/daemon.json";
+
+/// The engine configuration `up` writes where there is none.
+fn written_by_the_xtask() -> serde_json::Value {
+    serde_json::json!({"builder": {"gc": {"enabled": true, "defaultKeepStorage": "10GB"}}})
+}
+
 #[test]
 fn up_starts_a_stopped_docker_engine_and_the_stack_comes_up() {
     require_docker();
     // The run's images of HEAD: `up` of the same commit into the same
     // repository finds them by their input keys and builds nothing.
     let head = head_images();
+    let _pulled = Pulled::at(&head.repository);
     let _back = EngineBack;
+    // A configuration someone else wrote is theirs; the xtask's own is
+    // removed, so `up` writes it again.
+    let ours = std::fs::read_to_string(DAEMON_JSON).map_or(true, |text| {
+        serde_json::from_str::<serde_json::Value>(&text).ok() == Some(written_by_the_xtask())
+    });
     stop_engine();
+    if ours {
+        let _ = std::fs::remove_file(DAEMON_JSON);
+    }
 
     let backend_port = free_port().to_string();
     let frontend_port = free_port().to_string();
@@ -117,6 +135,11 @@ fn up_starts_a_stopped_docker_engine_and_the_stack_comes_up() {
         up.stderr
     );
     assert!(engine_answers());
+    if ours {
+        let written: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(DAEMON_JSON).unwrap()).unwrap();
+        assert_eq!(written, written_by_the_xtask(), "{}", up.stderr);
+    }
     let backend = format!("127.0.0.1:{backend_port}");
     let frontend = format!("127.0.0.1:{frontend_port}");
     assert_eq!(revision_at(&backend, "/version"), head.revision);

@@ -11,7 +11,7 @@ use std::path::Path;
 use common::*;
 
 /// A fixture whose image holds its whole context in /src.
-fn context_fixture(image: &str) -> TempDir {
+fn context_fixture(image: &str) -> FixtureRepo {
     require_docker();
     let dir = TempDir::new("context");
     let root = dir.path();
@@ -32,7 +32,7 @@ fn context_fixture(image: &str) -> TempDir {
     std::fs::write(root.join("app.txt"), "committed\n").unwrap();
     init_repo(root);
     commit_all(root, "fixture");
-    dir
+    FixtureRepo::new(dir, &[format!("{}/fixtures/{image}", registry())])
 }
 
 /// The pinned reference of `image` in the build file `root` wrote.
@@ -158,7 +158,7 @@ fn a_build_reads_only_the_inputs_its_image_declares() {
 /// A one-crate Rust fixture whose binary prints `marker`; its cached
 /// builds keep cargo's target directory in a cache mount of its own.
 /// `settings` are more lines of its `[workspace.metadata.xtask]`.
-fn rust_fixture(image: &str, settings: &str) -> TempDir {
+fn rust_fixture(image: &str, settings: &str) -> FixtureRepo {
     require_docker();
     let dir = TempDir::new("cached");
     let root = dir.path();
@@ -183,7 +183,15 @@ fn rust_fixture(image: &str, settings: &str) -> TempDir {
     .unwrap();
     std::fs::create_dir(root.join("src")).unwrap();
     init_repo(root);
-    dir
+    // A registry cache goes to `cache/<image>` (see the registry cache
+    // test).
+    FixtureRepo::new(
+        dir,
+        &[
+            format!("{}/fixtures/{image}", registry()),
+            format!("{}/cache/{image}", registry()),
+        ],
+    )
 }
 
 fn set_marker(root: &Path, marker: &str) {
@@ -332,6 +340,7 @@ fn two_fresh_builds_of_the_runs_commit_give_the_same_digests() {
     let shared = std::thread::spawn(head_images);
     let builder = OneCpuBuilder::new();
     let repository = format!("{}/{}", registry(), unique("repro"));
+    let _pushed = Pushed::at(&repository);
     let second = xtask(
         root,
         &["build", "--push", "--builder", &builder.0],

@@ -279,6 +279,16 @@ fn real_images_build_fresh_run_by_digest_and_never_serve_stale_code() {
     let head_env = [("XTASK_REGISTRY", head.repository.as_str())];
     let registry_path = format!("{}/realtest", registry());
     let env = [("XTASK_REGISTRY", registry_path.as_str())];
+    // What this test pushes and pulls goes when it ends: its own builds,
+    // `up`'s images (the local registry's top level, where `up` puts
+    // them), and its copies of the run's shared images (whose tags
+    // `cargo xtask test` deletes once every test is done).
+    let _pushed = [
+        Pushed::at(&registry_path),
+        Pushed::at(&format!("{}/aiq-agent", registry())),
+        Pushed::at(&format!("{}/aiq-frontend", registry())),
+    ];
+    let _pulled = Pulled::at(&head.repository);
     // The seed's manual check, automated: the random string the run
     // committed into the backend's source must be in the binary the
     // cluster runs, and the one in a page component in the frontend's

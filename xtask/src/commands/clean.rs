@@ -13,9 +13,10 @@ use clap::Args;
 use serde::Deserialize;
 
 use crate::{
+    cache::{human, size_of},
     commands::local::PROJECT_LABEL,
     config::{Config, Overrides},
-    deps,
+    deps, docker,
     exec::{Cmd, Exec},
 };
 
@@ -91,14 +92,6 @@ impl Clean {
     }
 }
 
-/// Docker's JSON lines (`--format json`), one object per line.
-fn json_lines<T: for<'de> Deserialize<'de>>(text: &str, what: &str) -> Result<Vec<T>> {
-    text.lines()
-        .filter(|l| !l.trim().is_empty())
-        .map(|l| serde_json::from_str(l).with_context(|| format!("parsing {what}: {l}")))
-        .collect()
-}
-
 #[derive(Deserialize)]
 struct Listed {
     #[serde(rename = "ID")]
@@ -118,7 +111,7 @@ fn stopped_stacks(exec: &Exec) -> Result<Vec<Freed>> {
     for status in ["created", "exited", "dead"] {
         ps = ps.args(["--filter", &format!("status={status}")]);
     }
-    let stopped: Vec<Listed> = json_lines(&exec.read(&ps)?, "docker ps")?;
+    let stopped: Vec<Listed> = docker::json_lines(exec, &ps)?;
     if !stopped.is_empty() {
         exec.run(
             &Cmd::new("docker")
@@ -130,13 +123,11 @@ fn stopped_stacks(exec: &Exec) -> Result<Vec<Freed>> {
             bytes: 0,
         }));
     }
-    let networks: Vec<Listed> = json_lines(
-        &exec.read(
-            &Cmd::new("docker")
-                .args(["network", "ls", "--format", "json", "--filter"])
-                .arg(format!("label={PROJECT_LABEL}")),
-        )?,
-        "docker network ls",
+    let networks: Vec<Listed> = docker::json_lines(
+        exec,
+        &Cmd::new("docker")
+            .args(["network", "ls", "--format", "json", "--filter"])
+            .arg(format!("label={PROJECT_LABEL}")),
     )?;
     for network in networks {
         let attached = exec.read(&Cmd::new("docker").args([
@@ -365,7 +356,7 @@ fn registry_data(exec: &Exec, dir: &Path, all: bool) -> Result<Vec<Freed>> {
         return remove_dir(exec, dir, "the local registry (all its images)");
     }
     let mut doomed = Vec::new();
-    for repo in repositories_under(&repositories) {
+    for repo in crate::registry::repositories_under(&repositories) {
         let name = repo
             .strip_prefix(&repositories)
             .unwrap_or(&repo)
@@ -383,14 +374,7 @@ fn registry_data(exec: &Exec, dir: &Path, all: bool) -> Result<Vec<Freed>> {
     for (_, repo) in &doomed {
         exec.run(&Cmd::new("rm").args(["-rf", &repo.display().to_string()]))?;
     }
-    // No blobs: nothing was ever pushed, nothing to collect.
-    if dir.join("data/docker/registry/v2/blobs").is_dir() {
-        exec.run(
-            &Cmd::new("docker-registry")
-                .arg("garbage-collect")
-                .arg(config.display().to_string()),
-        )?;
-    }
+    crate::registry::collect_garbage(exec)?;
     // What the collection freed is what the blobs of those repositories
     // held that no other repository shares; a dry run cannot know it and
     // counts every byte of the data as a bound.
@@ -412,24 +396,6 @@ fn registry_data(exec: &Exec, dir: &Path, all: bool) -> Result<Vec<Freed>> {
     }])
 }
 
-/// Distribution's repositories under its `repositories` directory: each
-/// directory that holds `_manifests`.
-fn repositories_under(root: &Path) -> Vec<PathBuf> {
-    let mut found = Vec::new();
-    let mut todo = vec![root.to_owned()];
-    while let Some(dir) = todo.pop() {
-        if dir.join("_manifests").is_dir() {
-            found.push(dir);
-            continue;
-        }
-        if let Ok(entries) = std::fs::read_dir(&dir) {
-            todo.extend(entries.flatten().map(|e| e.path()).filter(|p| p.is_dir()));
-        }
-    }
-    found.sort();
-    found
-}
-
 /// Removes `dir` (printed as `rm -rf`), if it exists.
 fn remove_dir(exec: &Exec, dir: &Path, what: &str) -> Result<Vec<Freed>> {
     if !dir.exists() {
@@ -443,33 +409,6 @@ fn remove_dir(exec: &Exec, dir: &Path, what: &str) -> Result<Vec<Freed>> {
         what: format!("{what} ({})", dir.display()),
         bytes,
     }])
-}
-
-/// The bytes of every file under `path`, links not followed.
-fn size_of(path: &Path) -> u64 {
-    let Ok(meta) = std::fs::symlink_metadata(path) else {
-        return 0;
-    };
-    if !meta.is_dir() {
-        return meta.len();
-    }
-    std::fs::read_dir(path)
-        .map(|entries| entries.flatten().map(|e| size_of(&e.path())).sum())
-        .unwrap_or(0)
-}
-
-/// `1.4 GB`, `12.0 MB`, `512 B`.
-fn human(bytes: u64) -> String {
-    let b = bytes as f64;
-    if b >= 1e9 {
-        format!("{:.1} GB", b / 1e9)
-    } else if b >= 1e6 {
-        format!("{:.1} MB", b / 1e6)
-    } else if b >= 1e3 {
-        format!("{:.1} kB", b / 1e3)
-    } else {
-        format!("{bytes} B")
-    }
 }
 
 #[cfg(test)]

@@ -5,7 +5,7 @@
 //! needs one when run any other way (`common::require_docker`,
 //! `common::require_cluster`).
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use clap::Args;
 
 use crate::{
@@ -14,7 +14,8 @@ use crate::{
     config::{Config, Overrides},
     deps, docker,
     exec::{Cmd, Exec},
-    registry, setup,
+    footprint::Footprint,
+    registry, registry_delete, setup,
 };
 
 /// Prepare Docker, the local registry, base images, dependency stores and the test cluster, then run every test
@@ -72,27 +73,91 @@ impl Test {
             let _base = exec
                 .sh
                 .push_env("XTASK_BASE_REGISTRY", format!("{registry}/library"));
-            let cargo = crate::config::cargo();
-            // Each image's own workspace first (its unit tests take
-            // seconds), unless the arguments pick tests of the xtask's.
-            let own = if self.cargo_args.is_empty() {
-                config.image_workspaces()
-            } else {
-                vec![]
-            };
-            for manifest in own {
-                exec.run_anyway(
-                    &Cmd::new(&cargo)
-                        .args(["test", "--workspace", "--locked", "--all-targets"])
-                        .arg("--manifest-path")
-                        .arg(manifest.display().to_string()),
-                )?;
-            }
-            exec.run_anyway(
-                &Cmd::new(cargo)
-                    .args(["test", "--workspace", "--locked", "--all-targets"])
-                    .args(&self.cargo_args),
-            )
+            let before = Footprint::take(exec, &registry)?;
+            let tested = self.cargo_test(exec, config);
+            let left = exec.step("what the tests left behind", || {
+                left_behind(exec, &registry, &before)
+            });
+            tested.and(left)
         })
     }
+
+    /// Each image's own workspace's tests, then the xtask's.
+    fn cargo_test(&self, exec: &Exec, config: &Config) -> Result<()> {
+        let cargo = crate::config::cargo();
+        // Each image's own workspace first (its unit tests take
+        // seconds), unless the arguments pick tests of the xtask's.
+        let own = if self.cargo_args.is_empty() {
+            config.image_workspaces()
+        } else {
+            vec![]
+        };
+        for manifest in own {
+            exec.run_anyway(
+                &Cmd::new(&cargo)
+                    .args(["test", "--workspace", "--locked", "--all-targets"])
+                    .arg("--manifest-path")
+                    .arg(manifest.display().to_string()),
+            )?;
+        }
+        // Every target, unless the arguments pick some (`--test NAME`),
+        // which `--all-targets` would override.
+        let targets = if self.cargo_args.is_empty() {
+            vec!["--all-targets"]
+        } else {
+            vec![]
+        };
+        exec.run_anyway(
+            &Cmd::new(cargo)
+                .args(["test", "--workspace", "--locked"])
+                .args(targets)
+                .args(&self.cargo_args),
+        )
+    }
+}
+
+/// After the tests: the run's shared images are deleted (no single test
+/// owns them), then anything else the tests made and left is named and
+/// fails the run. The local registry's garbage is collected either way.
+fn left_behind(exec: &Exec, registry: &str, before: &Footprint) -> Result<()> {
+    let shared = match registry.split_once('/') {
+        Some((_, path)) => format!("{path}/head"),
+        None => "head".to_owned(),
+    };
+    let deleted = registry_delete::delete_under(registry::host_of(registry), &shared)
+        .map_err(anyhow::Error::msg)
+        .context("deleting the run's shared images")?;
+    eprintln!("deleted the run's shared images: {}", deleted.join(", "));
+    // A test's namespace guard deletes without waiting; the deletion is
+    // done when the namespace is gone.
+    let now = Footprint::take(exec, registry)?;
+    let ending: Vec<String> = now
+        .new_namespaces(before)
+        .into_iter()
+        .map(|n| format!("namespace/{n}"))
+        .collect();
+    if !ending.is_empty() {
+        exec.read_all(
+            &Cmd::new("kubectl")
+                .args(["wait", "--for=delete", "--timeout=180s"])
+                .args(ending),
+        )?;
+    }
+    let left = Footprint::take(exec, registry)?.left_since(before);
+    if registry == registry::DEFAULT_LOCAL {
+        if let Some(freed) = registry::collect_garbage(exec)? {
+            eprintln!(
+                "the local registry's garbage collected: {} freed",
+                crate::cache::human(freed)
+            );
+        }
+    }
+    if !left.is_empty() {
+        bail!(
+            "the tests left behind what they made:\n  - {}",
+            left.join("\n  - ")
+        );
+    }
+    eprintln!("the tests left nothing behind in the cluster, the local registry or Docker");
+    Ok(())
 }

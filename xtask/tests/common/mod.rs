@@ -11,6 +11,9 @@ use std::{
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
+#[path = "../../src/registry_delete.rs"]
+pub mod registry_delete;
+
 /// The registry the tests push to: `cargo xtask test` sets it; a plain
 /// `cargo test` uses the default and fails loudly if nothing answers.
 pub fn registry() -> String {
@@ -940,6 +943,122 @@ pub fn explain_difference(repo_a: &str, digest_a: &str, repo_b: &str, digest_b: 
         }
     }
     out.join("\n")
+}
+
+/// The repositories of the test registry at and under a path that a test
+/// pushes to, emptied through the registry's API when the test ends,
+/// however it ends, along with the copies Docker pulled of them
+/// (`cargo xtask test` then collects the garbage and names anything a
+/// test left).
+pub struct Pushed(pub String);
+
+impl Pushed {
+    /// The guard of `reference`'s repositories when it is in the test
+    /// registry (`<registry>/<path>`), and of nothing when it is elsewhere
+    /// (a test's own registry, gone with it).
+    pub fn at(reference: &str) -> Pushed {
+        let path = reference
+            .strip_prefix(&format!("{}/", registry()))
+            .unwrap_or_default();
+        Pushed(path.to_owned())
+    }
+}
+
+impl Drop for Pushed {
+    fn drop(&mut self) {
+        if self.0.is_empty() {
+            return;
+        }
+        if let Err(e) = registry_delete::delete_under(&registry(), &self.0) {
+            eprintln!("could not delete the test's images under {}: {e}", self.0);
+        }
+        remove_copies(&self.0);
+    }
+}
+
+/// The copies Docker pulled of the test registry's repositories at and
+/// under a path, removed when the test ends: for images a test pulls but
+/// does not own (the run's shared images).
+pub struct Pulled(pub String);
+
+impl Pulled {
+    pub fn at(reference: &str) -> Pulled {
+        Pulled(Pushed::at(reference).take())
+    }
+}
+
+impl Drop for Pulled {
+    fn drop(&mut self) {
+        if !self.0.is_empty() {
+            remove_copies(&self.0);
+        }
+    }
+}
+
+impl Pushed {
+    /// The path, leaving a guard of nothing.
+    fn take(mut self) -> String {
+        std::mem::take(&mut self.0)
+    }
+}
+
+/// Removes Docker's copies of the test registry's repositories at and
+/// under `path`, by tag or (pulled by digest) by digest.
+fn remove_copies(path: &str) {
+    let listed = run(
+        Path::new("."),
+        "docker",
+        &[
+            "images",
+            "--digests",
+            "--format",
+            "{{.Repository}} {{.Tag}} {{.Digest}}",
+        ],
+    );
+    let prefix = format!("{}/{path}", registry());
+    let copies: Vec<String> = String::from_utf8_lossy(&listed.stdout)
+        .lines()
+        .filter_map(|line| {
+            let mut fields = line.split(' ');
+            let (repository, tag, digest) = (fields.next()?, fields.next()?, fields.next()?);
+            let rest = repository.strip_prefix(&prefix)?;
+            if !rest.is_empty() && !rest.starts_with('/') {
+                return None;
+            }
+            Some(if tag != "<none>" {
+                format!("{repository}:{tag}")
+            } else {
+                format!("{repository}@{digest}")
+            })
+        })
+        .collect();
+    if !copies.is_empty() {
+        let mut args = vec!["image", "rm"];
+        args.extend(copies.iter().map(String::as_str));
+        let _ = run(Path::new("."), "docker", &args);
+    }
+}
+
+/// A fixture repository and the registry repositories its builds push
+/// to: both gone when it is dropped.
+pub struct FixtureRepo {
+    dir: TempDir,
+    _pushed: Vec<Pushed>,
+}
+
+impl FixtureRepo {
+    /// `dir`, whose builds push to the repositories at and under each of
+    /// `pushes_to` (full references: `<registry>/<path>`).
+    pub fn new(dir: TempDir, pushes_to: &[String]) -> FixtureRepo {
+        FixtureRepo {
+            dir,
+            _pushed: pushes_to.iter().map(|r| Pushed::at(r)).collect(),
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
 }
 
 /// A namespace of the test cluster, deleted (without waiting) when
