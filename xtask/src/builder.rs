@@ -307,6 +307,58 @@ fn path(p: &Path) -> String {
     p.display().to_string()
 }
 
+/// What the builder `name`'s cache holds on disk (the volume buildx made
+/// for its state), if Docker says.
+pub fn cache_bytes(exec: &Exec, name: &str) -> Option<u64> {
+    volume_size(exec, &format!("buildx_buildkit_{name}0_state"))
+}
+
+/// Trims the builder `name`'s cache to at most `keep` bytes, the least
+/// recently used first (`keep` 0: all of it).
+pub fn trim(exec: &Exec, name: &str, keep: u64) -> Result<()> {
+    exec.run(
+        &Cmd::new("docker")
+            .args(["buildx", "prune", "--builder", name, "--force", "--all"])
+            .args(["--keep-storage", &keep.to_string()]),
+    )
+}
+
+/// A Docker volume's size, from `docker system df`'s JSON.
+fn volume_size(exec: &Exec, name: &str) -> Option<u64> {
+    #[derive(serde::Deserialize)]
+    struct Volume {
+        #[serde(rename = "Name")]
+        name: String,
+        #[serde(rename = "Size")]
+        size: String,
+    }
+    let text = exec
+        .read(&Cmd::new("docker").args(["system", "df", "--verbose", "--format", "json"]))
+        .ok()?;
+    let df: serde_json::Value = serde_json::from_str(&text).ok()?;
+    let volumes: Vec<Volume> = serde_json::from_value(df["Volumes"].clone()).ok()?;
+    volumes
+        .into_iter()
+        .find(|v| v.name == name)
+        .and_then(|v| parse_size(&v.size))
+}
+
+/// Docker's sizes as it prints them: `1.5GB`, `12.3MB`, `0B` (powers of
+/// 1000).
+pub fn parse_size(text: &str) -> Option<u64> {
+    let split = text.find(|c: char| c.is_ascii_alphabetic())?;
+    let (number, unit) = text.split_at(split);
+    let factor = match unit {
+        "B" => 1.0,
+        "kB" | "KB" => 1e3,
+        "MB" => 1e6,
+        "GB" => 1e9,
+        "TB" => 1e12,
+        _ => return None,
+    };
+    Some((number.trim().parse::<f64>().ok()? * factor) as u64)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -258,49 +258,12 @@ fn builders(exec: &Exec, config: &Config) -> Result<Vec<Freed>> {
     if !exec.succeeds(&Cmd::new("docker").args(["buildx", "inspect", &builder])) {
         return Ok(Vec::new());
     }
-    let volume = format!("buildx_buildkit_{builder}0_state");
-    let bytes = volume_size(exec, &volume).unwrap_or(0);
+    let bytes = crate::builder::cache_bytes(exec, &builder).unwrap_or(0);
     exec.run(&Cmd::new("docker").args(["buildx", "rm", "--force", &builder]))?;
     Ok(vec![Freed {
         what: format!("BuildKit builder {builder} and its build cache"),
         bytes,
     }])
-}
-
-/// A Docker volume's size, from `docker system df`'s JSON.
-fn volume_size(exec: &Exec, name: &str) -> Option<u64> {
-    #[derive(Deserialize)]
-    struct Volume {
-        #[serde(rename = "Name")]
-        name: String,
-        #[serde(rename = "Size")]
-        size: String,
-    }
-    let text = exec
-        .read(&Cmd::new("docker").args(["system", "df", "--verbose", "--format", "json"]))
-        .ok()?;
-    let df: serde_json::Value = serde_json::from_str(&text).ok()?;
-    let volumes: Vec<Volume> = serde_json::from_value(df["Volumes"].clone()).ok()?;
-    volumes
-        .into_iter()
-        .find(|v| v.name == name)
-        .and_then(|v| parse_size(&v.size))
-}
-
-/// Docker's sizes as it prints them: `1.5GB`, `12.3MB`, `0B` (powers of
-/// 1000).
-fn parse_size(text: &str) -> Option<u64> {
-    let split = text.find(|c: char| c.is_ascii_alphabetic())?;
-    let (number, unit) = text.split_at(split);
-    let factor = match unit {
-        "B" => 1.0,
-        "kB" | "KB" => 1e3,
-        "MB" => 1e6,
-        "GB" => 1e9,
-        "TB" => 1e12,
-        _ => return None,
-    };
-    Some((number.trim().parse::<f64>().ok()? * factor) as u64)
 }
 
 /// Dependency stores whose lockfile is no longer in the repository (all of
@@ -417,10 +380,10 @@ mod tests {
 
     #[test]
     fn sizes_read_and_print_in_powers_of_1000() {
-        assert_eq!(parse_size("1.5GB"), Some(1_500_000_000));
-        assert_eq!(parse_size("12.3MB"), Some(12_300_000));
-        assert_eq!(parse_size("0B"), Some(0));
-        assert_eq!(parse_size("lots"), None);
+        assert_eq!(crate::builder::parse_size("1.5GB"), Some(1_500_000_000));
+        assert_eq!(crate::builder::parse_size("12.3MB"), Some(12_300_000));
+        assert_eq!(crate::builder::parse_size("0B"), Some(0));
+        assert_eq!(crate::builder::parse_size("lots"), None);
         assert_eq!(human(1_440_000_000), "1.4 GB");
         assert_eq!(human(512), "512 B");
     }

@@ -35,7 +35,7 @@ impl Test {
 
     /// The tests of the workspace `config` describes (`ci` has it loaded).
     pub fn run_in(self, exec: &Exec, config: &Config) -> Result<()> {
-        let registry = exec.step(
+        let (registry, builder) = exec.step(
             "test environment: Docker engine, buildx, local registry, base images, dependency stores, the pinned BuildKit",
             || {
             setup::ensure(exec, setup::Need::Test)?;
@@ -57,8 +57,8 @@ impl Test {
                 base_registry: format!("{registry}/library"),
                 ..config.clone()
             };
-            builder::ensure(exec, &mirrored)?;
-            Ok(registry)
+            let builder = builder::ensure(exec, &mirrored)?;
+            Ok((registry, builder))
         })?;
         let kubeconfig = cluster::up(exec)?;
         exec.step("cargo test", || {
@@ -74,8 +74,13 @@ impl Test {
                 .sh
                 .push_env("XTASK_BASE_REGISTRY", format!("{registry}/library"));
             let before = Footprint::take(exec, &registry)?;
+            let cache_before = builder::cache_bytes(exec, &builder).unwrap_or(0);
             let tested = self.cargo_test(exec, config);
             let left = exec.step("what the tests left behind", || {
+                // The tests' builds fill the pinned builder's cache with
+                // records of commits no one builds again: it goes back to
+                // the size it had, the least recently used first.
+                builder::trim(exec, &builder, cache_before)?;
                 left_behind(exec, &registry, &before)
             });
             tested.and(left)
