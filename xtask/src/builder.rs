@@ -313,6 +313,29 @@ pub fn cache_bytes(exec: &Exec, name: &str) -> Option<u64> {
     volume_size(exec, &format!("buildx_buildkit_{name}0_state"))
 }
 
+/// What the cache records of the `docker-container` builder `name` hold,
+/// as BuildKit counts them for `--keep-storage` (its own `buildctl du`, as
+/// JSON; the volume holds more: the layers' compressed blobs, its
+/// databases).
+pub fn records_bytes(exec: &Exec, name: &str) -> Result<u64> {
+    #[derive(serde::Deserialize)]
+    struct Record {
+        size: u64,
+    }
+    let text = exec.read(&Cmd::new("docker").args([
+        "exec",
+        &format!("buildx_buildkit_{name}0"),
+        "buildctl",
+        "du",
+        "--format",
+        "{{json .}}",
+    ]))?;
+    // No records: `null`.
+    let records: Option<Vec<Record>> =
+        serde_json::from_str(&text).with_context(|| format!("parsing {name}'s `buildctl du`"))?;
+    Ok(records.unwrap_or_default().iter().map(|r| r.size).sum())
+}
+
 /// Trims the builder `name`'s cache to at most `keep` bytes, the least
 /// recently used first (`keep` 0: all of it).
 pub fn trim(exec: &Exec, name: &str, keep: u64) -> Result<()> {

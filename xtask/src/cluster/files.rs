@@ -264,6 +264,10 @@ state = "{run}"
         // (as kind does): the tests' images stay put.
         "evictionHard": {"nodefs.available": "0%", "nodefs.inodesFree": "0%", "imagefs.available": "0%"},
         "imageGCHighThresholdPercent": 100,
+        // But an image no container has used for half an hour goes (the
+        // kubelet looks every 5 minutes), so a node that runs the tests
+        // again and again holds about one run's images, not every run's.
+        "imageMaximumGCAge": "30m",
         "serializeImagePulls": false,
     });
     write(
