@@ -74,13 +74,19 @@ impl Test {
                 .sh
                 .push_env("XTASK_BASE_REGISTRY", format!("{registry}/library"));
             let before = Footprint::take(exec, &registry)?;
-            let cache_before = builder::records_bytes(exec, &builder)?;
+            // Unknown (BuildKit did not say): no trim, rather than a
+            // guess that empties it.
+            let cache_before = builder::records_bytes(exec, &builder)
+                .inspect_err(|e| eprintln!("the pinned builder's cache will not be trimmed: {e:#}"))
+                .ok();
             let tested = self.cargo_test(exec, config);
             let left = exec.step("what the tests left behind", || {
                 // The tests' builds fill the pinned builder's cache with
                 // records of commits no one builds again: it goes back to
                 // the size it had, the least recently used first.
-                builder::trim(exec, &builder, cache_before)?;
+                if let Some(bytes) = cache_before {
+                    builder::trim(exec, &builder, bytes)?;
+                }
                 left_behind(exec, &registry, &before)
             });
             tested.and(left)
