@@ -368,7 +368,7 @@ fn volume_size(exec: &Exec, name: &str) -> Option<u64> {
 
 /// Docker's sizes as it prints them: `1.5GB`, `12.3MB`, `0B` (powers of
 /// 1000).
-pub fn parse_size(text: &str) -> Option<u64> {
+fn parse_size(text: &str) -> Option<u64> {
     let split = text.find(|c: char| c.is_ascii_alphabetic())?;
     let (number, unit) = text.split_at(split);
     let factor = match unit {
@@ -385,6 +385,14 @@ pub fn parse_size(text: &str) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn docker_sizes_read_in_powers_of_1000() {
+        assert_eq!(parse_size("1.5GB"), Some(1_500_000_000));
+        assert_eq!(parse_size("12.3MB"), Some(12_300_000));
+        assert_eq!(parse_size("0B"), Some(0));
+        assert_eq!(parse_size("lots"), None);
+    }
 
     #[test]
     fn a_builder_is_named_after_its_version() {

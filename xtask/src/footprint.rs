@@ -69,14 +69,6 @@ impl Footprint {
     /// Takes the snapshot: `kubectl` reaches the test cluster, `registry`
     /// is the local registry's `host:port`.
     pub fn take(exec: &Exec, registry: &str) -> Result<Footprint> {
-        let namespaces: Namespaces =
-            serde_json::from_str(&exec.read(&Cmd::new("kubectl").args([
-                "get",
-                "namespaces",
-                "--output",
-                "json",
-            ]))?)
-            .context("parsing `kubectl get namespaces`")?;
         let tags = registry_delete::tagged_under(registry::host_of(registry), "")
             .map_err(anyhow::Error::msg)
             .context("listing the local registry's tags")?;
@@ -93,7 +85,7 @@ impl Footprint {
             &Cmd::new("docker").args(["volume", "ls", "--format", "{{json .}}"]),
         )?;
         let mut footprint = Footprint {
-            namespaces: keyed(namespaces.items.into_iter().map(|n| n.metadata.name)),
+            namespaces: keyed(namespaces(exec)?),
             tags: keyed(tags),
             volumes: keyed(volumes.into_iter().map(|v| v.name)),
             ..Footprint::default()
@@ -121,9 +113,9 @@ impl Footprint {
         Ok(footprint)
     }
 
-    /// The namespaces in `self` that `before` did not have.
-    pub fn new_namespaces(&self, before: &Footprint) -> Vec<String> {
-        added(&before.namespaces, &self.namespaces)
+    /// The test cluster's namespaces now that `self` did not have.
+    pub fn new_namespaces(&self, exec: &Exec) -> Result<Vec<String>> {
+        Ok(added(&self.namespaces, &keyed(namespaces(exec)?)))
     }
 
     /// What is in `self` and was not in `before`, one line per kind.
@@ -146,6 +138,18 @@ impl Footprint {
         })
         .collect()
     }
+}
+
+/// The test cluster's namespaces (`kubectl` reaches it).
+fn namespaces(exec: &Exec) -> Result<Vec<String>> {
+    let listed: Namespaces = serde_json::from_str(&exec.read(&Cmd::new("kubectl").args([
+        "get",
+        "namespaces",
+        "--output",
+        "json",
+    ]))?)
+    .context("parsing `kubectl get namespaces`")?;
+    Ok(listed.items.into_iter().map(|n| n.metadata.name).collect())
 }
 
 fn keyed(names: impl IntoIterator<Item = String>) -> BTreeMap<String, String> {

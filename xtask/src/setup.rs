@@ -416,10 +416,10 @@ fn limit_docker_build_cache(exec: &Exec) -> Result<()> {
     if Path::new(DAEMON_JSON).exists() {
         return Ok(());
     }
-    let limit = crate::config::DEFAULT_BUILD_CACHE_GB;
-    let json = format!(
-        "{{\n  \"builder\": {{\n    \"gc\": {{\n      \"enabled\": true,\n      \"defaultKeepStorage\": \"{limit}GB\"\n    }}\n  }}\n}}\n"
-    );
+    let limit = format!("{}GB", crate::config::DEFAULT_BUILD_CACHE_GB);
+    let json = serde_json::to_string_pretty(&serde_json::json!({
+        "builder": { "gc": { "enabled": true, "defaultKeepStorage": limit } }
+    }))?;
     exec.run(&Cmd::new("mkdir").args(["-p", "/etc/docker"]))?;
     exec.run(&Cmd::new("cp").args(["/dev/stdin", DAEMON_JSON]).stdin(json))
 }

@@ -141,9 +141,8 @@ fn left_behind(exec: &Exec, registry: &str, before: &Footprint) -> Result<()> {
     eprintln!("deleted the run's shared images: {}", deleted.join(", "));
     // A test's namespace guard deletes without waiting; the deletion is
     // done when the namespace is gone.
-    let now = Footprint::take(exec, registry)?;
-    let ending: Vec<String> = now
-        .new_namespaces(before)
+    let ending: Vec<String> = before
+        .new_namespaces(exec)?
         .into_iter()
         .map(|n| format!("namespace/{n}"))
         .collect();

@@ -957,11 +957,17 @@ impl Pushed {
     /// registry (`<registry>/<path>`), and of nothing when it is elsewhere
     /// (a test's own registry, gone with it).
     pub fn at(reference: &str) -> Pushed {
-        let path = reference
-            .strip_prefix(&format!("{}/", registry()))
-            .unwrap_or_default();
-        Pushed(path.to_owned())
+        Pushed(path_in_test_registry(reference))
     }
+}
+
+/// `<path>` of `<registry>/<path>` in the test registry, or nothing for a
+/// reference elsewhere.
+fn path_in_test_registry(reference: &str) -> String {
+    reference
+        .strip_prefix(&format!("{}/", registry()))
+        .unwrap_or_default()
+        .to_owned()
 }
 
 impl Drop for Pushed {
@@ -983,7 +989,7 @@ pub struct Pulled(pub String);
 
 impl Pulled {
     pub fn at(reference: &str) -> Pulled {
-        Pulled(Pushed::at(reference).take())
+        Pulled(path_in_test_registry(reference))
     }
 }
 
@@ -992,13 +998,6 @@ impl Drop for Pulled {
         if !self.0.is_empty() {
             remove_copies(&self.0);
         }
-    }
-}
-
-impl Pushed {
-    /// The path, leaving a guard of nothing.
-    fn take(mut self) -> String {
-        std::mem::take(&mut self.0)
     }
 }
 
