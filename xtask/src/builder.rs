@@ -90,7 +90,7 @@ pub fn ensure(exec: &Exec, config: &Config) -> Result<String> {
 /// The pinned builder's BuildKit settings: garbage collection keeps its
 /// build cache under `limit_gb` (BuildKit's `maxUsedSpace`), so repeated
 /// builds do not fill the disk.
-fn buildkitd_config(limit_gb: u32) -> String {
+pub fn buildkitd_config(limit_gb: u32) -> String {
     format!(
         "# Written by cargo xtask: the build cache stays under build_cache_gb.\n[worker.oci]\n  gc = true\n  maxUsedSpace = \"{limit_gb}GB\"\n"
     )
@@ -171,6 +171,18 @@ pub fn identity(exec: &Exec, builder: &str) -> Option<String> {
     }
 }
 
+/// Refuses (exit 2) a builder buildx does not know or whose BuildKit does
+/// not answer within a minute: `--bootstrap` connects to a remote one.
+pub fn reachable(exec: &Exec, builder: &str) -> Result<()> {
+    let probe =
+        Cmd::new("timeout").args(["60", "docker", "buildx", "inspect", "--bootstrap", builder]);
+    exec.read(&probe).map(|_| ()).map_err(|e| {
+        crate::exit::refuse(format!(
+            "builder {builder} cannot be reached, nothing was built: {e:#}"
+        ))
+    })
+}
+
 /// `docker buildx inspect BUILDER`: whether buildx knows it.
 fn inspect(builder: &str) -> Cmd {
     Cmd::new("docker").args(["buildx", "inspect", builder])
@@ -178,7 +190,7 @@ fn inspect(builder: &str) -> Cmd {
 
 /// The image the builder runs: the official one when present or pullable,
 /// else the xtask's own, made now if the local registry lacks it.
-fn image(exec: &Exec, config: &Config) -> Result<String> {
+pub fn image(exec: &Exec, config: &Config) -> Result<String> {
     let official = image_ref(&config.buildkit);
     let present = exec.succeeds(&Cmd::new("docker").args(["image", "inspect", &official]));
     if present || crate::bases::can_pull(exec, &official) {
@@ -311,6 +323,29 @@ fn path(p: &Path) -> String {
 /// for its state), if Docker says.
 pub fn cache_bytes(exec: &Exec, name: &str) -> Option<u64> {
     volume_size(exec, &format!("buildx_buildkit_{name}0_state"))
+}
+
+/// What the cache records of the `docker-container` builder `name` hold,
+/// as BuildKit counts them for `--keep-storage` (its own `buildctl du`, as
+/// JSON; the volume holds more: the layers' compressed blobs, its
+/// databases).
+pub fn records_bytes(exec: &Exec, name: &str) -> Result<u64> {
+    #[derive(serde::Deserialize)]
+    struct Record {
+        size: u64,
+    }
+    let text = exec.read(&Cmd::new("docker").args([
+        "exec",
+        &format!("buildx_buildkit_{name}0"),
+        "buildctl",
+        "du",
+        "--format",
+        "{{json .}}",
+    ]))?;
+    // No records: `null`.
+    let records: Option<Vec<Record>> =
+        serde_json::from_str(&text).with_context(|| format!("parsing {name}'s `buildctl du`"))?;
+    Ok(records.unwrap_or_default().iter().map(|r| r.size).sum())
 }
 
 /// Trims the builder `name`'s cache to at most `keep` bytes, the least

@@ -219,7 +219,7 @@ fn start(exec: &Exec, paths: &Paths, registry: &str, pause: &str) -> Result<()> 
                 .with_context(|| format!("creating {}", paths.state.join(dir).display()))?;
         }
         // The keys: root alone reads them.
-        files::restrict(&paths.state.join("pki"), 0o700)?;
+        crate::pki::restrict(&paths.state.join("pki"), 0o700)?;
     }
     files::certificates(exec, paths)?;
     make_cgroup_root(exec)?;

@@ -74,7 +74,7 @@ impl Test {
                 .sh
                 .push_env("XTASK_BASE_REGISTRY", format!("{registry}/library"));
             let before = Footprint::take(exec, &registry)?;
-            let cache_before = builder::cache_bytes(exec, &builder).unwrap_or(0);
+            let cache_before = builder::records_bytes(exec, &builder)?;
             let tested = self.cargo_test(exec, config);
             let left = exec.step("what the tests left behind", || {
                 // The tests' builds fill the pinned builder's cache with
