@@ -53,7 +53,7 @@ pub fn ensure(exec: &Exec, config: &Config) -> Result<String> {
         }
         if !exists || !current() {
             exec.output.command(
-                &create(&builder, &image_ref(&config.buildkit), &[], &settings),
+                &create(&builder, &official_image(&config.buildkit), &[], &settings),
                 true,
             );
         }
@@ -191,7 +191,7 @@ fn inspect(builder: &str) -> Cmd {
 /// The image the builder runs: the official one when present or pullable,
 /// else the xtask's own, made now if the local registry lacks it.
 pub fn image(exec: &Exec, config: &Config) -> Result<String> {
-    let official = image_ref(&config.buildkit);
+    let official = official_image(&config.buildkit);
     let present = exec.succeeds(&Cmd::new("docker").args(["image", "inspect", &official]));
     if present || crate::bases::can_pull(exec, &official) {
         return Ok(official);
@@ -232,6 +232,27 @@ pub fn image(exec: &Exec, config: &Config) -> Result<String> {
     Ok(reference)
 }
 
+/// The pinned BuildKit image as the local registry serves it, copied
+/// there when the builder runs the official one: what a cluster whose
+/// nodes pull from this machine's registry runs, so no pod names Docker
+/// Hub. A dry run names it and makes or copies nothing.
+pub fn local_image(exec: &Exec, config: &Config) -> Result<String> {
+    let registry = registry::ensure_local(exec)?;
+    let local = format!("{registry}/xtask/buildkit:{}", config.buildkit);
+    if exec.dry_run {
+        return Ok(local);
+    }
+    let image = image(exec, config)?;
+    if image != local {
+        if !exec.succeeds(&Cmd::new("docker").args(["image", "inspect", &image])) {
+            exec.run(&Cmd::new("docker").args(["pull", "--quiet", &image]))?;
+        }
+        exec.run(&Cmd::new("docker").args(["tag", &image, &local]))?;
+        exec.run(&Cmd::new("docker").args(["push", "--quiet", &local]))?;
+    }
+    Ok(local)
+}
+
 /// The Debian the image is made on: the configured base registry's, else
 /// the local mirror's (`cargo xtask mirror`).
 fn debian_base(exec: &Exec, config: &Config, local: &str) -> Result<String> {
@@ -251,7 +272,8 @@ fn debian_base(exec: &Exec, config: &Config, local: &str) -> Result<String> {
 const DEBIAN: &str = "debian:bookworm-slim";
 
 /// The official image of BuildKit `version`.
-fn image_ref(version: &str) -> String {
+/// The official image of `version` (`moby/buildkit:<version>`).
+pub fn official_image(version: &str) -> String {
     format!("{OFFICIAL_IMAGE}:{version}")
 }
 

@@ -68,13 +68,15 @@ pub fn record(name: &str) -> Result<Option<Record>> {
 
 /// The address's host, for the server certificate and `servername`.
 fn host_of(address: &str) -> &str {
-    address.rsplit_once(':').map_or(address, |(host, _)| host)
+    let host = address.rsplit_once(':').map_or(address, |(host, _)| host);
+    host.trim_start_matches('[').trim_end_matches(']')
 }
 
 fn is_loopback(address: &str) -> bool {
-    address
-        .parse::<SocketAddr>()
-        .is_ok_and(|a| a.ip().is_loopback())
+    host_of(address) == "localhost"
+        || address
+            .parse::<SocketAddr>()
+            .is_ok_and(|a| a.ip().is_loopback())
 }
 
 /// Refuses what `up` cannot make: a name already in use, a loopback
@@ -230,6 +232,7 @@ pub fn cluster_objects(
 
 /// Deploys the pinned BuildKit into `namespace` of `kube`'s cluster, then
 /// the buildx builder `name` on `address`.
+#[allow(clippy::too_many_arguments)]
 pub fn up_in_cluster(
     exec: &Exec,
     config: &Config,
@@ -238,6 +241,7 @@ pub fn up_in_cluster(
     namespace: &str,
     replicas: u32,
     address: &str,
+    image: Option<&str>,
 ) -> Result<()> {
     if is_loopback(address) && replicas != 1 {
         return Err(refuse(format!(
@@ -249,7 +253,14 @@ pub fn up_in_cluster(
             "namespace {namespace} exists: `builder up` makes its own (`--namespace` names another)"
         )));
     }
-    let image = crate::builder::image(exec, config)?;
+    // On a loopback address the nodes pull from this machine's registry;
+    // elsewhere, from wherever `--image` says (the official image by
+    // default).
+    let image = match image {
+        Some(image) => image.to_owned(),
+        None if is_loopback(address) => crate::builder::local_image(exec, config)?,
+        None => crate::builder::official_image(&config.buildkit),
+    };
     let dir = state_dir(name)?;
     certificates(exec, &dir, address, namespace)?;
     let read = |file: &str| -> Result<String> {
@@ -295,7 +306,7 @@ pub fn up_in_cluster(
 /// Starts the pinned BuildKit in a container on this machine (the host's
 /// network, so it reaches the local registry), then the buildx builder.
 pub fn up_local(exec: &Exec, config: &Config, name: &str, address: &str) -> Result<()> {
-    let image = crate::builder::image(exec, config)?;
+    let image = crate::builder::local_image(exec, config)?;
     let dir = state_dir(name)?;
     certificates(exec, &dir, address, "local")?;
     // The CA signs nothing more.

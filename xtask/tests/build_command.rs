@@ -979,8 +979,7 @@ fn a_local_builder_over_mutual_tls_gives_the_pinned_builders_digest_and_goes_awa
     );
     up.assert_ok();
     assert_eq!(up.stdout.trim(), format!("BUILDER={name}"), "{}", up.stderr);
-    let home = std::env::var("HOME").unwrap();
-    let dir = std::path::Path::new(&home).join(format!(".cache/aiq-xtask/builders/{name}"));
+    let dir = xtask_cache().join(format!("builders/{name}"));
     // Without the client's certificate buildkitd refuses: a builder that
     // trusts its CA but has no certificate of its own cannot start.
     let stranger = unique("nocert");

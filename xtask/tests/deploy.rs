@@ -2923,8 +2923,7 @@ fn the_in_cluster_builder_builds_what_the_local_one_does_deploys_and_leaves_noth
     );
     // The client's key is root's alone; the server's key is only in the
     // Secret, and the CA's is gone.
-    let dir = Path::new(&std::env::var("HOME").unwrap())
-        .join(format!(".cache/aiq-xtask/builders/{name}"));
+    let dir = xtask_cache().join(format!("builders/{name}"));
     let mode = |file: &str| ok(&dir, "stat", &["-c", "%a", file]);
     assert_eq!(
         (mode("."), mode("client.key")),
@@ -3053,7 +3052,8 @@ fn the_in_cluster_builder_builds_what_the_local_one_does_deploys_and_leaves_noth
     .unwrap();
     std::fs::write(
         root.join("Dockerfile"),
-        "ARG BASE_REGISTRY=docker.io/library\nFROM ${BASE_REGISTRY}/debian:bookworm-slim\nRUN echo ran-the-slow-step && sleep 3 && echo slow > /slow\nCOPY app.txt /app.txt\nRUN echo ran-the-copy-step && cat /app.txt > /served\n",
+        // `u` in each step: no earlier run's cache has them.
+        format!("ARG BASE_REGISTRY=docker.io/library\nFROM ${{BASE_REGISTRY}}/debian:bookworm-slim\nRUN echo ran-the-slow-step {u} && sleep 3 && echo slow > /slow\nCOPY app.txt /app.txt\nRUN echo ran-the-copy-step {u} && cat /app.txt > /served\n"),
     )
     .unwrap();
     std::fs::write(root.join(".gitignore"), "/target\n").unwrap();

@@ -35,6 +35,9 @@ struct Up {
     /// HOST:PORT buildx connects to; a loopback one puts the pods on the node's network [default: 127.0.0.1:1234 in the cluster, 127.0.0.1:1235 here]
     #[arg(long)]
     address: Option<String>,
+    /// The BuildKit image the cluster's nodes pull [default: the local registry's copy on a loopback address, else moby/buildkit:<buildkit>]
+    #[arg(long)]
+    image: Option<String>,
     /// The namespace `up --in-cluster` makes
     #[arg(long, default_value = "xtask-buildkit")]
     namespace: String,
@@ -106,6 +109,7 @@ impl Up {
                     &self.namespace,
                     self.replicas,
                     &address,
+                    self.image.as_deref(),
                 )
             })?;
         } else {
