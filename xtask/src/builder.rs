@@ -53,7 +53,7 @@ pub fn ensure(exec: &Exec, config: &Config) -> Result<String> {
         }
         if !exists || !current() {
             exec.output.command(
-                &create(&builder, &image_ref(&config.buildkit), &[], &settings),
+                &create(&builder, &official_image(&config.buildkit), &[], &settings),
                 true,
             );
         }
@@ -90,7 +90,7 @@ pub fn ensure(exec: &Exec, config: &Config) -> Result<String> {
 /// The pinned builder's BuildKit settings: garbage collection keeps its
 /// build cache under `limit_gb` (BuildKit's `maxUsedSpace`), so repeated
 /// builds do not fill the disk.
-fn buildkitd_config(limit_gb: u32) -> String {
+pub fn buildkitd_config(limit_gb: u32) -> String {
     format!(
         "# Written by cargo xtask: the build cache stays under build_cache_gb.\n[worker.oci]\n  gc = true\n  maxUsedSpace = \"{limit_gb}GB\"\n"
     )
@@ -171,6 +171,18 @@ pub fn identity(exec: &Exec, builder: &str) -> Option<String> {
     }
 }
 
+/// Refuses (exit 2) a builder buildx does not know or whose BuildKit does
+/// not answer within a minute: `--bootstrap` connects to a remote one.
+pub fn reachable(exec: &Exec, builder: &str) -> Result<()> {
+    let probe =
+        Cmd::new("timeout").args(["60", "docker", "buildx", "inspect", "--bootstrap", builder]);
+    exec.read(&probe).map(|_| ()).map_err(|e| {
+        crate::exit::refuse(format!(
+            "builder {builder} cannot be reached, nothing was built: {e:#}"
+        ))
+    })
+}
+
 /// `docker buildx inspect BUILDER`: whether buildx knows it.
 fn inspect(builder: &str) -> Cmd {
     Cmd::new("docker").args(["buildx", "inspect", builder])
@@ -178,8 +190,8 @@ fn inspect(builder: &str) -> Cmd {
 
 /// The image the builder runs: the official one when present or pullable,
 /// else the xtask's own, made now if the local registry lacks it.
-fn image(exec: &Exec, config: &Config) -> Result<String> {
-    let official = image_ref(&config.buildkit);
+pub fn image(exec: &Exec, config: &Config) -> Result<String> {
+    let official = official_image(&config.buildkit);
     let present = exec.succeeds(&Cmd::new("docker").args(["image", "inspect", &official]));
     if present || crate::bases::can_pull(exec, &official) {
         return Ok(official);
@@ -220,6 +232,27 @@ fn image(exec: &Exec, config: &Config) -> Result<String> {
     Ok(reference)
 }
 
+/// The pinned BuildKit image as the local registry serves it, copied
+/// there when the builder runs the official one: what a cluster whose
+/// nodes pull from this machine's registry runs, so no pod names Docker
+/// Hub. A dry run names it and makes or copies nothing.
+pub fn local_image(exec: &Exec, config: &Config) -> Result<String> {
+    let registry = registry::ensure_local(exec)?;
+    let local = format!("{registry}/xtask/buildkit:{}", config.buildkit);
+    if exec.dry_run {
+        return Ok(local);
+    }
+    let image = image(exec, config)?;
+    if image != local {
+        if !exec.succeeds(&Cmd::new("docker").args(["image", "inspect", &image])) {
+            exec.run(&Cmd::new("docker").args(["pull", "--quiet", &image]))?;
+        }
+        exec.run(&Cmd::new("docker").args(["tag", &image, &local]))?;
+        exec.run(&Cmd::new("docker").args(["push", "--quiet", &local]))?;
+    }
+    Ok(local)
+}
+
 /// The Debian the image is made on: the configured base registry's, else
 /// the local mirror's (`cargo xtask mirror`).
 fn debian_base(exec: &Exec, config: &Config, local: &str) -> Result<String> {
@@ -239,7 +272,8 @@ fn debian_base(exec: &Exec, config: &Config, local: &str) -> Result<String> {
 const DEBIAN: &str = "debian:bookworm-slim";
 
 /// The official image of BuildKit `version`.
-fn image_ref(version: &str) -> String {
+/// The official image of `version` (`moby/buildkit:<version>`).
+pub fn official_image(version: &str) -> String {
     format!("{OFFICIAL_IMAGE}:{version}")
 }
 

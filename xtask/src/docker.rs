@@ -495,10 +495,16 @@ pub fn bake_command(
         }
         cmd = cmd.arg("--pull");
     } else {
+        // `{builder}` in a cache ref is the builder's name: each builder
+        // exports to a ref of its own (one ref is last-writer-wins) and
+        // imports every builder's.
+        let builder = opts.builder.as_deref().unwrap_or("default");
         for from in &opts.cache_from {
+            let from = from.replace("{builder}", builder);
             cmd = cmd.arg("--set").arg(format!("*.cache-from={from}"));
         }
         for to in &opts.cache_to {
+            let to = to.replace("{builder}", builder);
             cmd = cmd.arg("--set").arg(format!("*.cache-to={to}"));
         }
     }
@@ -695,8 +701,12 @@ pub fn build(
     let out = config.out_dir();
     std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
     let mut opts = opts.clone();
-    if opts.builder.is_none() {
-        opts.builder = Some(crate::builder::ensure(exec, config)?);
+    match &opts.builder {
+        None => opts.builder = Some(crate::builder::ensure(exec, config)?),
+        // A builder named with `--builder` (a remote BuildKit) must answer
+        // before anything is built.
+        Some(named) if !exec.dry_run => crate::builder::reachable(exec, named)?,
+        Some(_) => {}
     }
     let name = opts.builder.clone().unwrap_or_default();
     // The key names the builder by its BuildKit version and the platform
@@ -744,7 +754,8 @@ pub fn build(
         // Digests exist only in a registry (or, digest_only, in BuildKit):
         // a build loaded into Docker has none.
         if opts.push {
-            crate::push::push(exec, config, &building, &opts, &bake_path, &metadata_path)?
+            crate::push::push(exec, config, &building, &opts, &bake_path, &metadata_path)
+                .with_context(|| format!("building on builder {name}"))?
         } else {
             let targets: Vec<(&Image, Vec<String>, i64)> = building
                 .iter()
@@ -754,7 +765,8 @@ pub fn build(
             if let Err(error) = exec.run(&cmd) {
                 return Err(
                     crate::bases::explain_base_image_failure(exec, config, &images)
-                        .unwrap_or(error),
+                        .unwrap_or(error)
+                        .context(format!("building on builder {name}")),
                 );
             }
             if opts.digest_only && !exec.dry_run {
@@ -1016,12 +1028,12 @@ mod tests {
             push: true,
             builder: Some("remote".into()),
             cache_from: vec!["type=registry,ref=r/cache:aiq".into()],
-            cache_to: vec!["type=registry,ref=r/cache:aiq,mode=max".into()],
+            cache_to: vec!["type=registry,ref=r/cache:{builder},mode=max".into()],
             ..BuildOptions::default()
         };
         let cached = bake_command(Path::new("b.json"), Path::new("m.json"), &tagged, &opts);
         assert!(cached.to_string().contains(
-            "--set '*.cache-from=type=registry,ref=r/cache:aiq' --set '*.cache-to=type=registry,ref=r/cache:aiq,mode=max'"
+            "--set '*.cache-from=type=registry,ref=r/cache:aiq' --set '*.cache-to=type=registry,ref=r/cache:remote,mode=max'"
         ), "{cached}");
         assert!(
             !fresh.to_string().contains("cache-from"),

@@ -20,10 +20,12 @@ mod history;
 mod kube;
 mod lock;
 mod output;
+mod pki;
 mod progress;
 mod push;
 mod registry;
 mod registry_delete;
+mod remote;
 mod rollout;
 mod setup;
 mod snapshot;
@@ -50,6 +52,7 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Command {
     Build(commands::build::Build),
+    Builder(commands::builder::Builder),
     Bench(commands::bench::Bench),
     Cluster(commands::cluster::Cluster),
     Deploy(commands::deploy::Deploy),
@@ -97,6 +100,7 @@ fn run(cli: Cli, output: output::Output) -> anyhow::Result<()> {
     let exec = exec::Exec::new(&sh, cli.dry_run, output);
     match cli.command {
         Command::Build(cmd) => cmd.run(&exec),
+        Command::Builder(cmd) => cmd.run(&exec),
         Command::Bench(cmd) => cmd.run(&exec),
         Command::Cluster(cmd) => cmd.run(&exec),
         Command::Deploy(cmd) => cmd.run(&exec),

@@ -952,3 +952,97 @@ fn the_pinned_builder_keeps_its_build_cache_under_the_configured_size() {
         "GC policies' max used space: {limits:?} ({workers})"
     );
 }
+
+/// `builder up` without `--in-cluster`: the pinned BuildKit in a container
+/// of its own reached over mutual TLS, a buildx `remote` builder for it;
+/// a build on it gives the pinned builder's digest; `builder down`
+/// removes the container, the builder and the certificates.
+#[test]
+fn a_local_builder_over_mutual_tls_gives_the_pinned_builders_digest_and_goes_away() {
+    let image = unique("tls");
+    let repo = fixture(&image);
+    let root = repo.path();
+    let name = unique("localbk");
+    let address = format!("127.0.0.1:{}", free_port());
+    let down = || xtask(root, &["builder", "down", "--name", &name], &[]);
+    struct Down<F: Fn() -> XtaskRun>(F);
+    impl<F: Fn() -> XtaskRun> Drop for Down<F> {
+        fn drop(&mut self) {
+            (self.0)();
+        }
+    }
+    let _down = Down(down);
+    let up = xtask(
+        root,
+        &["builder", "up", "--name", &name, "--address", &address],
+        &[],
+    );
+    up.assert_ok();
+    assert_eq!(up.stdout.trim(), format!("BUILDER={name}"), "{}", up.stderr);
+    let dir = xtask_cache().join(format!("builders/{name}"));
+    // Without the client's certificate buildkitd refuses: a builder that
+    // trusts its CA but has no certificate of its own cannot start.
+    let stranger = unique("nocert");
+    ok(
+        root,
+        "docker",
+        &[
+            "buildx",
+            "create",
+            "--name",
+            &stranger,
+            "--driver",
+            "remote",
+            "--driver-opt",
+            &format!("cacert={}", dir.join("ca.crt").display()),
+            "--driver-opt",
+            "servername=127.0.0.1",
+            &format!("tcp://{address}"),
+        ],
+    );
+    let refused = run(
+        root,
+        "timeout",
+        &[
+            "60",
+            "docker",
+            "buildx",
+            "inspect",
+            "--bootstrap",
+            &stranger,
+        ],
+    );
+    let _ = run(root, "docker", &["buildx", "rm", "--force", &stranger]);
+    assert!(
+        !refused.status.success(),
+        "a client without a certificate reached buildkitd"
+    );
+
+    xtask(root, &["build", "--push"], &[]).assert_ok();
+    let pinned = build_digests(root);
+    std::fs::remove_file(root.join("target/xtask/build.json")).unwrap();
+    let remote = xtask(
+        root,
+        &["build", "--push", "--rebuild", "--builder", &name],
+        &[],
+    );
+    remote.assert_ok();
+    assert!(
+        remote.stderr.contains(&format!("--builder {name}")),
+        "{}",
+        remote.stderr
+    );
+    assert_eq!(
+        build_digests(root),
+        pinned,
+        "the same image on both builders"
+    );
+
+    let container = format!("xtask-buildkitd-{name}");
+    assert!(dir.join("client.key").exists());
+    xtask(root, &["builder", "down", "--name", &name], &[]).assert_ok();
+    let gone = |args: &[&str]| !run(root, "docker", args).status.success();
+    assert!(gone(&["container", "inspect", &container]));
+    assert!(gone(&["buildx", "inspect", &name]));
+    assert!(!dir.exists());
+}

@@ -2830,3 +2830,290 @@ fn a_cancelled_github_job_still_records_the_interrupt_and_releases_the_lock() {
         assert_eq!(entry["result"], "interrupted", "{sent:?}\n{stderr}");
     }
 }
+
+/// `cargo xtask builder down --name NAME` when dropped, whatever the test's
+/// outcome: a builder `builder up` made is removed with everything it made.
+struct BuilderDown(String);
+
+impl Drop for BuilderDown {
+    fn drop(&mut self) {
+        let _ = xtask(
+            &project_root(),
+            &[
+                "builder",
+                "down",
+                "--name",
+                &self.0,
+                "--context",
+                CLUSTER_CONTEXT,
+            ],
+            &[],
+        );
+    }
+}
+
+/// A buildx builder made by hand, removed when dropped.
+struct HandMadeBuilder(String);
+
+impl Drop for HandMadeBuilder {
+    fn drop(&mut self) {
+        let _ = run(
+            Path::new("."),
+            "docker",
+            &["buildx", "rm", "--force", &self.0],
+        );
+    }
+}
+
+/// The tags of `<fixture registry>/<image>` in the test registry.
+fn tags_of(fx: &Fixture, image: &str) -> Vec<String> {
+    let path = fx.registry.split_once('/').unwrap().1;
+    common::registry_delete::tags(&registry(), &format!("{path}/{image}")).unwrap()
+}
+
+/// BuildKit as a service in the cluster: `builder up --in-cluster` runs the
+/// pinned BuildKit as a Deployment (images from the local registry only)
+/// reached over mutual TLS; the run's commit built on it gives the digests
+/// the local builder gave; `deploy --builder` deploys and verifies; a
+/// builder that does not answer is refused before anything is built; a
+/// builder pod killed mid-build fails the deploy naming the builder, with
+/// nothing pushed and the lock released, and the next deploy on the
+/// replaced pod succeeds; `builder down` leaves nothing.
+#[test]
+fn the_in_cluster_builder_builds_what_the_local_one_does_deploys_and_leaves_nothing() {
+    let head = head_images();
+    let fx = Fixture::new();
+    let name = unique("incluster");
+    let namespace = unique("buildkit-");
+    let address = format!("127.0.0.1:{}", free_port());
+    let _down = BuilderDown(name.clone());
+    let up = fx.run(&[
+        "builder",
+        "up",
+        "--in-cluster",
+        "--name",
+        &name,
+        "--namespace",
+        &namespace,
+        "--address",
+        &address,
+    ]);
+    up.assert_ok();
+    assert_eq!(up.stdout.trim(), format!("BUILDER={name}"), "{}", up.stderr);
+    let pods = kubectl_json(&["--namespace", &namespace, "get", "pods", "--output", "json"]);
+    let images: Vec<&str> = pods["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|pod| {
+            let spec = &pod["spec"];
+            [&spec["containers"], &spec["initContainers"]]
+                .into_iter()
+                .filter_map(|list| list.as_array())
+                .flatten()
+                .filter_map(|c| c["image"].as_str())
+        })
+        .collect();
+    assert!(
+        !images.is_empty()
+            && images
+                .iter()
+                .all(|i| i.starts_with(&format!("{}/", registry()))),
+        "every image from the local registry: {images:?}"
+    );
+    // The client's key is root's alone; the server's key is only in the
+    // Secret, and the CA's is gone.
+    let dir = xtask_cache().join(format!("builders/{name}"));
+    let mode = |file: &str| ok(&dir, "stat", &["-c", "%a", file]);
+    assert_eq!(
+        (mode("."), mode("client.key")),
+        ("700".into(), "600".into())
+    );
+    assert!(!dir.join("server.key").exists() && !dir.join("ca.key").exists());
+
+    // The run's commit, built fresh on the in-cluster builder: the digests
+    // the local builder gave.
+    let clone = TempDir::new("incluster");
+    clone_into(&head.clone, clone.path(), "022");
+    let repository = format!("{}/{}", registry(), unique("incluster"));
+    let _pushed = Pushed::at(&repository);
+    let built = xtask(
+        clone.path(),
+        &["build", "--push", "--builder", &name],
+        &[("XTASK_REGISTRY", &repository)],
+    );
+    built.assert_ok();
+    assert!(
+        built.stderr.contains(&format!("--builder {name}"))
+            && built.stderr.contains("--no-cache --pull"),
+        "{}",
+        built.stderr
+    );
+    let digests = build_digests(clone.path());
+    assert_eq!(digests, head.digests, "the in-cluster builder's digests");
+    eprintln!("digests from both builders: {digests:?}");
+
+    // Deployed with it, and verified.
+    fx.deploy(&["--builder", &name]).assert_ok();
+    let deployed = fx.digests();
+    fx.assert_serving("fxweb", deployed["fxweb"].as_str().unwrap());
+    fx.run(&["verify"]).assert_ok();
+
+    // A builder that does not answer: refused before anything is built or
+    // applied.
+    let closed = HandMadeBuilder(unique("closed"));
+    ok(
+        Path::new("."),
+        "docker",
+        &[
+            "buildx",
+            "create",
+            "--name",
+            &closed.0,
+            "--driver",
+            "remote",
+            &format!("tcp://127.0.0.1:{}", free_port()),
+        ],
+    );
+    fx.commit(HEALTHY_APP);
+    let image_before = fx.image_of("fxweb");
+    let refused = fx.deploy(&["--builder", &closed.0]);
+    refused.assert_fails(2, &format!("builder {} cannot be reached", closed.0));
+    assert!(
+        !refused.stderr.contains("buildx bake"),
+        "{}",
+        refused.stderr
+    );
+    assert_eq!(fx.image_of("fxweb"), image_before);
+
+    // The builder's pod killed mid-build (a step that takes a while in
+    // both images): exit 1 naming the builder, nothing pushed, the lock
+    // released; the Deployment replaces the pod and the next deploy works.
+    let dockerfile = fx.root().join("Dockerfile");
+    let slow = std::fs::read_to_string(&dockerfile).unwrap() + "RUN sleep 25 && touch /slow\n";
+    std::fs::write(&dockerfile, slow).unwrap();
+    commit_all(fx.root(), "a slow step");
+    let tags_before = (tags_of(&fx, "fxapi"), tags_of(&fx, "fxweb"));
+    let mut args = vec!["deploy"];
+    args.extend_from_slice(FAST);
+    args.extend_from_slice(&["--builder", &name]);
+    let mut child = fx.spawn(&args);
+    let watch = StderrWatch::new(&mut child);
+    watch.wait_for("sleep 25", 180);
+    kubectl(&[
+        "--namespace",
+        &namespace,
+        "delete",
+        "pod",
+        "--selector",
+        "app.kubernetes.io/name=buildkitd",
+        "--grace-period=0",
+        "--force",
+        "--wait=false",
+    ]);
+    let (code, stderr) = watch.exit(child, 180);
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(
+        stderr.contains(&format!("building on builder {name}")),
+        "{stderr}"
+    );
+    assert_eq!(
+        (tags_of(&fx, "fxapi"), tags_of(&fx, "fxweb")),
+        tags_before,
+        "nothing pushed"
+    );
+    assert_eq!(fx.lease(), Value::Null, "the lock is released");
+    kubectl(&[
+        "--namespace",
+        &namespace,
+        "rollout",
+        "status",
+        "deployment/buildkitd",
+        "--timeout=180s",
+    ]);
+    fx.deploy(&["--builder", &name]).assert_ok();
+
+    // A registry cache the two builders share: each exports to a ref of
+    // its own (`{builder}`) and imports both. The in-cluster builder's pod
+    // is new (its own cache empty): what it does not run, it took from
+    // the local builder's export.
+    let shared = TempDir::new("shared-cache");
+    let root = shared.path();
+    let u = unique("shared");
+    let cache = format!("{}/cache/{u}", registry());
+    let images = format!("{}/{u}", registry());
+    let _shared_pushed = (Pushed::at(&cache), Pushed::at(&images));
+    std::fs::write(
+        root.join("Cargo.toml"),
+        format!(
+            "[workspace]\nmembers = []\n\n[workspace.metadata.xtask]\nregistry = \"{images}\"\npush_latest = false\ncache_from = [\"type=registry,ref={cache}:xtask-buildkit-v0-34-2\", \"type=registry,ref={cache}:{name}\"]\ncache_to = [\"type=registry,ref={cache}:{{builder}},mode=max\"]\n\n[[workspace.metadata.xtask.images]]\nname = \"shared\"\ndockerfile = \"Dockerfile\"\n"
+        ),
+    )
+    .unwrap();
+    std::fs::write(
+        root.join("Dockerfile"),
+        // `u` in each step: no earlier run's cache has them.
+        format!("ARG BASE_REGISTRY=docker.io/library\nFROM ${{BASE_REGISTRY}}/debian:bookworm-slim\nRUN echo ran-the-slow-step {u} && sleep 3 && echo slow > /slow\nCOPY app.txt /app.txt\nRUN echo ran-the-copy-step {u} && cat /app.txt > /served\n"),
+    )
+    .unwrap();
+    std::fs::write(root.join(".gitignore"), "/target\n").unwrap();
+    std::fs::write(root.join("app.txt"), "one\n").unwrap();
+    init_repo(root);
+    commit_all(root, "shared cache");
+    // A step ran when it printed its marker (its header line names it too).
+    let ran = |stderr: &str, marker: &str| {
+        stderr
+            .lines()
+            .any(|l| l.contains(marker) && !l.contains("RUN echo"))
+    };
+    let cached = |stderr: &str| stderr.lines().filter(|l| l.ends_with(" CACHED")).count();
+    let local = xtask(root, &["build", "--push", "--cache"], &[]);
+    local.assert_ok();
+    assert!(ran(&local.stderr, "ran-the-slow-step"), "{}", local.stderr);
+    let local_digests = build_digests(root);
+    let remote = xtask(
+        root,
+        &["build", "--push", "--cache", "--builder", &name],
+        &[],
+    );
+    remote.assert_ok();
+    assert!(
+        !ran(&remote.stderr, "ran-the-slow-step") && !ran(&remote.stderr, "ran-the-copy-step"),
+        "the in-cluster builder ran a step the local one had cached: {}",
+        remote.stderr
+    );
+    assert_eq!(build_digests(root), local_digests, "the same image");
+    std::fs::write(root.join("app.txt"), "two\n").unwrap();
+    commit_all(root, "the next commit");
+    let next = xtask(
+        root,
+        &["build", "--push", "--cache", "--builder", &name],
+        &[],
+    );
+    next.assert_ok();
+    assert!(
+        !ran(&next.stderr, "ran-the-slow-step") && ran(&next.stderr, "ran-the-copy-step"),
+        "only what the commit changed runs: {}",
+        next.stderr
+    );
+    eprintln!(
+        "shared cache: CACHED steps: same commit on the other builder {}, next commit {}",
+        cached(&remote.stderr),
+        cached(&next.stderr)
+    );
+
+    // `builder down` removes exactly what `up` made.
+    let down = fx.run(&["builder", "down", "--name", &name]);
+    down.assert_ok();
+    assert!(down.stderr.contains("registry cache"), "{}", down.stderr);
+    assert_eq!(
+        kubectl(&["get", "namespace", &namespace, "--ignore-not-found"]),
+        ""
+    );
+    assert!(
+        !run(Path::new("."), "docker", &["buildx", "inspect", &name])
+            .status
+            .success()
+    );
+    assert!(!dir.exists(), "the certificates are gone");
+}

@@ -124,7 +124,7 @@ fn every_dry_run_changes_nothing_outside_target_xtask() {
     // `down` finds no stack of this name, and `rollback` an empty history
     // in the real manifests' namespace (a refusal that must change nothing
     // either).
-    let commands: [(&[&str], i32, bool); 10] = [
+    let commands: [(&[&str], i32, bool); 13] = [
         (&["cluster", "up"], 0, true),
         (&["cluster", "down"], 0, true),
         (&["build"], 0, true),
@@ -135,6 +135,17 @@ fn every_dry_run_changes_nothing_outside_target_xtask() {
         (&["deploy", "--context", "aiq-test"], 0, true),
         (&["rollback", "--context", "aiq-test"], 2, false),
         (&["clean", "--all"], 0, true),
+        (
+            &["builder", "up", "--in-cluster", "--context", "aiq-test"],
+            0,
+            true,
+        ),
+        (&["builder", "up"], 0, true),
+        (
+            &["builder", "down", "--in-cluster", "--context", "aiq-test"],
+            0,
+            false,
+        ),
     ];
     for (args, code, acts) in commands {
         let before = machine(home.path());

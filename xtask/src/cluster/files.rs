@@ -10,7 +10,10 @@ use super::{
     Paths, API_PORT, BRIDGE, CGROUP_ROOT, CONTEXT, ETCD_CLIENT_PORT, ETCD_PEER_PORT,
     FIRST_SERVICE_IP, NODE_IP, NODE_NAME, POD_CIDR, SERVICE_CIDR,
 };
-use crate::exec::{Cmd, Exec};
+use crate::{
+    exec::{Cmd, Exec},
+    pki::{restrict, Pki},
+};
 
 /// Where Debian's containernetworking-plugins installs the plugins.
 pub const CNI_BIN_DIR: &str = "/usr/lib/cni";
@@ -22,111 +25,38 @@ pub const CNI_BIN_DIR: &str = "/usr/lib/cni";
 /// that every component and the tests use; the service-account signing key
 /// pair. The keys are readable by root alone.
 pub fn certificates(exec: &Exec, paths: &Paths) -> Result<()> {
-    let pki = |f: &str| paths.pki(f);
-    let openssl = |args: &[&str]| exec.run(&Cmd::new("openssl").args(args.iter().copied()));
-    const KEYS: [&str; 6] = [
-        "ca.key",
-        "apiserver.key",
-        "etcd.key",
-        "apiserver-etcd-client.key",
-        "admin.key",
-        "sa.key",
-    ];
-    for key in KEYS {
-        openssl(&["genrsa", "-out", &pki(key), "2048"])?;
-        if !exec.dry_run {
-            restrict(std::path::Path::new(&pki(key)), 0o600)?;
-        }
+    let pki = Pki::new(exec, paths.state.join("pki"));
+    pki.ca("/CN=aiq-test-ca")?;
+    for key in ["apiserver", "etcd", "apiserver-etcd-client", "admin", "sa"] {
+        pki.key(key)?;
     }
-    openssl(&[
+    exec.run(&Cmd::new("openssl").args([
         "rsa",
         "-in",
-        &pki("sa.key"),
+        &pki.file("sa.key"),
         "-pubout",
         "-out",
-        &pki("sa.pub"),
-    ])?;
-    openssl(&[
-        "req",
-        "-x509",
-        "-new",
-        "-key",
-        &pki("ca.key"),
-        "-subj",
-        "/CN=aiq-test-ca",
-        "-days",
-        "3650",
-        "-out",
-        &pki("ca.crt"),
-    ])?;
+        &pki.file("sa.pub"),
+    ]))?;
     let sans = format!(
         "subjectAltName=IP:127.0.0.1,IP:{NODE_IP},IP:{FIRST_SERVICE_IP},DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc\nextendedKeyUsage=serverAuth\n"
     );
-    sign(exec, paths, "apiserver", "/CN=kube-apiserver", &sans)?;
-    sign(
-        exec,
-        paths,
+    pki.sign("apiserver", "/CN=kube-apiserver", &sans)?;
+    pki.sign(
         "etcd",
         "/CN=aiq-test-etcd",
         "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth,clientAuth\n",
     )?;
-    sign(
-        exec,
-        paths,
+    pki.sign(
         "apiserver-etcd-client",
         "/CN=kube-apiserver-etcd-client",
         "extendedKeyUsage=clientAuth\n",
     )?;
-    sign(
-        exec,
-        paths,
+    pki.sign(
         "admin",
         "/O=system:masters/CN=aiq-test-admin",
         "extendedKeyUsage=clientAuth\n",
     )
-}
-
-/// Sets `path`'s mode (`0o600` for a key: root alone reads it).
-pub fn restrict(path: &std::path::Path, mode: u32) -> Result<()> {
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
-        .with_context(|| format!("setting the mode of {} to {mode:o}", path.display()))
-}
-
-/// `NAME.crt` for `NAME.key`, signed by the CA with `extensions`.
-fn sign(exec: &Exec, paths: &Paths, name: &str, subject: &str, extensions: &str) -> Result<()> {
-    let ext = paths.pki(&format!("{name}.ext"));
-    if !exec.dry_run {
-        std::fs::write(&ext, extensions).with_context(|| format!("writing {ext}"))?;
-    }
-    let csr = paths.pki(&format!("{name}.csr"));
-    exec.run(&Cmd::new("openssl").args([
-        "req",
-        "-new",
-        "-key",
-        &paths.pki(&format!("{name}.key")),
-        "-subj",
-        subject,
-        "-out",
-        &csr,
-    ]))?;
-    exec.run(&Cmd::new("openssl").args([
-        "x509",
-        "-req",
-        "-in",
-        &csr,
-        "-CA",
-        &paths.pki("ca.crt"),
-        "-CAkey",
-        &paths.pki("ca.key"),
-        "-CAcreateserial",
-        "-days",
-        "3650",
-        "-extfile",
-        &ext,
-        "-out",
-        &paths.pki(&format!("{name}.crt")),
-    ]))
 }
 
 /// Every configuration file the daemons read.
@@ -330,6 +260,9 @@ pub fn daemon_command(paths: &Paths, daemon: &str) -> Cmd {
             format!("--kubelet-client-certificate={}", paths.pki("admin.crt")),
             format!("--kubelet-client-key={}", paths.pki("admin.key")),
             "--profiling=false".to_owned(),
+            // The in-cluster BuildKit (`cargo xtask builder up --in-cluster`)
+            // runs privileged, as BuildKit's own Kubernetes examples do.
+            "--allow-privileged=true".to_owned(),
         ]),
         "kube-controller-manager" => Cmd::new(paths.tool(daemon)).args([
             format!("--kubeconfig={kubeconfig}"),

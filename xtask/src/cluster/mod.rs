@@ -135,6 +135,18 @@ fn is_running(exec: &Exec, paths: &Paths) -> bool {
         && node_ready(exec, paths).unwrap_or(false)
 }
 
+/// The daemons' settings (their flags and configuration files), as this
+/// xtask writes them: raised with every change, so a cluster an older
+/// xtask started is started again rather than found running without them
+/// (2: the apiserver allows privileged pods, the kubelet drops images
+/// unused for 30 minutes).
+const SETTINGS: &str = "2";
+
+/// Whether the running cluster was started with this xtask's settings.
+fn current_settings(paths: &Paths) -> bool {
+    std::fs::read_to_string(paths.state.join("run/settings")).is_ok_and(|s| s == SETTINGS)
+}
+
 /// Builds what is missing, starts the cluster (or finds it running) and
 /// returns its kubeconfig path.
 pub fn up(exec: &Exec) -> Result<PathBuf> {
@@ -150,8 +162,11 @@ pub fn up(exec: &Exec) -> Result<PathBuf> {
         )));
     }
     if !exec.dry_run && is_running(exec, &paths) {
-        eprintln!("the test cluster is already running");
-        return Ok(paths.kubeconfig());
+        if current_settings(&paths) {
+            eprintln!("the test cluster is already running");
+            return Ok(paths.kubeconfig());
+        }
+        eprintln!("the test cluster runs with an older xtask's settings: starting it again");
     }
     if !cached {
         exec.step(format!("Kubernetes {VERSION} binaries"), || {
@@ -219,7 +234,7 @@ fn start(exec: &Exec, paths: &Paths, registry: &str, pause: &str) -> Result<()> 
                 .with_context(|| format!("creating {}", paths.state.join(dir).display()))?;
         }
         // The keys: root alone reads them.
-        files::restrict(&paths.state.join("pki"), 0o700)?;
+        crate::pki::restrict(&paths.state.join("pki"), 0o700)?;
     }
     files::certificates(exec, paths)?;
     make_cgroup_root(exec)?;
@@ -241,7 +256,8 @@ fn start(exec: &Exec, paths: &Paths, registry: &str, pause: &str) -> Result<()> 
         let ready = || ready(exec, paths, daemon);
         wait_for(paths, daemon, pid, Duration::from_secs(90), ready)?;
     }
-    Ok(())
+    std::fs::write(paths.state.join("run/settings"), SETTINGS)
+        .with_context(|| format!("writing {}", paths.state.join("run/settings").display()))
 }
 
 /// The kubelet's `cgroupRoot` in every hierarchy: it must exist before the

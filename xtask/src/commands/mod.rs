@@ -3,6 +3,7 @@
 pub mod bench;
 mod bench_deploy;
 pub mod build;
+pub mod builder;
 pub mod ci;
 pub mod clean;
 pub mod cluster;

@@ -285,6 +285,59 @@ impl<'a> Kube<'a> {
         cmd.arg(WRITE_REQUEST_TIMEOUT)
     }
 
+    /// The same kubectl and context, in namespace `namespace`.
+    pub fn in_namespace(&self, namespace: &str) -> Kube<'a> {
+        Kube {
+            exec: self.exec,
+            kubectl: self.kubectl.clone(),
+            context: self.context.clone(),
+            namespace: namespace.to_owned(),
+            lock_name: self.lock_name.clone(),
+            history_name: self.history_name.clone(),
+        }
+    }
+
+    /// Succeeds when namespace `name` exists.
+    pub fn namespace_named(&self, name: &str) -> Cmd {
+        self.global(&[
+            "get",
+            "namespace",
+            name,
+            "--output",
+            "name",
+            LOCK_REQUEST_TIMEOUT,
+        ])
+    }
+
+    /// `kubectl apply --server-side` of the objects `list` holds (a
+    /// `v1/List`), fed on stdin: objects the xtask makes itself (the
+    /// in-cluster builder's).
+    pub fn apply_objects(&self, list: &serde_json::Value) -> Cmd {
+        self.apply_file("-").hidden_stdin(list.to_string())
+    }
+
+    /// Waits until deployment `name` has rolled out, up to `timeout`.
+    pub fn rollout_status(&self, name: &str, timeout: &str) -> Cmd {
+        self.cmd(&[
+            "rollout",
+            "status",
+            &format!("deployment/{name}"),
+            &format!("--timeout={timeout}"),
+        ])
+    }
+
+    /// Deletes the namespace `name` and waits (bounded) until it is gone.
+    pub fn delete_namespace(&self, name: &str) -> Cmd {
+        self.global(&[
+            "delete",
+            "namespace",
+            name,
+            "--ignore-not-found",
+            "--timeout=180s",
+            WRITE_REQUEST_TIMEOUT,
+        ])
+    }
+
     pub fn create_configmap(&self, name: &str) -> Cmd {
         self.cmd(&["create", "configmap", name, WRITE_REQUEST_TIMEOUT])
     }

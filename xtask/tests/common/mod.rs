@@ -50,6 +50,18 @@ pub fn require_docker() {
     }
 }
 
+/// The xtask's cache as it finds it: under `XDG_CACHE_HOME`, else
+/// `~/.cache`.
+pub fn xtask_cache() -> PathBuf {
+    std::env::var_os("XDG_CACHE_HOME")
+        .filter(|v| !v.is_empty())
+        .map_or_else(
+            || Path::new(&std::env::var("HOME").unwrap()).join(".cache"),
+            PathBuf::from,
+        )
+        .join("aiq-xtask")
+}
+
 pub fn base_registry() -> String {
     std::env::var("XTASK_BASE_REGISTRY").unwrap_or_else(|_| format!("{}/library", registry()))
 }

@@ -1,0 +1,154 @@
+//! `cargo xtask builder up|down`: the pinned BuildKit as a service reached
+//! over mutual TLS (see `crate::remote`), for `--builder`.
+
+use anyhow::Result;
+use clap::{Args, Subcommand};
+
+use crate::{
+    commands::cluster_flags::ClusterFlags, config::Config, exec::Exec, exit::refuse, kube::Kube,
+    remote,
+};
+
+/// Run the pinned BuildKit as a service reached over mutual TLS, in the cluster or on this machine, for `--builder`
+#[derive(Args, Debug)]
+pub struct Builder {
+    #[command(subcommand)]
+    action: Action,
+}
+
+#[derive(Subcommand, Debug)]
+enum Action {
+    /// Deploy (--in-cluster) or start the pinned BuildKit with mutual TLS, create a buildx `remote` builder for it, print BUILDER=<name>
+    Up(Up),
+    /// Remove exactly what `builder up` made: the namespace or container, the buildx builder, the certificates
+    Down(Down),
+}
+
+#[derive(Args, Debug)]
+struct Up {
+    /// In a namespace of the current (or --context) cluster, as a Deployment
+    #[arg(long)]
+    in_cluster: bool,
+    /// Pods of the Deployment (one on a loopback address: the node's network)
+    #[arg(long, default_value_t = 1)]
+    replicas: u32,
+    /// HOST:PORT buildx connects to; a loopback one puts the pods on the node's network [default: 127.0.0.1:1234 in the cluster, 127.0.0.1:1235 here]
+    #[arg(long)]
+    address: Option<String>,
+    /// The BuildKit image the cluster's nodes pull [default: the local registry's copy on a loopback address, else moby/buildkit:<buildkit>]
+    #[arg(long)]
+    image: Option<String>,
+    /// The namespace `up --in-cluster` makes
+    #[arg(long, default_value = "xtask-buildkit")]
+    namespace: String,
+    /// The buildx builder's name [default: xtask-buildkit-cluster, or xtask-buildkit-local]
+    #[arg(long)]
+    name: Option<String>,
+    #[command(flatten)]
+    cluster: ClusterFlags,
+}
+
+#[derive(Args, Debug)]
+struct Down {
+    /// The in-cluster builder's default name
+    #[arg(long)]
+    in_cluster: bool,
+    /// The builder `up` made under this name
+    #[arg(long)]
+    name: Option<String>,
+    #[command(flatten)]
+    cluster: ClusterFlags,
+}
+
+fn default_name(in_cluster: bool) -> &'static str {
+    if in_cluster {
+        "xtask-buildkit-cluster"
+    } else {
+        "xtask-buildkit-local"
+    }
+}
+
+impl Builder {
+    pub fn run(self, exec: &Exec) -> Result<()> {
+        match self.action {
+            Action::Up(up) => up.run(exec),
+            Action::Down(down) => down.run(exec),
+        }
+    }
+}
+
+impl Up {
+    fn run(self, exec: &Exec) -> Result<()> {
+        let name = self
+            .name
+            .clone()
+            .unwrap_or_else(|| default_name(self.in_cluster).to_owned());
+        let address = self.address.clone().unwrap_or_else(|| {
+            if self.in_cluster {
+                "127.0.0.1:1234"
+            } else {
+                "127.0.0.1:1235"
+            }
+            .to_owned()
+        });
+        if self.replicas == 0 {
+            return Err(refuse("--replicas must be at least 1"));
+        }
+        if self.in_cluster {
+            let (config, kube, _) = exec.step("preflight", || {
+                let connected = self.cluster.connect(exec, true)?;
+                remote::preflight(exec, &name, &address)?;
+                Ok(connected)
+            })?;
+            exec.step(format!("BuildKit in namespace {}", self.namespace), || {
+                remote::up_in_cluster(
+                    exec,
+                    &config,
+                    &kube,
+                    &name,
+                    &self.namespace,
+                    self.replicas,
+                    &address,
+                    self.image.as_deref(),
+                )
+            })?;
+        } else {
+            let config = exec.step("preflight", || {
+                let config = Config::load(exec, &self.cluster.overrides)?;
+                remote::preflight(exec, &name, &address)?;
+                Ok(config)
+            })?;
+            exec.step("BuildKit on this machine", || {
+                remote::up_local(exec, &config, &name, &address)
+            })?;
+        }
+        exec.output.result(&format!("BUILDER={name}"));
+        Ok(())
+    }
+}
+
+impl Down {
+    fn run(self, exec: &Exec) -> Result<()> {
+        let name = self
+            .name
+            .clone()
+            .unwrap_or_else(|| default_name(self.in_cluster).to_owned());
+        let Some(record) = remote::record(&name)? else {
+            eprintln!("no builder {name} made by `builder up`: nothing to remove");
+            return Ok(());
+        };
+        let config = Config::load(exec, &self.cluster.overrides)?;
+        let kube = match &record.cluster {
+            Some((context, _)) => {
+                let context = self.cluster.context.clone().unwrap_or(context.clone());
+                Some(Kube::connect(exec, &config, Some(&context), true)?.0)
+            }
+            None => None,
+        };
+        remote::down(exec, kube.as_ref(), &record)?;
+        eprintln!(
+            "builder {name} removed; a registry cache its builds exported (cache_to) stays: other builders import it, and `cargo xtask clean` removes the local registry's"
+        );
+        Ok(())
+    }
+}
