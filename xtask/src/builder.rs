@@ -271,7 +271,6 @@ fn debian_base(exec: &Exec, config: &Config, local: &str) -> Result<String> {
 
 const DEBIAN: &str = "debian:bookworm-slim";
 
-/// The official image of BuildKit `version`.
 /// The official image of `version` (`moby/buildkit:<version>`).
 pub fn official_image(version: &str) -> String {
     format!("{OFFICIAL_IMAGE}:{version}")
