@@ -172,10 +172,15 @@ pub fn identity(exec: &Exec, builder: &str) -> Option<String> {
 }
 
 /// Refuses (exit 2) a builder buildx does not know or whose BuildKit does
-/// not answer within a minute: `--bootstrap` connects to a remote one.
+/// not answer within a minute: `--bootstrap` connects to a remote one
+/// (and would start a stopped container, so a dry run only asks buildx
+/// whether it knows the builder).
 pub fn reachable(exec: &Exec, builder: &str) -> Result<()> {
-    let probe =
-        Cmd::new("timeout").args(["60", "docker", "buildx", "inspect", "--bootstrap", builder]);
+    let probe = if exec.dry_run {
+        inspect(builder)
+    } else {
+        Cmd::new("timeout").args(["60", "docker", "buildx", "inspect", "--bootstrap", builder])
+    };
     exec.read(&probe).map(|_| ()).map_err(|e| {
         crate::exit::refuse(format!(
             "builder {builder} cannot be reached, nothing was built: {e:#}"

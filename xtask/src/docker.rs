@@ -701,12 +701,10 @@ pub fn build(
     let out = config.out_dir();
     std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
     let mut opts = opts.clone();
-    match &opts.builder {
-        None => opts.builder = Some(crate::builder::ensure(exec, config)?),
-        // A builder named with `--builder` (a remote BuildKit) must answer
-        // before anything is built.
-        Some(named) if !exec.dry_run => crate::builder::reachable(exec, named)?,
-        Some(_) => {}
+    // A builder named with `--builder` was checked in the preflight
+    // (`BuildFlags::check_builder`).
+    if opts.builder.is_none() {
+        opts.builder = Some(crate::builder::ensure(exec, config)?);
     }
     let name = opts.builder.clone().unwrap_or_default();
     // The key names the builder by its BuildKit version and the platform

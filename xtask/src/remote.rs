@@ -56,13 +56,30 @@ pub fn state_dir(name: &str) -> Result<PathBuf> {
     Ok(crate::config::cache_dir()?.join("builders").join(name))
 }
 
+/// What `up` recorded for `name`, or `None` when it made nothing.
 pub fn record(name: &str) -> Result<Option<Record>> {
     let path = state_dir(name)?.join("builder.json");
     match std::fs::read_to_string(&path) {
         Ok(text) => Ok(Some(
             serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?,
         )),
-        Err(_) => Ok(None),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
+    }
+}
+
+/// Refuses a builder name that is not a plain file name: it names the
+/// directory `down` removes.
+pub fn check_name(name: &str) -> Result<()> {
+    let mut chars = name.chars();
+    let plain = chars.next().is_some_and(|c| c.is_ascii_alphanumeric())
+        && chars.all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c));
+    if plain {
+        Ok(())
+    } else {
+        Err(refuse(format!(
+            "--name {name:?}: a builder's name is letters, digits, '_', '.' and '-', starting with a letter or digit"
+        )))
     }
 }
 
@@ -79,10 +96,22 @@ fn is_loopback(address: &str) -> bool {
             .is_ok_and(|a| a.ip().is_loopback())
 }
 
-/// Refuses what `up` cannot make: a name already in use, a loopback
-/// address something already listens on.
+/// Refuses what `up` cannot make: a name already in use (by buildx or by
+/// an earlier `up` not yet brought down), a loopback address something
+/// already listens on, no `openssl` for the certificates.
 pub fn preflight(exec: &Exec, name: &str, address: &str) -> Result<()> {
+    check_name(name)?;
     check_address(address).map_err(|e| refuse(e.to_string()))?;
+    if record(name)?.is_some() {
+        return Err(refuse(format!(
+            "builder {name} was made by `builder up` and is still recorded: `cargo xtask builder down --name {name}` removes it first"
+        )));
+    }
+    if which::which("openssl").is_err() {
+        return Err(refuse(
+            "openssl is not installed: `builder up` makes the certificates with it",
+        ));
+    }
     if exec.succeeds(&Cmd::new("docker").args(["buildx", "inspect", name])) {
         return Err(refuse(format!(
             "a buildx builder named {name} exists: `cargo xtask builder down` removes the one `builder up` made, `docker buildx rm {name}` any other"
@@ -100,14 +129,35 @@ pub fn preflight(exec: &Exec, name: &str, address: &str) -> Result<()> {
     Ok(())
 }
 
-/// A CA, buildkitd's server certificate (for the address's host and the
-/// Service's names in `namespace`) and the client's, under `dir` (0700,
-/// keys 0600).
-fn certificates(exec: &Exec, dir: &std::path::Path, address: &str, namespace: &str) -> Result<()> {
-    if !exec.dry_run {
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-        restrict(dir, 0o700)?;
+/// Refuses what `up --in-cluster` cannot make in `kube`'s cluster: more
+/// than one pod on the node's network, a namespace that exists.
+pub fn preflight_cluster(
+    exec: &Exec,
+    kube: &Kube,
+    namespace: &str,
+    replicas: u32,
+    address: &str,
+) -> Result<()> {
+    if is_loopback(address) && replicas != 1 {
+        return Err(refuse(format!(
+            "--replicas {replicas} on the loopback address {address}: the pods use the node's network and port, so one per node; give a routable --address for more"
+        )));
     }
+    let existing = exec
+        .read(&kube.namespace_json(namespace))
+        .with_context(|| format!("looking for namespace {namespace}"))?;
+    if !existing.is_empty() {
+        return Err(refuse(format!(
+            "namespace {namespace} exists: `builder up` makes its own, which `builder down` deletes (`--namespace` names another)"
+        )));
+    }
+    Ok(())
+}
+
+/// A CA, buildkitd's server certificate (for the address's host and the
+/// Service's names in `namespace`) and the client's, under `dir` (keys
+/// 0600). The CA's key is deleted once it has signed both.
+fn certificates(exec: &Exec, dir: &std::path::Path, address: &str, namespace: &str) -> Result<()> {
     let pki = Pki::new(exec, dir.to_owned());
     pki.ca("/CN=aiq-xtask-buildkit-ca")?;
     let host = host_of(address);
@@ -125,7 +175,8 @@ fn certificates(exec: &Exec, dir: &std::path::Path, address: &str, namespace: &s
         ),
     )?;
     pki.key("client")?;
-    pki.sign("client", "/CN=aiq-xtask", "extendedKeyUsage=clientAuth\n")
+    pki.sign("client", "/CN=aiq-xtask", "extendedKeyUsage=clientAuth\n")?;
+    exec.run(&Cmd::new("rm").arg(pki.file("ca.key")))
 }
 
 /// buildkitd's arguments: its own socket (the probe's), TCP with mutual
@@ -243,16 +294,6 @@ pub fn up_in_cluster(
     address: &str,
     image: Option<&str>,
 ) -> Result<()> {
-    if is_loopback(address) && replicas != 1 {
-        return Err(refuse(format!(
-            "--replicas {replicas} on the loopback address {address}: the pods use the node's network and port, so one per node; give a routable --address for more"
-        )));
-    }
-    if !exec.dry_run && exec.succeeds(&kube.namespace_named(namespace)) {
-        return Err(refuse(format!(
-            "namespace {namespace} exists: `builder up` makes its own (`--namespace` names another)"
-        )));
-    }
     // On a loopback address the nodes pull from this machine's registry;
     // elsewhere, from wherever `--image` says (the official image by
     // default).
@@ -261,7 +302,20 @@ pub fn up_in_cluster(
         None if is_loopback(address) => crate::builder::local_image(exec, config)?,
         None => crate::builder::official_image(&config.buildkit),
     };
+    // Recorded first: whatever `up` makes from here, `down` removes.
     let dir = state_dir(name)?;
+    save(
+        exec,
+        &Record {
+            name: name.to_owned(),
+            address: address.to_owned(),
+            cluster: Some((
+                kube.context.clone().unwrap_or_default(),
+                namespace.to_owned(),
+            )),
+            container: None,
+        },
+    )?;
     certificates(exec, &dir, address, namespace)?;
     let read = |file: &str| -> Result<String> {
         if exec.dry_run {
@@ -282,24 +336,16 @@ pub fn up_in_cluster(
             ("tls.key", read("server.key")?),
         ],
     );
-    save(
-        exec,
-        &Record {
-            name: name.to_owned(),
-            address: address.to_owned(),
-            cluster: Some((
-                kube.context.clone().unwrap_or_default(),
-                namespace.to_owned(),
-            )),
-            container: None,
-        },
-    )?;
-    exec.run(&kube.apply_objects(&objects))?;
-    // The server's key lives in the Secret; the CA's signs nothing more.
-    for key in ["server.key", "ca.key"] {
-        exec.run(&Cmd::new("rm").arg(dir.join(key).display().to_string()))?;
-    }
-    exec.run(&kube.in_namespace(namespace).rollout_status(APP, "180s"))?;
+    exec.run(&kube.apply_objects(&objects))
+        .with_context(|| format!("applying the builder's objects in namespace {namespace}"))?;
+    // The server's key lives in the Secret.
+    exec.run(&Cmd::new("rm").arg(dir.join("server.key").display().to_string()))?;
+    exec.run(&kube.in_namespace(namespace).rollout_status(APP, "180s"))
+        .with_context(|| {
+            format!(
+                "BuildKit in namespace {namespace} did not become ready (on a loopback --address its nodes must be this machine, pulling from its registry); `cargo xtask builder down --name {name}` removes what was made"
+            )
+        })?;
     create_builder(exec, name, address)
 }
 
@@ -308,18 +354,8 @@ pub fn up_in_cluster(
 pub fn up_local(exec: &Exec, config: &Config, name: &str, address: &str) -> Result<()> {
     let image = crate::builder::local_image(exec, config)?;
     let dir = state_dir(name)?;
-    certificates(exec, &dir, address, "local")?;
-    // The CA signs nothing more.
-    exec.run(&Cmd::new("rm").arg(dir.join("ca.key").display().to_string()))?;
-    let settings = dir.join("buildkitd.toml");
-    if !exec.dry_run {
-        std::fs::write(
-            &settings,
-            crate::builder::buildkitd_config(config.build_cache_gb),
-        )
-        .with_context(|| format!("writing {}", settings.display()))?;
-    }
     let container = format!("xtask-buildkitd-{name}");
+    // Recorded first: whatever `up` makes from here, `down` removes.
     save(
         exec,
         &Record {
@@ -329,15 +365,20 @@ pub fn up_local(exec: &Exec, config: &Config, name: &str, address: &str) -> Resu
             container: Some(container.clone()),
         },
     )?;
+    certificates(exec, &dir, address, "local")?;
+    let settings = dir.join("buildkitd.toml");
+    if !exec.dry_run {
+        std::fs::write(
+            &settings,
+            crate::builder::buildkitd_config(config.build_cache_gb),
+        )
+        .with_context(|| format!("writing {}", settings.display()))?;
+    }
     exec.run(
         &Cmd::new("docker")
             .args(["run", "--detach", "--name", &container, "--privileged"])
             .args(["--network", "host", "--restart", "unless-stopped"])
             .args(["--label", &format!("{}={}", MANAGED.0, MANAGED.1)])
-            .args([
-                "--label",
-                &format!("{}=buildkitd", crate::commands::clean::MADE_LABEL),
-            ])
             .args(["--volume", &format!("{}:/certs:ro", dir.display())])
             .arg(image)
             .args(buildkitd_args(
@@ -350,11 +391,16 @@ pub fn up_local(exec: &Exec, config: &Config, name: &str, address: &str) -> Resu
     create_builder(exec, name, address)
 }
 
+/// Writes the record into the builder's directory, made 0700 first: the
+/// keys that follow are its owner's alone.
 fn save(exec: &Exec, record: &Record) -> Result<()> {
     if exec.dry_run {
         return Ok(());
     }
-    let path = state_dir(&record.name)?.join("builder.json");
+    let dir = state_dir(&record.name)?;
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    restrict(&dir, 0o700)?;
+    let path = dir.join("builder.json");
     std::fs::write(&path, serde_json::to_string_pretty(record)?)
         .with_context(|| format!("writing {}", path.display()))
 }
@@ -378,10 +424,25 @@ fn create_builder(exec: &Exec, name: &str, address: &str) -> Result<()> {
 
 /// Removes what `up` made for `name`: the cluster's namespace (and with it
 /// every object in it) or the container, the buildx builder, the
-/// certificates. What is already gone is skipped.
+/// certificates. What is already gone is skipped; a namespace without
+/// `up`'s label is not `up`'s, and stays.
 pub fn down(exec: &Exec, kube: Option<&Kube>, record: &Record) -> Result<()> {
     if let (Some((_, namespace)), Some(kube)) = (&record.cluster, kube) {
-        exec.run(&kube.delete_namespace(namespace))?;
+        let found = exec
+            .read(&kube.namespace_json(namespace))
+            .with_context(|| format!("looking for namespace {namespace}"))?;
+        if !found.is_empty() {
+            let object: serde_json::Value = serde_json::from_str(&found)
+                .with_context(|| format!("parsing namespace {namespace}"))?;
+            if object["metadata"]["labels"][MANAGED.0] == MANAGED.1 {
+                exec.run(&kube.delete_namespace(namespace))?;
+            } else {
+                exec.output.warn(&format!(
+                    "namespace {namespace} lacks the label {}={}: not made by `builder up`, so it stays",
+                    MANAGED.0, MANAGED.1
+                ));
+            }
+        }
     }
     if let Some(container) = &record.container {
         if exec.succeeds(&Cmd::new("docker").args(["container", "inspect", container])) {

@@ -980,6 +980,9 @@ fn a_local_builder_over_mutual_tls_gives_the_pinned_builders_digest_and_goes_awa
     up.assert_ok();
     assert_eq!(up.stdout.trim(), format!("BUILDER={name}"), "{}", up.stderr);
     let dir = xtask_cache().join(format!("builders/{name}"));
+    // A name still recorded, and one that is not a file name, are refused.
+    xtask(root, &["builder", "up", "--name", &name], &[]).assert_fails(2, "still recorded");
+    xtask(root, &["builder", "down", "--name", ".."], &[]).assert_fails(2, "--name \"..\"");
     // Without the client's certificate buildkitd refuses: a builder that
     // trusts its CA but has no certificate of its own cannot start.
     let stranger = unique("nocert");

@@ -457,14 +457,12 @@ fn down_leaves_nothing_and_up_recovers_from_a_sigkill_of_every_cluster_process()
 
     // SIGKILL every process the cluster started: shims and pods live on.
     let killed = traces();
+    // `run/` holds a pid file per daemon, and the settings they run with.
     let daemon_pids: Vec<String> = std::fs::read_dir(state_dir().join("run"))
         .unwrap()
-        .map(|e| {
-            std::fs::read_to_string(e.unwrap().path())
-                .unwrap()
-                .trim()
-                .to_owned()
-        })
+        .map(|e| e.unwrap().path())
+        .filter(|path| path.extension().is_some_and(|e| e == "pid"))
+        .map(|path| std::fs::read_to_string(path).unwrap().trim().to_owned())
         .collect();
     assert_eq!(daemon_pids.len(), 6, "{daemon_pids:?}");
     let mut kill = vec!["-KILL"];

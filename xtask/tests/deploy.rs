@@ -2985,6 +2985,7 @@ fn the_in_cluster_builder_builds_what_the_local_one_does_deploys_and_leaves_noth
         refused.stderr
     );
     assert_eq!(fx.image_of("fxweb"), image_before);
+    assert_eq!(fx.lease(), Value::Null, "refused before the lock");
 
     // The builder's pod killed mid-build (a step that takes a while in
     // both images): exit 1 naming the builder, nothing pushed, the lock
@@ -3102,10 +3103,39 @@ fn the_in_cluster_builder_builds_what_the_local_one_does_deploys_and_leaves_noth
         cached(&next.stderr)
     );
 
-    // `builder down` removes exactly what `up` made.
-    let down = fx.run(&["builder", "down", "--name", &name]);
+    // A dry run of `builder down` removes nothing; `builder down` removes
+    // exactly what `up` made, and names the cache ref it keeps.
+    let planned = xtask(
+        root,
+        &["builder", "down", "--name", &name, "--dry-run"],
+        &[],
+    );
+    planned.assert_ok();
+    assert!(
+        planned
+            .stdout
+            .contains(&format!("delete namespace {namespace}")),
+        "{}",
+        planned.stdout
+    );
+    assert_eq!(
+        kubectl(&["get", "namespace", &namespace, "--output", "name"]),
+        format!("namespace/{namespace}")
+    );
+    assert!(
+        run(Path::new("."), "docker", &["buildx", "inspect", &name])
+            .status
+            .success()
+            && dir.join("client.key").exists(),
+        "a dry run removed the builder"
+    );
+    let down = xtask(root, &["builder", "down", "--name", &name], &[]);
     down.assert_ok();
-    assert!(down.stderr.contains("registry cache"), "{}", down.stderr);
+    assert!(
+        down.stdout.contains(&format!("{cache}:{name}")),
+        "{}",
+        down.stdout
+    );
     assert_eq!(
         kubectl(&["get", "namespace", &namespace, "--ignore-not-found"]),
         ""

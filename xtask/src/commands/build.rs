@@ -46,6 +46,15 @@ pub struct BuildFlags {
 }
 
 impl BuildFlags {
+    /// Refuses (exit 2) a `--builder` that cannot be reached: in the
+    /// preflight, before anything is built, pushed or applied.
+    pub fn check_builder(&self, exec: &Exec) -> Result<()> {
+        match &self.builder {
+            Some(builder) => crate::builder::reachable(exec, builder),
+            None => Ok(()),
+        }
+    }
+
     pub fn options(&self, config: &Config, push: bool) -> BuildOptions {
         BuildOptions {
             cache: self.cache || crate::config::use_cache_requested(),
@@ -71,6 +80,7 @@ impl Build {
             let images = config.with_seed_values(config.select_images(&self.images)?, &exec.output);
             let rev = git::revision(exec, self.flags.allow_dirty)?;
             git::refuse_shallow(exec)?;
+            self.flags.check_builder(exec)?;
             Ok((config, images, rev))
         })?;
         let opts = self.flags.options(&config, self.push);

@@ -30,16 +30,16 @@ struct Up {
     #[arg(long)]
     in_cluster: bool,
     /// Pods of the Deployment (one on a loopback address: the node's network)
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 1, requires = "in_cluster")]
     replicas: u32,
     /// HOST:PORT buildx connects to; a loopback one puts the pods on the node's network [default: 127.0.0.1:1234 in the cluster, 127.0.0.1:1235 here]
     #[arg(long)]
     address: Option<String>,
     /// The BuildKit image the cluster's nodes pull [default: the local registry's copy on a loopback address, else moby/buildkit:<buildkit>]
-    #[arg(long)]
+    #[arg(long, requires = "in_cluster")]
     image: Option<String>,
     /// The namespace `up --in-cluster` makes
-    #[arg(long, default_value = "xtask-buildkit")]
+    #[arg(long, default_value = "xtask-buildkit", requires = "in_cluster")]
     namespace: String,
     /// The buildx builder's name [default: xtask-buildkit-cluster, or xtask-buildkit-local]
     #[arg(long)]
@@ -56,6 +56,9 @@ struct Down {
     /// The builder `up` made under this name
     #[arg(long)]
     name: Option<String>,
+    /// The cluster is gone or unreachable: remove the buildx builder and the certificates, and leave its namespace
+    #[arg(long)]
+    local_only: bool,
     #[command(flatten)]
     cluster: ClusterFlags,
 }
@@ -96,9 +99,10 @@ impl Up {
         }
         if self.in_cluster {
             let (config, kube, _) = exec.step("preflight", || {
-                let connected = self.cluster.connect(exec, true)?;
+                let (config, kube, reachable) = self.cluster.connect(exec, true)?;
                 remote::preflight(exec, &name, &address)?;
-                Ok(connected)
+                remote::preflight_cluster(exec, &kube, &self.namespace, self.replicas, &address)?;
+                Ok((config, kube, reachable))
             })?;
             exec.step(format!("BuildKit in namespace {}", self.namespace), || {
                 remote::up_in_cluster(
@@ -133,22 +137,47 @@ impl Down {
             .name
             .clone()
             .unwrap_or_else(|| default_name(self.in_cluster).to_owned());
+        remote::check_name(&name)?;
         let Some(record) = remote::record(&name)? else {
-            eprintln!("no builder {name} made by `builder up`: nothing to remove");
+            exec.output.result(&format!(
+                "no builder {name} made by `builder up`: nothing to remove"
+            ));
             return Ok(());
         };
         let config = Config::load(exec, &self.cluster.overrides)?;
         let kube = match &record.cluster {
+            Some((context, namespace)) if self.local_only => {
+                exec.output.warn(&format!(
+                    "--local-only: namespace {namespace} in context {context} stays; delete it there when the cluster is back"
+                ));
+                None
+            }
             Some((context, _)) => {
-                let context = self.cluster.context.clone().unwrap_or(context.clone());
-                Some(Kube::connect(exec, &config, Some(&context), true)?.0)
+                if let Some(asked) = self.cluster.context.as_ref().filter(|c| *c != context) {
+                    return Err(refuse(format!(
+                        "builder {name} was made in context {context}, not {asked}: `builder down` removes it there"
+                    )));
+                }
+                Some(Kube::connect(exec, &config, Some(context), true)?.0)
             }
             None => None,
         };
         remote::down(exec, kube.as_ref(), &record)?;
-        eprintln!(
-            "builder {name} removed; a registry cache its builds exported (cache_to) stays: other builders import it, and `cargo xtask clean` removes the local registry's"
-        );
+        exec.output.result(&format!("builder {name} removed"));
+        // Its own cache ref (`{builder}` in cache_to) stays: the other
+        // builders import it, so the next one to build starts warm.
+        let own: Vec<String> = config
+            .cache_to
+            .iter()
+            .filter(|to| to.contains("{builder}"))
+            .map(|to| to.replace("{builder}", &name))
+            .collect();
+        if !own.is_empty() {
+            exec.output.result(&format!(
+                "its registry cache stays, since other builders import it ({}); `cargo xtask clean` removes the local registry's",
+                own.join(", ")
+            ));
+        }
         Ok(())
     }
 }

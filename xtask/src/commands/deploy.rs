@@ -81,7 +81,10 @@ impl Deploy {
             registry::check(exec, &config.registry)?;
             let from = match &self.from {
                 Some(path) => Some(self.load_build_file(exec, &config, path, &rev)?),
-                None => None,
+                None => {
+                    self.flags.check_builder(exec)?;
+                    None
+                }
             };
             // What is deployed is the build file's revision, whatever HEAD
             // is: the pods and the history say so, and `status` and

@@ -89,6 +89,7 @@ impl Up {
             })?;
             let rev = git::revision(exec, self.flags.allow_dirty)?;
             git::refuse_shallow(exec)?;
+            self.flags.check_builder(exec)?;
             Ok((config, stack, rev))
         })?;
         let backend_port = self.backend_port.unwrap_or(stack.backend.port);

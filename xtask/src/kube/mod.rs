@@ -297,14 +297,16 @@ impl<'a> Kube<'a> {
         }
     }
 
-    /// Succeeds when namespace `name` exists.
-    pub fn namespace_named(&self, name: &str) -> Cmd {
+    /// Namespace `name` as JSON, or nothing when there is none (any other
+    /// failure, such as a refusal, fails).
+    pub fn namespace_json(&self, name: &str) -> Cmd {
         self.global(&[
             "get",
             "namespace",
             name,
+            "--ignore-not-found",
             "--output",
-            "name",
+            "json",
             LOCK_REQUEST_TIMEOUT,
         ])
     }
