@@ -3067,7 +3067,13 @@ fn the_in_cluster_builder_builds_what_the_local_one_does_deploys_and_leaves_noth
             .lines()
             .any(|l| l.contains(marker) && !l.contains("RUN echo"))
     };
-    let cached = |stderr: &str| stderr.lines().filter(|l| l.ends_with(" CACHED")).count();
+    let cached = |stderr: &str| {
+        stderr
+            .lines()
+            .filter(|l| l.ends_with(" CACHED"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
     let local = xtask(root, &["build", "--push", "--cache"], &[]);
     local.assert_ok();
     assert!(ran(&local.stderr, "ran-the-slow-step"), "{}", local.stderr);
@@ -3098,7 +3104,7 @@ fn the_in_cluster_builder_builds_what_the_local_one_does_deploys_and_leaves_noth
         next.stderr
     );
     eprintln!(
-        "shared cache: CACHED steps: same commit on the other builder {}, next commit {}",
+        "shared cache: CACHED steps of the same commit on the other builder:\n{}\nof the next commit:\n{}",
         cached(&remote.stderr),
         cached(&next.stderr)
     );
