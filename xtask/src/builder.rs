@@ -46,16 +46,15 @@ pub fn ensure(exec: &Exec, config: &Config) -> Result<String> {
         // Only asked whether it exists: `--bootstrap` would start it.
         let exists = exec.succeeds(&inspect(&builder));
         if exists && !current() {
-            exec.output.command(
-                &Cmd::new("docker").args(["buildx", "rm", "--force", &builder]),
-                true,
-            );
+            exec.run(&Cmd::new("docker").args(["buildx", "rm", "--force", &builder]))?;
         }
         if !exists || !current() {
-            exec.output.command(
-                &create(&builder, &official_image(&config.buildkit), &[], &settings),
-                true,
-            );
+            exec.run(&create(
+                &builder,
+                &official_image(&config.buildkit),
+                &[],
+                &settings,
+            ))?;
         }
         return Ok(builder);
     }

@@ -26,7 +26,6 @@ use crate::{
     exec::{require_tool, Cmd, Exec},
     exit::refuse,
     git::Revision,
-    output::progress_style,
     time::rfc3339,
 };
 
@@ -468,6 +467,7 @@ pub fn bake_command(
     metadata_file: &Path,
     targets: &[(&Image, Vec<String>, i64)],
     opts: &BuildOptions,
+    progress_style: &str,
 ) -> Cmd {
     let mut cmd = Cmd::new("docker").arg("buildx").arg("bake");
     if let Some(builder) = &opts.builder {
@@ -485,7 +485,7 @@ pub fn bake_command(
             if opts.push && !opts.digest_only {
                 "rawjson"
             } else {
-                progress_style()
+                progress_style
             }
         ))
         .arg("--provenance=false");
@@ -759,7 +759,13 @@ pub fn build(
                 .iter()
                 .map(|p| (&p.image, p.tags(config), p.rev.commit_time))
                 .collect();
-            let cmd = bake_command(&bake_path, &metadata_path, &targets, &opts);
+            let cmd = bake_command(
+                &bake_path,
+                &metadata_path,
+                &targets,
+                &opts,
+                exec.output.progress_style(),
+            );
             if let Err(error) = exec.run(&cmd) {
                 return Err(
                     crate::bases::explain_base_image_failure(exec, config, &images)
@@ -1011,6 +1017,7 @@ mod tests {
             Path::new("m.json"),
             &tagged,
             &BuildOptions::default(),
+            "plain",
         );
         assert!(fresh
             .to_string()
@@ -1029,7 +1036,13 @@ mod tests {
             cache_to: vec!["type=registry,ref=r/cache:{builder},mode=max".into()],
             ..BuildOptions::default()
         };
-        let cached = bake_command(Path::new("b.json"), Path::new("m.json"), &tagged, &opts);
+        let cached = bake_command(
+            Path::new("b.json"),
+            Path::new("m.json"),
+            &tagged,
+            &opts,
+            "plain",
+        );
         assert!(cached.to_string().contains(
             "--set '*.cache-from=type=registry,ref=r/cache:aiq' --set '*.cache-to=type=registry,ref=r/cache:remote,mode=max'"
         ), "{cached}");
@@ -1041,7 +1054,13 @@ mod tests {
             retry: true,
             ..BuildOptions::default()
         };
-        let retry = bake_command(Path::new("b.json"), Path::new("m.json"), &tagged, &retry);
+        let retry = bake_command(
+            Path::new("b.json"),
+            Path::new("m.json"),
+            &tagged,
+            &retry,
+            "plain",
+        );
         assert!(
             retry.to_string().contains(" --pull ") && !retry.to_string().contains("--no-cache")
         );

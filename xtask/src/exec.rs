@@ -132,12 +132,19 @@ impl<'a> Exec<'a> {
         }
     }
 
+    /// `cmd` about to run (echoed on stderr), or printed as the plan by a
+    /// dry run (stdout).
+    fn echo(&self, cmd: &Cmd, planned: bool) {
+        self.output
+            .command_line(cmd.argv(), &cmd.to_string(), planned);
+    }
+
     /// Echoes `cmd` on stderr and runs it with its output on stderr (stdout
     /// stays for dry-run lines and machine output); in a dry run, prints it on
     /// stdout as `$ cmd` and runs nothing.
     pub fn run(&self, cmd: &Cmd) -> Result<()> {
         if self.dry_run {
-            self.output.command(cmd, true);
+            self.echo(cmd, true);
             return Ok(());
         }
         self.run_anyway(cmd)
@@ -146,7 +153,7 @@ impl<'a> Exec<'a> {
     /// Runs `cmd` even in a dry run: for the setup commands of tests and CI
     /// that only have a real mode.
     pub fn run_anyway(&self, cmd: &Cmd) -> Result<()> {
-        self.output.command(cmd, false);
+        self.echo(cmd, false);
         self.spawn(cmd)
     }
 
@@ -161,10 +168,10 @@ impl<'a> Exec<'a> {
         follow: impl FnOnce(&mut dyn std::io::BufRead) -> T,
     ) -> Result<(bool, T)> {
         if self.dry_run {
-            self.output.command(cmd, true);
+            self.echo(cmd, true);
             return Ok((true, T::default()));
         }
-        self.output.command(cmd, false);
+        self.echo(cmd, false);
         let mut child = self.start(cmd, Stdio::piped())?;
         let stderr = child.stderr.take().context("no stderr pipe")?;
         let found = follow(&mut std::io::BufReader::new(stderr));
@@ -248,7 +255,7 @@ impl<'a> Exec<'a> {
     /// a `kubectl create --output json` made. A dry run prints the line and
     /// returns an empty string.
     pub fn run_capturing(&self, cmd: &Cmd) -> Result<String> {
-        self.output.command(cmd, self.dry_run);
+        self.echo(cmd, self.dry_run);
         if self.dry_run {
             return Ok(String::new());
         }

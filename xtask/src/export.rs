@@ -38,12 +38,10 @@ pub fn export(exec: &Exec, config: &Config, rev: &Revision, image: &Image) -> Re
     if exec.dry_run {
         // Printed, not run: a dry run writes nothing but the bake file.
         if rev.is_dirty() {
-            exec.output
-                .command(&list_worktree(&config.root, &paths), true);
+            exec.run(&list_worktree(&config.root, &paths))?;
         } else {
-            exec.output
-                .command(&archive(config, rev, &paths, &tar), true);
-            exec.output.command(&extract(&tar, &dir), true);
+            exec.run(&archive(config, rev, &paths, &tar))?;
+            exec.run(&extract(&tar, &dir))?;
         }
         return Ok(dir);
     }

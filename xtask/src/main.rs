@@ -70,7 +70,7 @@ enum Command {
 fn main() -> ExitCode {
     // clap exits by itself: 0 for --help/--version, 2 for usage errors.
     let cli = Cli::parse();
-    let output = output::Output::detect(cli.json);
+    let output = output::Output::new(cli.json, config::plain_output_requested());
     let started = std::time::Instant::now();
     let outcome = run(cli, output);
     let mut code = outcome.as_ref().err().map_or(0, exit::exit_code);

@@ -21,10 +21,12 @@ pub struct Output {
 }
 
 impl Output {
-    pub fn detect(json: bool) -> Output {
+    /// `plain` (asked for by `CI` or `NO_COLOR`): no colour, no live
+    /// progress; neither on a stderr that is not a terminal.
+    pub fn new(json: bool, plain: bool) -> Output {
         Output {
             json,
-            colour: !plain_terminal(),
+            colour: !plain && std::io::stderr().is_terminal(),
         }
     }
 
@@ -60,13 +62,8 @@ impl Output {
     }
 
     /// A command about to run (echoed on stderr), or printed as the plan by
-    /// a dry run (stdout).
-    pub fn command(&self, cmd: &crate::exec::Cmd, dry_run: bool) {
-        self.command_line(cmd.argv(), &cmd.to_string(), dry_run);
-    }
-
-    /// [`Output::command`] for a line that says more than argv (a
-    /// daemon's redirections).
+    /// a dry run (stdout): its argv, and the line shown (which may say more
+    /// than argv, such as a daemon's redirections).
     pub fn command_line(&self, argv: &[String], line: &str, dry_run: bool) {
         self.event(
             "command",
@@ -89,17 +86,14 @@ impl Output {
     }
 }
 
-/// Plain lines, no colour or live progress: when `CI` or `NO_COLOR` is set,
-/// or stderr is not a terminal.
-fn plain_terminal() -> bool {
-    crate::config::plain_output_requested() || !std::io::stderr().is_terminal()
-}
-
-/// BuildKit's progress style: live on a terminal, plain lines elsewhere.
-pub fn progress_style() -> &'static str {
-    if plain_terminal() {
-        "plain"
-    } else {
-        "auto"
+impl Output {
+    /// BuildKit's progress style: live where colour is on (a terminal
+    /// without `CI` or `NO_COLOR`), plain lines elsewhere.
+    pub fn progress_style(&self) -> &'static str {
+        if self.colour {
+            "auto"
+        } else {
+            "plain"
+        }
     }
 }

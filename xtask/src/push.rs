@@ -105,7 +105,13 @@ pub fn push(
             .iter()
             .map(|p| (&p.image, p.tags(&config), p.rev.commit_time))
             .collect();
-        let cmd = bake_command(bake_path, metadata_path, &tagged, &opts);
+        let cmd = bake_command(
+            bake_path,
+            metadata_path,
+            &tagged,
+            &opts,
+            exec.output.progress_style(),
+        );
         let (succeeded, failed) = exec.run_following(&cmd, |stderr| {
             progress::follow(stderr, &mut std::io::stderr())
         })?;
@@ -208,7 +214,13 @@ fn built_digests(
         .iter()
         .map(|p| (&p.image, vec![], p.rev.commit_time))
         .collect();
-    exec.run(&bake_command(bake_path, metadata_path, &tagged, &opts))?;
+    exec.run(&bake_command(
+        bake_path,
+        metadata_path,
+        &tagged,
+        &opts,
+        exec.output.progress_style(),
+    ))?;
     let metadata = std::fs::read_to_string(metadata_path)
         .with_context(|| format!("reading {}", metadata_path.display()))?;
     let images: Vec<Image> = planned.iter().map(|p| p.image.clone()).collect();
