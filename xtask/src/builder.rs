@@ -36,7 +36,7 @@ pub fn name(version: &str) -> String {
 /// Returns its name. A dry run prints what it would create.
 pub fn ensure(exec: &Exec, config: &Config) -> Result<String> {
     let builder = name(&config.buildkit);
-    let dir = state_dir(&config.buildkit)?;
+    let dir = state_dir(&exec.env, &config.buildkit)?;
     let settings = dir.join("buildkitd.toml");
     let wanted = buildkitd_config(config.build_cache_gb);
     // Made with other settings (an older xtask, another cache limit): made
@@ -208,7 +208,7 @@ pub fn image(exec: &Exec, config: &Config) -> Result<String> {
     }
     eprintln!("{official} cannot be pulled: making {reference} from BuildKit's module");
     let bin = binaries(exec, &config.buildkit)?;
-    let dir = state_dir(&config.buildkit)?.join("image");
+    let dir = state_dir(&exec.env, &config.buildkit)?.join("image");
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     for tool in ["buildkitd", "buildctl"] {
         std::fs::copy(bin.join(tool), dir.join(tool)).with_context(|| format!("copying {tool}"))?;
@@ -287,8 +287,8 @@ const LIBSECCOMP: &str = "/usr/lib/x86_64-linux-gnu/libseccomp.so.2";
 const DOCKERFILE: &str = "ARG BASE\nFROM ${BASE}\nCOPY buildkitd buildctl runc /usr/bin/\nCOPY libseccomp.so.2 /usr/lib/x86_64-linux-gnu/\nVOLUME /var/lib/buildkit\nENTRYPOINT [\"buildkitd\"]\n";
 
 /// Where a version's binaries, image files and lock live.
-fn state_dir(version: &str) -> Result<PathBuf> {
-    Ok(crate::config::cache_dir()?.join("buildkit").join(version))
+fn state_dir(env: &crate::env::Env, version: &str) -> Result<PathBuf> {
+    Ok(crate::cache::dir(env)?.join("buildkit").join(version))
 }
 
 /// `buildkitd` and `buildctl` of `version`, compiled once into the cache.
@@ -296,7 +296,7 @@ fn state_dir(version: &str) -> Result<PathBuf> {
 /// (the module's go.mod has `exclude` directives), so they are built inside
 /// a copy of the module.
 pub fn binaries(exec: &Exec, version: &str) -> Result<PathBuf> {
-    let bin = state_dir(version)?.join("bin");
+    let bin = state_dir(&exec.env, version)?.join("bin");
     if crate::cache::verify(exec, &bin, &["buildkitd", "buildctl"])? {
         return Ok(bin);
     }
@@ -307,8 +307,8 @@ pub fn binaries(exec: &Exec, version: &str) -> Result<PathBuf> {
     let module = crate::gomod::download(exec, &format!("github.com/moby/buildkit@{version}"))?
         .dir
         .context("`go mod download -json` gave no Dir")?;
-    let copy = state_dir(version)?.join("module");
-    let partial = state_dir(version)?.join("bin.partial");
+    let copy = state_dir(&exec.env, version)?.join("module");
+    let partial = state_dir(&exec.env, version)?.join("bin.partial");
     for dir in [&copy, &partial] {
         if dir.exists() {
             exec.run(&Cmd::new("chmod").args(["-R", "u+w"]).arg(path(dir)))?;

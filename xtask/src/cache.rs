@@ -14,9 +14,62 @@ use std::{
 use anyhow::{Context, Result};
 
 use crate::{
+    env::Env,
     exec::{Cmd, Exec},
     exit::refuse,
 };
+
+/// Where the xtask keeps what outlives a clone and `cargo clean`: the
+/// local registry's data, the test cluster's binaries, the dependency
+/// stores: `$XDG_CACHE_HOME/aiq-xtask`, else `~/.cache/aiq-xtask`, checked
+/// by [`checked`]. Never the temporary directory, where anyone could have
+/// put what root would then run.
+pub fn dir(env: &Env) -> Result<PathBuf> {
+    checked(unchecked_dir(env)?)
+}
+
+fn unchecked_dir(env: &Env) -> Result<PathBuf> {
+    if let Some(cache) = env.var_os("XDG_CACHE_HOME") {
+        return Ok(PathBuf::from(cache).join("aiq-xtask"));
+    }
+    let home = env.var_os("HOME").ok_or_else(|| {
+        refuse(
+            "HOME is not set (nor XDG_CACHE_HOME): the xtask keeps its cache under it and never in the temporary directory; set HOME",
+        )
+    })?;
+    Ok(PathBuf::from(home).join(".cache").join("aiq-xtask"))
+}
+
+/// Where dependency stores live: `XTASK_DEPS_DIR`, else `<cache>/deps`.
+pub fn deps_dir(env: &Env) -> Result<PathBuf> {
+    match env.var_os("XTASK_DEPS_DIR") {
+        Some(dir) => Ok(PathBuf::from(dir)),
+        None => Ok(dir(env)?.join("deps")),
+    }
+}
+
+/// The build secret's file (`XTASK_BUILD_SECRET`), else
+/// `<cache>/secrets/build-key`, made on first use. Keys a build must
+/// generate (Next.js's) are derived from it, so two builds agree and no one
+/// can derive them from the source.
+pub fn build_secret_file(env: &Env) -> Result<PathBuf> {
+    match env.var_os("XTASK_BUILD_SECRET") {
+        Some(path) => Ok(PathBuf::from(path)),
+        None => Ok(dir(env)?.join("secrets").join("build-key")),
+    }
+}
+
+/// Cargo's home, where it keeps downloaded crates: `CARGO_HOME`, else
+/// `~/.cargo`.
+pub fn cargo_home(env: &Env) -> Result<PathBuf> {
+    if let Some(dir) = env.var_os("CARGO_HOME") {
+        return Ok(PathBuf::from(dir));
+    }
+    let home = env
+        .var_os("HOME")
+        .context("neither CARGO_HOME nor HOME is set: cargo's downloads cannot be found")?;
+    Ok(PathBuf::from(home).join(".cargo"))
+}
 
 /// `dir`, its links resolved, once every directory on its path (those
 /// that exist; the rest the xtask makes itself) is safe to write to and
@@ -216,6 +269,16 @@ pub fn human(bytes: u64) -> String {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn the_cache_is_never_the_temporary_directory() {
+        let home_only = unchecked_dir(&Env::of(&[("HOME", "/root")]));
+        assert_eq!(home_only.unwrap(), PathBuf::from("/root/.cache/aiq-xtask"));
+        let xdg = unchecked_dir(&Env::of(&[("XDG_CACHE_HOME", "/c"), ("HOME", "/root")]));
+        assert_eq!(xdg.unwrap(), PathBuf::from("/c/aiq-xtask"));
+        let neither = unchecked_dir(&Env::of(&[])).unwrap_err().to_string();
+        assert!(neither.contains("HOME is not set"), "{neither}");
+    }
+
     use super::*;
 
     #[test]

@@ -318,12 +318,11 @@ impl Config {
     /// Reads the workspace's metadata through `cargo metadata` (run from the
     /// current directory, so any directory inside the workspace works).
     pub fn load(exec: &Exec, overrides: &Overrides) -> Result<Config> {
-        let cargo = crate::config::cargo();
+        let cargo = exec.env.cargo();
         let json = exec
             .read(&Cmd::new(cargo).args(["metadata", "--format-version", "1", "--no-deps"]))
             .map_err(|e| refuse(format!("cannot read the workspace metadata: {e:#}")))?;
-        let env = |key: &str| std::env::var(key).ok().filter(|v| !v.is_empty());
-        Config::from_cargo_metadata(&json, env, overrides)
+        Config::from_cargo_metadata(&json, |key| exec.env.var(key), overrides)
     }
 
     fn from_cargo_metadata(
@@ -611,148 +610,9 @@ fn check_registry(key: &str, value: &str) -> Result<()> {
     Ok(())
 }
 
-// The settings read from the process environment rather than the workspace
-// metadata. Every environment variable the xtask reads is read here.
-
-/// Plain lines, no colour or live progress, asked for by `CI` or `NO_COLOR`.
-pub fn plain_output_requested() -> bool {
-    std::env::var_os("CI").is_some() || std::env::var_os("NO_COLOR").is_some()
-}
-
-/// `CI` set: a run no one watches, so nothing asks before it acts.
-pub fn ci_requested() -> bool {
-    std::env::var_os("CI").is_some()
-}
-
-/// The cargo that runs us (`cargo xtask` sets CARGO), else the one on PATH.
-pub fn cargo() -> String {
-    std::env::var("CARGO").unwrap_or_else(|_| "cargo".into())
-}
-
-/// `USE_CACHE=true` (or `1`): the same as `--cache`.
-pub fn use_cache_requested() -> bool {
-    std::env::var("USE_CACHE").is_ok_and(|v| v.eq_ignore_ascii_case("true") || v == "1")
-}
-
-/// The build secret's file (`XTASK_BUILD_SECRET`), else
-/// `<cache>/secrets/build-key`, made on first use. Keys a build must
-/// generate (Next.js's) are derived from it, so two builds agree and no one
-/// can derive them from the source.
-pub fn build_secret_file() -> Result<PathBuf> {
-    match std::env::var_os("XTASK_BUILD_SECRET").filter(|path| !path.is_empty()) {
-        Some(path) => Ok(PathBuf::from(path)),
-        None => Ok(cache_dir()?.join("secrets").join("build-key")),
-    }
-}
-
-/// `GITHUB_RUN_ID`: the CI run a deploy is recorded with.
-pub fn ci_run_id() -> Option<String> {
-    std::env::var("GITHUB_RUN_ID").ok()
-}
-
-/// `XTASK_LOCAL_REGISTRY`: the local registry `up` and the tests use.
-pub fn local_registry() -> Option<String> {
-    std::env::var("XTASK_LOCAL_REGISTRY")
-        .ok()
-        .filter(|v| !v.is_empty())
-}
-
-/// `XTASK_KUBECTL`: the kubectl to run instead of the one on PATH.
-pub fn kubectl_override() -> Option<String> {
-    std::env::var("XTASK_KUBECTL")
-        .ok()
-        .filter(|v| !v.is_empty())
-}
-
-/// Who runs this, for the lock and the history.
-pub fn operator() -> String {
-    operator_from(|key| std::env::var(key).ok())
-}
-
-/// In GitHub Actions the person who started the run (`USER` is the
-/// runner's account there); elsewhere the login.
-fn operator_from(env: impl Fn(&str) -> Option<String>) -> String {
-    let actor = env("GITHUB_ACTOR").filter(|_| env("GITHUB_ACTIONS").as_deref() == Some("true"));
-    actor
-        .or_else(|| env("USER"))
-        .or_else(|| env("GITHUB_ACTOR"))
-        .unwrap_or_else(|| "unknown".into())
-}
-
-/// An environment variable as the OS gives it, for the few values that
-/// are paths rather than settings (`PATH`).
-pub fn env_os(key: &str) -> Option<std::ffi::OsString> {
-    std::env::var_os(key)
-}
-
-/// The `auth` (base64 `user:password`) Docker stored for `host` in its
-/// config file (`$DOCKER_CONFIG/config.json`, else `~/.docker/config.json`),
-/// if it stored one there rather than in a credential helper.
-pub fn docker_auth(host: &str) -> Option<String> {
-    let dir = std::env::var_os("DOCKER_CONFIG")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".docker")))?;
-    let text = std::fs::read_to_string(dir.join("config.json")).ok()?;
-    let config: serde_json::Value = serde_json::from_str(&text).ok()?;
-    config["auths"][host]["auth"].as_str().map(str::to_owned)
-}
-
-/// Where the xtask keeps what outlives a clone and `cargo clean`: the
-/// local registry's data, the test cluster's binaries, the dependency
-/// stores: `$XDG_CACHE_HOME/aiq-xtask`, else `~/.cache/aiq-xtask`, checked
-/// by [`crate::cache::checked`]. Never the temporary directory, where
-/// anyone could have put what root would then run.
-pub fn cache_dir() -> Result<PathBuf> {
-    let dir = cache_dir_from(|key| std::env::var_os(key).filter(|v| !v.is_empty()))?;
-    crate::cache::checked(dir)
-}
-
-fn cache_dir_from(env: impl Fn(&str) -> Option<std::ffi::OsString>) -> Result<PathBuf> {
-    if let Some(cache) = env("XDG_CACHE_HOME") {
-        return Ok(PathBuf::from(cache).join("aiq-xtask"));
-    }
-    let home = env("HOME").ok_or_else(|| {
-        crate::exit::refuse(
-            "HOME is not set (nor XDG_CACHE_HOME): the xtask keeps its cache under it and never in the temporary directory; set HOME",
-        )
-    })?;
-    Ok(PathBuf::from(home).join(".cache").join("aiq-xtask"))
-}
-
-/// Where dependency stores live: `XTASK_DEPS_DIR`, else `<cache>/deps`.
-pub fn deps_dir() -> Result<PathBuf> {
-    match std::env::var_os("XTASK_DEPS_DIR").filter(|dir| !dir.is_empty()) {
-        Some(dir) => Ok(PathBuf::from(dir)),
-        None => Ok(cache_dir()?.join("deps")),
-    }
-}
-
-/// Cargo's home, where it keeps downloaded crates: `CARGO_HOME`, else
-/// `~/.cargo`.
-pub fn cargo_home() -> Result<PathBuf> {
-    if let Some(dir) = std::env::var_os("CARGO_HOME").filter(|dir| !dir.is_empty()) {
-        return Ok(PathBuf::from(dir));
-    }
-    let home = std::env::var_os("HOME")
-        .filter(|dir| !dir.is_empty())
-        .context("neither CARGO_HOME nor HOME is set: cargo's downloads cannot be found")?;
-    Ok(PathBuf::from(home).join(".cargo"))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn the_cache_is_never_the_temporary_directory() {
-        let os = |v: &str| Some(std::ffi::OsString::from(v));
-        let home_only = cache_dir_from(|k| (k == "HOME").then(|| os("/root")).flatten());
-        assert_eq!(home_only.unwrap(), PathBuf::from("/root/.cache/aiq-xtask"));
-        let xdg = cache_dir_from(|k| (k == "XDG_CACHE_HOME").then(|| os("/c")).flatten());
-        assert_eq!(xdg.unwrap(), PathBuf::from("/c/aiq-xtask"));
-        let neither = cache_dir_from(|_| None).unwrap_err().to_string();
-        assert!(neither.contains("HOME is not set"), "{neither}");
-    }
 
     const METADATA: &str = r#"{
         "workspace_root": "/repo",
@@ -971,29 +831,5 @@ mod tests {
             "unknown image \"nope\"; known images: aiq-agent"
         );
         assert_eq!(config.select_images(&[]).unwrap().len(), 1);
-    }
-
-    #[test]
-    fn github_actions_records_the_actor_not_the_runner_account() {
-        let env = |vars: &'static [(&'static str, &'static str)]| {
-            move |key: &str| {
-                vars.iter()
-                    .find(|(k, _)| *k == key)
-                    .map(|(_, v)| v.to_string())
-            }
-        };
-        assert_eq!(
-            operator_from(env(&[
-                ("USER", "runner"),
-                ("GITHUB_ACTOR", "alice"),
-                ("GITHUB_ACTIONS", "true")
-            ])),
-            "alice"
-        );
-        assert_eq!(
-            operator_from(env(&[("USER", "bob"), ("GITHUB_ACTOR", "alice")])),
-            "bob"
-        );
-        assert_eq!(operator_from(env(&[])), "unknown");
     }
 }

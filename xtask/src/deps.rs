@@ -12,7 +12,7 @@ use anyhow::{bail, Context, Result};
 use serde::Deserialize;
 
 use crate::{
-    config::{self, Config, Image},
+    config::{Config, Image},
     exec::{Cmd, Exec},
     exit::refuse,
 };
@@ -71,7 +71,7 @@ impl Store {
             .read(&Cmd::new("sha256sum").arg(lockfile.display().to_string()))
             .with_context(|| format!("hashing {}", lockfile.display()))?;
         let key = sum.get(..16).context("sha256sum printed no sum")?;
-        let dir = config::deps_dir()?.join(format!("{}-{key}", kind.name()));
+        let dir = crate::cache::deps_dir(&exec.env)?.join(format!("{}-{key}", kind.name()));
         let npm_image = crate::bases::base_images_of(config, std::slice::from_ref(image))?
             .first()
             .map(|base| format!("{}/{base}", config.base_registry));
@@ -111,7 +111,7 @@ impl Store {
             ),
             || {
                 if exec.dry_run {
-                    exec.run(&self.fetch_command(&partial, offline))?;
+                    exec.run(&self.fetch_command(&exec.env.cargo(), &partial, offline))?;
                     return Ok(());
                 }
                 let _ = std::fs::remove_dir_all(&partial);
@@ -141,11 +141,11 @@ impl Store {
     /// The download: `cargo fetch` into cargo's own cache, or `npm ci` with
     /// the store as its cache (in a scratch copy of the package files; in a
     /// container of the image's base when this machine has no npm).
-    fn fetch_command(&self, partial: &Path, offline: bool) -> Cmd {
+    fn fetch_command(&self, cargo: &str, partial: &Path, offline: bool) -> Cmd {
         match self.kind {
             Kind::Cargo => {
                 let manifest = self.lockfile.with_file_name("Cargo.toml");
-                let mut cmd = Cmd::new(crate::config::cargo())
+                let mut cmd = Cmd::new(cargo)
                     .args(["fetch", "--locked", "--manifest-path"])
                     .arg(manifest.display().to_string());
                 if offline {
@@ -204,9 +204,9 @@ impl Store {
         let manifest = self.lockfile.with_file_name("Cargo.toml");
         // Offline first: what cargo already downloaded needs no network.
         if offline {
-            exec.run(&self.fetch_command(partial, true))?;
-        } else if !exec.succeeds(&self.fetch_command(partial, true)) {
-            exec.run(&self.fetch_command(partial, false))?;
+            exec.run(&self.fetch_command(&exec.env.cargo(), partial, true))?;
+        } else if !exec.succeeds(&self.fetch_command(&exec.env.cargo(), partial, true)) {
+            exec.run(&self.fetch_command(&exec.env.cargo(), partial, false))?;
         }
         #[derive(Deserialize)]
         struct Metadata {
@@ -219,14 +219,14 @@ impl Store {
             source: Option<String>,
         }
         let json = exec.read(
-            &Cmd::new(crate::config::cargo())
+            &Cmd::new(exec.env.cargo())
                 .args(["metadata", "--format-version", "1", "--locked", "--offline"])
                 .arg("--manifest-path")
                 .arg(manifest.display().to_string()),
         )?;
         let metadata: Metadata =
             serde_json::from_str(&json).context("parsing `cargo metadata` output")?;
-        let caches = cargo_download_caches()?;
+        let caches = cargo_download_caches(&exec.env)?;
         let crates = partial.join("crates");
         std::fs::create_dir_all(&crates)?;
         for package in metadata.packages {
@@ -265,7 +265,7 @@ impl Store {
             std::fs::copy(file, install.join(name))
                 .with_context(|| format!("copying {}", file.display()))?;
         }
-        exec.run(&self.fetch_command(partial, false))?;
+        exec.run(&self.fetch_command(&exec.env.cargo(), partial, false))?;
         std::fs::remove_dir_all(&install).with_context(|| format!("removing {}", install.display()))
     }
 }
@@ -330,8 +330,8 @@ pub fn npm_stores(exec: &Exec, config: &Config) -> Result<Vec<Store>> {
 
 /// `$CARGO_HOME/registry/cache/*`: where cargo keeps downloaded `.crate`s,
 /// one directory per registry.
-fn cargo_download_caches() -> Result<Vec<PathBuf>> {
-    let root = config::cargo_home()?.join("registry/cache");
+fn cargo_download_caches(env: &crate::env::Env) -> Result<Vec<PathBuf>> {
+    let root = crate::cache::cargo_home(env)?.join("registry/cache");
     let entries =
         std::fs::read_dir(&root).with_context(|| format!("reading {}", root.display()))?;
     Ok(entries

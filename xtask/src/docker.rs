@@ -403,7 +403,7 @@ pub const BUILD_SECRET_ID: &str = "build_key";
 /// The build secret's file, made (32 random bytes, readable by its owner
 /// only) the first time a build needs it.
 fn build_secret(exec: &Exec) -> Result<PathBuf> {
-    let path = crate::config::build_secret_file()?;
+    let path = crate::cache::build_secret_file(&exec.env)?;
     if let Ok(meta) = std::fs::metadata(&path) {
         if meta.len() < 32 {
             return Err(crate::exit::refuse(format!(

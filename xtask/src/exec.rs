@@ -8,6 +8,7 @@ use anyhow::{bail, Context, Result};
 use serde_json::json;
 use xshell::Shell;
 
+use crate::env::Env;
 use crate::{
     exit::refuse,
     output::{Output, BOLD, GREEN, RED},
@@ -66,6 +67,8 @@ impl Cmd {
         &self.argv
     }
 
+    // The one place a process is made.
+    #[allow(clippy::disallowed_methods)]
     fn to_xshell<'a>(&self, sh: &'a Shell) -> xshell::Cmd<'a> {
         let mut cmd = sh.cmd(&self.argv[0]).args(&self.argv[1..]).quiet();
         if let Some(stdin) = &self.stdin {
@@ -116,20 +119,30 @@ pub struct Exec<'a> {
     pub sh: &'a Shell,
     pub dry_run: bool,
     pub output: Output,
+    /// The environment `main` read: the only one the xtask consults.
+    pub env: Env,
     step: Cell<usize>,
     /// Each finished step's name and seconds, for end-of-run summaries.
     timings: std::cell::RefCell<Vec<(String, f64)>>,
 }
 
 impl<'a> Exec<'a> {
-    pub fn new(sh: &'a Shell, dry_run: bool, output: Output) -> Exec<'a> {
+    pub fn new(sh: &'a Shell, dry_run: bool, output: Output, env: Env) -> Exec<'a> {
         Exec {
             sh,
             dry_run,
             output,
+            env,
             step: Cell::new(0),
             timings: Default::default(),
         }
+    }
+
+    /// `PATH` as the commands run here see it: the process's, with what a
+    /// `push_env` on the shell put first (the test cluster's binaries).
+    #[allow(clippy::disallowed_methods)]
+    pub fn path(&self) -> Option<std::ffi::OsString> {
+        self.sh.var_os("PATH")
     }
 
     /// `cmd` about to run (echoed on stderr), or printed as the plan by a
@@ -366,6 +379,8 @@ pub fn require_tool(name: &str, install_hint: &str) -> Result<std::path::PathBuf
 }
 
 #[cfg(test)]
+// The tests read the quoting back with a real shell.
+#[allow(clippy::disallowed_methods)]
 mod tests {
     use super::*;
 

@@ -9,6 +9,7 @@ use anyhow::Result;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
+use crate::env::Env;
 use crate::{
     docker::{BuiltImage, Inputs},
     git::Revision,
@@ -106,7 +107,7 @@ impl ImageRecord {
 }
 
 impl Entry {
-    pub fn new(kind: &str, rev: &Revision, images: &[BuiltImage]) -> Entry {
+    pub fn new(env: &Env, kind: &str, rev: &Revision, images: &[BuiltImage]) -> Entry {
         Entry {
             kind: kind.into(),
             revision: rev.sha.clone(),
@@ -122,8 +123,8 @@ impl Entry {
                 .filter_map(|b| Some((b.name.clone(), ImageRecord::of(b)?)))
                 .collect(),
             time: rfc3339(now_epoch()),
-            who: who(),
-            ci_run: crate::config::ci_run_id(),
+            who: who(env),
+            ci_run: env.ci_run_id(),
             result: IN_PROGRESS.into(),
             step: String::new(),
             changed: Vec::new(),
@@ -383,11 +384,11 @@ fn next_stamp(existing: &[(String, Entry)], now: i64) -> i64 {
 }
 
 /// `user@host`: who ran it, for the lock and the history.
-pub fn who() -> String {
+pub fn who(env: &Env) -> String {
     let host = std::fs::read_to_string("/etc/hostname")
         .map(|h| h.trim().to_owned())
         .unwrap_or_else(|_| "unknown-host".into());
-    format!("{}@{host}", crate::config::operator())
+    format!("{}@{host}", env.operator())
 }
 
 /// The successful deploys and rollbacks of a clean build of `sha`, newest

@@ -62,8 +62,8 @@ fn lose(why: String) {
 
 /// This run's identity in the lease: who, where, and which process, so two
 /// deploys from one machine are told apart.
-fn holder() -> String {
-    format!("{} (pid {})", who(), std::process::id())
+fn holder(env: &crate::env::Env) -> String {
+    format!("{} (pid {})", who(env), std::process::id())
 }
 
 fn resource_version(json: &str) -> Result<String> {
@@ -193,7 +193,7 @@ fn take_over_expired(kube: &Kube, create_error: anyhow::Error) -> Result<String>
     }
     // Acquired and renewed now, not when this run first tried: the watch
     // took a lease duration.
-    let mut lease = lease_json(kube, &holder());
+    let mut lease = lease_json(kube, &holder(&kube.exec.env));
     lease["metadata"]["resourceVersion"] = version;
     kube.exec.output.warn(&format!(
         "the lock held by {held_by} expired; taking it over"
@@ -219,10 +219,11 @@ fn start_renewing(
     let renew = kube.lease_patch(&kube.lock_name);
     let flag = stop.clone();
     let output = kube.exec.output;
-    let ours = holder();
+    let env = kube.exec.env.clone();
+    let ours = holder(&env);
     let renewer = std::thread::spawn(move || {
         let Ok(sh) = xshell::Shell::new() else { return };
-        let exec = Exec::new(&sh, false, output);
+        let exec = Exec::new(&sh, false, output, env);
         let mut last_try = Instant::now();
         let mut last_renewal = Instant::now();
         while !flag.load(Ordering::SeqCst) {
@@ -274,7 +275,7 @@ fn start_renewing(
 
 /// Creates the lease for this run, acquired and renewed now.
 fn create_command(kube: &Kube) -> Cmd {
-    kube.lease_write("create", &lease_json(kube, &holder()))
+    kube.lease_write("create", &lease_json(kube, &holder(&kube.exec.env)))
 }
 
 fn lease_json(kube: &Kube, holder: &str) -> serde_json::Value {

@@ -10,6 +10,7 @@ mod commands;
 mod config;
 mod deps;
 mod docker;
+mod env;
 mod exec;
 mod exit;
 mod export;
@@ -70,9 +71,10 @@ enum Command {
 fn main() -> ExitCode {
     // clap exits by itself: 0 for --help/--version, 2 for usage errors.
     let cli = Cli::parse();
-    let output = output::Output::new(cli.json, config::plain_output_requested());
+    let env = env::Env::capture();
+    let output = output::Output::new(cli.json, env.plain_output());
     let started = std::time::Instant::now();
-    let outcome = run(cli, output);
+    let outcome = run(cli, output, env);
     let mut code = outcome.as_ref().err().map_or(0, exit::exit_code);
     // A child killed by the same Ctrl-C fails its own way; the cause is the
     // interrupt.
@@ -95,9 +97,9 @@ fn main() -> ExitCode {
     ExitCode::from(code)
 }
 
-fn run(cli: Cli, output: output::Output) -> anyhow::Result<()> {
+fn run(cli: Cli, output: output::Output, env: env::Env) -> anyhow::Result<()> {
     let sh = Shell::new()?;
-    let exec = exec::Exec::new(&sh, cli.dry_run, output);
+    let exec = exec::Exec::new(&sh, cli.dry_run, output, env);
     match cli.command {
         Command::Build(cmd) => cmd.run(&exec),
         Command::Builder(cmd) => cmd.run(&exec),

@@ -112,7 +112,7 @@ pub fn host_of(registry: &str) -> &str {
 /// registry on this machine is asked `/v2/` over plain HTTP (with Docker's
 /// stored credentials when it answers 401); any other must accept a
 /// connection on its port (its TLS and login are Docker's to check).
-pub fn preflight(registry: &str) -> Result<()> {
+pub fn preflight(env: &crate::env::Env, registry: &str) -> Result<()> {
     let host = host_of(registry);
     let local = ["127.", "localhost", "[::1]"]
         .iter()
@@ -146,7 +146,7 @@ pub fn preflight(registry: &str) -> Result<()> {
     match http_get(&addr, "/v2/", timeout).map_err(unreachable)? {
         (200, _) => Ok(()),
         (401, _) => {
-            let Some(auth) = crate::config::docker_auth(host) else {
+            let Some(auth) = docker_auth(env, host) else {
                 return Err(refuse(format!(
                     "the registry {host} wants a login and Docker has none for it: run `docker login {host}`; nothing was built"
                 )));
@@ -168,7 +168,7 @@ pub fn preflight(registry: &str) -> Result<()> {
 /// [`preflight`] for a run: a refusal, or in a dry run (which pushes
 /// nothing) a warning.
 pub fn check(exec: &Exec, registry: &str) -> Result<()> {
-    match preflight(registry) {
+    match preflight(&exec.env, registry) {
         Err(e) if exec.dry_run => {
             exec.output.warn(&format!("{e:#}"));
             Ok(())
@@ -181,7 +181,7 @@ pub fn check(exec: &Exec, registry: &str) -> Result<()> {
 /// must answer; a path after it is where images go), else one on
 /// 127.0.0.1:5000, started if nothing answers there.
 pub fn ensure_local(exec: &Exec) -> Result<String> {
-    if let Some(addr) = crate::config::local_registry() {
+    if let Some(addr) = exec.env.local_registry() {
         if !exec.dry_run && !answers(host_of(&addr)) {
             bail!(
                 "XTASK_LOCAL_REGISTRY={addr}: {} does not answer /v2/",
@@ -206,7 +206,7 @@ pub fn ensure_local(exec: &Exec) -> Result<String> {
     }
     bail!(
         "the local registry did not answer on {DEFAULT_LOCAL} within 20 s (log: {})",
-        state_dir()?.join("registry.log").display()
+        state_dir(&exec.env)?.join("registry.log").display()
     )
 }
 
@@ -234,7 +234,7 @@ fn start(exec: &Exec) -> Result<()> {
             REGISTRY_IMAGE,
         ]));
     }
-    let dir = state_dir()?;
+    let dir = state_dir(&exec.env)?;
     let config = dir.join("config.yml");
     if !exec.dry_run {
         std::fs::create_dir_all(dir.join("data"))
@@ -268,7 +268,7 @@ pub fn stop(exec: &Exec) -> Result<()> {
 /// Stops the host's Distribution registry `ensure_local` started, if it
 /// did (its data under the cache stays).
 pub fn stop_server(exec: &Exec) -> Result<()> {
-    let pid_file = state_dir()?.join("registry.pid");
+    let pid_file = state_dir(&exec.env)?.join("registry.pid");
     let Ok(pid) = std::fs::read_to_string(&pid_file) else {
         return Ok(());
     };
@@ -293,7 +293,7 @@ pub fn stop_server(exec: &Exec) -> Result<()> {
 /// the next command that needs it starts it again. Returns the bytes
 /// freed, or `None` when there is no such registry.
 pub fn collect_garbage(exec: &Exec) -> Result<Option<u64>> {
-    let dir = state_dir()?;
+    let dir = state_dir(&exec.env)?;
     let config = dir.join("config.yml");
     let repositories = dir.join("data/docker/registry/v2/repositories");
     if !config.exists() {
@@ -359,8 +359,8 @@ fn remove_container(exec: &Exec) -> Result<()> {
 
 /// Survives `cargo clean` and fresh clones, so base images seeded once are
 /// reused.
-fn state_dir() -> Result<PathBuf> {
-    Ok(crate::config::cache_dir()?.join("registry"))
+fn state_dir(env: &crate::env::Env) -> Result<PathBuf> {
+    Ok(crate::cache::dir(env)?.join("registry"))
 }
 
 /// What a registry holds under a reference: the manifest digest and its
@@ -471,6 +471,19 @@ pub fn login(exec: &Exec, config: &Config) -> Result<()> {
     ]);
     exec.pipe(&password_command, &docker_login)
         .map_err(|e| refuse(format!("logging in to {host} failed: {e:#}")))
+}
+
+/// The `auth` (base64 `user:password`) Docker stored for `host` in its
+/// config file (`$DOCKER_CONFIG/config.json`, else `~/.docker/config.json`),
+/// if it stored one there rather than in a credential helper.
+fn docker_auth(env: &crate::env::Env, host: &str) -> Option<String> {
+    let dir = env.var_os("DOCKER_CONFIG").map(PathBuf::from).or_else(|| {
+        env.var_os("HOME")
+            .map(|home| PathBuf::from(home).join(".docker"))
+    })?;
+    let text = std::fs::read_to_string(dir.join("config.json")).ok()?;
+    let config: serde_json::Value = serde_json::from_str(&text).ok()?;
+    config["auths"][host]["auth"].as_str().map(str::to_owned)
 }
 
 #[cfg(test)]

@@ -52,13 +52,13 @@ pub struct Record {
 
 /// `~/.cache/aiq-xtask/builders/NAME`: the certificates and the record,
 /// readable by their owner alone.
-pub fn state_dir(name: &str) -> Result<PathBuf> {
-    Ok(crate::config::cache_dir()?.join("builders").join(name))
+pub fn state_dir(env: &crate::env::Env, name: &str) -> Result<PathBuf> {
+    Ok(crate::cache::dir(env)?.join("builders").join(name))
 }
 
 /// What `up` recorded for `name`, or `None` when it made nothing.
-pub fn record(name: &str) -> Result<Option<Record>> {
-    let path = state_dir(name)?.join("builder.json");
+pub fn record(env: &crate::env::Env, name: &str) -> Result<Option<Record>> {
+    let path = state_dir(env, name)?.join("builder.json");
     match std::fs::read_to_string(&path) {
         Ok(text) => Ok(Some(
             serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?,
@@ -102,7 +102,7 @@ fn is_loopback(address: &str) -> bool {
 pub fn preflight(exec: &Exec, name: &str, address: &str) -> Result<()> {
     check_name(name)?;
     check_address(address).map_err(|e| refuse(e.to_string()))?;
-    if record(name)?.is_some() {
+    if record(&exec.env, name)?.is_some() {
         return Err(refuse(format!(
             "builder {name} was made by `builder up` and is still recorded: `cargo xtask builder down --name {name}` removes it first"
         )));
@@ -303,7 +303,7 @@ pub fn up_in_cluster(
         None => crate::builder::official_image(&config.buildkit),
     };
     // Recorded first: whatever `up` makes from here, `down` removes.
-    let dir = state_dir(name)?;
+    let dir = state_dir(&exec.env, name)?;
     save(
         exec,
         &Record {
@@ -353,7 +353,7 @@ pub fn up_in_cluster(
 /// network, so it reaches the local registry), then the buildx builder.
 pub fn up_local(exec: &Exec, config: &Config, name: &str, address: &str) -> Result<()> {
     let image = crate::builder::local_image(exec, config)?;
-    let dir = state_dir(name)?;
+    let dir = state_dir(&exec.env, name)?;
     let container = format!("xtask-buildkitd-{name}");
     // Recorded first: whatever `up` makes from here, `down` removes.
     save(
@@ -397,7 +397,7 @@ fn save(exec: &Exec, record: &Record) -> Result<()> {
     if exec.dry_run {
         return Ok(());
     }
-    let dir = state_dir(&record.name)?;
+    let dir = state_dir(&exec.env, &record.name)?;
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     restrict(&dir, 0o700)?;
     let path = dir.join("builder.json");
@@ -408,7 +408,7 @@ fn save(exec: &Exec, record: &Record) -> Result<()> {
 /// `docker buildx create --driver remote` with the client's certificate,
 /// then a bootstrap that waits until BuildKit answers over mutual TLS.
 fn create_builder(exec: &Exec, name: &str, address: &str) -> Result<()> {
-    let dir = state_dir(name)?;
+    let dir = state_dir(&exec.env, name)?;
     let file = |f: &str| dir.join(f).display().to_string();
     exec.run(
         &Cmd::new("docker")
@@ -452,7 +452,7 @@ pub fn down(exec: &Exec, kube: Option<&Kube>, record: &Record) -> Result<()> {
     if exec.succeeds(&Cmd::new("docker").args(["buildx", "inspect", &record.name])) {
         exec.run(&Cmd::new("docker").args(["buildx", "rm", "--force", &record.name]))?;
     }
-    let dir = state_dir(&record.name)?;
+    let dir = state_dir(&exec.env, &record.name)?;
     if dir.exists() {
         exec.run(&Cmd::new("rm").args(["-rf", &dir.display().to_string()]))?;
     }

@@ -298,7 +298,7 @@ fn install(exec: &Exec, need: Need, distro: Distro, missing: &[Missing]) -> Resu
             "the test cluster needs containerd 1.7, and this machine has Docker CE's containerd.io, which Debian's containerd would replace (removing Docker CE): install containerd 1.7 from Docker's repository (containerd.io 1.7.x) or run the tests on another machine",
         ));
     }
-    if !exec.dry_run && std::io::stdin().is_terminal() && !crate::config::ci_requested() {
+    if !exec.dry_run && std::io::stdin().is_terminal() && !exec.env.ci() {
         eprint!(
             "This machine lacks {}.\nInstall with apt-get: {}{}? [Y/n] ",
             names.join(", "),
@@ -431,7 +431,7 @@ pub fn linters(exec: &Exec, root: &Path) -> Result<()> {
     let pins = root.join(".ci/linters.txt");
     let wanted =
         std::fs::read_to_string(&pins).with_context(|| format!("reading {}", pins.display()))?;
-    let venv = crate::config::cache_dir()?.join("linters");
+    let venv = crate::cache::dir(&exec.env)?.join("linters");
     let stamp = venv.join("linters.txt");
     if std::fs::read_to_string(&stamp).is_ok_and(|have| have == wanted) {
         return Ok(());

@@ -156,7 +156,7 @@ pub fn pause_image(exec: &Exec, registry: &str) -> Result<String> {
         eprintln!("{reference} is in the registry");
         return Ok(reference);
     }
-    let dir = crate::config::cache_dir()?.join("pause").join(&tag);
+    let dir = crate::cache::dir(&exec.env)?.join("pause").join(&tag);
     if !exec.dry_run {
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
         std::fs::write(dir.join("pause.c"), SOURCE)?;

@@ -62,9 +62,9 @@ pub struct Paths {
 }
 
 impl Paths {
-    pub fn new() -> Result<Paths> {
+    pub fn new(env: &crate::env::Env) -> Result<Paths> {
         Ok(Paths {
-            bin: crate::config::cache_dir()?
+            bin: crate::cache::dir(env)?
                 .join("kubernetes")
                 .join(VERSION)
                 .join("bin"),
@@ -110,9 +110,9 @@ impl Paths {
 
 /// `PATH` with the cluster's binaries first, so the tests and `ci` run the
 /// kubectl that matches the server.
-pub fn path_with_tools() -> Result<std::ffi::OsString> {
-    let path = crate::config::env_os("PATH").unwrap_or_default();
-    std::env::join_paths(std::iter::once(Paths::new()?.bin).chain(std::env::split_paths(&path)))
+pub fn path_with_tools(env: &crate::env::Env) -> Result<std::ffi::OsString> {
+    let path = env.var_os("PATH").unwrap_or_default();
+    std::env::join_paths(std::iter::once(Paths::new(env)?.bin).chain(std::env::split_paths(&path)))
         .context("building PATH")
 }
 
@@ -150,7 +150,7 @@ fn current_settings(paths: &Paths) -> bool {
 /// Builds what is missing, starts the cluster (or finds it running) and
 /// returns its kubeconfig path.
 pub fn up(exec: &Exec) -> Result<PathBuf> {
-    let paths = Paths::new()?;
+    let paths = Paths::new(&exec.env)?;
     preflight()?;
     // Before anything runs them: the binaries are the ones built here.
     let cached = build::verified(exec, &paths)?;
@@ -186,7 +186,7 @@ pub fn up(exec: &Exec) -> Result<PathBuf> {
 
 /// Stops exactly what `up` started and removes its state.
 pub fn down(exec: &Exec) -> Result<()> {
-    let paths = Paths::new()?;
+    let paths = Paths::new(&exec.env)?;
     exec.step("stop the test cluster", || teardown::run(exec, &paths))
 }
 

@@ -47,7 +47,10 @@ impl Bench {
         docker::preflight(exec)?;
         // The clone holds HEAD whatever the working tree has.
         let rev = git::revision(exec, true)?;
-        let work = std::env::temp_dir().join(format!("xtask-bench-{}", std::process::id()));
+        let work = exec
+            .env
+            .temp_dir()
+            .join(format!("xtask-bench-{}", std::process::id()));
         let clone = work.join("repo");
         let _cleanup = RemoveOnDrop(work.clone());
         exec.run(
@@ -63,7 +66,7 @@ impl Bench {
             .context("locating the xtask binary")?
             .display()
             .to_string();
-        let cargo = crate::config::cargo();
+        let cargo = exec.env.cargo();
         let _registry = exec.sh.push_env("XTASK_REGISTRY", "bench.invalid/aiq");
         let _base = exec
             .sh

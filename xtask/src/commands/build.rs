@@ -55,9 +55,9 @@ impl BuildFlags {
         }
     }
 
-    pub fn options(&self, config: &Config, push: bool) -> BuildOptions {
+    pub fn options(&self, env: &crate::env::Env, config: &Config, push: bool) -> BuildOptions {
         BuildOptions {
-            cache: self.cache || crate::config::use_cache_requested(),
+            cache: self.cache || env.use_cache(),
             push,
             builder: self.builder.clone(),
             cache_from: config.cache_from.clone(),
@@ -83,7 +83,7 @@ impl Build {
             self.flags.check_builder(exec)?;
             Ok((config, images, rev))
         })?;
-        let opts = self.flags.options(&config, self.push);
+        let opts = self.flags.options(&exec.env, &config, self.push);
         if self.push {
             registry::login(exec, &config)?;
             registry::check(exec, &config.registry)?;

@@ -138,7 +138,7 @@ impl Down {
             .clone()
             .unwrap_or_else(|| default_name(self.in_cluster).to_owned());
         remote::check_name(&name)?;
-        let Some(record) = remote::record(&name)? else {
+        let Some(record) = remote::record(&exec.env, &name)? else {
             exec.output.result(&format!(
                 "no builder {name} made by `builder up`: nothing to remove"
             ));

@@ -40,8 +40,10 @@ impl Ci {
         }
         // The test cluster's kubectl (built by the test step) renders the
         // manifests too.
-        let _path = exec.sh.push_env("PATH", crate::cluster::path_with_tools()?);
-        let cargo = crate::config::cargo();
+        let _path = exec
+            .sh
+            .push_env("PATH", crate::cluster::path_with_tools(&exec.env)?);
+        let cargo = exec.env.cargo();
         // `cargo ARGS --manifest-path M [-- AFTER]` for the repository's
         // workspace, then each image's own.
         let workspaces: Vec<std::path::PathBuf> = std::iter::once("Cargo.toml".into())
@@ -148,8 +150,8 @@ fn frontend_checks(exec: &Exec, config: &Config) -> Result<()> {
 
 /// A linter from the project's own virtual environment, where
 /// `ci` puts the versions `.ci/linters.txt` pins (`setup::linters`).
-fn linter(name: &str) -> Result<String> {
-    let venv = crate::config::cache_dir()?.join("linters");
+fn linter(env: &crate::env::Env, name: &str) -> Result<String> {
+    let venv = crate::cache::dir(env)?.join("linters");
     let path = venv.join("bin").join(name);
     if !path.is_file() {
         return Err(crate::exit::refuse(format!(
@@ -162,7 +164,7 @@ fn linter(name: &str) -> Result<String> {
 }
 
 fn hadolint(exec: &Exec, config: &Config) -> Result<()> {
-    let hadolint = linter("hadolint")?;
+    let hadolint = linter(&exec.env, "hadolint")?;
     // The classic variants `bench` builds are linted too.
     let dockerfiles = config
         .images
@@ -177,7 +179,7 @@ fn hadolint(exec: &Exec, config: &Config) -> Result<()> {
 /// Kubernetes' schemas.
 fn validate_manifests(exec: &Exec, config: &Config) -> Result<()> {
     let kubectl = crate::kube::Kube::find_kubectl(exec)?;
-    let kubernetes_validate = linter("kubernetes-validate")?;
+    let kubernetes_validate = linter(&exec.env, "kubernetes-validate")?;
     let manifests = config.manifests.display().to_string();
     let rendered = exec.read(&crate::kube::kustomize(&kubectl, &manifests))?;
     let base = config.out_dir().join("rendered-base.yaml");
@@ -201,13 +203,13 @@ fn validate_manifests(exec: &Exec, config: &Config) -> Result<()> {
 }
 
 fn actionlint(exec: &Exec) -> Result<()> {
-    let actionlint = linter("actionlint")?;
+    let actionlint = linter(&exec.env, "actionlint")?;
     exec.run_anyway(&Cmd::new(actionlint))
 }
 
 /// Every tracked file whose shebang names a shell, whatever its name.
 fn shellcheck(exec: &Exec) -> Result<()> {
-    let shellcheck = linter("shellcheck")?;
+    let shellcheck = linter(&exec.env, "shellcheck")?;
     let files = exec.read(&Cmd::new("git").args(["ls-files", "-z"]))?;
     let scripts: Vec<String> = files
         .split('\0')

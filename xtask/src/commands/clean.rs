@@ -47,7 +47,7 @@ impl Clean {
     pub fn run(self, exec: &Exec) -> Result<()> {
         let config = Config::load(exec, &Overrides::default())?;
         exec.sh.change_dir(&config.root);
-        let cache = crate::config::cache_dir()?;
+        let cache = crate::cache::dir(&exec.env)?;
         let mut freed: Vec<Freed> = Vec::new();
         if crate::exec::require_tool("docker", "").is_ok()
             && exec.succeeds(&Cmd::new("docker").args([
@@ -269,7 +269,7 @@ fn builders(exec: &Exec, config: &Config) -> Result<Vec<Freed>> {
 /// Dependency stores whose lockfile is no longer in the repository (all of
 /// them with `--all`).
 fn old_stores(exec: &Exec, config: &Config, all: bool) -> Result<Vec<Freed>> {
-    let dir = crate::config::deps_dir()?;
+    let dir = crate::cache::deps_dir(&exec.env)?;
     let Ok(entries) = std::fs::read_dir(&dir) else {
         return Ok(Vec::new());
     };

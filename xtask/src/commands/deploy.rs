@@ -130,7 +130,7 @@ impl Deploy {
         past.warn_unfinished(&exec.output, false);
         // Images built now; seeded ones without a configured value wait for
         // their Service (the seed flow).
-        let opts = self.flags.options(config, true);
+        let opts = self.flags.options(&exec.env, config, true);
         let (ahead, seeded): (Vec<Image>, Vec<Image>) = config
             .images
             .iter()
@@ -182,7 +182,7 @@ impl Deploy {
         }
 
         // 5-8. Apply in order, wait, verify, roll back on failure, record.
-        let mut entry = Entry::new("deploy", rev, &built);
+        let mut entry = Entry::new(&exec.env, "deploy", rev, &built);
         entry.inputs = inputs.clone();
         let mut rollout = Rollout::start(kube, &self.wait, entry, &past)?;
         let mut image_for = |name: &str| -> Result<BuiltImage> {

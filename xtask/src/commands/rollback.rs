@@ -149,7 +149,7 @@ impl Rollback {
             }
             return print_diff(kube, &overlay);
         }
-        let entry = Entry::new("rollback", rev, images);
+        let entry = Entry::new(&exec.env, "rollback", rev, images);
         let mut rollout = Rollout::start(kube, &self.wait, entry, history)?;
         let mut image_for = |name: &str| -> Result<BuiltImage> {
             images

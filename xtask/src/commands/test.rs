@@ -62,7 +62,9 @@ impl Test {
         })?;
         let kubeconfig = cluster::up(exec)?;
         exec.step("cargo test", || {
-            let _path = exec.sh.push_env("PATH", cluster::path_with_tools()?);
+            let _path = exec
+                .sh
+                .push_env("PATH", cluster::path_with_tools(&exec.env)?);
             let _kubeconfig = exec.sh.push_env("KUBECONFIG", &kubeconfig);
             let _registry = exec.sh.push_env("XTASK_TEST_REGISTRY", &registry);
             // Names this run, so HEAD's real images are built once in it
@@ -95,7 +97,7 @@ impl Test {
 
     /// Each image's own workspace's tests, then the xtask's.
     fn cargo_test(&self, exec: &Exec, config: &Config) -> Result<()> {
-        let cargo = crate::config::cargo();
+        let cargo = exec.env.cargo();
         // Each image's own workspace first (its unit tests take
         // seconds), unless the arguments pick tests of the xtask's.
         let own = if self.cargo_args.is_empty() {

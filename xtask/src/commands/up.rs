@@ -105,7 +105,7 @@ impl Up {
             "images go to {} (never to the deploy registry)",
             config.registry
         );
-        let opts = self.flags.options(&config, true);
+        let opts = self.flags.options(&exec.env, &config, true);
         let mode = if opts.cache { "cached" } else { "fresh" };
         let built = exec.step(format!("build and push ({mode}) at {}", rev.tag()), || {
             let images = config

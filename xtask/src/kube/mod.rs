@@ -113,10 +113,10 @@ impl<'a> Kube<'a> {
     /// `XTASK_KUBECTL` if set, else kubectl from the shell's PATH (which
     /// `test` and `ci` start with the test cluster's own kubectl).
     pub fn find_kubectl(exec: &Exec) -> Result<String> {
-        if let Some(path) = crate::config::kubectl_override() {
+        if let Some(path) = exec.env.kubectl_override() {
             return Ok(path);
         }
-        which::which_in("kubectl", exec.sh.var_os("PATH"), exec.sh.current_dir())
+        which::which_in("kubectl", exec.path(), exec.sh.current_dir())
             .map(|p| p.display().to_string())
             .map_err(|_| refuse("`kubectl` not found on PATH: install it (https://kubernetes.io/docs/tasks/tools/)"))
     }
