@@ -20,9 +20,6 @@ use crate::{
     registry,
 };
 
-/// BuildKit's version when the configuration names none.
-pub const DEFAULT_VERSION: &str = "v0.34.2";
-
 /// The official image's repository, where it can be pulled.
 const OFFICIAL_IMAGE: &str = "moby/buildkit";
 

@@ -115,8 +115,12 @@ struct Environment {
 fn default_base_registry() -> String {
     "docker.io/library".into()
 }
+/// BuildKit's version when the configuration names none: the pinned
+/// builder's.
+pub const DEFAULT_BUILDKIT: &str = "v0.34.2";
+
 fn default_buildkit() -> String {
-    crate::builder::DEFAULT_VERSION.into()
+    DEFAULT_BUILDKIT.into()
 }
 /// The size each builder's cache is kept under unless `build_cache_gb`
 /// says otherwise.
