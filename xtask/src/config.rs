@@ -112,6 +112,32 @@ struct Environment {
     seed_args: BTreeMap<String, String>,
 }
 
+/// What kind of packages a lockfile pins, from its file name.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LockfileKind {
+    /// `Cargo.lock`: the store holds the `.crate` files, `crates/<name>-<version>.crate`.
+    Cargo,
+    /// `package-lock.json`: the store is an npm cache (`_cacache/`).
+    Npm,
+}
+
+impl LockfileKind {
+    pub fn of(lockfile: &Path) -> Option<LockfileKind> {
+        match lockfile.file_name()?.to_str()? {
+            "Cargo.lock" => Some(LockfileKind::Cargo),
+            "package-lock.json" => Some(LockfileKind::Npm),
+            _ => None,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            LockfileKind::Cargo => "cargo",
+            LockfileKind::Npm => "npm",
+        }
+    }
+}
+
 fn default_base_registry() -> String {
     "docker.io/library".into()
 }
@@ -303,7 +329,7 @@ impl Config {
             let own = lockfile
                 .parent()
                 .is_some_and(|dir| !dir.as_os_str().is_empty());
-            if crate::deps::Kind::of(lockfile) == Some(crate::deps::Kind::Cargo)
+            if LockfileKind::of(lockfile) == Some(LockfileKind::Cargo)
                 && own
                 && !manifests.contains(&manifest)
             {
@@ -475,7 +501,7 @@ impl Config {
                 )));
             }
             if let Some(lockfile) = &image.lockfile {
-                if crate::deps::Kind::of(lockfile).is_none() {
+                if LockfileKind::of(lockfile).is_none() {
                     return Err(refuse(format!(
                         "[workspace.metadata.xtask] images: {}'s lockfile {} must be a Cargo.lock or a package-lock.json",
                         image.name,

@@ -12,41 +12,15 @@ use anyhow::{bail, Context, Result};
 use serde::Deserialize;
 
 use crate::{
-    config::{Config, Image},
+    config::{Config, Image, LockfileKind},
     exec::{Cmd, Exec},
     exit::refuse,
 };
 
-/// What kind of packages a lockfile pins, from its file name.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Kind {
-    /// `Cargo.lock`: the store holds the `.crate` files, `crates/<name>-<version>.crate`.
-    Cargo,
-    /// `package-lock.json`: the store is an npm cache (`_cacache/`).
-    Npm,
-}
-
-impl Kind {
-    pub fn of(lockfile: &Path) -> Option<Kind> {
-        match lockfile.file_name()?.to_str()? {
-            "Cargo.lock" => Some(Kind::Cargo),
-            "package-lock.json" => Some(Kind::Npm),
-            _ => None,
-        }
-    }
-
-    fn name(self) -> &'static str {
-        match self {
-            Kind::Cargo => "cargo",
-            Kind::Npm => "npm",
-        }
-    }
-}
-
 /// One image's dependency store.
 #[derive(Clone, Debug)]
 pub struct Store {
-    pub kind: Kind,
+    pub kind: LockfileKind,
     /// The lockfile read: the exported revision's, in a build.
     pub lockfile: PathBuf,
     /// The lockfile as the repository names it, for messages.
@@ -66,7 +40,7 @@ impl Store {
             return Ok(None);
         };
         let lockfile = config.root.join(lockfile);
-        let kind = Kind::of(&lockfile).context("lockfile kind checked at load")?;
+        let kind = LockfileKind::of(&lockfile).context("lockfile kind checked at load")?;
         let sum = exec
             .read(&Cmd::new("sha256sum").arg(lockfile.display().to_string()))
             .with_context(|| format!("hashing {}", lockfile.display()))?;
@@ -90,7 +64,7 @@ impl Store {
         if self.dir.is_dir() {
             return Ok(());
         }
-        if offline && self.kind == Kind::Npm {
+        if offline && self.kind == LockfileKind::Npm {
             return Err(refuse(format!(
                 "--offline: no dependency store for {} ({} is missing); build once online to fill it",
                 self.shown.display(),
@@ -118,8 +92,8 @@ impl Store {
                 std::fs::create_dir_all(&partial)
                     .with_context(|| format!("creating {}", partial.display()))?;
                 let filled = match self.kind {
-                    Kind::Cargo => self.fill_cargo(exec, &partial, offline),
-                    Kind::Npm => self.fill_npm(exec, &partial),
+                    LockfileKind::Cargo => self.fill_cargo(exec, &partial, offline),
+                    LockfileKind::Npm => self.fill_npm(exec, &partial),
                 };
                 let done = filled.and_then(|()| {
                     std::fs::rename(&partial, &self.dir).or_else(|e| {
@@ -143,7 +117,7 @@ impl Store {
     /// container of the image's base when this machine has no npm).
     fn fetch_command(&self, cargo: &str, partial: &Path, offline: bool) -> Cmd {
         match self.kind {
-            Kind::Cargo => {
+            LockfileKind::Cargo => {
                 let manifest = self.lockfile.with_file_name("Cargo.toml");
                 let mut cmd = Cmd::new(cargo)
                     .args(["fetch", "--locked", "--manifest-path"])
@@ -153,7 +127,7 @@ impl Store {
                 }
                 cmd
             }
-            Kind::Npm => {
+            LockfileKind::Npm => {
                 let ci = [
                     "ci",
                     "--ignore-scripts",
@@ -319,7 +293,7 @@ pub fn npm_stores(exec: &Exec, config: &Config) -> Result<Vec<Store>> {
     let mut stores = Vec::new();
     for image in &config.images {
         if let Some(store) = Store::of(exec, config, image)? {
-            if store.kind == Kind::Npm {
+            if store.kind == LockfileKind::Npm {
                 stores.push(store);
             }
         }
@@ -342,16 +316,19 @@ fn cargo_download_caches(env: &crate::env::Env) -> Result<Vec<PathBuf>> {
 
 #[cfg(test)]
 mod tests {
-    use super::Kind;
+    use super::LockfileKind;
     use std::path::Path;
 
     #[test]
     fn the_kind_comes_from_the_lockfile_name() {
-        assert_eq!(Kind::of(Path::new("Cargo.lock")), Some(Kind::Cargo));
         assert_eq!(
-            Kind::of(Path::new("frontend/package-lock.json")),
-            Some(Kind::Npm)
+            LockfileKind::of(Path::new("Cargo.lock")),
+            Some(LockfileKind::Cargo)
         );
-        assert_eq!(Kind::of(Path::new("yarn.lock")), None);
+        assert_eq!(
+            LockfileKind::of(Path::new("frontend/package-lock.json")),
+            Some(LockfileKind::Npm)
+        );
+        assert_eq!(LockfileKind::of(Path::new("yarn.lock")), None);
     }
 }
