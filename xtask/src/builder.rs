@@ -224,7 +224,7 @@ pub fn image(exec: &Exec, config: &Config) -> Result<String> {
             .args(["buildx", "build", "--builder", "default", "--load"])
             .args([
                 "--label",
-                &format!("{}=buildkit", crate::commands::clean::MADE_LABEL),
+                &format!("{}=buildkit", crate::labels::MADE_LABEL),
             ])
             .args(["--build-arg", &format!("BASE={base}"), "--tag", &reference])
             .arg(dir.display().to_string()),

@@ -173,7 +173,7 @@ pub fn labels(image: &Image, rev: &Revision, source: &str) -> BTreeMap<String, S
         ("org.opencontainers.image.created", rfc3339(created)),
         ("org.opencontainers.image.title", image.name.clone()),
         // What `cargo xtask clean` selects by: the xtask made it.
-        (crate::commands::clean::MADE_LABEL, "build".to_owned()),
+        (crate::labels::MADE_LABEL, "build".to_owned()),
     ]
     .into_iter()
     .map(|(k, v)| (k.to_owned(), v))

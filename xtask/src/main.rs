@@ -19,6 +19,7 @@ mod git;
 mod gomod;
 mod history;
 mod kube;
+mod labels;
 mod lock;
 mod output;
 mod pki;

@@ -12,6 +12,7 @@ use anyhow::{Context, Result};
 use clap::Args;
 use serde::Deserialize;
 
+use crate::labels::MADE_LABEL;
 use crate::{
     cache::{human, size_of},
     commands::local::PROJECT_LABEL,
@@ -19,12 +20,6 @@ use crate::{
     deps, docker,
     exec::{Cmd, Exec},
 };
-
-/// The label on every image the xtask builds (and on the BuildKit image it
-/// makes where the official one cannot be pulled). An image built `FROM`
-/// one inherits it, so `clean` also wants a tag of the image's own version
-/// label (the tag the xtask gave it).
-pub const MADE_LABEL: &str = "org.aiq.xtask.made";
 
 /// Where the xtask writes an image's own tag.
 const VERSION_LABEL: &str = "org.opencontainers.image.version";
