@@ -1,6 +1,7 @@
 //! `cargo xtask`: build, run and deploy this repository so that what runs is
 //! exactly what was committed.
 
+mod bake;
 mod base64;
 mod bases;
 mod builder;

@@ -7,9 +7,9 @@ use std::{collections::BTreeMap, path::Path};
 use anyhow::{bail, Context, Result};
 
 use crate::{
+    bake::{bake_command, parse_metadata, BuildOptions, Planned},
     bases::explain_base_image_failure,
     config::{Config, Image},
-    docker::{bake_command, parse_metadata, BuildOptions, Planned},
     exec::Exec,
     progress::{self, FailedStep},
     registry::resolve,

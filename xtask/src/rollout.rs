@@ -765,7 +765,7 @@ pub fn digests_for(
                 let pinned = built.pinned().context("a pushed image has a digest")?;
                 let found = crate::registry::resolve(exec, &pinned)?;
                 if found.revision() != Some(built.own_revision())
-                    || found.label(crate::docker::KEY_LABEL) != built.key.as_deref()
+                    || found.label(crate::bake::KEY_LABEL) != built.key.as_deref()
                 {
                     bail!("{pinned}, which build.json records for {}, is labelled otherwise in the registry; refusing it", rev.short());
                 }

@@ -4,8 +4,9 @@ use anyhow::Result;
 use clap::Args;
 
 use crate::{
+    bake::BuildOptions,
     config::{Config, Overrides},
-    docker::{self, BuildOptions, BuiltImage},
+    docker::{self, BuiltImage},
     exec::Exec,
     git, registry,
 };

@@ -11,9 +11,10 @@ use clap::Args;
 use serde::Deserialize;
 
 use crate::{
+    bake::{BuildOptions, KEY_LABEL},
     commands::build::BuildFlags,
     config::{Config, Image},
-    docker::{self, BuildFile, BuildOptions, BuiltImage},
+    docker::{self, BuildFile, BuiltImage},
     exec::Exec,
     exit::refuse,
     git::{self, Revision},
@@ -379,10 +380,10 @@ impl Deploy {
                 )));
             }
             if let Some(key) = &image.key {
-                if found.label(docker::KEY_LABEL) != Some(key.as_str()) {
+                if found.label(KEY_LABEL) != Some(key.as_str()) {
                     return Err(refuse(format!(
                         "{pinned} carries input key {} but {} says {key}: refusing it",
-                        found.label(docker::KEY_LABEL).unwrap_or("(none)"),
+                        found.label(KEY_LABEL).unwrap_or("(none)"),
                         path.display(),
                     )));
                 }

@@ -8,10 +8,11 @@ use clap::Args;
 use serde_json::json;
 
 use crate::{
+    bake::BuildOptions,
     commands::cluster_flags::ClusterFlags,
     commands::status::state,
     config::Config,
-    docker::{self, BuildOptions},
+    docker,
     exec::Exec,
     exit::refuse,
     git::{self, Revision},
