@@ -8,7 +8,7 @@ use anyhow::{bail, Context, Result};
 use serde_json::json;
 use xshell::Shell;
 
-use crate::env::Env;
+use crate::{cancel::Cancel, env::Env};
 use crate::{
     exit::refuse,
     output::{Output, BOLD, GREEN, RED},
@@ -121,18 +121,21 @@ pub struct Exec<'a> {
     pub output: Output,
     /// The environment `main` read: the only one the xtask consults.
     pub env: Env,
+    /// Set by an interrupt or a lost deploy lock; the deploy checks it.
+    pub cancel: Cancel,
     step: Cell<usize>,
     /// Each finished step's name and seconds, for end-of-run summaries.
     timings: std::cell::RefCell<Vec<(String, f64)>>,
 }
 
 impl<'a> Exec<'a> {
-    pub fn new(sh: &'a Shell, dry_run: bool, output: Output, env: Env) -> Exec<'a> {
+    pub fn new(sh: &'a Shell, dry_run: bool, output: Output, env: Env, cancel: Cancel) -> Exec<'a> {
         Exec {
             sh,
             dry_run,
             output,
             env,
+            cancel,
             step: Cell::new(0),
             timings: Default::default(),
         }

@@ -10,7 +10,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use serde_json::json;
 
 use crate::{
@@ -37,29 +37,6 @@ pub struct Lock {
     version: Arc<Mutex<String>>,
 }
 
-/// Why this run no longer holds its lock, once the renewer finds out.
-static LOST: Mutex<Option<String>> = Mutex::new(None);
-
-/// Fails once the lock was lost (taken over, deleted, or not renewed for
-/// so long it may have expired): the namespace may belong to another
-/// deploy now, so this one must stop touching it.
-pub fn check_held() -> Result<()> {
-    match LOST.lock().map(|lost| lost.clone()) {
-        Ok(Some(why)) => bail!("lost the deploy lock: {why}"),
-        _ => Ok(()),
-    }
-}
-
-pub fn is_lost() -> bool {
-    LOST.lock().is_ok_and(|lost| lost.is_some())
-}
-
-fn lose(why: String) {
-    if let Ok(mut lost) = LOST.lock() {
-        lost.get_or_insert(why);
-    }
-}
-
 /// This run's identity in the lease: who, where, and which process, so two
 /// deploys from one machine are told apart.
 fn holder(env: &crate::env::Env) -> String {
@@ -79,7 +56,7 @@ impl Lock {
     /// after Ctrl-C is caught), and releases it whatever `work` returns (a
     /// release that fails only warns: the lease then expires).
     pub fn hold<T>(kube: &Kube, reachable: bool, work: impl FnOnce() -> Result<T>) -> Result<T> {
-        crate::exit::catch_interrupts()?;
+        kube.exec.cancel.catch_interrupts()?;
         let step = format!("lock namespace {}", kube.namespace);
         let lock = kube.exec.step(step, || Lock::take(kube, reachable))?;
         let outcome = work();
@@ -128,7 +105,7 @@ impl Lock {
         };
         stop.store(true, Ordering::SeqCst);
         let _ = renewer.join();
-        if is_lost() {
+        if kube.exec.cancel.lock_lost() {
             return;
         }
         let version = self.version.lock().map(|v| v.clone()).unwrap_or_default();
@@ -177,7 +154,7 @@ fn take_over_expired(kube: &Kube, create_error: anyhow::Error) -> Result<String>
     ));
     let watched = Instant::now();
     while watched.elapsed() < Duration::from_secs(duration.max(0) as u64) {
-        crate::exit::check_interrupted()?;
+        kube.exec.cancel.check_interrupted()?;
         std::thread::sleep(Duration::from_secs(1));
         match kube.get::<serde_json::Value>("lease", &kube.lock_name)? {
             None => {
@@ -220,10 +197,11 @@ fn start_renewing(
     let flag = stop.clone();
     let output = kube.exec.output;
     let env = kube.exec.env.clone();
+    let cancel = kube.exec.cancel.clone();
     let ours = holder(&env);
     let renewer = std::thread::spawn(move || {
         let Ok(sh) = xshell::Shell::new() else { return };
-        let exec = Exec::new(&sh, false, output, env);
+        let exec = Exec::new(&sh, false, output, env, cancel.clone());
         let mut last_try = Instant::now();
         let mut last_renewal = Instant::now();
         while !flag.load(Ordering::SeqCst) {
@@ -239,8 +217,10 @@ fn start_renewing(
                     serde_json::from_str(&json)?
                 };
                 match lease["spec"]["holderIdentity"].as_str() {
-                    None => lose("the lease was deleted".into()),
-                    Some(holder) if holder != ours => lose(format!("{holder} holds it now")),
+                    None => cancel.lose_lock("the lease was deleted".into()),
+                    Some(holder) if holder != ours => {
+                        cancel.lose_lock(format!("{holder} holds it now"))
+                    }
                     Some(_) => {
                         let patch = json!([
                             {"op": "test", "path": "/spec/holderIdentity", "value": ours},
@@ -260,12 +240,12 @@ fn start_renewing(
             }
             let limit = Duration::from_secs(LOCK_SECONDS as u64) - RENEW_EVERY;
             if last_renewal.elapsed() > limit {
-                lose(format!(
+                cancel.lose_lock(format!(
                     "not renewed for {}s, so it may have expired",
                     limit.as_secs()
                 ));
             }
-            if is_lost() {
+            if cancel.lock_lost() {
                 return;
             }
         }

@@ -6,6 +6,7 @@ mod base64;
 mod bases;
 mod builder;
 mod cache;
+mod cancel;
 mod cluster;
 mod commands;
 mod config;
@@ -76,11 +77,12 @@ fn main() -> ExitCode {
     let env = env::Env::capture();
     let output = output::Output::new(cli.json, env.plain_output());
     let started = std::time::Instant::now();
-    let outcome = run(cli, output, env);
+    let cancel = cancel::Cancel::default();
+    let outcome = run(cli, output, env, cancel.clone());
     let mut code = outcome.as_ref().err().map_or(0, exit::exit_code);
     // A child killed by the same Ctrl-C fails its own way; the cause is the
     // interrupt.
-    if code != 0 && exit::was_interrupted() {
+    if code != 0 && cancel.interrupted() {
         code = 130;
     }
     let error = outcome.as_ref().err().map(|e| format!("{e:#}"));
@@ -99,9 +101,14 @@ fn main() -> ExitCode {
     ExitCode::from(code)
 }
 
-fn run(cli: Cli, output: output::Output, env: env::Env) -> anyhow::Result<()> {
+fn run(
+    cli: Cli,
+    output: output::Output,
+    env: env::Env,
+    cancel: cancel::Cancel,
+) -> anyhow::Result<()> {
     let sh = Shell::new()?;
-    let exec = exec::Exec::new(&sh, cli.dry_run, output, env);
+    let exec = exec::Exec::new(&sh, cli.dry_run, output, env, cancel);
     match cli.command {
         Command::Build(cmd) => cmd.run(&exec),
         Command::Builder(cmd) => cmd.run(&exec),

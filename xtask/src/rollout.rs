@@ -17,7 +17,7 @@ use crate::{
     config::Config,
     docker::BuiltImage,
     exec::Exec,
-    exit::{check_interrupted, refuse, rollback_failed, was_interrupted},
+    exit::{refuse, rollback_failed},
     git::Revision,
     history::{Entry, ImageRecord, Record, INTERRUPTED},
     kube::{
@@ -141,7 +141,7 @@ impl<'k, 'a> Rollout<'k, 'a> {
         let entry = self.record.entry.clone();
         let changed = &entry.changed;
         let changed_list = self.record.entry.changed_list();
-        if crate::lock::is_lost() {
+        if kube.exec.cancel.lock_lost() {
             // The namespace may be another deploy's now: touch nothing more
             // than this run's own history entry.
             let _ = self.record.finish(kube, "failed: lost the deploy lock");
@@ -149,7 +149,7 @@ impl<'k, 'a> Rollout<'k, 'a> {
                 "stopped without rolling back; changed so far: {changed_list}. See `cargo xtask status`"
             )));
         }
-        if was_interrupted() {
+        if kube.exec.cancel.interrupted() {
             self.record.finish(kube, INTERRUPTED)?;
             let step = &self.record.entry.step;
             return Err(failure.context(format!(
@@ -187,7 +187,7 @@ impl<'k, 'a> Rollout<'k, 'a> {
     ) -> Result<()> {
         let kube = self.kube;
         for name in order {
-            keep_going()?;
+            kube.exec.cancel.check()?;
             let image = image_for(name)?;
             let digest = image
                 .digest
@@ -307,13 +307,6 @@ fn contents(objects: &[Value]) -> BTreeMap<String, Value> {
         .collect()
 }
 
-/// Fails once the run must stop touching the cluster: interrupted, or its
-/// lock lost. Checked between steps and at every poll.
-pub fn keep_going() -> Result<()> {
-    check_interrupted()?;
-    crate::lock::check_held()
-}
-
 /// How long pods may fail to be created because an admission webhook
 /// timed out before the rollout fails: a webhook restarting or briefly
 /// overloaded answers again within it; one that is down stays down.
@@ -338,7 +331,7 @@ pub fn wait(
     // The generation and `pod-template-hash` of the current ReplicaSet.
     let mut template: Option<(i64, String)> = None;
     loop {
-        keep_going()?;
+        kube.exec.cancel.check()?;
         let deployment: Deployment = kube
             .get("deployment", name)?
             .with_context(|| format!("deployment/{name} does not exist"))?;
@@ -492,7 +485,7 @@ pub fn roll_back(
         if doomed.is_empty() {
             continue;
         }
-        keep_going()?;
+        kube.exec.cancel.check()?;
         exec.run(&kube.delete_objects(&doomed))?;
         for object in doomed {
             if !exec.dry_run {
@@ -516,7 +509,7 @@ pub fn roll_back(
         }
         // The lock may have been lost while a write hung: then the
         // namespace may be another run's.
-        keep_going()?;
+        kube.exec.cancel.check()?;
         let mut objects = restored(name);
         match restore.filter(|_| !objects.is_empty()) {
             Some(snapshot) => {

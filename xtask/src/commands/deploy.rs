@@ -22,7 +22,7 @@ use crate::{
     kube::Kube,
     lock::Lock,
     registry,
-    rollout::{keep_going, print_diff, render_overlay, Rollout, WaitFlags},
+    rollout::{print_diff, render_overlay, Rollout, WaitFlags},
 };
 
 /// Build, push, apply and verify: exits 0 only when the cluster runs HEAD
@@ -447,7 +447,7 @@ fn wait_for_address(kube: &Kube, service: &str, timeout: u64, poll: f64) -> Resu
     }
     let deadline = Instant::now() + Duration::from_secs(timeout);
     loop {
-        keep_going()?;
+        kube.exec.cancel.check()?;
         if let Some(svc) = kube.get::<Service>("service", service)? {
             let ingress = svc
                 .status
