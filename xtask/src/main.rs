@@ -19,6 +19,7 @@ mod export;
 mod footprint;
 mod git;
 mod gomod;
+mod health;
 mod history;
 mod kube;
 mod labels;

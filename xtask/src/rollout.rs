@@ -580,7 +580,7 @@ pub fn verify_pods(
             "verified",
             json!({"deployment": name, "digest": digest, "ready": 0}),
         );
-        return Ok((0, crate::kube::stuck_terminating(&pods, now_epoch())));
+        return Ok((0, crate::health::stuck_terminating(&pods, now_epoch())));
     }
     if let Some(stale) = ready.iter().find(|p| !p.runs(name, digest)) {
         let running: Vec<&str> = stale
@@ -604,7 +604,7 @@ pub fn verify_pods(
         json!({"deployment": name, "digest": digest, "ready": ready.len()}),
     );
     let now = now_epoch();
-    let stuck = crate::kube::stuck_terminating(&pods, now);
+    let stuck = crate::health::stuck_terminating(&pods, now);
     Ok((ready.len(), stuck))
 }
 

@@ -210,7 +210,7 @@ impl Rollback {
         }
         // The entry names what now runs: the restored revision and digests.
         for name in &changed {
-            if let Some(running) = kube.running(name)? {
+            if let Some(running) = crate::health::running(kube, name)? {
                 // The deploy's revision, or (deployed by an older xtask)
                 // the one its pod template carries.
                 record.entry.revision = running

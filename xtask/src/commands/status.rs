@@ -5,8 +5,8 @@ use clap::Args;
 use serde_json::json;
 
 use crate::{
-    commands::cluster_flags::ClusterFlags, exec::Exec, git, history::History, kube::Running, lock,
-    rollout::own_revisions,
+    commands::cluster_flags::ClusterFlags, exec::Exec, git, health::Running, history::History,
+    lock, rollout::own_revisions,
 };
 
 /// What each deployment runs (revision, digest, readiness, age), drift from HEAD, the deploy history
@@ -40,7 +40,7 @@ impl Status {
             "component", "image tag", "deployed at", "digest", "ready", "age"
         ));
         for name in config.rollout() {
-            let running = kube.running(&name)?;
+            let running = crate::health::running(&kube, &name)?;
             // A deployment of no configured image (none of ours) has no
             // revision of its own: HEAD's stands in.
             let expected = own.get(&name).unwrap_or(&head.sha);

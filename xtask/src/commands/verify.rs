@@ -16,8 +16,9 @@ use crate::{
     exec::Exec,
     exit::refuse,
     git::{self, Revision},
+    health::Running,
     history::{self, History},
-    kube::{Kube, Running},
+    kube::Kube,
     rollout::{digests_for, own_revisions},
 };
 
@@ -210,7 +211,12 @@ fn running_deployments(kube: &Kube, config: &Config) -> Result<BTreeMap<String, 
     config
         .images
         .iter()
-        .map(|image| Ok((image.name.clone(), kube.running(&image.name)?)))
+        .map(|image| {
+            Ok((
+                image.name.clone(),
+                crate::health::running(kube, &image.name)?,
+            ))
+        })
         .collect()
 }
 

@@ -559,52 +559,6 @@ impl<'a> Kube<'a> {
             .and_then(|set| set.metadata.labels.get(TEMPLATE_HASH_LABEL).cloned()))
     }
 
-    /// What a deployment runs, read from its pod template stamps and its
-    /// pods; `None` when it does not exist.
-    pub fn running(&self, name: &str) -> Result<Option<Running>> {
-        let Some(deployment) = self.get::<Deployment>("deployment", name)? else {
-            return Ok(None);
-        };
-        let digest = deployment.pinned_digest().map(str::to_owned);
-        let pods = self.pods(&deployment)?;
-        let ready: Vec<&Pod> = pods.iter().filter(|p| p.is_ready()).collect();
-        let stale = ready
-            .iter()
-            .find(|p| !digest.as_deref().is_some_and(|d| p.runs(name, d)))
-            .map(|p| p.metadata.name.clone());
-        let now = crate::time::now_epoch();
-        let stuck_pods = stuck_terminating(&pods, now);
-        let oldest_start = ready
-            .iter()
-            .filter_map(|p| p.status.start_time.as_deref())
-            .filter_map(crate::time::parse_rfc3339)
-            .min();
-        Ok(Some(Running {
-            name: name.to_owned(),
-            revision: deployment.stamp(REVISION_ANNOTATION).map(str::to_owned),
-            tag: deployment.stamp(TAG_ANNOTATION).map(str::to_owned),
-            dirty: deployment.stamp(DIRTY_ANNOTATION) == Some("true"),
-            deployed_revision: deployment
-                .metadata
-                .annotations
-                .get(DEPLOYED_REVISION_ANNOTATION)
-                .cloned(),
-            deployed_tag: deployment
-                .metadata
-                .annotations
-                .get(DEPLOYED_TAG_ANNOTATION)
-                .cloned(),
-            digest,
-            ready: ready.len(),
-            desired: deployment.spec.replicas,
-            rolled_out: deployment.rolled_out(),
-            age_secs: oldest_start.map(|t| crate::time::now_epoch() - t),
-            stale_pod: stale,
-            other_containers: deployment.spec.template.spec.others(name),
-            stuck_pods,
-        }))
-    }
-
     /// A pod's recent Warning events, oldest first, one `reason: message`
     /// line each, for failure messages.
     pub fn warning_events(&self, pod: &str) -> String {
