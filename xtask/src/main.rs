@@ -1,5 +1,32 @@
 //! `cargo xtask`: build, run and deploy this repository so that what runs is
 //! exactly what was committed.
+//!
+//! The pipeline is source -> image -> registry -> cluster; the modules form
+//! layers, top to bottom, and each uses only the modules on its own line or
+//! below (`tests/layers.rs` checks that, and that no two modules use each
+//! other). The environment is read once (`env`) and passed down inside
+//! `Exec`, with the output and the cancellation token; processes are made
+//! only in `exec` (clippy's `disallowed-methods`, `clippy.toml`).
+//!
+//! ```text
+//! main                                     the CLI: reads Env, makes Output and Cancel, dispatches
+//! commands                                 one thin file per subcommand: flags -> the layers below
+//! rollout                                  apply in order, wait failing fast, roll back, record
+//! lock, footprint, remote                  the deploy's lease; what tests leave; BuildKit as a service
+//! history                                  the deploy history, kept in the cluster
+//! snapshot, health, cluster                what was applied; what a pod's state means; the test cluster
+//! kube                                     kubectl's verbs (every kubectl line) and the API's types
+//! docker                                   plan and run a build: the commit's tree -> images
+//! push, builder                            push with retries, immutable tags; the pinned BuildKit
+//! bake, deps                               the bake file, input keys, tags; dependency stores
+//! bases, progress, labels                  base images; BuildKit's progress; labels on what is made
+//! registry, export                         probe, resolve, log in; the commit's tree as the context
+//! git, setup, pki, gomod, registry_delete  the revision; installing a machine; certificates; Go wrappers
+//! config, cache                            the schema and its merge; the cache's paths, checked
+//! exec                                     every command: echoed and run, or (dry run) only printed
+//! output, cancel                           human lines and JSON events; the cancellation token
+//! env, exit, time, base64                  the environment, read once; exit codes; time; base64
+//! ```
 
 mod bake;
 mod base64;

@@ -361,6 +361,59 @@ fn no_import_cycle_between_the_top_level_modules() {
     );
 }
 
+/// The layers `main.rs`'s opening comment draws, top to bottom: each
+/// line's modules.
+fn drawn_layers() -> Vec<Vec<String>> {
+    let main =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("src/main.rs")).unwrap();
+    let picture = main
+        .split("//! ```text\n")
+        .nth(1)
+        .and_then(|rest| rest.split("//! ```\n").next())
+        .expect("main.rs's opening comment has no ```text picture of the layers");
+    picture
+        .lines()
+        .map(|line| {
+            let line = line.trim_start_matches("//!").trim();
+            let names = line.split("  ").next().unwrap_or_default();
+            names.split(", ").map(|m| m.trim().to_owned()).collect()
+        })
+        .collect()
+}
+
+/// Every module is in the picture once, and uses only modules on its own
+/// line or below: the picture is the layering, not a wish.
+#[test]
+fn every_module_uses_only_its_own_layer_or_those_below() {
+    let graph = module_graph();
+    let layers = drawn_layers();
+    let mut rank = BTreeMap::new();
+    for (i, layer) in layers.iter().enumerate() {
+        for module in layer {
+            assert!(
+                rank.insert(module.clone(), i).is_none(),
+                "{module} is drawn twice"
+            );
+        }
+    }
+    let drawn: BTreeSet<&String> = rank.keys().collect();
+    let real: BTreeSet<&String> = graph.keys().collect();
+    assert_eq!(drawn, real, "the picture's modules and the tree's differ");
+    let upward: Vec<String> = graph
+        .iter()
+        .flat_map(|(from, uses)| {
+            let rank = &rank;
+            uses.iter()
+                .filter(move |to| rank[*to] < rank[from])
+                .map(move |to| format!("{from} -> {to}"))
+        })
+        .collect();
+    assert!(
+        upward.is_empty(),
+        "modules that use a layer above their own in main.rs's picture: {upward:?}"
+    );
+}
+
 /// The reader catches every form a module can be named in, and nothing in
 /// comments or strings.
 #[test]
