@@ -643,6 +643,7 @@ fn check_registry(key: &str, value: &str) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::BTreeSet;
 
     const METADATA: &str = r#"{
         "workspace_root": "/repo",
@@ -861,5 +862,75 @@ mod tests {
             "unknown image \"nope\"; known images: aiq-agent"
         );
         assert_eq!(config.select_images(&[]).unwrap().len(), 1);
+    }
+
+    /// The fields `T` accepts, as serde lists them when it refuses an
+    /// unknown one (every table is `deny_unknown_fields`).
+    fn fields_of<T: serde::de::DeserializeOwned + std::fmt::Debug>() -> Vec<String> {
+        let refused = serde_json::from_value::<T>(serde_json::json!({ "?": 0 }))
+            .unwrap_err()
+            .to_string();
+        let expected = refused.split("expected").nth(1).unwrap_or_default();
+        expected
+            .split('`')
+            .skip(1)
+            .step_by(2)
+            .map(str::to_owned)
+            .collect()
+    }
+
+    /// Every key of the schema is in `docs/configuration.md`'s table, and
+    /// every key the table names is one the schema reads.
+    #[test]
+    fn every_configuration_key_is_documented_and_every_documented_key_exists() {
+        let nested = |prefix: &str, fields: Vec<String>| -> Vec<String> {
+            fields.into_iter().map(|f| format!("{prefix}{f}")).collect()
+        };
+        let containers = ["environments", "registry_login", "images", "local"];
+        let mut schema: BTreeSet<String> = fields_of::<Metadata>()
+            .into_iter()
+            .filter(|f| !containers.contains(&f.as_str()))
+            .collect();
+        schema.extend(nested("environments.<name>.", fields_of::<Environment>()));
+        schema.extend(nested("registry_login.", fields_of::<RegistryLogin>()));
+        schema.extend(
+            nested("images[].", fields_of::<Image>())
+                .into_iter()
+                .filter(|f| f != "images[].seed"),
+        );
+        schema.extend(nested("images[].seed.", fields_of::<Seed>()));
+        for service in ["backend", "frontend"] {
+            schema.extend(nested(
+                &format!("local.{service}."),
+                fields_of::<LocalService>(),
+            ));
+        }
+        schema.extend(
+            nested("local.", fields_of::<LocalStack>())
+                .into_iter()
+                .filter(|f| f != "local.backend" && f != "local.frontend"),
+        );
+        assert!(schema.len() > 30, "{schema:?}");
+        let docs = std::fs::read_to_string(
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/configuration.md"),
+        )
+        .unwrap();
+        let keys = docs
+            .split("## Keys")
+            .nth(1)
+            .unwrap()
+            .split("\n## ")
+            .next()
+            .unwrap();
+        let documented: BTreeSet<String> = keys
+            .lines()
+            .filter_map(|line| line.strip_prefix("| `"))
+            .filter_map(|line| line.split('`').next())
+            .map(str::to_owned)
+            .collect();
+        assert_eq!(
+            documented, schema,
+            "docs/configuration.md's keys and the schema's"
+        );
     }
 }

@@ -157,10 +157,75 @@ fn run(
 
 #[cfg(test)]
 mod tests {
-    use clap::CommandFactory;
+    use clap::{CommandFactory, Parser};
 
     #[test]
     fn cli_is_well_formed() {
         super::Cli::command().debug_assert();
+    }
+
+    /// Every `cargo xtask ...` line the README and `docs/` show, in code
+    /// spans and code blocks, with placeholders (`<name>`, `[...]`, `N`)
+    /// filled in: the words after `cargo xtask`.
+    fn documented_command_lines() -> Vec<(String, Vec<String>)> {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        let mut files = vec![root.join("README.md")];
+        let docs = std::fs::read_dir(root.join("docs")).unwrap();
+        files.extend(docs.map(|entry| entry.unwrap().path()));
+        let mut found = Vec::new();
+        for file in files {
+            let text = std::fs::read_to_string(&file).unwrap();
+            // Code spans and code block lines alike: each piece between
+            // backticks, and each line.
+            let pieces = text.split('`').flat_map(|piece| piece.lines());
+            for piece in pieces {
+                let Some((_, after)) = piece.split_once("cargo xtask") else {
+                    continue;
+                };
+                let line = after
+                    .split(['#', '|', ';'])
+                    .next()
+                    .unwrap()
+                    .split("&&")
+                    .next()
+                    .unwrap();
+                let mut line = line.to_owned();
+                while let Some(start) = line.find('<') {
+                    let Some(end) = line[start..].find('>') else {
+                        break;
+                    };
+                    line.replace_range(start..=start + end, "x");
+                }
+                let words: Vec<String> = line
+                    .replace(['[', ']'], " ")
+                    .replace("...", " ")
+                    .split_whitespace()
+                    .map(|word| match word {
+                        "N" => "1".to_owned(),
+                        _ => word.to_owned(),
+                    })
+                    .collect();
+                if !words.is_empty() {
+                    found.push((file.display().to_string(), words));
+                }
+            }
+        }
+        found
+    }
+
+    #[test]
+    fn every_command_line_the_docs_show_parses() {
+        let lines = documented_command_lines();
+        assert!(lines.len() > 30, "{lines:?}");
+        let refused: Vec<String> = lines
+            .iter()
+            .filter_map(|(file, words)| {
+                let argv = std::iter::once("cargo xtask").chain(words.iter().map(String::as_str));
+                super::Cli::try_parse_from(argv)
+                    .err()
+                    .map(|e| format!("{file}: cargo xtask {}: {}", words.join(" "), e.kind()))
+            })
+            .collect();
+        assert!(refused.is_empty(), "{refused:#?}");
     }
 }
