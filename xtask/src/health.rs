@@ -7,7 +7,7 @@
 use anyhow::Result;
 
 use crate::kube::{
-    Deployment, Kube, Pod, Probe, DEPLOYED_REVISION_ANNOTATION, DEPLOYED_TAG_ANNOTATION,
+    Condition, Deployment, Kube, Pod, Probe, DEPLOYED_REVISION_ANNOTATION, DEPLOYED_TAG_ANNOTATION,
     DIRTY_ANNOTATION, REVISION_ANNOTATION, TAG_ANNOTATION,
 };
 
@@ -104,19 +104,38 @@ impl Deployment {
     /// the current generation (older conditions describe an older
     /// rollout): `ReplicaFailure` (pods cannot be created: a quota, a
     /// LimitRange, Pod Security or a webhook refused them) or `Progressing`
-    /// false (`progressDeadlineSeconds` passed), with the API's message.
-    pub fn stalled(&self) -> Option<Stalled> {
+    /// false (`progressDeadlineSeconds` passed), with the API's message. A
+    /// condition `before` (the Deployment as it was before the apply)
+    /// already had, written at the same time, is the rollout this one
+    /// replaces: a rollback's first polls still show the stall it undoes
+    /// until the controller makes progress.
+    pub fn stalled(&self, before: Option<&Deployment>) -> Option<Stalled> {
         if self.status.observed_generation < self.metadata.generation {
             return None;
         }
-        self.status.conditions.iter().find_map(|c| {
-            let replica_failure = c.r#type == "ReplicaFailure" && c.status == "True";
-            let failed = replica_failure || (c.r#type == "Progressing" && c.status == "False");
-            failed.then(|| Stalled {
-                message: format!("{} {}: {}", c.r#type, c.reason, c.message),
-                webhook_timeout: replica_failure && webhook_timed_out(&c.message),
+        let old = |c: &Condition| {
+            !c.last_update_time.is_empty()
+                && before.is_some_and(|before| {
+                    before.status.conditions.iter().any(|b| {
+                        b.r#type == c.r#type
+                            && b.status == c.status
+                            && b.reason == c.reason
+                            && b.last_update_time == c.last_update_time
+                    })
+                })
+        };
+        self.status
+            .conditions
+            .iter()
+            .filter(|c| !old(c))
+            .find_map(|c| {
+                let replica_failure = c.r#type == "ReplicaFailure" && c.status == "True";
+                let failed = replica_failure || (c.r#type == "Progressing" && c.status == "False");
+                failed.then(|| Stalled {
+                    message: format!("{} {}: {}", c.r#type, c.reason, c.message),
+                    webhook_timeout: replica_failure && webhook_timed_out(&c.message),
+                })
             })
-        })
     }
 }
 
@@ -542,7 +561,7 @@ mod tests {
             {"type": "ReplicaFailure", "status": "True", "reason": "FailedCreate", "message": "pods \"d-1\" is forbidden: exceeded quota: q"},
         ]);
         assert_eq!(
-            deployment(quota.clone(), 2).stalled(),
+            deployment(quota.clone(), 2).stalled(None),
             Some(Stalled {
                 message:
                     "ReplicaFailure FailedCreate: pods \"d-1\" is forbidden: exceeded quota: q"
@@ -553,13 +572,23 @@ mod tests {
         let webhook = serde_json::json!([
             {"type": "ReplicaFailure", "status": "True", "reason": "FailedCreate", "message": "Internal error occurred: failed calling webhook \"slow.example.com\": failed to call webhook: Post \"https://127.0.0.1:9443/?timeout=1s\": context deadline exceeded"},
         ]);
-        assert!(deployment(webhook, 2).stalled().unwrap().webhook_timeout);
+        assert!(
+            deployment(webhook, 2)
+                .stalled(None)
+                .unwrap()
+                .webhook_timeout
+        );
         let refused = serde_json::json!([
             {"type": "ReplicaFailure", "status": "True", "reason": "FailedCreate", "message": "admission webhook \"deny.example.com\" denied the request: no"},
         ]);
-        assert!(!deployment(refused, 2).stalled().unwrap().webhook_timeout);
+        assert!(
+            !deployment(refused, 2)
+                .stalled(None)
+                .unwrap()
+                .webhook_timeout
+        );
         assert_eq!(
-            deployment(quota, 1).stalled(),
+            deployment(quota, 1).stalled(None),
             None,
             "an older rollout's condition"
         );
@@ -567,12 +596,37 @@ mod tests {
             {"type": "Progressing", "status": "False", "reason": "ProgressDeadlineExceeded", "message": "ReplicaSet \"d-1\" has timed out progressing."},
         ]);
         assert!(deployment(deadline, 2)
-            .stalled()
+            .stalled(None)
             .unwrap()
             .message
             .starts_with("Progressing ProgressDeadlineExceeded"));
         let fine = serde_json::json!([{"type": "Available", "status": "False", "reason": "MinimumReplicasUnavailable", "message": "m"}]);
-        assert_eq!(deployment(fine, 2).stalled(), None);
+        assert_eq!(deployment(fine, 2).stalled(None), None);
+        // A rollback's first polls: the stall it undoes, written before its
+        // apply, is not its own; the same stall written again is.
+        let timed_out = |at: &str| {
+            serde_json::json!([
+                {"type": "Progressing", "status": "False", "reason": "ProgressDeadlineExceeded", "message": "m", "lastUpdateTime": at},
+            ])
+        };
+        let before = deployment(timed_out("2026-12-01T14:48:00Z"), 2);
+        let undoing = deployment(timed_out("2026-12-01T14:48:00Z"), 3);
+        let undoing = Deployment {
+            metadata: serde_json::from_value(serde_json::json!({"name": "d", "generation": 3}))
+                .unwrap(),
+            ..undoing
+        };
+        assert_eq!(
+            undoing.stalled(Some(&before)),
+            None,
+            "the undone rollout's stall"
+        );
+        assert!(undoing.stalled(None).is_some());
+        let again = deployment(timed_out("2026-12-01T14:49:00Z"), 2);
+        assert!(
+            again.stalled(Some(&before)).is_some(),
+            "a stall written after the apply"
+        );
     }
 
     #[test]

@@ -267,7 +267,14 @@ impl<'k, 'a> Rollout<'k, 'a> {
                     entry.previous.remove(name);
                     entry.created.remove(name);
                 }
-                let rolled_out = wait(kube, self.flags, name, Some(&existing), deadline)?;
+                let rolled_out = wait(
+                    kube,
+                    self.flags,
+                    name,
+                    Some(&existing),
+                    before.as_ref(),
+                    deadline,
+                )?;
                 let (ready, stuck) = verify_pods(kube, &rolled_out, &digest)?;
                 self.verified.push(Verified {
                     name: name.clone(),
@@ -314,13 +321,16 @@ const WEBHOOK_BUDGET: Duration = Duration::from_secs(30);
 
 /// Polls until `name` has rolled out; with `watched` (the pods that
 /// existed before the apply), fails as soon as a pod of its current
-/// ReplicaSet shows a state that will not fix itself. Reports progress as
-/// it changes. Returns the Deployment as it was when it had rolled out.
+/// ReplicaSet shows a state that will not fix itself. `before` is the
+/// Deployment as it was before the apply, whose stall is not this
+/// rollout's. Reports progress as it changes. Returns the Deployment as it
+/// was when it had rolled out.
 pub fn wait(
     kube: &Kube,
     flags: &WaitFlags,
     name: &str,
     watched: Option<&HashSet<String>>,
+    before: Option<&Deployment>,
     deadline: Instant,
 ) -> Result<Deployment> {
     let mut last = None;
@@ -335,7 +345,7 @@ pub fn wait(
         let deployment: Deployment = kube
             .get("deployment", name)?
             .with_context(|| format!("deployment/{name} does not exist"))?;
-        match deployment.stalled() {
+        match deployment.stalled(before) {
             Some(stalled) if stalled.webhook_timeout => {
                 let since = *webhook_timing_out.get_or_insert_with(|| {
                     eprintln!(
@@ -511,6 +521,13 @@ pub fn roll_back(
         // namespace may be another run's.
         kube.exec.cancel.check()?;
         let mut objects = restored(name);
+        // The Deployment as the failed rollout left it: its stall is not
+        // the rollback's.
+        let before: Option<Deployment> = if exec.dry_run {
+            None
+        } else {
+            kube.get("deployment", name)?
+        };
         match restore.filter(|_| !objects.is_empty()) {
             Some(snapshot) => {
                 for object in &mut objects {
@@ -551,7 +568,7 @@ pub fn roll_back(
         if exec.dry_run {
             continue;
         }
-        let rolled_out = wait(kube, flags, name, None, deadline)?;
+        let rolled_out = wait(kube, flags, name, None, before.as_ref(), deadline)?;
         if let Some(digest) = rolled_out.pinned_digest() {
             verify_pods(kube, &rolled_out, digest)?;
         }

@@ -213,6 +213,9 @@ pub struct Condition {
     pub reason: String,
     #[serde(default)]
     pub message: String,
+    /// When the controller last wrote it (a Deployment's conditions).
+    #[serde(default)]
+    pub last_update_time: String,
 }
 
 #[derive(Debug, Deserialize)]
