@@ -54,8 +54,17 @@ fn tokens(text: &str) -> Vec<Token> {
                 }
             }
         } else if (c == 'r' || (c == 'b' && at(i + 1) == 'r'))
-            && matches!(at(i + 1 + usize::from(c == 'b')), '"' | '#')
             && !at(i.wrapping_sub(1)).is_alphanumeric()
+            && at(i.wrapping_sub(1)) != '_'
+            && {
+                // r"..", r#".."#: quotes after the #s; `r#type` is a raw
+                // identifier, not a string.
+                let mut k = i + 1 + usize::from(c == 'b');
+                while at(k) == '#' {
+                    k += 1;
+                }
+                at(k) == '"'
+            }
         {
             // r"..", r#".."#, br"..": ends at the quote and as many #s.
             i += 1 + usize::from(c == 'b');
@@ -101,6 +110,14 @@ fn tokens(text: &str) -> Vec<Token> {
                 }
             }
             out.push(Token::Other);
+        } else if c == 'r' && at(i + 1) == '#' && (at(i + 2).is_alphabetic() || at(i + 2) == '_') {
+            // A raw identifier, `r#type`: the identifier `type`.
+            i += 2;
+            let start = i;
+            while at(i).is_alphanumeric() || at(i) == '_' {
+                i += 1;
+            }
+            out.push(Token::Ident(chars[start..i].iter().collect()));
         } else if c.is_alphabetic() || c == '_' {
             let start = i;
             while at(i).is_alphanumeric() || at(i) == '_' {
@@ -225,10 +242,20 @@ fn uses_of(text: &str, module: &[String], roots: &BTreeSet<String>) -> BTreeSet<
         }
         i += 1;
     }
-    used.retain(|name| roots.contains(name));
-    if let Some(top) = module.first() {
-        used.remove(top);
-    }
+    // A first segment that is no module names an item of the crate root
+    // (`crate::Cli`): a use of `main`.
+    let used: BTreeSet<String> = used
+        .into_iter()
+        .filter(|name| name != "self")
+        .map(|name| {
+            if roots.contains(&name) {
+                name
+            } else {
+                "main".to_owned()
+            }
+        })
+        .filter(|name| Some(name) != module.first() && !(name == "main" && module.is_empty()))
+        .collect();
     used
 }
 
@@ -432,6 +459,8 @@ fn every_way_of_naming_a_module_is_read() {
         const S: &str = "crate::git::Revision in a string";
         const R: &str = r#"crate::git in a raw string"#;
         fn g<'a>(c: char) -> bool { c == '{' }
+        fn h(c: &Condition) -> bool { c.r#type == "x" && crate::git::Revision::ok() }
+        fn i() -> bool { crate::Cli::ok() }
         mod tests {
             use super::*;
             use super::super::kube::Kube;
@@ -439,7 +468,7 @@ fn every_way_of_naming_a_module_is_read() {
     "##;
     let module = vec!["kube".to_owned(), "objects".to_owned()];
     let found = uses_of(text, &module, &roots);
-    let expected: BTreeSet<String> = ["config", "deps", "exec", "output"]
+    let expected: BTreeSet<String> = ["config", "deps", "exec", "git", "main", "output"]
         .map(String::from)
         .into();
     // `super::super::kube` inside `mod tests` of `kube/objects.rs` is
