@@ -172,6 +172,7 @@ fn clippy_keeps_environment_reads_and_processes_in_their_modules() {
         "xshell::Shell::cmd",
         "xshell::Shell::var",
         "xshell::Shell::var_os",
+        "xshell::cmd",
     ] {
         assert!(
             rules.contains(&format!("path = \"{method}\"")),
