@@ -104,11 +104,12 @@ impl Deployment {
     /// the current generation (older conditions describe an older
     /// rollout): `ReplicaFailure` (pods cannot be created: a quota, a
     /// LimitRange, Pod Security or a webhook refused them) or `Progressing`
-    /// false (`progressDeadlineSeconds` passed), with the API's message. A
-    /// condition `before` (the Deployment as it was before the apply)
-    /// already had, written at the same time, is the rollout this one
-    /// replaces: a rollback's first polls still show the stall it undoes
-    /// until the controller makes progress.
+    /// false (`progressDeadlineSeconds` passed), with the API's message.
+    /// When the apply changed the spec, a condition `before` (the
+    /// Deployment as it was before the apply) already had, written at the
+    /// same time, is the rollout this one replaces: a rollback's first
+    /// polls still show the stall it undoes until the controller makes
+    /// progress. An apply that changed nothing inherits the stall.
     pub fn stalled(&self, before: Option<&Deployment>) -> Option<Stalled> {
         if self.status.observed_generation < self.metadata.generation {
             return None;
@@ -116,12 +117,13 @@ impl Deployment {
         let old = |c: &Condition| {
             !c.last_update_time.is_empty()
                 && before.is_some_and(|before| {
-                    before.status.conditions.iter().any(|b| {
-                        b.r#type == c.r#type
-                            && b.status == c.status
-                            && b.reason == c.reason
-                            && b.last_update_time == c.last_update_time
-                    })
+                    before.metadata.generation < self.metadata.generation
+                        && before.status.conditions.iter().any(|b| {
+                            b.r#type == c.r#type
+                                && b.status == c.status
+                                && b.reason == c.reason
+                                && b.last_update_time == c.last_update_time
+                        })
                 })
         };
         self.status
@@ -626,6 +628,11 @@ mod tests {
         assert!(
             again.stalled(Some(&before)).is_some(),
             "a stall written after the apply"
+        );
+        let unchanged = deployment(timed_out("2026-12-01T14:48:00Z"), 2);
+        assert!(
+            unchanged.stalled(Some(&before)).is_some(),
+            "an apply that changed nothing inherits the stall"
         );
     }
 

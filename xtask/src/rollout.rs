@@ -526,7 +526,13 @@ pub fn roll_back(
         let before: Option<Deployment> = if exec.dry_run {
             None
         } else {
-            kube.get("deployment", name)?
+            // It only refines the stall check: a failed read restores anyway.
+            kube.get("deployment", name).unwrap_or_else(|e| {
+                exec.output.warn(&format!(
+                    "deployment/{name} could not be read before its rollback ({e:#}): a stall it shows counts as the rollback's"
+                ));
+                None
+            })
         };
         match restore.filter(|_| !objects.is_empty()) {
             Some(snapshot) => {
