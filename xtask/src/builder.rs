@@ -119,14 +119,15 @@ pub fn create(builder: &str, image: &str, extra: &[&str], settings: &Path) -> Cm
 /// Whether `builder` exists and its BuildKit answers (starting its
 /// container if it was stopped, as after a reboot).
 fn running(exec: &Exec, builder: &str) -> bool {
-    exec.succeeds(&inspect(builder).arg("--bootstrap"))
+    exec.succeeds(&bootstrap(builder))
 }
 
 /// What an input key names a builder by: `BuildKit <version> <platform>`,
 /// its BuildKit version and the platform it builds for by default (its
-/// first, native one), started first if it is not running; so one version
-/// on one platform gives one key, on whichever machine or builder. `None`
-/// when buildx does not say, or its nodes differ.
+/// first, native one); so one version on one platform gives one key, on
+/// whichever machine or builder. `None` when buildx does not say (a
+/// builder not started), or its nodes differ. Its callers have started
+/// the builder already (`ensure`, `reachable`).
 pub fn identity(exec: &Exec, builder: &str) -> Option<String> {
     #[derive(serde::Deserialize)]
     struct Node {
@@ -142,7 +143,7 @@ pub fn identity(exec: &Exec, builder: &str) -> Option<String> {
         #[serde(rename = "Nodes", default)]
         nodes: Vec<Node>,
     }
-    if exec.dry_run || !running(exec, builder) {
+    if exec.dry_run {
         return None;
     }
     // `--format json` is buildx 0.13's; an older one names no version.
@@ -175,7 +176,9 @@ pub fn reachable(exec: &Exec, builder: &str) -> Result<()> {
     let probe = if exec.dry_run {
         inspect(builder)
     } else {
-        Cmd::new("timeout").args(["60", "docker", "buildx", "inspect", "--bootstrap", builder])
+        Cmd::new("timeout")
+            .arg("60")
+            .args(bootstrap(builder).argv().iter().cloned())
     };
     exec.read(&probe).map(|_| ()).map_err(|e| {
         crate::exit::refuse(format!(
@@ -185,13 +188,24 @@ pub fn reachable(exec: &Exec, builder: &str) -> Result<()> {
 }
 
 /// `docker buildx inspect BUILDER`: whether buildx knows it.
-fn inspect(builder: &str) -> Cmd {
+pub fn inspect(builder: &str) -> Cmd {
     Cmd::new("docker").args(["buildx", "inspect", builder])
+}
+
+/// `docker buildx inspect --bootstrap BUILDER`: whether its BuildKit
+/// answers, starting a stopped container (or connecting to a remote one).
+pub fn bootstrap(builder: &str) -> Cmd {
+    inspect(builder).arg("--bootstrap")
+}
+
+/// The container of the `docker-container` builder `name`'s only node.
+fn container(name: &str) -> String {
+    format!("buildx_buildkit_{name}0")
 }
 
 /// The image the builder runs: the official one when present or pullable,
 /// else the xtask's own, made now if the local registry lacks it.
-pub fn image(exec: &Exec, config: &Config) -> Result<String> {
+fn image(exec: &Exec, config: &Config) -> Result<String> {
     let official = official_image(&config.buildkit);
     let present = exec.succeeds(&Cmd::new("docker").args(["image", "inspect", &official]));
     if present || crate::bases::can_pull(exec, &official) {
@@ -344,7 +358,7 @@ fn path(p: &Path) -> String {
 /// What the builder `name`'s cache holds on disk (the volume buildx made
 /// for its state), if Docker says.
 pub fn cache_bytes(exec: &Exec, name: &str) -> Option<u64> {
-    volume_size(exec, &format!("buildx_buildkit_{name}0_state"))
+    volume_size(exec, &format!("{}_state", container(name)))
 }
 
 /// What the cache records of the `docker-container` builder `name` hold,
@@ -358,7 +372,7 @@ pub fn records_bytes(exec: &Exec, name: &str) -> Result<u64> {
     }
     let text = exec.read(&Cmd::new("docker").args([
         "exec",
-        &format!("buildx_buildkit_{name}0"),
+        &container(name),
         "buildctl",
         "du",
         "--format",

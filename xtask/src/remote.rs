@@ -16,7 +16,7 @@ use std::{
     time::Duration,
 };
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
@@ -25,11 +25,10 @@ use crate::{
     exec::{Cmd, Exec},
     exit::refuse,
     kube::Kube,
+    labels::BUILDER_LABEL as MANAGED,
     pki::{restrict, Pki},
 };
 
-/// The label on everything `up` makes, in the cluster and in Docker.
-const MANAGED: (&str, &str) = ("app.kubernetes.io/managed-by", "aiq-xtask-builder");
 /// The Deployment's, the Service's and the pods' name.
 const APP: &str = "buildkitd";
 /// Where buildkitd listens inside its pod when it is not on the host's
@@ -52,7 +51,7 @@ pub struct Record {
 
 /// `~/.cache/aiq-xtask/builders/NAME`: the certificates and the record,
 /// readable by their owner alone.
-pub fn state_dir(env: &crate::env::Env, name: &str) -> Result<PathBuf> {
+fn state_dir(env: &crate::env::Env, name: &str) -> Result<PathBuf> {
     Ok(crate::cache::dir(env)?.join("builders").join(name))
 }
 
@@ -101,18 +100,14 @@ fn is_loopback(address: &str) -> bool {
 /// already listens on, no `openssl` for the certificates.
 pub fn preflight(exec: &Exec, name: &str, address: &str) -> Result<()> {
     check_name(name)?;
-    check_address(address).map_err(|e| refuse(e.to_string()))?;
+    check_address(address)?;
     if record(&exec.env, name)?.is_some() {
         return Err(refuse(format!(
             "builder {name} was made by `builder up` and is still recorded: `cargo xtask builder down --name {name}` removes it first"
         )));
     }
-    if which::which("openssl").is_err() {
-        return Err(refuse(
-            "openssl is not installed: `builder up` makes the certificates with it",
-        ));
-    }
-    if exec.succeeds(&Cmd::new("docker").args(["buildx", "inspect", name])) {
+    crate::exec::require_tool("openssl", "`builder up` makes the certificates with it")?;
+    if exec.succeeds(&crate::builder::inspect(name)) {
         return Err(refuse(format!(
             "a buildx builder named {name} exists: `cargo xtask builder down` removes the one `builder up` made, `docker buildx rm {name}` any other"
         )));
@@ -205,7 +200,7 @@ fn buildkitd_args(bind: &str, certs: &str, server: &str, settings: &str) -> Vec<
 /// production use, a Service. On a loopback address the pods use the
 /// node's network (the test cluster: its registry is on the node's
 /// loopback, and no kube-proxy routes a Service), so one pod per node.
-pub fn cluster_objects(
+fn cluster_objects(
     namespace: &str,
     image: &str,
     replicas: u32,
@@ -419,7 +414,7 @@ fn create_builder(exec: &Exec, name: &str, address: &str) -> Result<()> {
             .args(["--driver-opt", &format!("servername={}", host_of(address))])
             .arg(format!("tcp://{address}")),
     )?;
-    exec.run(&Cmd::new("docker").args(["buildx", "inspect", "--bootstrap", name]))
+    exec.run(&crate::builder::bootstrap(name))
 }
 
 /// Removes what `up` made for `name`: the cluster's namespace (and with it
@@ -449,7 +444,7 @@ pub fn down(exec: &Exec, kube: Option<&Kube>, record: &Record) -> Result<()> {
             exec.run(&Cmd::new("docker").args(["rm", "--force", "--volumes", container]))?;
         }
     }
-    if exec.succeeds(&Cmd::new("docker").args(["buildx", "inspect", &record.name])) {
+    if exec.succeeds(&crate::builder::inspect(&record.name)) {
         exec.run(&Cmd::new("docker").args(["buildx", "rm", "--force", &record.name]))?;
     }
     let dir = state_dir(&exec.env, &record.name)?;
@@ -459,11 +454,11 @@ pub fn down(exec: &Exec, kube: Option<&Kube>, record: &Record) -> Result<()> {
     Ok(())
 }
 
-/// Fails unless `address` is `HOST:PORT`.
-pub fn check_address(address: &str) -> Result<()> {
+/// Refuses an `address` that is not `HOST:PORT`.
+fn check_address(address: &str) -> Result<()> {
     match address.rsplit_once(':') {
         Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => Ok(()),
-        _ => bail!("--address {address:?} is not HOST:PORT"),
+        _ => Err(refuse(format!("--address {address:?} is not HOST:PORT"))),
     }
 }
 

@@ -250,7 +250,7 @@ fn unused_images(exec: &Exec) -> Result<Vec<Freed>> {
 /// volume buildx made for it).
 fn builders(exec: &Exec, config: &Config) -> Result<Vec<Freed>> {
     let builder = crate::builder::name(&config.buildkit);
-    if !exec.succeeds(&Cmd::new("docker").args(["buildx", "inspect", &builder])) {
+    if !exec.succeeds(&crate::builder::inspect(&builder)) {
         return Ok(Vec::new());
     }
     let bytes = crate::builder::cache_bytes(exec, &builder).unwrap_or(0);

@@ -125,6 +125,10 @@ impl Verify {
     /// compares each deployment's pods with the rebuilt digest.
     fn rebuild(&self, exec: &Exec, config: &Config, kube: &Kube, history: &History) -> Result<()> {
         let (rev, mut running) = exec.step("what the cluster runs", || {
+            // A named builder must answer before anything is built.
+            if let Some(builder) = &self.builder {
+                crate::builder::reachable(exec, builder)?;
+            }
             let running = running_deployments(kube, config)?;
             let rev = match &self.rev {
                 Some(rev) => git::commit(exec, rev)?,
