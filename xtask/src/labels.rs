@@ -5,3 +5,7 @@
 /// one inherits it, so `clean` also wants a tag of the image's own version
 /// label (the tag the xtask gave it).
 pub const MADE_LABEL: &str = "org.aiq.xtask.made";
+
+/// The label on everything `builder up` makes, in the cluster and in
+/// Docker: `builder down` deletes a namespace only when it carries it.
+pub const BUILDER_LABEL: (&str, &str) = ("app.kubernetes.io/managed-by", "aiq-xtask-builder");

@@ -10,7 +10,7 @@ use crate::exec::{Cmd, Exec};
 
 /// A directory of keys and certificates: `NAME.key`, `NAME.crt`.
 pub struct Pki<'a> {
-    pub dir: PathBuf,
+    dir: PathBuf,
     exec: &'a Exec<'a>,
 }
 

@@ -25,7 +25,7 @@ pub const CNI_BIN_DIR: &str = "/usr/lib/cni";
 /// that every component and the tests use; the service-account signing key
 /// pair. The keys are readable by root alone.
 pub fn certificates(exec: &Exec, paths: &Paths) -> Result<()> {
-    let pki = Pki::new(exec, paths.state.join("pki"));
+    let pki = Pki::new(exec, paths.pki_dir());
     pki.ca("/CN=aiq-test-ca")?;
     for key in ["apiserver", "etcd", "apiserver-etcd-client", "admin", "sa"] {
         pki.key(key)?;

@@ -76,8 +76,18 @@ impl Paths {
         self.state.join("admin.kubeconfig")
     }
 
+    /// The certificates and keys (0700).
+    fn pki_dir(&self) -> PathBuf {
+        self.state.join("pki")
+    }
+
+    /// Which settings the running daemons were started with.
+    fn settings_file(&self) -> PathBuf {
+        self.state.join("run/settings")
+    }
+
     fn pki(&self, file: &str) -> String {
-        self.state.join("pki").join(file).display().to_string()
+        self.pki_dir().join(file).display().to_string()
     }
 
     fn pid_file(&self, daemon: &str) -> PathBuf {
@@ -144,7 +154,7 @@ const SETTINGS: &str = "2";
 
 /// Whether the running cluster was started with this xtask's settings.
 fn current_settings(paths: &Paths) -> bool {
-    std::fs::read_to_string(paths.state.join("run/settings")).is_ok_and(|s| s == SETTINGS)
+    std::fs::read_to_string(paths.settings_file()).is_ok_and(|s| s == SETTINGS)
 }
 
 /// Builds what is missing, starts the cluster (or finds it running) and
@@ -234,7 +244,7 @@ fn start(exec: &Exec, paths: &Paths, registry: &str, pause: &str) -> Result<()> 
                 .with_context(|| format!("creating {}", paths.state.join(dir).display()))?;
         }
         // The keys: root alone reads them.
-        crate::pki::restrict(&paths.state.join("pki"), 0o700)?;
+        crate::pki::restrict(&paths.pki_dir(), 0o700)?;
     }
     files::certificates(exec, paths)?;
     make_cgroup_root(exec)?;
@@ -256,8 +266,8 @@ fn start(exec: &Exec, paths: &Paths, registry: &str, pause: &str) -> Result<()> 
         let ready = || ready(exec, paths, daemon);
         wait_for(paths, daemon, pid, Duration::from_secs(90), ready)?;
     }
-    std::fs::write(paths.state.join("run/settings"), SETTINGS)
-        .with_context(|| format!("writing {}", paths.state.join("run/settings").display()))
+    let settings = paths.settings_file();
+    std::fs::write(&settings, SETTINGS).with_context(|| format!("writing {}", settings.display()))
 }
 
 /// The kubelet's `cgroupRoot` in every hierarchy: it must exist before the

@@ -63,12 +63,16 @@ struct Down {
     cluster: ClusterFlags,
 }
 
-fn default_name(in_cluster: bool) -> &'static str {
-    if in_cluster {
-        "xtask-buildkit-cluster"
-    } else {
-        "xtask-buildkit-local"
-    }
+/// The builder's name: `--name`, else the default for where it runs.
+fn name_of(name: &Option<String>, in_cluster: bool) -> String {
+    name.clone().unwrap_or_else(|| {
+        if in_cluster {
+            "xtask-buildkit-cluster"
+        } else {
+            "xtask-buildkit-local"
+        }
+        .to_owned()
+    })
 }
 
 impl Builder {
@@ -82,10 +86,7 @@ impl Builder {
 
 impl Up {
     fn run(self, exec: &Exec) -> Result<()> {
-        let name = self
-            .name
-            .clone()
-            .unwrap_or_else(|| default_name(self.in_cluster).to_owned());
+        let name = name_of(&self.name, self.in_cluster);
         let address = self.address.clone().unwrap_or_else(|| {
             if self.in_cluster {
                 "127.0.0.1:1234"
@@ -98,11 +99,11 @@ impl Up {
             return Err(refuse("--replicas must be at least 1"));
         }
         if self.in_cluster {
-            let (config, kube, _) = exec.step("preflight", || {
-                let (config, kube, reachable) = self.cluster.connect(exec, true)?;
+            let (config, kube) = exec.step("preflight", || {
+                let (config, kube, _) = self.cluster.connect(exec, true)?;
                 remote::preflight(exec, &name, &address)?;
                 remote::preflight_cluster(exec, &kube, &self.namespace, self.replicas, &address)?;
-                Ok((config, kube, reachable))
+                Ok((config, kube))
             })?;
             exec.step(format!("BuildKit in namespace {}", self.namespace), || {
                 remote::up_in_cluster(
@@ -133,10 +134,7 @@ impl Up {
 
 impl Down {
     fn run(self, exec: &Exec) -> Result<()> {
-        let name = self
-            .name
-            .clone()
-            .unwrap_or_else(|| default_name(self.in_cluster).to_owned());
+        let name = name_of(&self.name, self.in_cluster);
         remote::check_name(&name)?;
         let Some(record) = remote::record(&exec.env, &name)? else {
             exec.output.result(&format!(

@@ -192,13 +192,19 @@ impl<'a> Kube<'a> {
     /// The namespace's name if it exists, else nothing (bounded like the
     /// lock's calls).
     pub fn namespace_query(&self) -> Cmd {
+        self.get_namespace(&self.namespace, "name")
+    }
+
+    /// `kubectl get namespace NAME --ignore-not-found -o OUTPUT`: nothing
+    /// when there is none (any other failure, such as a refusal, fails).
+    fn get_namespace(&self, name: &str, output: &str) -> Cmd {
         self.global(&[
             "get",
             "namespace",
-            &self.namespace,
+            name,
             "--ignore-not-found",
             "--output",
-            "name",
+            output,
             LOCK_REQUEST_TIMEOUT,
         ])
     }
@@ -297,18 +303,9 @@ impl<'a> Kube<'a> {
         }
     }
 
-    /// Namespace `name` as JSON, or nothing when there is none (any other
-    /// failure, such as a refusal, fails).
+    /// Namespace `name` as JSON, or nothing when there is none.
     pub fn namespace_json(&self, name: &str) -> Cmd {
-        self.global(&[
-            "get",
-            "namespace",
-            name,
-            "--ignore-not-found",
-            "--output",
-            "json",
-            LOCK_REQUEST_TIMEOUT,
-        ])
+        self.get_namespace(name, "json")
     }
 
     /// `kubectl apply --server-side` of the objects `list` holds (a
